@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: set-up (idempotent), then SFT -> GRPO-MA on the tiny Qwen2.5-VL and synthetic
+# affordance data.  Extra arguments go to scripts/train.py (e.g. --task detection).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1); then
+  export DS_ACCELERATOR=cpu
+  launcher=(.venv/bin/deepspeed --num_accelerators 1)
+else
+  launcher=(.venv/bin/deepspeed)
+fi
+args=("$@")
+[[ " ${args[*]-} " == *" --task "* ]] || args=(--task affordance "${args[@]}")
+exec "${launcher[@]}" scripts/train.py "${args[@]}"
