@@ -5,11 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1); then
-  export DS_ACCELERATOR=cpu
-  launcher=(.venv/bin/deepspeed --num_accelerators 1)
-else
-  launcher=(.venv/bin/deepspeed)
+  export DS_ACCELERATOR=cpu   # DeepSpeed's CPU accelerator (gloo); one rank by default
 fi
+export PATH="$PWD/.venv/bin:$PATH"
 args=("$@")
 [[ " ${args[*]-} " == *" --task "* ]] || args=(--task affordance "${args[@]}")
-exec "${launcher[@]}" scripts/train.py "${args[@]}"
+exec deepspeed scripts/train.py "${args[@]}"
