@@ -1,0 +1,452 @@
+"""Loaders for the public benchmark formats of the field -> canonical :class:`Sample` lists.
+
+Every loader converts pixels to canonical floats in [0, 1] of the ORIGINAL image here, at the
+edge, and every error names the file, the record (line or list index) and the field.
+
+=========================  ===============  ==================================================
+format                     task             what the files look like
+=========================  ===============  ==================================================
+``coco``                   detection        COCO instances JSON (``images``, ``annotations``,
+                                            ``categories``; boxes ``[x, y, w, h]`` pixels)
+``refcoco``                detection        RefCOCO-style grounding, JSONL (or a JSON list):
+                                            one referring expression and one box per record
+``sharerobot_trajectory``  trajectory       ShareRobot trajectory JSON list: ``id`` (image
+                                            path), ``meta_data.original_width/height``,
+                                            ``instruction``, ``points`` ``[[x, y], ...]`` pixels
+``sharerobot_affordance``  affordance       ShareRobot affordance JSON list: ``affordance``
+                                            ``{x, y, width, height}`` pixels
+``where2place``            affordance       Where2Place (RoboPoint): ``point_questions.jsonl``
+                                            (``question_id``, ``image``, ``text``,
+                                            ``category``) and ``masks/<line:02d>.jpg``
+``roborefit``              affordance       RoboRefIt (VL-Grasp): JSON list with ``text``,
+                                            ``rgb_path``, ``mask_path``, ``bbox`` xyxy pixels
+=========================  ===============  ==================================================
+
+Canonical targets (the keys the task plugins read):
+
+- detection:           ``{"boxes": [[x1, y1, x2, y2], ...], "labels": [str, ...]}``
+- affordance (box):    ``{"box": [x1, y1, x2, y2]}``
+- affordance (points): ``{"region": {"rle": <COCO RLE, counts as str>, "size": [h, w]}}``
+  (plus ``"box"`` where the format gives one)
+- trajectory:          ``{"trajectory": [[x, y], ...]}``
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from vlm_grpo_ma.data.images import ImageLoadError, image_size
+from vlm_grpo_ma.data.sample import Sample
+
+__all__ = ["FORMATS", "FormatError", "load_format", "mask_to_rle", "rle_to_mask"]
+
+try:  # the data package's error class, so that callers catch one kind of data error
+    from vlm_grpo_ma.data.loaders import DataError as _DataErrorBase  # type: ignore
+except Exception:  # pragma: no cover - data loaders not installed yet
+    _DataErrorBase = ValueError
+
+
+class FormatError(_DataErrorBase):  # type: ignore[misc,valid-type]
+    """Bad benchmark data; the message names the file, the record and the field."""
+
+    def __init__(self, path: str | os.PathLike, where: str, field: str | None, msg: str):
+        loc = f"{path}:{where}" if where else str(path)
+        text = f"{loc}: field {field!r}: {msg}" if field else f"{loc}: {msg}"
+        ValueError.__init__(self, text)
+        self.path, self.where, self.field = str(path), where, field
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _read_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """(location, record) from a JSON list or a JSONL file; location is ``line N`` or ``[i]``."""
+    if not path.is_file():
+        raise FormatError(path, "", None, "file does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise FormatError(path, f"line {e.lineno}", None, f"invalid JSON: {e.msg}") from e
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise FormatError(path, f"[{i}]", None, f"expected an object, got {type(rec).__name__}")
+            yield f"[{i}]", rec
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(path, f"line {lineno}", None, f"invalid JSON: {e.msg}") from e
+        if not isinstance(rec, dict):
+            raise FormatError(path, f"line {lineno}", None, f"expected an object, got {type(rec).__name__}")
+        yield f"line {lineno}", rec
+
+
+def _field(rec: dict, names: tuple[str, ...], path: Path, where: str) -> Any:
+    for n in names:
+        if n in rec and rec[n] is not None:
+            return rec[n]
+    raise FormatError(path, where, names[0], f"missing (looked for {list(names)})")
+
+
+def _numbers(value: Any, n: int | None, path: Path, where: str, field: str) -> list[float]:
+    if not isinstance(value, (list, tuple)) or (n is not None and len(value) != n):
+        want = f"a list of {n} numbers" if n else "a list of numbers"
+        raise FormatError(path, where, field, f"expected {want}, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise FormatError(path, where, field, f"not a finite number: {v!r}")
+        out.append(float(v))
+    return out
+
+
+def _resolve_image(ref: str, image_root: Path, path: Path, where: str, field: str) -> tuple[str, tuple[int, int]]:
+    p = Path(os.path.expanduser(str(ref)))
+    if not p.is_absolute():
+        p = image_root / p
+    try:
+        size = image_size(str(p))
+    except ImageLoadError as e:
+        raise FormatError(path, where, field, f"cannot read image {p}: {e}") from e
+    return str(p), size
+
+
+def _check_box01(box: list[float], path: Path, where: str, field: str, tol: float = 1e-6) -> list[float]:
+    x1, y1, x2, y2 = box
+    if not (x1 <= x2 and y1 <= y2):
+        raise FormatError(path, where, field, f"inverted box {box} (need x1 <= x2, y1 <= y2)")
+    if min(box) < -tol or max(box) > 1 + tol:
+        raise FormatError(path, where, field, f"box {box} lies outside the image")
+    return [min(1.0, max(0.0, v)) for v in box]
+
+
+def mask_to_rle(mask: np.ndarray) -> dict:
+    """A binary (H, W) mask -> COCO RLE with ``counts`` as str (JSON-serialisable)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {"rle": rle, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def rle_to_mask(region: dict) -> np.ndarray:
+    """Canonical region ``{"rle": ..., "size": [h, w]}`` -> (H, W) uint8 mask."""
+    from pycocotools import mask as mask_utils
+
+    rle = dict(region["rle"])
+    if isinstance(rle.get("counts"), str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    if "size" not in rle:
+        rle["size"] = list(region["size"])
+    if isinstance(rle["counts"], list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    return mask_utils.decode(rle)
+
+
+def _read_mask(mask_path: Path, size: tuple[int, int], path: Path, where: str, field: str, threshold: int = 128) -> dict:
+    """A mask image (white = inside; JPEG noise removed by thresholding) -> canonical region."""
+    try:
+        with Image.open(mask_path) as im:
+            arr = np.asarray(im.convert("L"))
+    except (OSError, ValueError) as e:
+        raise FormatError(path, where, field, f"cannot read mask {mask_path}: {e}") from e
+    if (arr.shape[1], arr.shape[0]) != tuple(size):
+        raise FormatError(
+            path, where, field, f"mask {mask_path} is {arr.shape[1]}x{arr.shape[0]} but the image is {size[0]}x{size[1]}"
+        )
+    return mask_to_rle(arr >= threshold)
+
+
+def _limit(samples: list[Sample], limit: int | None) -> list[Sample]:
+    return samples if limit is None else samples[: int(limit)]
+
+
+# ---------------------------------------------------------------------------------------------
+# RefCOCO-style grounding
+# ---------------------------------------------------------------------------------------------
+_EXPR_KEYS = ("expression", "sent", "sentence", "referring_expression", "normal_caption", "caption", "text", "problem")
+
+
+def load_refcoco(path: str | os.PathLike, image_root: str | None = None, split: str = "test",
+                 bbox_format: str = "xyxy", limit: int | None = None, **_: Any) -> list[Sample]:
+    """RefCOCO / RefCOCO+ / RefCOCOg grounding records (JSONL, or a JSON list as VLM-R1 ships):
+
+    ``{"id": ..., "image": "COCO_train2014_000000000001.jpg", "expression": "man in red",
+    "bbox": [x1, y1, x2, y2]}`` with the box in pixels of the original image.  Also accepted:
+    ``file_name`` / ``image_path`` for the image, ``sent`` / ``sentence`` / ``normal_caption`` /
+    ``problem`` for the text, ``solution`` for the box, ``bbox_format: xywh`` for COCO-style boxes.
+    One detection sample with a single box labelled by its expression.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    out: list[Sample] = []
+    for i, (where, rec) in enumerate(_read_records(path)):
+        img_ref = _field(rec, ("image", "file_name", "image_path", "img_path"), path, where)
+        expr = _field(rec, _EXPR_KEYS, path, where)
+        if not isinstance(expr, str) or not expr.strip():
+            raise FormatError(path, where, "expression", f"expected a non-empty string, got {expr!r}")
+        box_field = "bbox" if "bbox" in rec else "solution"
+        raw = _numbers(_field(rec, ("bbox", "solution", "box"), path, where), 4, path, where, box_field)
+        fmt = str(rec.get("bbox_format", bbox_format)).lower()
+        if fmt == "xywh":
+            raw = [raw[0], raw[1], raw[0] + raw[2], raw[1] + raw[3]]
+        elif fmt != "xyxy":
+            raise FormatError(path, where, "bbox_format", f"unknown box format {fmt!r} (xyxy or xywh)")
+        img, (w, h) = _resolve_image(str(img_ref), root, path, where, "image")
+        box = _check_box01([raw[0] / w, raw[1] / h, raw[2] / w, raw[3] / h], path, where, box_field)
+        expr = expr.strip()
+        out.append(
+            Sample(
+                id=str(rec.get("id", rec.get("ref_id", f"{path.stem}-{i}"))),
+                task="detection",
+                images=[img],
+                image_sizes=[(w, h)],
+                prompt={"object": expr, "categories": [expr]},
+                target={"boxes": [box], "labels": [expr]},
+                meta={"source": str(path), "record": where, "split": split, "format": "refcoco"},
+            )
+        )
+    return _limit(out, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# ShareRobot
+# ---------------------------------------------------------------------------------------------
+def _sharerobot_common(rec: dict, path: Path, root: Path, where: str) -> tuple[str, str, tuple[int, int], tuple[float, float]]:
+    """(image path, instruction, actual image size, annotation frame size) of a ShareRobot record.
+
+    Pixel coordinates are given for ``meta_data.original_width x original_height``; where the image
+    on disk has another size, the annotation frame still is the declared one.
+    """
+    img_ref = _field(rec, ("image", "image_path", "id"), path, where)
+    instruction = _field(rec, ("instruction",), path, where)
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise FormatError(path, where, "instruction", f"expected a non-empty string, got {instruction!r}")
+    img, size = _resolve_image(str(img_ref), root, path, where, "id")
+    meta = rec.get("meta_data") or {}
+    if not isinstance(meta, dict):
+        raise FormatError(path, where, "meta_data", "expected an object")
+    fw = meta.get("original_width", size[0])
+    fh = meta.get("original_height", size[1])
+    for name, v in (("meta_data.original_width", fw), ("meta_data.original_height", fh)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise FormatError(path, where, name, f"expected a positive number, got {v!r}")
+    return img, instruction.strip(), size, (float(fw), float(fh))
+
+
+def load_sharerobot_trajectory(path: str | os.PathLike, image_root: str | None = None, split: str = "test",
+                               limit: int | None = None, **_: Any) -> list[Sample]:
+    """ShareRobot trajectory annotations (a JSON list; see FlagOpen/ShareRobot's README):
+    ``{"id": "<image path>", "meta_data": {"original_dataset": ..., "original_width": 640,
+    "original_height": 480}, "instruction": "reach for the carrot", "points": [[x, y], ...]}``,
+    points in pixels of the original frame, at least 2 of them (ShareRobot has >= 3)."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    out: list[Sample] = []
+    for i, (where, rec) in enumerate(_read_records(path)):
+        img, instruction, size, (fw, fh) = _sharerobot_common(rec, path, root, where)
+        pts = _field(rec, ("points", "trajectory"), path, where)
+        if not isinstance(pts, list) or len(pts) < 2:
+            raise FormatError(path, where, "points", f"expected a list of >= 2 [x, y] points, got {pts!r}")
+        traj = []
+        for j, p in enumerate(pts):
+            x, y = _numbers(p, 2, path, where, f"points[{j}]")
+            traj.append([x / fw, y / fh])
+        out.append(
+            Sample(
+                id=f"{rec.get('id', i)}#{i}" if not isinstance(rec.get("id"), (int,)) else str(rec["id"]),
+                task="trajectory",
+                images=[img],
+                image_sizes=[size],
+                prompt={"instruction": instruction},
+                target={"trajectory": traj},
+                meta={"source": str(path), "record": where, "split": split, "format": "sharerobot_trajectory",
+                      "original_dataset": (rec.get("meta_data") or {}).get("original_dataset")},
+            )
+        )
+    return _limit(out, limit)
+
+
+def load_sharerobot_affordance(path: str | os.PathLike, image_root: str | None = None, split: str = "test",
+                               limit: int | None = None, **_: Any) -> list[Sample]:
+    """ShareRobot affordance annotations (a JSON list): ``{"id": "<image path>", "meta_data":
+    {...}, "instruction": "...", "affordance": {"x": 352.9, "y": 186.5, "width": 19.3,
+    "height": 14.5}}`` -- a box as top-left corner and size, in pixels of the original frame."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    out: list[Sample] = []
+    for i, (where, rec) in enumerate(_read_records(path)):
+        img, instruction, size, (fw, fh) = _sharerobot_common(rec, path, root, where)
+        aff = _field(rec, ("affordance",), path, where)
+        if not isinstance(aff, dict):
+            raise FormatError(path, where, "affordance", f"expected {{x, y, width, height}}, got {aff!r}")
+        vals = []
+        for k in ("x", "y", "width", "height"):
+            if k not in aff:
+                raise FormatError(path, where, f"affordance.{k}", "missing")
+            vals += _numbers([aff[k]], 1, path, where, f"affordance.{k}")
+        x, y, bw, bh = vals
+        if bw < 0 or bh < 0:
+            raise FormatError(path, where, "affordance", f"negative width or height: {aff}")
+        box = _check_box01([x / fw, y / fh, (x + bw) / fw, (y + bh) / fh], path, where, "affordance")
+        out.append(
+            Sample(
+                id=f"{rec.get('id', i)}#{i}" if not isinstance(rec.get("id"), (int,)) else str(rec["id"]),
+                task="affordance",
+                images=[img],
+                image_sizes=[size],
+                prompt={"instruction": instruction},
+                target={"box": box},
+                meta={"source": str(path), "record": where, "split": split, "format": "sharerobot_affordance",
+                      "original_dataset": (rec.get("meta_data") or {}).get("original_dataset")},
+            )
+        )
+    return _limit(out, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where2Place and RoboRefIt (points scored against masks)
+# ---------------------------------------------------------------------------------------------
+_FORMAT_SENTENCE = re.compile(r"\s*Your answer should be formatted.*$", re.DOTALL | re.IGNORECASE)
+
+
+def load_where2place(path: str | os.PathLike, image_root: str | None = None, split: str = "test",
+                     question_file: str = "point_questions.jsonl", mask_dir: str = "masks",
+                     limit: int | None = None, **_: Any) -> list[Sample]:
+    """Where2Place (RoboPoint's placement benchmark).  ``path`` is the dataset folder (or its
+    question file).  Each line of ``point_questions.jsonl`` is ``{"question_id": 0, "image":
+    "images/00.jpg", "text": "Please point out the free space ...", "category": "seen"}``;
+    the mask of line ``i`` (0-based) is ``masks/<i:02d>.jpg`` (white = a correct place), as
+    RoboPoint's ``summarize_vqa.py`` reads it.  The answer-format sentence RoboPoint appends
+    to ``text`` is dropped: the task's prompt says how to answer."""
+    path = Path(path)
+    qfile = path / question_file if path.is_dir() else path
+    root = Path(image_root) if image_root else qfile.parent
+    out: list[Sample] = []
+    for i, (where, rec) in enumerate(_read_records(qfile)):
+        img, size = _resolve_image(str(_field(rec, ("image",), qfile, where)), root, qfile, where, "image")
+        text = _field(rec, ("text", "question"), qfile, where)
+        if not isinstance(text, str) or not text.strip():
+            raise FormatError(qfile, where, "text", f"expected a non-empty string, got {text!r}")
+        text = _FORMAT_SENTENCE.sub("", text.replace("<image>", "")).strip()
+        mask_path = qfile.parent / mask_dir / f"{i:02d}.jpg"
+        if not mask_path.is_file():
+            alt = mask_path.with_suffix(".png")
+            if not alt.is_file():
+                raise FormatError(qfile, where, "mask", f"mask file {mask_path} does not exist")
+            mask_path = alt
+        region = _read_mask(mask_path, size, qfile, where, "mask")
+        qid = rec.get("question_id", i)
+        out.append(
+            Sample(
+                id=f"where2place-{qid}",
+                task="affordance",
+                images=[img],
+                image_sizes=[size],
+                prompt={"instruction": text},
+                target={"region": region},
+                meta={"source": str(qfile), "record": where, "split": split, "format": "where2place",
+                      "category": rec.get("category"), "mask": str(mask_path)},
+            )
+        )
+    return _limit(out, limit)
+
+
+def load_roborefit(path: str | os.PathLike, image_root: str | None = None, split: str = "testA",
+                   limit: int | None = None, **_: Any) -> list[Sample]:
+    """RoboRefIt (VL-Grasp) referring annotations: a JSON list of ``{"num": 0, "text": "the
+    blue cup", "rgb_path": "final_dataset/testA/image/image_00000.png", "depth_path": ...,
+    "mask_path": "final_dataset/testA/mask/image_00000.png", "bbox": [x1, y1, x2, y2],
+    "class": "cup"}``.  Paths are relative to ``image_root`` (default: the JSON's folder).
+    The target is the object's mask (points are scored by the share inside it) and its box."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    out: list[Sample] = []
+    for i, (where, rec) in enumerate(_read_records(path)):
+        img, (w, h) = _resolve_image(str(_field(rec, ("rgb_path", "image"), path, where)), root, path, where, "rgb_path")
+        text = _field(rec, ("text", "expression", "sentence"), path, where)
+        if not isinstance(text, str) or not text.strip():
+            raise FormatError(path, where, "text", f"expected a non-empty string, got {text!r}")
+        mref = Path(str(_field(rec, ("mask_path",), path, where)))
+        mask_path = mref if mref.is_absolute() else root / mref
+        if not mask_path.is_file():
+            raise FormatError(path, where, "mask_path", f"mask file {mask_path} does not exist")
+        target: dict[str, Any] = {"region": _read_mask(mask_path, (w, h), path, where, "mask_path")}
+        if rec.get("bbox") is not None:
+            x1, y1, x2, y2 = _numbers(rec["bbox"], 4, path, where, "bbox")
+            target["box"] = _check_box01([x1 / w, y1 / h, x2 / w, y2 / h], path, where, "bbox")
+        out.append(
+            Sample(
+                id=f"roborefit-{split}-{rec.get('num', i)}",
+                task="affordance",
+                images=[img],
+                image_sizes=[(w, h)],
+                prompt={"instruction": text.strip(), "object": text.strip()},
+                target=target,
+                meta={"source": str(path), "record": where, "split": split, "format": "roborefit",
+                      "class": rec.get("class"), "mask": str(mask_path)},
+            )
+        )
+    return _limit(out, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO instances and plain JSONL: through the data package's loaders
+# ---------------------------------------------------------------------------------------------
+def load_coco(path: str | os.PathLike, image_root: str | None = None, split: str = "val",
+              limit: int | None = None, **options: Any) -> list[Sample]:
+    """COCO instances JSON through :mod:`vlm_grpo_ma.data.loaders` (pycocotools)."""
+    from vlm_grpo_ma.data import loaders
+
+    samples = loaders.load_coco(path, image_root=image_root, **options)
+    return _limit(list(samples), limit)
+
+
+def load_jsonl(path: str | os.PathLike, image_root: str | None = None, split: str = "test",
+               limit: int | None = None, task: str | None = None, **options: Any) -> list[Sample]:
+    """The project's own JSONL sample format through :mod:`vlm_grpo_ma.data.loaders`."""
+    from vlm_grpo_ma.data import loaders
+
+    kw = dict(options)
+    if task is not None:
+        kw["task"] = task
+    if image_root is not None:
+        kw["image_root"] = image_root
+    samples = loaders.load_jsonl(path, **kw)
+    return _limit(list(samples), limit)
+
+
+#: format name -> (loader, the task it feeds)
+FORMATS: dict[str, tuple[Callable[..., list[Sample]], str | None]] = {
+    "coco": (load_coco, "detection"),
+    "refcoco": (load_refcoco, "detection"),
+    "sharerobot_trajectory": (load_sharerobot_trajectory, "trajectory"),
+    "sharerobot_affordance": (load_sharerobot_affordance, "affordance"),
+    "where2place": (load_where2place, "affordance"),
+    "roborefit": (load_roborefit, "affordance"),
+    "jsonl": (load_jsonl, None),
+}
+
+
+def load_format(fmt: str, path: str | os.PathLike, **kwargs: Any) -> list[Sample]:
+    """Load ``path`` in the named public format (see :data:`FORMATS`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; known: {sorted(FORMATS)} (or 'synthetic')")
+    if path is None:
+        raise ValueError(f"data format {fmt!r} needs data.path")
+    loader, _task = FORMATS[fmt]
+    return loader(path, **kwargs)
