@@ -1,0 +1,55 @@
+"""GRPO-MA algorithms as pure torch functions (no I/O, no DeepSpeed, no models).
+
+- ``advantages``: GRPO and GRPO-MA (thought / answer) group-relative advantages;
+- ``aggregation``: per-token loss weights for ``token-mean``, ``seq-mean-token-mean``,
+  ``seq-mean-token-sum``, ``seq-mean-token-sum-norm`` over a K x M tree, each unique token once;
+- ``policy_loss``: the clipped surrogate (separate low / high clip) with an optional KL penalty;
+- ``kl``: k1 / k2 / k3 KL estimators;
+- ``logprob``: chunked selective log-softmax and entropy (no float32 [B, T, V] intermediate);
+- ``gss``: the gradient spike score tracker (GSS@10);
+- ``registry``: name -> function tables so configs pick estimators and losses by name.
+"""
+
+from .advantages import grpo_advantages, grpo_ma_advantages, grpo_tree_advantages, standardize_groups, zero_spread_fraction
+from .aggregation import AGGREGATION_MODES, aggregation_weights, expand_to_paths, expand_to_tokens
+from .gss import GradientSpikeTracker, gradient_spike_scores
+from .kl import kl_k1, kl_k2, kl_k3
+from .logprob import entropy_from_logits, naive_log_softmax_gather, selective_log_softmax
+from .policy_loss import clipped_policy_loss, masked_agg_weights, masked_clipped_policy_loss
+from .registry import (
+    get_adv_est,
+    get_kl_estimator,
+    get_policy_loss,
+    register_adv_est,
+    register_kl_estimator,
+    register_policy_loss,
+)
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "GradientSpikeTracker",
+    "aggregation_weights",
+    "clipped_policy_loss",
+    "entropy_from_logits",
+    "expand_to_paths",
+    "expand_to_tokens",
+    "get_adv_est",
+    "get_kl_estimator",
+    "get_policy_loss",
+    "gradient_spike_scores",
+    "grpo_advantages",
+    "grpo_ma_advantages",
+    "grpo_tree_advantages",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "masked_agg_weights",
+    "masked_clipped_policy_loss",
+    "naive_log_softmax_gather",
+    "register_adv_est",
+    "register_kl_estimator",
+    "register_policy_loss",
+    "selective_log_softmax",
+    "standardize_groups",
+    "zero_spread_fraction",
+]

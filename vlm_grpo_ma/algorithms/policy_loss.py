@@ -1,0 +1,169 @@
+r"""The clipped surrogate policy loss (PPO / GRPO / DAPO) over weighted trained tokens.
+
+Per trained token t with advantage A_t and ratio ``rho_t = pi_theta(y_t) / pi_old(y_t)``::
+
+    l_t  = max(-A_t rho_t, -A_t clip(rho_t, 1 - clip_low, 1 + clip_high)) + beta * KL_t
+    loss = sum_t w_t l_t
+
+``clip_high > clip_low`` is DAPO's clip-higher. ``KL_t`` is a per-token estimator of
+KL(pi_theta || pi_ref) (k3 by default, see ``kl.py``) and ``beta = kl_coef``. The weights ``w_t``
+carry the aggregation mode (``aggregation.py``): for a GRPO-MA tree each unique token appears
+once, thought tokens with the thought advantage A^T_k, answer tokens with the answer advantage
+A^A_km. Because the function works on flat tokens it serves any layout (one packed row per
+thought, or the naive K*M rows with thought weights divided by M).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .aggregation import AGGREGATION_MODES
+from .registry import get_kl_estimator, register_policy_loss
+
+__all__ = ["clipped_policy_loss", "masked_clipped_policy_loss", "masked_agg_weights"]
+
+
+@register_policy_loss("clipped")
+def clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_clamp: Optional[float] = 10.0,
+    kl_estimator: str = "k3",
+    log_ratio_clamp: float = 20.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss with optional KL penalty, summed with per-token weights.
+
+    Args:
+        logp: [N] log pi_theta of the trained tokens (carries the gradient).
+        old_logp: [N] log pi_old (the sampling policy), no gradient.
+        advantages: [N] per-token advantages, no gradient.
+        weights: [N] aggregation weights; a token of weight 0 does not count (padding).
+        clip_low: eps_low, the ratio is clipped below at 1 - clip_low.
+        clip_high: eps_high, clipped above at 1 + clip_high (DAPO clip-higher when > clip_low).
+        ref_logp: [N] log pi_ref of the reference policy; required when ``kl_coef > 0``.
+        kl_coef: beta, the weight of the KL penalty in the loss.
+        kl_clamp: clamp of the log-ratio inside the KL estimator (see ``kl.py``).
+        kl_estimator: registered KL estimator name (``k1``, ``k2``, ``k3``).
+        log_ratio_clamp: ``log rho`` is clamped to +-this before the exp (verl uses 20).
+
+    Returns:
+        ``(loss, metrics)``: loss is a 0-dim tensor; metrics are detached 0-dim tensors (call
+        ``.item()`` when logging; kept as tensors to avoid a device sync per metric):
+
+        - ``loss/policy``: ``sum_t w_t * pg_t``, the surrogate part of the loss;
+        - ``loss/kl``: ``kl_coef * sum_t w_t * KL_t``, the KL part (0 without a reference);
+        - ``kl/mean``: plain mean of KL_t over trained tokens (0 without a reference);
+        - ``clip/low``: fraction of trained tokens with ``A < 0`` and ``rho < 1 - clip_low``;
+        - ``clip/high``: fraction of trained tokens with ``A > 0`` and ``rho > 1 + clip_high``;
+          these are exactly the tokens whose gradient the clip zeroes;
+        - ``ratio/mean``, ``ratio/max``, ``ratio/min``: of rho over trained tokens.
+
+        "Trained tokens" are those with ``weight > 0``; fractions and means are plain
+        (unweighted) averages over them, every unique token counted once.
+    """
+    if not (logp.shape == old_logp.shape == advantages.shape == weights.shape):
+        raise ValueError(
+            f"logp, old_logp, advantages, weights must have one shape, got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(advantages.shape)}, {tuple(weights.shape)}"
+        )
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp")
+    old_logp = old_logp.detach()
+    advantages = advantages.detach().to(logp.dtype)
+    weights = weights.detach().to(logp.dtype)
+
+    log_ratio = (logp - old_logp).clamp(min=-log_ratio_clamp, max=log_ratio_clamp)
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    pg = torch.maximum(pg_unclipped, pg_clipped)  # [N]
+    policy_term = (weights * pg).sum()
+
+    if ref_logp is not None:
+        kl = get_kl_estimator(kl_estimator)(logp, ref_logp.detach(), clamp=kl_clamp)  # [N]
+        kl_term = kl_coef * (weights * kl).sum()
+    else:
+        kl = torch.zeros_like(logp)
+        kl_term = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    loss = policy_term + kl_term if kl_coef > 0 else policy_term
+
+    with torch.no_grad():
+        trained = weights > 0
+        n = trained.sum().clamp(min=1).to(logp.dtype)
+        r = ratio.detach()
+        clipped_high = trained & (advantages > 0) & (r > 1.0 + clip_high)
+        clipped_low = trained & (advantages < 0) & (r < 1.0 - clip_low)
+        any_trained = bool(trained.any()) if r.numel() else False
+        metrics = {
+            "loss/policy": policy_term.detach(),
+            "loss/kl": kl_term.detach(),
+            "kl/mean": (kl.detach() * trained).sum() / n,
+            "clip/low": clipped_low.sum() / n,
+            "clip/high": clipped_high.sum() / n,
+            "ratio/mean": (r * trained).sum() / n,
+            "ratio/max": r[trained].max() if any_trained else torch.ones((), dtype=r.dtype),
+            "ratio/min": r[trained].min() if any_trained else torch.ones((), dtype=r.dtype),
+        }
+    return loss, metrics
+
+
+def masked_agg_weights(mask: torch.Tensor, mode: str = "token-mean", max_len: Optional[int] = None) -> torch.Tensor:
+    """Aggregation weights of a plain [G, T] completion batch (each row one completion).
+
+    The M = 1 special case of ``aggregation_weights`` in the padded layout: ``token-mean`` ->
+    1/sum(mask); ``seq-mean-token-mean`` -> 1/(G * L_i); ``seq-mean-token-sum`` -> 1/G;
+    ``seq-mean-token-sum-norm`` -> 1/(G * L_max) with ``L_max = max_len`` or T (the padded length,
+    as verl). Returns [G, T] weights, 0 where ``mask`` is 0.
+    """
+    m = mask.to(torch.float64)
+    g, t = m.shape
+    if mode == "token-mean":
+        w = m / m.sum().clamp(min=1)
+    elif mode == "seq-mean-token-mean":
+        w = m / (g * m.sum(dim=-1, keepdim=True).clamp(min=1))
+    elif mode == "seq-mean-token-sum":
+        w = m / g
+    elif mode == "seq-mean-token-sum-norm":
+        w = m / (g * (t if max_len is None else max_len))
+    else:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGGREGATION_MODES}")
+    return w
+
+
+def masked_clipped_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_agg_mode: str = "token-mean",
+    max_len: Optional[int] = None,
+    ref_logp: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``clipped_policy_loss`` on a padded [G, T] batch with a [G, T] mask (plain GRPO layout).
+
+    ``advantages`` may be [G] (one per completion) or [G, T]. Other keyword arguments go to
+    ``clipped_policy_loss``.
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1).expand_as(logp)
+    weights = masked_agg_weights(mask, loss_agg_mode, max_len).to(logp.dtype)
+    keep = mask.bool()
+    return clipped_policy_loss(
+        logp[keep],
+        old_logp[keep],
+        advantages[keep],
+        weights[keep],
+        ref_logp=None if ref_logp is None else ref_logp[keep],
+        **kwargs,
+    )
