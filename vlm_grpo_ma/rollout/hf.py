@@ -1,0 +1,488 @@
+"""The transformers rollout backend: tree sampling with shared prefixes (prefill once).
+
+Stage 1 prefills each prompt once (images included), repeats its KV cache K times and samples
+K thoughts until ``</think>`` (a thought that reaches the limit is closed with ``</think>``).
+The closing token is fed too, so when stage 1 ends the cache holds prompt + thought for every
+(prompt, thought) row.  Stage 2 repeats that cache M times and samples M answers per thought
+until the end token.  Nothing is ever prefilled twice: the prompt and the thought are each
+computed once, whatever K and M (the way nanochat's engine prefills once and clones its cache).
+
+The decode loop is written here rather than delegated to ``model.generate`` so that every
+position is explicit (STACK.md's traps do not apply):
+
+- mRoPE positions: the prompt's come from the model's ``get_rope_index`` (3 rows: temporal,
+  height, width); a generated token gets the text position ``max(prompt positions) + 1 + i`` on
+  all three rows.  The model's ``rope_deltas`` state is never read, and is reset to None after
+  a rollout so that no later forward can pick up a stale value;
+- ``pixel_values`` are passed to the prefill only (never with a non-empty cache);
+- rows that finished early are fed a padding token with attention-mask 0, so the cache stays
+  rectangular and the padding is invisible to every later token;
+- vision special tokens are suppressed when sampling (a random model samples them and one
+  ``<|image_pad|>`` breaks the next forward).
+
+Under DeepSpeed ZeRO-3 pass ``gather_context`` (a zero-argument callable returning a context
+manager, e.g. ``lambda: deepspeed.zero.GatheredParameters(model.parameters())``) and/or
+``synced_gpus=True`` (every rank keeps stepping until all ranks are done, so ranks that stop
+at different lengths never deadlock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
+
+VISION_TOKENS = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+@dataclass(frozen=True)
+class RolloutTokenIds:
+    """The token ids the sampler needs.
+
+    ``think_end``: ``</think>``, ends a thought; ``stop``: ids that end an answer
+    (``<|im_end|>``, and ``<|endoftext|>`` where the vocabulary has it); ``pad``: fed to finished
+    rows (masked out); ``suppress``: never sampled (vision special tokens)."""
+
+    think_end: int
+    stop: tuple[int, ...]
+    pad: int
+    suppress: tuple[int, ...] = ()
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any) -> "RolloutTokenIds":
+        def tid(tok: str) -> int | None:
+            i = tokenizer.convert_tokens_to_ids(tok)
+            return None if i is None or i == tokenizer.unk_token_id else int(i)
+
+        think_end = tid("</think>")
+        if think_end is None:
+            raise ValueError("the tokenizer has no '</think>' token: tree rollouts need it to end thoughts")
+        stop = tuple(i for i in (tid("<|im_end|>"), tid("<|endoftext|>")) if i is not None)
+        if not stop:
+            stop = (int(tokenizer.eos_token_id),)
+        pad = tokenizer.pad_token_id
+        pad = int(pad) if pad is not None else stop[-1]
+        suppress = tuple(i for i in (tid(t) for t in VISION_TOKENS) if i is not None)
+        return cls(think_end=think_end, stop=stop, pad=pad, suppress=suppress)
+
+
+# --------------------------------------------------------------------------- sampling
+def sample_next(
+    logits: torch.Tensor,
+    sampling: SamplingParams,
+    suppress: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one token per row.
+
+    Args:
+        logits: [N, V] next-token logits (any float dtype).
+        suppress: LongTensor [S] of ids never drawn.
+    Returns:
+        tokens [N] long, logp [N] float32: log-prob of the drawn token under
+        ``log_softmax(logits / T)`` (T = temperature, or 1 when greedy) before filtering,
+        and logp_all [N, V] float32 (that full log-distribution, to score forced tokens).
+    """
+    logits = logits.float()
+    temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    filtered = logp_all.clone()
+    if suppress is not None and suppress.numel():
+        filtered[:, suppress] = -math.inf
+    if sampling.greedy:
+        tokens = filtered.argmax(dim=-1)
+    else:
+        if sampling.top_k > 0 and sampling.top_k < filtered.shape[-1]:
+            kth = torch.topk(filtered, sampling.top_k, dim=-1).values[:, -1:]
+            filtered = filtered.masked_fill(filtered < kth, -math.inf)
+        if sampling.top_p < 1.0:
+            sorted_lp, order = torch.sort(filtered, dim=-1, descending=True)
+            probs = torch.softmax(sorted_lp, dim=-1)
+            # drop a token when the mass strictly before it already reaches top_p (keeps >= 1)
+            drop = (probs.cumsum(-1) - probs) >= sampling.top_p
+            sorted_lp = sorted_lp.masked_fill(drop, -math.inf)
+            filtered = torch.full_like(filtered, -math.inf).scatter(-1, order, sorted_lp)
+        probs = torch.softmax(filtered, dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logp = logp_all.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logp, logp_all
+
+
+def _unwrap(model: Any) -> Any:
+    """The ``*ForConditionalGeneration`` module under PEFT / DeepSpeed wrappers."""
+    if hasattr(model, "module") and not hasattr(model, "lm_head"):  # DeepSpeed engine / DDP
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
+def prompt_position_ids(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """mRoPE position ids [3, B, P] of a left-padded prompt batch (padding positions 0), from
+    the model's own ``get_rope_index`` (all three families)."""
+    core = _unwrap(model).model
+    input_ids = inputs["input_ids"]
+    mm = inputs.get("mm_token_type_ids")
+    if mm is None:
+        mm = torch.zeros_like(input_ids)
+    pos, _ = core.get_rope_index(
+        input_ids,
+        mm_token_type_ids=mm,
+        image_grid_thw=inputs.get("image_grid_thw"),
+        video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=inputs.get("attention_mask"),
+    )
+    return pos
+
+
+def split_vision(inputs: Mapping[str, Any]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Per-prompt chunks of the processor's flat ``pixel_values`` [sum patches, D] and
+    ``image_grid_thw`` [n_images, 3]: prompt b gets as many images as it has runs of image
+    tokens in ``mm_token_type_ids``, each image ``prod(grid_thw)`` patch rows."""
+    mm = inputs.get("mm_token_type_ids")
+    grid = inputs.get("image_grid_thw")
+    pix = inputs.get("pixel_values")
+    B = inputs["input_ids"].shape[0]
+    if grid is None or pix is None or mm is None:
+        return [None] * B, [None] * B
+    is_img = (mm == 1).long()
+    starts = (is_img[:, 1:] > is_img[:, :-1]).sum(1) + is_img[:, 0]
+    n_imgs = starts.tolist()
+    if sum(n_imgs) != grid.shape[0]:
+        raise ValueError(f"prompts hold {sum(n_imgs)} image token runs but image_grid_thw has {grid.shape[0]} rows")
+    patches = grid.prod(-1).tolist()
+    out_pix: list[torch.Tensor | None] = []
+    out_grid: list[torch.Tensor | None] = []
+    i = row = 0
+    for n in n_imgs:
+        if n == 0:
+            out_pix.append(None)
+            out_grid.append(None)
+            continue
+        p = sum(patches[i : i + n])
+        out_pix.append(pix[row : row + p])
+        out_grid.append(grid[i : i + n])
+        i += n
+        row += p
+    return out_pix, out_grid
+
+
+def _any_rank(flag: bool, synced: bool, device: torch.device) -> bool:
+    if not synced:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return bool(t.item() > 0)
+
+
+@dataclass
+class _DecodeState:
+    """A batch of N rows mid-generation: the cache, the 2D attention mask [N, L], the next
+    text position [N] and the next-token logits [N, V]."""
+
+    cache: Any
+    attention_mask: torch.Tensor
+    next_pos: torch.Tensor
+    logits: torch.Tensor
+
+    def repeat_interleave(self, n: int) -> "_DecodeState":
+        if n > 1:
+            self.cache.batch_repeat_interleave(n)  # in place: the un-repeated cache is not reused
+            self.attention_mask = self.attention_mask.repeat_interleave(n, 0)
+            self.next_pos = self.next_pos.repeat_interleave(n, 0)
+            self.logits = self.logits.repeat_interleave(n, 0)
+        return self
+
+
+class HFRolloutBackend:
+    """Tree rollouts (and plain completions) with a transformers Qwen-VL model.
+
+    Args:
+        model: a ``Qwen2VL``/``Qwen2_5_VL``/``Qwen3VL`` ``ForConditionalGeneration`` (or a PEFT /
+            DeepSpeed wrapper of one).
+        tokenizer: decodes texts and provides the special ids (or pass ``token_ids``).
+        processor: needed only by :meth:`generate` / :meth:`generate_tree_from_messages`.
+        gather_context: zero-argument callable returning a context manager entered around each
+            rollout (ZeRO-3: ``lambda: deepspeed.zero.GatheredParameters(params)``).
+        synced_gpus: keep all ranks stepping until every rank is done (ZeRO-3 without gathering).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        processor: Any = None,
+        *,
+        token_ids: RolloutTokenIds | None = None,
+        gather_context: Callable[[], ContextManager] | None = None,
+        synced_gpus: bool = False,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+        if token_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("HFRolloutBackend needs a tokenizer, a processor or token_ids")
+            token_ids = RolloutTokenIds.from_tokenizer(self.tokenizer)
+        self.ids = token_ids
+        self.gather_context = gather_context
+        self.synced_gpus = synced_gpus
+
+    # ------------------------------------------------------------------ internals
+    @property
+    def _device(self) -> torch.device:
+        return next(_unwrap(self.model).parameters()).device
+
+    def _context(self) -> ContextManager:
+        return self.gather_context() if self.gather_context is not None else contextlib.nullcontext()
+
+    def _prefill(self, inputs: Mapping[str, Any]) -> tuple[_DecodeState, int]:
+        """Forward the left-padded prompts once, with their images. Returns the decode state
+        and the number of prompt tokens prefilled (padding excluded)."""
+        dev = self._device
+        inputs = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in inputs.items() if v is not None}
+        input_ids = inputs["input_ids"]
+        attn = inputs.get("attention_mask", torch.ones_like(input_ids)).long()
+        inputs["attention_mask"] = attn
+        mm = inputs.get("mm_token_type_ids", torch.zeros_like(input_ids))
+        pos = prompt_position_ids(self.model, {**inputs, "mm_token_type_ids": mm})
+        kw = dict(input_ids=input_ids, attention_mask=attn, position_ids=pos, mm_token_type_ids=mm)
+        for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+            if k in inputs:
+                kw[k] = inputs[k]
+        out = self.model(use_cache=True, return_dict=True, logits_to_keep=1, **kw)
+        next_pos = pos.amax(dim=(0, 2)) + 1  # [B]
+        state = _DecodeState(out.past_key_values, attn, next_pos, out.logits[:, -1].float())
+        return state, int(attn.sum())
+
+    def _decode(
+        self,
+        state: _DecodeState,
+        sampling: SamplingParams,
+        max_new: int,
+        stop: torch.Tensor,
+        generator: torch.Generator | None,
+        close_id: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Sample up to ``max_new`` tokens for every row of ``state`` (mutated in place).
+
+        A row stops after a token in ``stop``.  With ``close_id`` (stage 1) a row still open
+        at the limit gets ``close_id`` as its last token instead of a sample (log-prob: the
+        policy's), and every row's last token is fed, so ``state`` ends holding each row's
+        whole sequence and ``state.logits`` the next-token logits after its last token.
+        Returns tokens [N, T] (pad after the end), logp [N, T], lengths [N], truncated [N]
+        (stopped by the limit), and the number of forward positions computed.
+        """
+        N = state.logits.shape[0]
+        dev = state.logits.device
+        feed_last = close_id is not None
+        suppress = torch.tensor(self.ids.suppress, dtype=torch.long, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        truncated = torch.zeros(N, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(N, dtype=torch.long, device=dev)
+        final_logits = state.logits.clone()
+        toks, lps = [], []
+        decoded = 0
+        for t in range(max_new):
+            if not _any_rank(not bool(done.all()), self.synced_gpus, dev):
+                break
+            tok, lp, lp_all = sample_next(state.logits, sampling, suppress, generator)
+            active = ~done
+            last_step = t == max_new - 1
+            if close_id is not None and last_step:
+                force = active & (tok != close_id)
+                tok = torch.where(force, torch.full_like(tok, close_id), tok)
+                lp = torch.where(force, lp_all[:, close_id], lp)
+            tok = torch.where(active, tok, torch.full_like(tok, self.ids.pad))
+            lp = torch.where(active, lp, torch.zeros_like(lp))
+            toks.append(tok)
+            lps.append(lp)
+            lengths += active.long()
+            stopped = active & torch.isin(tok, stop)
+            if last_step:
+                truncated = force if close_id is not None else active & ~stopped
+            done_after = done | stopped | (active if last_step else torch.zeros_like(done))
+            if feed_last or _any_rank(not bool(done_after.all()), self.synced_gpus, dev):
+                state.attention_mask = torch.cat([state.attention_mask, active.long()[:, None]], dim=1)
+                pos = state.next_pos.view(1, N, 1).expand(3, N, 1)
+                out = self.model(
+                    input_ids=tok[:, None],
+                    attention_mask=state.attention_mask,
+                    position_ids=pos,
+                    past_key_values=state.cache,
+                    use_cache=True,
+                    return_dict=True,
+                )
+                state.cache = out.past_key_values
+                state.next_pos = state.next_pos + active.long()
+                state.logits = out.logits[:, -1].float()
+                final_logits = torch.where(active[:, None], state.logits, final_logits)
+                decoded += N
+            done = done_after
+        if feed_last:
+            state.logits = final_logits
+        T = len(toks)
+        tokens = torch.stack(toks, 1) if T else torch.empty(N, 0, dtype=torch.long, device=dev)
+        logp = torch.stack(lps, 1) if T else torch.empty(N, 0, device=dev)
+        return tokens, logp, lengths, truncated, decoded
+
+    def _decode_text(self, ids: torch.Tensor, drop_stop: bool = False) -> str:
+        if self.tokenizer is None:
+            return ""
+        ids = ids.tolist()
+        if drop_stop and ids and ids[-1] in self.ids.stop:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        g = torch.Generator(device=self._device)
+        g.manual_seed(seed)
+        return g
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def generate_tree(
+        self, prompts_inputs: Mapping[str, Any], K: int, M: int, sampling: SamplingParams
+    ) -> TreeRollout:
+        """Sample K thoughts per prompt and M answers per thought (see the module docstring).
+
+        ``prompts_inputs``: left-padded processor outputs of B prompts (``input_ids`` [B, P],
+        ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``).
+        """
+        if K < 1 or M < 1:
+            raise ValueError(f"K and M must be >= 1, got K={K}, M={M}")
+        model = _unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        gen = self._generator(sampling.seed)
+        try:
+            with self._context():
+                state, n_prefill = self._prefill(prompts_inputs)
+                dev = state.logits.device
+                B = state.logits.shape[0]
+                # stage 1: K thoughts per prompt from one prefill
+                state.repeat_interleave(K)
+                t_tok, t_lp, t_len, t_trunc, dec1 = self._decode(
+                    state, sampling, sampling.max_thought_tokens,
+                    torch.tensor([self.ids.think_end], device=dev), gen, close_id=self.ids.think_end,
+                )
+                # stage 2: M answers per thought, continuing the cached prompt + thought
+                state.repeat_interleave(M)
+                a_tok, a_lp, a_len, a_trunc, dec2 = self._decode(
+                    state, sampling, sampling.max_answer_tokens,
+                    torch.tensor(self.ids.stop, device=dev), gen,
+                )
+        finally:
+            core = model.model
+            if hasattr(core, "rope_deltas"):
+                core.rope_deltas = None
+            model.train(was_training)
+        return self._assemble(prompts_inputs, B, K, M, t_tok, t_lp, t_len, t_trunc, a_tok, a_lp, a_len,
+                              a_trunc, n_prefill, dec1 + dec2)
+
+    def _assemble(self, inputs, B, K, M, t_tok, t_lp, t_len, t_trunc, a_tok, a_lp, a_len, a_trunc,
+                  n_prefill, n_decoded) -> TreeRollout:
+        attn = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+        mm = inputs.get("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
+        prompt_ids = [inputs["input_ids"][b][attn[b]] for b in range(B)]
+        prompt_mm = [mm[b][attn[b].to(mm.device)] for b in range(B)]
+        pix, grid = split_vision(inputs)
+        t_tok, t_lp, t_len = t_tok.cpu(), t_lp.cpu(), t_len.cpu()
+        a_tok, a_lp, a_len = a_tok.cpu(), a_lp.cpu(), a_len.cpu()
+        th_ids, th_lp, th_txt, an_ids, an_lp, an_txt = [], [], [], [], [], []
+        for b in range(B):
+            th_ids.append([]); th_lp.append([]); th_txt.append([])
+            an_ids.append([]); an_lp.append([]); an_txt.append([])
+            for k in range(K):
+                r = b * K + k
+                ids = t_tok[r, : t_len[r]]
+                th_ids[b].append(ids)
+                th_lp[b].append(t_lp[r, : t_len[r]])
+                th_txt[b].append(self._decode_text(ids))
+                an_ids[b].append([]); an_lp[b].append([]); an_txt[b].append([])
+                for m in range(M):
+                    q = r * M + m
+                    aid = a_tok[q, : a_len[q]]
+                    an_ids[b][k].append(aid)
+                    an_lp[b][k].append(a_lp[q, : a_len[q]])
+                    an_txt[b][k].append(self._decode_text(aid, drop_stop=True))
+        return TreeRollout(
+            prompt_ids=[p.cpu() for p in prompt_ids],
+            prompt_mm_token_type_ids=[p.cpu() for p in prompt_mm],
+            pixel_values=pix,
+            image_grid_thw=grid,
+            thought_ids=th_ids,
+            thought_logprobs=th_lp,
+            thought_truncated=t_trunc.cpu().view(B, K),
+            answer_ids=an_ids,
+            answer_logprobs=an_lp,
+            answer_truncated=a_trunc.cpu().view(B, K, M),
+            thought_texts=th_txt,
+            answer_texts=an_txt,
+            stats={
+                "tokens_prefilled": float(n_prefill),
+                "tokens_decoded": float(n_decoded),
+                "tokens_generated": float(t_len.sum() + a_len.sum()),
+            },
+        )
+
+    def generate_tree_from_messages(
+        self, messages_batch: Sequence[list[dict]], K: int, M: int, sampling: SamplingParams
+    ) -> TreeRollout:
+        """:meth:`generate_tree` on chat messages (collated with the backend's processor)."""
+        from vlm_grpo_ma.data.collate import build_generation_inputs
+
+        return self.generate_tree(build_generation_inputs(self.processor, messages_batch), K, M, sampling)
+
+    @torch.no_grad()
+    def generate_ids(
+        self, prompts_inputs: Mapping[str, Any], n: int = 1, sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Single-stage completions: n per prompt until the end token.  Greedy by default.
+        Returns tokens [B*n, T] (row ``b * n + j``), logp [B*n, T], lengths [B*n]."""
+        sampling = sampling or SamplingParams(temperature=0.0)
+        max_new = max_new_tokens or (sampling.max_thought_tokens + sampling.max_answer_tokens)
+        model = _unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with self._context():
+                state, _ = self._prefill(prompts_inputs)
+                state.repeat_interleave(n)
+                stop = torch.tensor(self.ids.stop, device=state.logits.device)
+                tok, lp, length, _, _ = self._decode(state, sampling, max_new, stop, self._generator(sampling.seed))
+        finally:
+            if hasattr(model.model, "rope_deltas"):
+                model.model.rope_deltas = None
+            model.train(was_training)
+        return tok.cpu(), lp.cpu(), length.cpu()
+
+    def generate(
+        self, messages_batch: Sequence[list[dict]], n: int = 1, sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[list[str]]:
+        """Completion texts [B][n] for chat messages (greedy by default), end token dropped."""
+        from vlm_grpo_ma.data.collate import build_generation_inputs
+
+        inputs = build_generation_inputs(self.processor, messages_batch)
+        tok, _, length = self.generate_ids(inputs, n, sampling, max_new_tokens)
+        B = inputs["input_ids"].shape[0]
+        return [[self._decode_text(tok[b * n + j, : length[b * n + j]], drop_stop=True) for j in range(n)]
+                for b in range(B)]
