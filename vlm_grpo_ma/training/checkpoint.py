@@ -1,0 +1,173 @@
+"""Resumable checkpoints (atomic, keep-last-N) and the final Hugging Face export.
+
+A resumable checkpoint of a stage is a folder ``<stage_dir>/checkpoints/step-<N>`` holding
+- ``ds/``: DeepSpeed's own checkpoint (model, optimizer and scheduler state, partitioned per rank),
+- ``rng-rank<r>.pt``: each rank's Python, NumPy and torch RNG states,
+- ``trainer_state.json``: the step, data position, counters and the gradient-spike tracker.
+It is written under ``.tmp-step-<N>`` and renamed when every rank has finished: a crash during a
+save leaves the previous checkpoint as it was, and a half-written folder is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlm_grpo_ma.training import distributed as dist
+
+log = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def capture_rng() -> dict:
+    """This process's Python, NumPy and torch (CPU and CUDA) RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints_dir(stage_dir: str | Path) -> Path:
+    return Path(stage_dir) / "checkpoints"
+
+
+def list_checkpoints(stage_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a stage as (step, path), oldest first (temporary folders ignored)."""
+    root = checkpoints_dir(stage_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(stage_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(stage_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def save_checkpoint(engine, stage_dir: str | Path, step: int, trainer_state: dict, keep_last: int = 2) -> Path:
+    """Write a resumable checkpoint of ``step`` atomically and delete all but the last
+    ``keep_last``.  Collective: every rank calls it."""
+    root = checkpoints_dir(stage_dir)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if dist.is_main():
+        if tmp.exists():  # left by an earlier crash
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(tmp), tag="ds", client_state={}, save_latest=False)
+    torch.save(capture_rng(), tmp / f"rng-rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        state = dict(trainer_state, step=step, world_size=dist.world_size())
+        with open(tmp / "trainer_state.json", "w") as f:
+            json.dump(state, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(stage_dir)[: -max(1, keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine, ckpt: str | Path) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``ckpt``; returns the
+    trainer state saved with it."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    if state.get("world_size", dist.world_size()) != dist.world_size():
+        log.warning("checkpoint %s was written by %s ranks, resuming on %s: RNG streams will differ",
+                    ckpt, state.get("world_size"), dist.world_size())
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt / 'ds'}")
+    rng_file = ckpt / f"rng-rank{dist.rank()}.pt"
+    if rng_file.is_file():
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Final model in Hugging Face format
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The full state dict of the engine's module on rank 0 (None elsewhere).  Collective."""
+    if engine.zero_optimization_stage() == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+    return sd if dist.is_main() else None
+
+
+def merge_lora_state_dict(sd: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A peft LoRA state dict folded into plain weights: ``W + scale * B @ A`` under the base
+    model's own parameter names (``base_model.model.`` and ``.base_layer`` removed)."""
+    out: dict[str, torch.Tensor] = {}
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        m = re.match(r"^(.*)\.lora_([AB])\.[^.]+\.weight$", k)
+        if m:
+            lora.setdefault(m.group(1), {})[m.group(2)] = v
+            continue
+        if ".lora_" in k:
+            continue
+        out[k] = v
+    for prefix, ab in lora.items():
+        wkey = f"{prefix}.base_layer.weight"
+        w = out[wkey]
+        out[wkey] = (w.float() + scale * (ab["B"].float() @ ab["A"].float())).to(w.dtype)
+    clean = {}
+    for k, v in out.items():
+        k = k.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        clean[k] = v
+    return clean
+
+
+def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float | None = None) -> Path:
+    """Save the trained policy in Hugging Face format (safetensors + config + processor),
+    loadable by ``vlm_grpo_ma.models.load_policy`` and ``transformers``.  LoRA adapters are
+    merged into the weights.  Collective; rank 0 writes (atomically, like checkpoints)."""
+    out_dir = Path(out_dir)
+    sd = consolidated_state_dict(engine)
+    if dist.is_main():
+        model = engine.module
+        if lora_scale is not None:
+            sd = merge_lora_state_dict(sd, lora_scale)
+            model = model.get_base_model()
+        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    dist.barrier()
+    return out_dir

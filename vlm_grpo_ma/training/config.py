@@ -1,0 +1,208 @@
+"""The trainer's configuration: five typed dataclasses, one documented field each.
+
+Read from ``--config FILE.yaml`` and overridden from the command line (``--key value``) by
+:func:`vlm_grpo_ma.config.parse_config` (transformers' ``HfArgumentParser``).  Field names are
+unique across the five classes, so a YAML file is one flat mapping.  Names follow the paper
+(PAPER.md): ``num_thoughts`` is K, ``answers_per_thought`` is M; T16A1 (K=16, M=1) is plain GRPO.
+
+The defaults are the CPU demo (the embedded tiny model on synthetic data); the shipped
+``configs/<task>.qwen2_5_vl_3b.yaml`` files hold the paper's setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+#: repository root (``configs/`` lives there)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DEEPSPEED_CONFIG = str(REPO_ROOT / "configs" / "deepspeed" / "zero3.json")
+
+
+@dataclass
+class ModelArgs:
+    """Which policy to train and how it is held in memory."""
+
+    model: str = field(
+        default="tiny-qwen2.5-vl",
+        metadata={"help": "Local path, hub id or tiny-model name (tiny-qwen2-vl, tiny-qwen2.5-vl, "
+                  "tiny-qwen3-vl) of the policy. With --stage rl after a SFT run, the SFT output "
+                  "(<output_dir>/sft/final) is used automatically."},
+    )
+    bf16: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Train in bfloat16. None (default): on where the hardware has it "
+                  "(a CUDA GPU with bf16 support), off on CPU."},
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "transformers attention implementation (eager, sdpa, flash_attention_2)."}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass (saves memory, costs ~30% time)."}
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "LoRA rank through peft; 0 trains all weights (full fine-tuning)."}
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata={"help": "Comma-separated module names of the language model that get LoRA adapters."},
+    )
+    freeze_vision: bool = field(
+        default=False, metadata={"help": "Freeze the vision tower (and its merger): only the language model learns."}
+    )
+    min_pixels: Optional[int] = field(
+        default=None, metadata={"help": "Processor's minimum image area after resize (None: the checkpoint's)."}
+    )
+    max_pixels: Optional[int] = field(
+        default=None, metadata={"help": "Processor's maximum image area after resize (None: the checkpoint's)."}
+    )
+
+
+@dataclass
+class DataArgs:
+    """The task and its data."""
+
+    task: str = field(
+        default="affordance",
+        metadata={"help": "Task plugin name (detection, affordance, trajectory, vqa, math, code, or a third-party one)."},
+    )
+    train_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "Training data (JSONL, COCO JSON or a local HF dataset). None: fresh synthetic "
+                  "samples from the task every step."},
+    )
+    eval_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "Held-out data for the before/after evaluations. None: synthetic samples with a "
+                  "seed disjoint from the training seeds."},
+    )
+    eval_samples: int = field(
+        default=64, metadata={"help": "Number of held-out samples evaluated (greedy decoding) before SFT, after SFT and after RL; 0 skips evaluation."}
+    )
+    eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call in evaluation."})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) invalid records of train/eval data instead of raising an error naming file, line and field."},
+    )
+    max_length: int = field(
+        default=1024,
+        metadata={"help": "Longest SFT sequence (prompt + target) in tokens; longer samples are dropped and counted, image tokens are never truncated."},
+    )
+
+
+@dataclass
+class SFTArgs:
+    """Stage 1: supervised warm-start on the task's reference completions."""
+
+    sft_steps: int = field(default=500, metadata={"help": "Optimizer steps of SFT."})
+    sft_batch_size: int = field(default=32, metadata={"help": "Global SFT batch (samples per optimizer step, over all ranks)."})
+    sft_micro_batch_size: int = field(
+        default=0, metadata={"help": "Samples per forward on one rank (gradient accumulation fills the batch); 0: the whole local batch."}
+    )
+    sft_lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of SFT (AdamW, linear warm-up then cosine decay)."})
+    sft_warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps of SFT."})
+
+
+@dataclass
+class RLArgs:
+    """Stage 2: GRPO-MA from the SFT checkpoint (PAPER.md)."""
+
+    rl_steps: int = field(default=40, metadata={"help": "Rollout batches (one rollout + ppo_epochs optimizer steps each)."})
+    prompts_per_step: int = field(default=8, metadata={"help": "Global number of prompts B per rollout batch (over all ranks)."})
+    num_thoughts: int = field(default=4, metadata={"help": "K: thoughts sampled per prompt (stage 1 of the tree)."})
+    answers_per_thought: int = field(
+        default=4, metadata={"help": "M: answers sampled per thought (stage 2). K=16, M=1 (T16A1) is plain GRPO."}
+    )
+    max_thought_tokens: int = field(default=48, metadata={"help": "Length limit of a thought; a thought that reaches it is closed with </think> and flagged."})
+    max_answer_tokens: int = field(default=32, metadata={"help": "Length limit of an answer."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts (1.0: off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of rollouts (0: off; transformers' default 50 is not plain sampling)."})
+    rl_lr: float = field(default=1e-4, metadata={"help": "Peak learning rate of RL (AdamW, linear warm-up then cosine decay)."})
+    rl_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up optimizer steps of RL."})
+    ppo_epochs: int = field(
+        default=1,
+        metadata={"help": "Optimisation iterations per rollout batch against the old (sampling-time) log-probs; 1 is on-policy GRPO."},
+    )
+    rl_micro_batch_size: int = field(
+        default=0, metadata={"help": "Prompts per training forward on one rank (gradient accumulation fills the batch); 0: all local prompts at once."}
+    )
+    clip_low: float = field(default=0.2, metadata={"help": "eps_low: the ratio is clipped below at 1 - clip_low."})
+    clip_high: float = field(default=0.2, metadata={"help": "eps_high: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher uses 0.28)."})
+    kl_coef: float = field(
+        default=0.0, metadata={"help": "beta: weight of the k3 KL to a frozen reference (the starting policy); 0 loads no reference model."}
+    )
+    loss_agg_mode: str = field(
+        default="token-mean",
+        metadata={"help": "Loss aggregation: token-mean (default), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr.GRPO)."},
+    )
+    scale_adv_by_std: bool = field(
+        default=True, metadata={"help": "Divide advantages by the group std (GRPO); False is Dr.GRPO's unscaled advantage."}
+    )
+    adv_eps: float = field(default=1e-6, metadata={"help": "eps added to the std when scaling advantages."})
+    train_layout: str = field(
+        default="packed",
+        metadata={"help": "Training forward layout: packed (one sequence per thought with its M answers; a thought is computed once) or naive (K*M sequences)."},
+    )
+
+
+@dataclass
+class RunArgs:
+    """Where and how the run happens."""
+
+    stage: str = field(default="all", metadata={"help": "sft, rl, or all (SFT, then RL from the SFT model)."})
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Run directory (config, metrics, checkpoints, final models). None: runs/<task>-<UTC time>."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the model init, data order, synthetic samples and sampling."})
+    deepspeed: str = field(
+        default=DEFAULT_DEEPSPEED_CONFIG,
+        metadata={"help": "DeepSpeed JSON config (configs/deepspeed/zero3.json default; zero2.json, zero3_offload.json shipped)."},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (both stages)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping by global norm (0: off)."})
+    save_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N optimizer steps (SFT) or rollout batches (RL); 0: only at the end of a stage."})
+    keep_last: int = field(default=2, metadata={"help": "Resumable checkpoints kept per stage (older ones are deleted)."})
+    resume: bool = field(default=True, metadata={"help": "Continue from the latest checkpoint in output_dir when there is one."})
+    log_every: int = field(default=10, metadata={"help": "Print a metrics line every N steps (JSONL and TensorBoard get every step)."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Comma-separated extra loggers: tensorboard, wandb, or none (JSONL is always written)."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignore."})
+
+
+ALL_ARGS = (ModelArgs, DataArgs, SFTArgs, RLArgs, RunArgs)
+
+
+@dataclass
+class TrainConfig:
+    """The five argument groups of one run."""
+
+    model: ModelArgs
+    data: DataArgs
+    sft: SFTArgs
+    rl: RLArgs
+    run: RunArgs
+
+    def flat(self) -> dict:
+        """One flat mapping of every field (the YAML form)."""
+        out: dict = {}
+        for part in (self.model, self.data, self.sft, self.rl, self.run):
+            out.update(asdict(part))
+        return out
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the field for values that cannot work."""
+        if self.run.stage not in ("sft", "rl", "all"):
+            raise ValueError(f"stage must be sft, rl or all, got {self.run.stage!r}")
+        if self.rl.num_thoughts < 1 or self.rl.answers_per_thought < 1:
+            raise ValueError("num_thoughts and answers_per_thought must be >= 1")
+        if self.rl.num_thoughts * self.rl.answers_per_thought < 2:
+            raise ValueError("num_thoughts * answers_per_thought must be >= 2 (a group of one has no advantage)")
+        if self.rl.ppo_epochs < 1:
+            raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
+        if self.rl.train_layout not in ("packed", "naive"):
+            raise ValueError(f"train_layout must be packed or naive, got {self.rl.train_layout!r}")
+        if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
+            raise ValueError("sft_batch_size and prompts_per_step must be >= 1")

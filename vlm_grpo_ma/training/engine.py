@@ -1,0 +1,208 @@
+"""DeepSpeed engine set-up: the config, partitioned loading, LoRA / frozen vision, optimizer,
+scheduler, the frozen reference model, and generation on gathered ZeRO-3 parameters.
+
+ZeRO-3 is the default (``configs/deepspeed/zero3.json``).  ``HfDeepSpeedConfig`` is created
+BEFORE ``from_pretrained`` and kept alive so that transformers loads the weights already
+partitioned (``deepspeed.zero.Init``), which is what lets a 3B model start on small GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vlm_grpo_ma.training import distributed as dist
+from vlm_grpo_ma.training.config import ModelArgs
+
+log = logging.getLogger(__name__)
+
+
+def bf16_available() -> bool:
+    """bfloat16 training makes sense here: a CUDA device with native bf16."""
+    return (not dist.on_cpu()) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_ds_config(
+    path: str | Path,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    bf16: bool,
+    max_grad_norm: float,
+    lr: float,
+    weight_decay: float,
+) -> dict:
+    """The DeepSpeed JSON at ``path`` with every ``"auto"`` filled from the run's config.
+
+    ``train_batch_size = micro_batch_size * grad_accum_steps * world_size`` (DeepSpeed checks it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found (see configs/deepspeed/)")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    fills = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * dist.world_size(),
+        "gradient_clipping": max_grad_norm,
+    }
+    for k, v in fills.items():
+        if cfg.get(k, "auto") == "auto":
+            cfg[k] = v
+    cfg.setdefault("bf16", {})
+    if cfg["bf16"].get("enabled", "auto") == "auto":
+        cfg["bf16"]["enabled"] = bool(bf16)
+    if "optimizer" in cfg:
+        params = cfg["optimizer"].setdefault("params", {})
+        if params.get("lr", "auto") == "auto":
+            params["lr"] = lr
+        if params.get("weight_decay", "auto") == "auto":
+            params["weight_decay"] = weight_decay
+    for k, v in list(cfg.items()):
+        if v == "auto":
+            raise ValueError(f"{path}: field {k!r} is 'auto' and the trainer does not fill it")
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+@dataclass
+class LoadedPolicy:
+    """The policy ready for ``deepspeed.initialize``, with what the loops need beside it."""
+
+    model: torch.nn.Module
+    processor: Any
+    tokenizer: Any
+    family: Any
+    #: kept alive: while it exists transformers loads (and re-loads) weights partitioned
+    hf_ds_config: Any = None
+
+
+def vision_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The vision tower's (and its merger's) parameters: names containing ``visual.``."""
+    return [(n, p) for n, p in model.named_parameters() if ".visual." in f".{n}"]
+
+
+def load_for_training(margs: ModelArgs, model_path: str, ds_config: dict) -> LoadedPolicy:
+    """Load the policy through :func:`vlm_grpo_ma.models.load_policy`, partitioned under ZeRO-3,
+    then freeze the vision tower and/or wrap in LoRA as configured."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from vlm_grpo_ma.models import load_policy
+
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    policy = load_policy(
+        model_path,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        attn_implementation=margs.attn_implementation,
+        gradient_checkpointing=margs.gradient_checkpointing,
+        min_pixels=margs.min_pixels,
+        max_pixels=margs.max_pixels,
+    )
+    model = policy.model
+    if margs.freeze_vision:
+        for _, p in vision_parameters(model):
+            p.requires_grad_(False)
+    if margs.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in margs.lora_target_modules.split(",") if t.strip()]
+        # adapters on the language model only: the vision tower's modules share some names
+        pattern = r"^(?!.*visual).*\.(" + "|".join(targets) + r")$"
+        lcfg = LoraConfig(r=margs.lora_r, lora_alpha=margs.lora_alpha, lora_dropout=margs.lora_dropout,
+                          target_modules=pattern, bias="none")
+        if margs.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lcfg)
+    return LoadedPolicy(model, policy.processor, policy.tokenizer, policy.family, hf_ds)
+
+
+def build_engine(
+    loaded: LoadedPolicy,
+    ds_config: dict,
+    *,
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    weight_decay: float,
+):
+    """``deepspeed.initialize`` with AdamW (the client's, or DeepSpeed's when the config names
+    one, e.g. CPU Adam for offload) and linear warm-up then cosine decay to 0 over ``total_steps``
+    optimizer steps.  Returns the engine."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters (check freeze_vision / lora_r)")
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+    def scheduler(opt):
+        return get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=loaded.model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def build_reference(margs: ModelArgs, model_path: str, ds_config: dict):
+    """A frozen copy of the starting policy for the KL term, wrapped by DeepSpeed for inference
+    (partitioned like the policy under ZeRO-3, no optimizer)."""
+    import deepspeed
+
+    ref_cfg = copy.deepcopy(ds_config)
+    ref_cfg.pop("optimizer", None)
+    ref_cfg.pop("scheduler", None)
+    stage = zero_stage(ref_cfg)
+    if stage != 3:  # ZeRO-1/2 partition optimizer state only, meaningless without an optimizer
+        ref_cfg["zero_optimization"] = {"stage": 0}
+    ref_margs = copy.copy(margs)
+    ref_margs.lora_r = 0
+    ref_margs.gradient_checkpointing = False
+    loaded = load_for_training(ref_margs, model_path, ref_cfg)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=loaded.model, config=ref_cfg)
+    engine.eval()
+    return engine, loaded.hf_ds_config
+
+
+@contextlib.contextmanager
+def gathered_parameters(engine) -> Iterator[None]:
+    """Full (un-partitioned) parameters on every rank for generation under ZeRO-3.
+
+    Inside, each rank runs ``generate`` on its own prompts with no collective per forward, so
+    ranks that stop at different lengths cannot deadlock.  A no-op below ZeRO-3.
+    """
+    if zero_stage(engine.config) != 3 and getattr(engine, "zero_optimization_stage", lambda: 0)() != 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for p in engine.module.parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def unwrap(engine) -> torch.nn.Module:
+    """The transformers model inside the engine (and inside peft, if any)."""
+    model = engine.module
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
