@@ -55,8 +55,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     """(height, width) after Qwen-VL's resize: both divisible by ``factor``, area within
     [min_pixels, max_pixels], aspect ratio kept as well as possible.
 
-    Same algorithm as ``qwen_vl_utils.smart_resize`` and the HF image processors (tests check
-    agreement with both).
+    Same algorithm as the HF Qwen-VL image processors (``image_grid_thw`` x patch size), and as
+    ``qwen_vl_utils.smart_resize`` wherever that one gives a valid size (tests check both).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
@@ -65,8 +65,11 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
             f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got "
             f"{max(height, width) / min(height, width):.1f} for {width}x{height}"
         )
-    h_bar = max(factor, _round_by(height, factor))
-    w_bar = max(factor, _round_by(width, factor))
+    # As the HF image processors (whose output, image_grid_thw, is what the model sees): a side
+    # shorter than factor/2 rounds to 0 here, which sends the image to the min_pixels branch.
+    # qwen-vl-utils' copy differs only in such corner cases (it clamps here, and not below).
+    h_bar = _round_by(height, factor)
+    w_bar = _round_by(width, factor)
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
         h_bar = max(factor, _floor_by(height / beta, factor))
