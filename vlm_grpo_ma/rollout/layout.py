@@ -1,0 +1,315 @@
+r"""The training layout of a tree rollout: each thought's tokens are trained once.
+
+A tree of B prompts x K thoughts x M answers has ``sum T_bk + sum A_bkm`` unique generated
+tokens. Both layouts below produce the per-token log-probs of exactly these tokens, in one
+canonical flat order (the order of ``vlm_grpo_ma.algorithms.expand_to_tokens``)::
+
+    for b in prompts: for k in thoughts: [T_bk thought tokens], [A_bk0 answer tokens], ..., [A_bk(M-1)]
+
+so the old log-probs, the advantages (thought tokens ``A^T_bk``, answer tokens ``A^A_bkm``) and the
+aggregation weights (``aggregation_weights``) line up with them, and
+``clipped_policy_loss(score_tokens(model, batch), batch.old_logp, batch.advantages, batch.weights)``
+is the GRPO-MA loss whichever layout computed it.
+
+``naive``: K*M rows ``prompt + thought_k + answer_km`` (right-padded, 2D attention mask). The
+    thought is recomputed in each of its M rows but its tokens are read (trained) from the row
+    m = 0 only, so they count once.
+``packed``: one row per thought, ``prompt + thought_k + answer_k0 + ... + answer_k(M-1)``, with a
+    4D attention mask [R, 1, L, L]: the prompt and thought are causal as usual, each answer
+    attends to the whole prompt + thought and causally to itself, never to a sibling answer.
+    Position ids restart for each answer at the end of the thought, so every answer sees the
+    positions it was sampled with. The first token of every answer is predicted from the logits
+    at the thought's last position (``</think>``), shared by the M answers.
+
+Positions are mRoPE [3, R, L]: the prompt's come from the model's own ``get_rope_index`` (image
+tokens get their temporal/height/width grid positions) and generated tokens continue with the
+text position ``max(prompt positions) + 1 + i`` on all three rows, exactly as in the rollout.
+``mm_token_type_ids`` is the prompt's, extended with zeros over generated tokens (without it
+Qwen2.5-VL silently falls back to 1D positions).
+
+The 4D mask is passed as a boolean mask to SDPA and as an additive float mask to eager
+attention; FlashAttention-2 (varlen) cannot take an arbitrary 4D mask, so ``packed`` raises
+there and ``naive`` is the layout to use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+
+from vlm_grpo_ma.algorithms import aggregation_weights, expand_to_tokens, selective_log_softmax
+from vlm_grpo_ma.rollout.hf import _unwrap
+from vlm_grpo_ma.rollout.types import TreeRollout
+
+LAYOUTS = ("packed", "naive")
+
+
+@dataclass
+class TrainBatch:
+    """Model inputs of a tree and its flat trained tokens (N = sum T_bk + sum A_bkm).
+
+    Model inputs (R rows of length L; R = B*K packed, B*K*M naive):
+
+    - ``input_ids`` [R, L] long, right-padded;
+    - ``attention_mask``: [R, L] long (naive) or [R, 1, L, L] bool (packed; True = may attend);
+    - ``position_ids`` [3, R, L] long (mRoPE temporal, height, width);
+    - ``mm_token_type_ids`` [R, L] long (0 over generated tokens and padding);
+    - ``pixel_values`` [sum patches over rows, D] and ``image_grid_thw`` [images over rows, 3]
+      (each row repeats its prompt's images), or None for text-only prompts.
+
+    Trained tokens, canonical order (module docstring):
+
+    - ``logit_rows``, ``logit_cols`` [N] long: the position whose logits predict the token;
+    - ``targets`` [N] long: the token; ``is_thought`` [N] bool: segment label;
+    - ``old_logp`` [N] float32: sampling log-probs; ``advantages`` [N]; ``weights`` [N];
+    - ``thought_lens`` [B, K], ``answer_lens`` [B, K, M]: the tree's segment lengths.
+    """
+
+    layout: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    pixel_values: Optional[torch.Tensor]
+    image_grid_thw: Optional[torch.Tensor]
+    logit_rows: torch.Tensor
+    logit_cols: torch.Tensor
+    targets: torch.Tensor
+    is_thought: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    weights: torch.Tensor
+    thought_lens: torch.Tensor
+    answer_lens: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in kw.items():
+            if torch.is_tensor(v):
+                kw[k] = v.to(device)
+        return TrainBatch(**kw)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.numel())
+
+    @property
+    def num_positions(self) -> int:
+        """Forward positions computed (R * L, padding included)."""
+        return int(self.input_ids.numel())
+
+
+def prompt_mrope_positions(model: Any, rollout: TreeRollout, b: int) -> torch.Tensor:
+    """Position ids [3, P_b] of prompt b (no padding) from the model's ``get_rope_index``."""
+    core = _unwrap(model).model
+    ids = rollout.prompt_ids[b][None]
+    pos, _ = core.get_rope_index(
+        ids,
+        mm_token_type_ids=rollout.prompt_mm_token_type_ids[b][None],
+        image_grid_thw=rollout.image_grid_thw[b],
+    )
+    return pos[:, 0]
+
+
+def tree_token_values(
+    rollout: TreeRollout, thought_values: torch.Tensor, answer_values: torch.Tensor
+) -> torch.Tensor:
+    """[N] per-token values in canonical order from thought values [B, K] and answer values
+    [B, K, M] (advantages, weights, ...)."""
+    return expand_to_tokens(thought_values, answer_values, rollout.thought_lengths(), rollout.answer_lengths())
+
+
+def tree_old_logp(rollout: TreeRollout) -> torch.Tensor:
+    """[N] the rollout's sampling log-probs in canonical order."""
+    parts = []
+    for b in range(rollout.B):
+        for k in range(rollout.K):
+            parts.append(rollout.thought_logprobs[b][k])
+            parts.extend(rollout.answer_logprobs[b][k])
+    return torch.cat(parts).float() if parts else torch.zeros(0)
+
+
+def _segment_rows(rollout: TreeRollout, layout: str):
+    """Yield (b, row token segments) per training row: a list of (kind, m, ids) with kind in
+    {'prompt', 'thought', 'answer'}."""
+    for b in range(rollout.B):
+        for k in range(rollout.K):
+            th = rollout.thought_ids[b][k]
+            if layout == "packed":
+                yield b, k, [("prompt", -1, rollout.prompt_ids[b]), ("thought", -1, th)] + [
+                    ("answer", m, rollout.answer_ids[b][k][m]) for m in range(rollout.M)
+                ]
+            else:
+                for m in range(rollout.M):
+                    yield b, k, [("prompt", -1, rollout.prompt_ids[b]), ("thought", m, th),
+                                 ("answer", m, rollout.answer_ids[b][k][m])]
+
+
+def build_train_batch(
+    model: Any,
+    rollout: TreeRollout,
+    thought_adv: torch.Tensor,
+    answer_adv: torch.Tensor,
+    *,
+    layout: str = "packed",
+    loss_agg_mode: str = "token-mean",
+    max_len: Optional[int] = None,
+    pad_id: int = 0,
+) -> TrainBatch:
+    """Lay out a tree rollout for the training forward.
+
+    Args:
+        model: the policy (``get_rope_index`` gives the prompt's mRoPE positions).
+        rollout: the sampled tree (B prompts, K thoughts, M answers).
+        thought_adv: [B, K] thought advantages A^T; answer_adv: [B, K, M] answer advantages A^A.
+        layout: ``"packed"`` (one row per thought, 4D mask) or ``"naive"`` (K*M rows).
+        loss_agg_mode, max_len: passed to ``aggregation_weights`` (max_len: Dr.GRPO's L_max).
+        pad_id: the padding token id (never trained, masked).
+    Returns:
+        a :class:`TrainBatch` on the CPU (``.to(device)`` it).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    B, K, M = rollout.B, rollout.K, rollout.M
+    if tuple(thought_adv.shape) != (B, K) or tuple(answer_adv.shape) != (B, K, M):
+        raise ValueError(
+            f"expected thought_adv [{B}, {K}] and answer_adv [{B}, {K}, {M}], got "
+            f"{tuple(thought_adv.shape)} and {tuple(answer_adv.shape)}"
+        )
+    T_lens, A_lens = rollout.thought_lengths(), rollout.answer_lengths()
+    prompt_pos = [prompt_mrope_positions(model, rollout, b) for b in range(B)]
+
+    rows = list(_segment_rows(rollout, layout))
+    R = len(rows)
+    L = max(sum(len(ids) for _, _, ids in segs) for _, _, segs in rows)
+    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros(3, R, L, dtype=torch.long)
+    mm = torch.zeros(R, L, dtype=torch.long)
+    segment = torch.full((R, L), -2, dtype=torch.long)  # -2 pad, -1 prompt+thought, m answer m
+    pix, grids = [], []
+    # trained tokens, keyed by canonical (b, k, segment 0 = thought / 1+m = answer m)
+    picks: dict[tuple[int, int, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
+    for r, (b, k, segs) in enumerate(rows):
+        P = len(rollout.prompt_ids[b])
+        text0 = int(prompt_pos[b].max()) + 1 if P else 0  # text position after the prompt
+        col = 0
+        thought_end = -1
+        for kind, m, ids in segs:
+            n = len(ids)
+            input_ids[r, col : col + n] = ids
+            if kind == "prompt":
+                position_ids[:, r, :n] = prompt_pos[b]
+                mm[r, :n] = rollout.prompt_mm_token_type_ids[b]
+                segment[r, :n] = -1
+            elif kind == "thought":
+                position_ids[:, r, col : col + n] = text0 + torch.arange(n)
+                segment[r, col : col + n] = -1
+                thought_end = col + n - 1
+                if layout == "packed" or m == 0:  # naive: the thought is trained in row m = 0 only
+                    cols = torch.arange(col - 1, col + n - 1)
+                    picks[(b, k, 0)] = (r, cols, ids)
+            else:
+                base = text0 + len(rollout.thought_ids[b][k])
+                position_ids[:, r, col : col + n] = base + torch.arange(n)
+                segment[r, col : col + n] = m
+                cols = torch.cat([torch.tensor([thought_end]), torch.arange(col, col + n - 1)])[:n]
+                picks[(b, k, 1 + m)] = (r, cols, ids)
+            col += n
+        if rollout.pixel_values[b] is not None:
+            pix.append(rollout.pixel_values[b])
+            grids.append(rollout.image_grid_thw[b])
+
+    if layout == "packed":
+        attention_mask = packed_attention_mask(segment)
+    else:
+        attention_mask = (segment != -2).long()
+
+    lrows, lcols, targets, is_thought = [], [], [], []
+    for b in range(B):
+        for k in range(K):
+            for s in range(1 + M):
+                r, cols, ids = picks[(b, k, s)]
+                lrows.append(torch.full((len(ids),), r, dtype=torch.long))
+                lcols.append(cols)
+                targets.append(ids)
+                is_thought.append(torch.full((len(ids),), s == 0))
+    w_t, w_a = aggregation_weights(loss_agg_mode, T_lens, A_lens, max_len)
+    return TrainBatch(
+        layout=layout,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        mm_token_type_ids=mm,
+        pixel_values=torch.cat(pix) if pix else None,
+        image_grid_thw=torch.cat(grids) if grids else None,
+        logit_rows=torch.cat(lrows),
+        logit_cols=torch.cat(lcols),
+        targets=torch.cat(targets).long(),
+        is_thought=torch.cat(is_thought),
+        old_logp=tree_old_logp(rollout),
+        advantages=tree_token_values(rollout, thought_adv.float(), answer_adv.float()),
+        weights=tree_token_values(rollout, w_t, w_a),
+        thought_lens=T_lens,
+        answer_lens=A_lens,
+    )
+
+
+def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """Boolean 4D mask [R, 1, L, L] (True = query i may attend key j) of packed rows.
+
+    ``segment`` [R, L]: -1 on the shared prefix (prompt + thought), m on the tokens of answer m,
+    -2 on padding. Query i attends key j iff ``j <= i`` and key j is in the prefix or in the
+    same answer as i. A padding query attends only itself (a fully masked row would give NaN).
+    """
+    L = segment.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    q = segment[:, :, None]
+    kv = segment[:, None, :]
+    allowed = causal & ((kv == -1) | (kv == q)) & (kv != -2)
+    pad_q = (segment == -2)[:, :, None] & torch.eye(L, dtype=torch.bool)
+    return (allowed | pad_q)[:, None]
+
+
+def _mask_for_attention(model: Any, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dim() != 4:
+        return mask
+    impl = getattr(_unwrap(model).config, "_attn_implementation", "sdpa") or "sdpa"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise NotImplementedError(
+        f"the packed layout needs an arbitrary 4D attention mask, which attn_implementation={impl!r} "
+        "cannot take; use layout='naive' (or attn_implementation='sdpa' / 'eager')"
+    )
+
+
+def score_tokens(model: Any, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs [N] (float32, with gradient) of the batch's trained tokens, canonical order.
+
+    One forward of the backbone over the layout's rows, the LM head only at the N positions that
+    predict a trained token, then ``selective_log_softmax``. ``temperature`` divides the logits
+    (use the sampling temperature, so that the scores match the rollout's log-probs).
+    """
+    m = _unwrap(model)
+    dev = next(m.parameters()).device
+    batch = batch.to(dev)
+    dtype = next(m.parameters()).dtype
+    kw: dict[str, Any] = dict(
+        input_ids=batch.input_ids,
+        attention_mask=_mask_for_attention(m, batch.attention_mask, dtype),
+        position_ids=batch.position_ids,
+        mm_token_type_ids=batch.mm_token_type_ids,
+        use_cache=False,
+    )
+    if batch.pixel_values is not None:
+        kw["pixel_values"] = batch.pixel_values
+        kw["image_grid_thw"] = batch.image_grid_thw
+    hidden = m.model(**kw).last_hidden_state  # [R, L, H]
+    h = hidden[batch.logit_rows, batch.logit_cols]  # [N, H]
+    logits = m.lm_head(h)  # [N, V]
+    if temperature != 1.0:
+        logits = logits / temperature
+    return selective_log_softmax(logits, batch.targets)
