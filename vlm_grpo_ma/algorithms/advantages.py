@@ -162,9 +162,9 @@ def zero_spread_fraction(rewards: torch.Tensor) -> float:
     Returns:
         a float in [0, 1] (0.0 for an empty batch). Logged as ``adv/zero_spread``.
     """
-    r = rewards.reshape(1, -1) if rewards.dim() <= 1 else rewards.reshape(rewards.shape[0], -1)
-    if r.shape[0] == 0:
+    if rewards.dim() >= 1 and rewards.shape[0] == 0:
         return 0.0
+    r = rewards.reshape(1, -1) if rewards.dim() <= 1 else rewards.reshape(rewards.shape[0], -1)
     if r.shape[1] == 0:
         return 1.0
     constant = r.amax(dim=-1) == r.amin(dim=-1)
