@@ -1,0 +1,117 @@
+"""What the three geometric tasks (detection, affordance, trajectory) share: prompt filling,
+chat messages, and the reward skeleton (format check -> parse -> score -> weighted total).
+
+Reward convention of these tasks: the ``format`` part is 1 when the completion obeys the format
+rule (one ``<think>`` block, one ``<answer>`` block) AND its answer parses to the task's shape;
+otherwise the whole reward is 0 and ``Reward.reason`` says why (``bad_think``, ``no_answer``,
+``empty``, ``no_json``, ``bad_shape``, ``bad_number``, ...).  Then
+``total = w_task * task + w_format * format`` (options ``w_task`` = 0.9, ``w_format`` = 0.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from tasks.common import check_format, combine
+from vlm_grpo_ma.task import ParseError, Reward, Task, load_prompt
+
+log = logging.getLogger(__name__)
+
+_FIELD_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_ANSWER_INNER_RE = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.DOTALL)
+
+
+def fill_prompt(template: str, fields: dict[str, Any], where: str = "") -> str:
+    """Substitute ``{name}`` fields of a prompt template.
+
+    Only ``{identifier}`` is a field, so JSON examples such as ``{"bbox_2d": [...]}`` stay as
+    they are (no brace doubling in the template files).  A missing field raises KeyError naming
+    it and ``where`` (the sample).
+    """
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in fields:
+            raise KeyError(f"{where}: prompt field {{{name}}} missing (have {sorted(fields)})")
+        return str(fields[name])
+
+    return _FIELD_RE.sub(sub, template)
+
+
+def answer_inner(text: str) -> str:
+    """The text inside ``<answer>...</answer>`` if the tags are there, else ``text``."""
+    if isinstance(text, str) and "<answer>" in text:
+        m = _ANSWER_INNER_RE.search(text)
+        if m:
+            return m.group(1)
+    return text
+
+
+class GeometricTask(Task):
+    """Base of the geometric tasks.  Options (all tasks): ``w_task`` (0.9), ``w_format`` (0.1),
+    ``image_size`` ((112, 112), synthetic images), ``cache_dir`` (None: synthetic images stay
+    PIL; else PNG files there)."""
+
+    #: prompt file variant (``prompts/<name>.<variant>.txt``), None for ``<name>.txt``
+    prompt_variant: str | None = None
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.w_task = float(self.options.get("w_task", 0.9))
+        self.w_format = float(self.options.get("w_format", 0.1))
+        self.image_size = tuple(self.options.get("image_size", (112, 112)))
+        self.cache_dir = self.options.get("cache_dir")
+        self._template: str | None = None
+
+    # --- prompts -------------------------------------------------------------------------
+    @property
+    def template(self) -> str:
+        if self._template is None:
+            self._template = load_prompt(self.name, self.prompt_variant)
+        return self._template
+
+    def prompt_fields(self, sample, family) -> dict[str, Any]:
+        """The template's fields: ``sample.prompt`` and ``coord_hint`` (the family's frame)."""
+        return {**sample.prompt, "coord_hint": family.coord_hint(*sample.image_size)}
+
+    def prompt_text(self, sample, family) -> str:
+        """The instruction text for ``sample`` in ``family``'s coordinate frame."""
+        return fill_prompt(self.template, self.prompt_fields(sample, family), where=f"sample {sample.id!r}").strip()
+
+    def messages(self, sample, family) -> list[dict]:
+        if not sample.images:
+            raise ValueError(f"sample {sample.id!r}: the {self.name} task needs an image")
+        return [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": sample.images[0]},
+                    {"type": "text", "text": self.prompt_text(sample, family)},
+                ],
+            }
+        ]
+
+    # --- scoring -------------------------------------------------------------------------
+    def score(self, prediction: Any, sample) -> tuple[float, dict[str, float]]:
+        """(task score in [0, 1], parts other than ``format``) of a parsed prediction."""
+        raise NotImplementedError
+
+    def zero_parts(self) -> dict[str, float]:
+        return {k: 0.0 for k in self.reward_parts}
+
+    def reward(self, thought: str, answer: str, sample, family) -> Reward:
+        sample.image_size  # bad data (no image size) raises here, before the model-output guard
+        try:
+            inner = check_format(thought, answer)
+            prediction = self.parse(inner, sample, family)
+            task_score, parts = self.score(prediction, sample)
+        except ParseError as e:
+            return Reward(0.0, self.zero_parts(), reason=e.reason)
+        except Exception as e:  # a bug, not the model's fault: never crash a run, but say so
+            log.warning("%s reward failed on sample %r: %r", self.name, sample.id, e)
+            return Reward(0.0, self.zero_parts(), reason="reward_error")
+        parts = {"format": 1.0, **parts}
+        total = combine(task_score, True, self.w_task, self.w_format)
+        return Reward(total, {k: float(parts[k]) for k in self.reward_parts})

@@ -1,0 +1,228 @@
+"""Affordance: where to act on an object, as a box (ShareRobot) or as points (Where2Place,
+RoboRefIt, RefSpatial).
+
+Sample:
+    ``prompt = {"object": "red mug"}``; ``target = {"box": [x1, y1, x2, y2]}`` for box mode and
+    ``target = {"region": {"polygon": [[x, y], ...]}}`` (or ``{"rle": <COCO RLE>}``, see
+    :func:`tasks._geometry.points_in_region`) for points mode; canonical [0, 1] coordinates.
+
+Options: ``mode`` = ``"box"`` (default) or ``"points"``; ``box_reward`` = ``"iou"`` (default)
+or ``"giou"`` (the task part is then (GIoU + 1) / 2, which still rewards moving a
+non-overlapping box closer); ``max_points`` = 10 (points mode: only the first ``max_points``
+points written are scored); plus the common ``w_task``, ``w_format``, ``image_size``,
+``cache_dir``, and ``region_format`` = ``"polygon"`` or ``"rle"`` for synthetic regions.
+
+Box mode: answer ``[x1, y1, x2, y2]`` (or ``{"bbox_2d": ...}``; of several boxes the first is
+scored).  Reward parts ``format``, ``iou``, ``giou`` (the latter as (GIoU + 1) / 2); metrics
+``mean_iou`` and the shares ``iou>=0.5``, ``iou>=0.75``, ``iou>=0.9`` (an unparsable answer
+counts as IoU 0), ``parse_rate``.
+
+Points mode: answer ``[[x, y], ...]`` (or ``{"point_2d": ...}`` objects, or ``(x, y)`` tuples).
+Reward part ``inside`` = the fraction of predicted points inside the ground-truth region; points
+outside the image are misses.  Metric ``accuracy`` = its mean over samples (0 for an unparsable
+answer), ``parse_rate``.  An empty list is malformed (``no_points``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tasks import _synthetic as syn
+from tasks._geometric import GeometricTask, answer_inner
+from tasks._geometry import box_giou, box_iou, points_in_region
+from tasks._parsing import parse_boxes, parse_points
+from tasks.common import format_sft_target
+from vlm_grpo_ma.data.sample import Sample
+from vlm_grpo_ma.task import ParseError
+
+__all__ = ["AffordanceTask"]
+
+_OBJECTS = ("mug", "pan")
+_DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+class AffordanceTask(GeometricTask):
+    """Grasp region as a box or as points; see the module docstring."""
+
+    name = "affordance"
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.mode = self.options.get("mode", "box")
+        if self.mode not in ("box", "points"):
+            raise ValueError(f"affordance mode must be 'box' or 'points', got {self.mode!r}")
+        self.box_reward = self.options.get("box_reward", "iou")
+        if self.box_reward not in ("iou", "giou"):
+            raise ValueError(f"affordance box_reward must be 'iou' or 'giou', got {self.box_reward!r}")
+        self.max_points = int(self.options.get("max_points", 10))
+        self.region_format = self.options.get("region_format", "polygon")
+        self.reward_parts = ("format", "iou", "giou") if self.mode == "box" else ("format", "inside")
+        self.prompt_variant = None if self.mode == "box" else "points"
+
+    # --- answer text ----------------------------------------------------------------------
+    def sft_target(self, sample: Sample, family) -> str:
+        size = sample.image_size
+        if self.mode == "box":
+            answer = json.dumps(family.encode_box(sample.target["box"], size))
+        else:
+            points = sample.target.get("points") or sample.meta.get("grasp_points")
+            if not points:
+                raise KeyError(f"sample {sample.id!r}: points-mode SFT needs target['points'] (points inside the region)")
+            answer = json.dumps(family.encode_points(points[: self.max_points], size))
+        reasoning = sample.meta.get("reasoning") or f"I grasp the {sample.prompt.get('object', 'object')} by its handle."
+        return format_sft_target(reasoning, answer)
+
+    # --- scoring --------------------------------------------------------------------------
+    def parse(self, answer_text: str, sample: Sample, family) -> Any:
+        """Box mode: the first box, canonical ``[x1, y1, x2, y2]``; points mode: canonical
+        ``[[x, y], ...]`` (at most ``max_points``)."""
+        size = sample.image_size
+        text = answer_inner(answer_text)
+        if self.mode == "box":
+            boxes = parse_boxes(text)
+            if not boxes:
+                raise ParseError("no_box", "empty box list")
+            return family.decode_box(boxes[0].box, size)
+        points = parse_points(text)
+        if not points:
+            raise ParseError("no_points", "empty point list")
+        return family.decode_points(points[: self.max_points], size)
+
+    def score(self, prediction: Any, sample: Sample) -> tuple[float, dict[str, float]]:
+        if self.mode == "box":
+            gt = sample.target["box"]
+            iou = box_iou(gt, prediction)
+            giou01 = (box_giou(gt, prediction) + 1.0) / 2.0
+            return (iou if self.box_reward == "iou" else giou01), {"iou": iou, "giou": giou01}
+        inside = float(np.mean(points_in_region(prediction, sample.target["region"])))
+        return inside, {"inside": inside}
+
+    def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
+        if len(predictions) != len(samples):
+            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        if not samples:
+            return {}
+        parse_rate = float(np.mean([p is not None for p in predictions]))
+        if self.mode == "box":
+            ious = np.array([0.0 if p is None else box_iou(s.target["box"], p) for p, s in zip(predictions, samples)])
+            return {
+                "mean_iou": float(ious.mean()),
+                "iou>=0.5": float((ious >= 0.5).mean()),
+                "iou>=0.75": float((ious >= 0.75).mean()),
+                "iou>=0.9": float((ious >= 0.9).mean()),
+                "parse_rate": parse_rate,
+            }
+        acc = [0.0 if not p else float(np.mean(points_in_region(p, s.target["region"]))) for p, s in zip(predictions, samples)]
+        return {"accuracy": float(np.mean(acc)), "parse_rate": parse_rate}
+
+    # --- data -----------------------------------------------------------------------------
+    def synthetic(self, n: int, seed: int = 0) -> list[Sample]:
+        """``n`` images of a coloured mug (square body, side handle) or pan (round body, long
+        tapering handle), sometimes with a distractor object of another colour.  Ground truth:
+        the handle's box, its polygon (or RLE mask) and three points on its mid-line."""
+        w, h = self.image_size
+        scale = min(w, h) / 112
+        out = []
+        for i in range(n):
+            rng = syn.rng_for(self.name, seed, i)
+            colours = rng.sample(list(syn.COLOURS), 2)
+            kinds = [rng.choice(_OBJECTS) for _ in range(2)]
+            n_obj = 1 + (rng.random() < 0.5)
+            specs = [_object_spec(rng, kinds[j], scale) for j in range(n_obj)]
+            frames = syn.place_boxes(rng, [sp["size"] for sp in specs], w, h, gap=4)
+            img, draw = syn.new_canvas((w, h))
+            polys_px = []
+            for sp, frame, colour in zip(specs, frames, colours):
+                polys_px.append(_draw_object(draw, sp, frame, syn.COLOURS[colour]))
+            (hx0, hy0, hx1, hy1), poly_px, line_px, pixel_poly = polys_px[0]
+            box = syn.px_box_to_unit((hx0, hy0, hx1, hy1), w, h)
+            poly = [[x / w, y / h] for x, y in poly_px]
+            points = [[x / w, y / h] for x, y in line_px]
+            if self.region_format == "rle":
+                region = _rle_region(pixel_poly, w, h)
+            else:
+                region = {"polygon": poly}
+            obj = f"{colours[0]} {kinds[0]}"
+            bx, by = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            reasoning = f"The {obj} is at the {syn.location_words(bx, by)}; I grasp its handle."
+            out.append(
+                Sample(
+                    id=f"{self.name}-synth-{seed}-{i}",
+                    task=self.name,
+                    images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
+                    image_sizes=[(w, h)],
+                    prompt={"object": obj},
+                    target={"box": box, "region": region, "points": points},
+                    meta={"source": "synthetic", "seed": seed, "index": i, "reasoning": reasoning},
+                )
+            )
+        return out
+
+
+def _object_spec(rng, kind: str, scale: float) -> dict:
+    """Random pixel dimensions of a mug or pan; ``size`` is its whole (w, h) footprint."""
+    if kind == "mug":
+        body = round(rng.randint(18, 26) * scale)
+        hl, ht = round(rng.randint(8, 10) * scale), round(rng.randint(10, 14) * scale)  # handle length, height
+        direction = rng.choice(["left", "right"])
+        size = (body + hl, body)
+    else:
+        body = round(rng.randint(20, 30) * scale)
+        hl, ht = round(rng.randint(16, 24) * scale), round(rng.randint(6, 8) * scale)
+        direction = rng.choice(list(_DIRECTIONS))
+        size = (body + hl, body) if direction in ("left", "right") else (body, body + hl)
+    return {"kind": kind, "body": body, "hl": hl, "ht": ht, "dir": direction, "size": size}
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, sp: dict, frame: Sequence[int], colour) -> tuple:
+    """Draw the object in its pixel frame; return, in pixels, the handle's box (end-exclusive),
+    its polygon (continuous coordinates), three points near its mid-line (whole pixels), and the polygon as
+    given to PIL (which fills boundary pixels, so its far edges are pulled in by one)."""
+    x0, y0, _, _ = frame
+    body, hl, ht, d = sp["body"], sp["hl"], sp["ht"], sp["dir"]
+    dx, dy = _DIRECTIONS[d]
+    # body position inside the frame: the handle takes the side it points to
+    bx0 = x0 + (hl if d == "left" else 0)
+    by0 = y0 + (hl if d == "up" else 0)
+    body_box = (bx0, by0, bx0 + body, by0 + body)
+    syn.draw_shape(draw, "square" if sp["kind"] == "mug" else "circle", body_box, colour)
+    cx, cy = bx0 + body / 2, by0 + body / 2
+    # handle: from the body's edge outwards, centred on the body's mid-line
+    if dx:
+        hx0 = bx0 - hl if dx < 0 else bx0 + body
+        hx1 = hx0 + hl
+        hy0 = round(cy - ht / 2)
+        hy1 = hy0 + ht
+        if sp["kind"] == "pan":  # handle tapers by 1 px on each side towards its end
+            near, far = (hx1, hx0) if dx < 0 else (hx0, hx1)
+            poly = [(near, hy0), (far, hy0 + 1), (far, hy1 - 1), (near, hy1)]
+        else:
+            poly = [(hx0, hy0), (hx1, hy0), (hx1, hy1), (hx0, hy1)]
+        line = [(round(hx0 + f * hl), round((hy0 + hy1) / 2)) for f in (0.25, 0.5, 0.75)]
+    else:
+        hy0 = by0 - hl if dy < 0 else by0 + body
+        hy1 = hy0 + hl
+        hx0 = round(cx - ht / 2)
+        hx1 = hx0 + ht
+        near, far = (hy1, hy0) if dy < 0 else (hy0, hy1)
+        poly = [(hx0, near), (hx0 + 1, far), (hx1 - 1, far), (hx1, near)]
+        line = [(round((hx0 + hx1) / 2), round(hy0 + f * hl)) for f in (0.25, 0.5, 0.75)]
+    # PIL fills polygons including their boundary pixels: pull the far edges in by one pixel
+    pixel_poly = [(min(x, hx1 - 1), min(y, hy1 - 1)) for x, y in poly]
+    draw.polygon(pixel_poly, fill=colour)
+    return (hx0, hy0, hx1, hy1), poly, line, pixel_poly
+
+
+def _rle_region(poly_px: Sequence[Sequence[float]], w: int, h: int) -> dict:
+    """COCO RLE (compressed, counts as str) of a polygon rasterised by PIL on a w x h mask."""
+    from pycocotools import mask as mask_utils
+
+    mask = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(mask).polygon([tuple(p) for p in poly_px], fill=1)
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"rle": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}}
+

@@ -1,0 +1,272 @@
+"""Detection: several labelled boxes per image (and single-object grounding, RefCOCO style).
+
+Sample:
+    ``prompt = {"object": "shape"}`` (what to find, e.g. ``"shape"``, ``"person"``, or a
+    referring expression for grounding); ``target = {"boxes": [[x1, y1, x2, y2], ...],
+    "labels": ["red circle", ...]}`` (canonical [0, 1] boxes; ``labels`` optional).
+
+Answer: ``[{"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}, ...]`` in the family's frame
+(also accepted: a single object, bare ``[x1, y1, x2, y2]``, Qwen2-VL box tokens; see
+:mod:`tasks._parsing`).  ``parse`` returns ``[{"box": [x1, y1, x2, y2], "label": str | None}]``
+in canonical coordinates, in the order written.
+
+Reward (parts ``format``, ``iou``, ``label``): the ground truth and the predicted boxes are
+matched one-to-one by the Hungarian algorithm on IoU;
+``iou = sum of matched IoUs / max(#gt, #pred)`` (missing and extra boxes both cost),
+``label = #(matched pairs with IoU > 0 and equal normalised labels) / max(#gt, #pred)``
+(labels compared whole, lowercased and whitespace-collapsed; never by substring).
+task = ``(1 - label_weight) * iou + label_weight * label`` (option ``label_weight`` = 0.25);
+a sample whose ground truth has no labels scores on ``iou`` alone and reports ``label`` = 1.
+An image with no objects and an empty answer list scores iou = label = 1.
+
+Metrics: ``AP``, ``AP50``, ``AP75`` from pycocotools' COCOeval (boxes converted to pixels of the
+original image, one category per distinct ground-truth label, or one category for all when some
+ground truth has no label); predictions carry no confidence, so each box gets the score
+``1 / (1 + rank)`` of its position in the answer (the first box written is taken as the most
+confident); ``mean_iou`` (the reward's ``iou`` part, 0 for an unparsable answer);
+``acc@0.5`` over single-object samples (the first predicted box has IoU >= 0.5 with the only
+ground-truth box, RefCOCO's Acc@0.5); ``parse_rate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from tasks import _synthetic as syn
+from tasks._geometric import GeometricTask, answer_inner
+from tasks._geometry import box_iou, hungarian_match, iou_matrix
+from tasks._parsing import parse_boxes
+from tasks.common import format_sft_target
+from vlm_grpo_ma.data.sample import Sample
+
+__all__ = ["DetectionTask", "coco_ap", "match_score", "normalise_label"]
+
+
+def normalise_label(label: Any) -> str | None:
+    """Lowercased, whitespace-collapsed label, or None for a missing / non-text label."""
+    if not isinstance(label, str):
+        return None
+    return " ".join(label.lower().split()) or None
+
+
+def match_score(
+    gt_boxes: Sequence[Sequence[float]],
+    pred_boxes: Sequence[Sequence[float]],
+    gt_labels: Sequence[Any] | None = None,
+    pred_labels: Sequence[Any] | None = None,
+) -> tuple[float, float]:
+    """(iou, label) scores of predicted boxes (P, 4) against ground truth (G, 4).
+
+    One-to-one Hungarian matching maximising total IoU; ``iou = sum(matched IoU) / max(G, P)``,
+    ``label = #(matched, IoU > 0, equal normalised labels) / max(G, P)``.  With ``gt_labels``
+    None the label score is 1.  Both empty -> (1, 1); exactly one empty -> (0, 0 or 1).
+    """
+    g, p = len(gt_boxes), len(pred_boxes)
+    if g == 0 and p == 0:
+        return 1.0, 1.0
+    no_labels = gt_labels is None
+    if g == 0 or p == 0:
+        return 0.0, 1.0 if no_labels else 0.0
+    ious = iou_matrix(gt_boxes, pred_boxes)
+    pairs = hungarian_match(ious)
+    denom = max(g, p)
+    iou = sum(ious[i, j] for i, j in pairs) / denom
+    if no_labels:
+        return float(iou), 1.0
+    pred_labels = pred_labels if pred_labels is not None else [None] * p
+    agree = sum(
+        1
+        for i, j in pairs
+        if ious[i, j] > 0 and normalise_label(gt_labels[i]) is not None and normalise_label(gt_labels[i]) == normalise_label(pred_labels[j])
+    )
+    return float(iou), agree / denom
+
+
+def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
+    """COCO ``AP`` (IoU .50:.95), ``AP50`` and ``AP75`` through pycocotools' COCOeval.
+
+    ``predictions[i]`` is the parsed prediction of ``samples[i]`` (a list of
+    ``{"box", "label"}``, or None).  Boxes go to pixels of the original image
+    (``Sample.image_sizes``).  Categories: one per distinct normalised ground-truth label, or a
+    single one if any ground-truth box lacks a label (class-agnostic).  A predicted label that
+    is no ground-truth category gets a category of its own, which COCOeval does not evaluate
+    (as for any detector that predicts a class absent from the dataset).  Scores: ``1 / (1 +
+    rank)`` by position in the answer.  NaN when there is no ground-truth box at all.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    class_aware = all(
+        s.target.get("labels") is not None and all(normalise_label(x) for x in s.target["labels"]) for s in samples
+    )
+    cats: dict[str, int] = {}
+    if class_aware:
+        for s in samples:
+            for lab in s.target["labels"]:
+                cats.setdefault(normalise_label(lab), len(cats) + 1)
+    else:
+        cats["object"] = 1
+
+    def cat_of(label: Any, extra: dict[str, int]) -> int:
+        if not class_aware:
+            return 1
+        key = normalise_label(label) or ""
+        if key in cats:
+            return cats[key]
+        return extra.setdefault(key, len(cats) + len(extra) + 1)
+
+    images, anns, dets, extra = [], [], [], {}
+    for k, (pred, s) in enumerate(zip(predictions, samples), start=1):
+        w, h = s.image_size
+        images.append({"id": k, "width": w, "height": h})
+        labels = s.target.get("labels") or [None] * len(s.target.get("boxes", []))
+        for box, lab in zip(s.target.get("boxes", []), labels):
+            x1, y1, x2, y2 = box
+            bw, bh = (x2 - x1) * w, (y2 - y1) * h
+            anns.append(
+                {"id": len(anns) + 1, "image_id": k, "category_id": cat_of(lab, extra), "bbox": [x1 * w, y1 * h, bw, bh], "area": bw * bh, "iscrowd": 0}
+            )
+        for rank, obj in enumerate(pred or []):
+            x1, y1, x2, y2 = obj["box"]
+            dets.append(
+                {
+                    "image_id": k,
+                    "category_id": cat_of(obj.get("label"), extra),
+                    "bbox": [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h],
+                    "score": 1.0 / (1 + rank),
+                }
+            )
+    if not anns:
+        return {"AP": math.nan, "AP50": math.nan, "AP75": math.nan}
+    if not dets:
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    gt = COCO()
+    gt.dataset = {
+        "info": {},
+        "licenses": [],
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": i, "name": n} for n, i in cats.items()],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    ap, ap50, ap75 = (float(v) for v in ev.stats[:3])
+    return {k: (v if v >= 0 else math.nan) for k, v in (("AP", ap), ("AP50", ap50), ("AP75", ap75))}
+
+
+class DetectionTask(GeometricTask):
+    """Labelled boxes; see the module docstring.  Options: ``label_weight`` (0.25), ``w_task``,
+    ``w_format``, ``image_size``, ``cache_dir``, ``max_objects`` (3, synthetic)."""
+
+    name = "detection"
+    reward_parts = ("format", "iou", "label")
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.label_weight = float(self.options.get("label_weight", 0.25))
+        self.max_objects = int(self.options.get("max_objects", 3))
+
+    # --- answer text ----------------------------------------------------------------------
+    def answer_text(self, boxes: Sequence[Sequence[float]], labels: Sequence[Any] | None, sample: Sample, family) -> str:
+        """The JSON answer for canonical boxes in ``family``'s frame."""
+        labels = labels if labels is not None else [None] * len(boxes)
+        objs = []
+        for box, lab in zip(boxes, labels):
+            obj: dict[str, Any] = {"bbox_2d": family.encode_box(box, sample.image_size)}
+            if lab is not None:
+                obj["label"] = lab
+            objs.append(obj)
+        return json.dumps(objs)
+
+    def sft_target(self, sample: Sample, family) -> str:
+        boxes = sample.target["boxes"]
+        labels = sample.target.get("labels")
+        reasoning = sample.meta.get("reasoning")
+        if reasoning is None:
+            names = labels if labels is not None else [sample.prompt.get("object", "object")] * len(boxes)
+            where = [f"{syn.article(n)} {n} at the {syn.location_words((b[0] + b[2]) / 2, (b[1] + b[3]) / 2)}" for n, b in zip(names, boxes)]
+            reasoning = f"I see {_join(where)}." if where else "I see nothing to box."
+        return format_sft_target(reasoning, self.answer_text(boxes, labels, sample, family))
+
+    # --- scoring --------------------------------------------------------------------------
+    def parse(self, answer_text: str, sample: Sample, family) -> list[dict]:
+        size = sample.image_size
+        return [
+            {"box": family.decode_box(p.box, size), "label": p.label}
+            for p in parse_boxes(answer_inner(answer_text))
+        ]
+
+    def score(self, prediction: list[dict], sample: Sample) -> tuple[float, dict[str, float]]:
+        labels = sample.target.get("labels")
+        iou, label = match_score(
+            sample.target.get("boxes", []), [p["box"] for p in prediction], labels, [p["label"] for p in prediction]
+        )
+        task = iou if labels is None else (1 - self.label_weight) * iou + self.label_weight * label
+        return task, {"iou": iou, "label": label}
+
+    def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
+        if len(predictions) != len(samples):
+            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        ious, hits = [], []
+        for pred, s in zip(predictions, samples):
+            gt = s.target.get("boxes", [])
+            if pred is None:
+                ious.append(0.0)
+            else:
+                ious.append(match_score(gt, [p["box"] for p in pred])[0])
+            if len(gt) == 1:
+                hits.append(bool(pred) and box_iou(gt[0], pred[0]["box"]) >= 0.5)
+        out = coco_ap(predictions, samples)
+        out["mean_iou"] = float(np.mean(ious)) if ious else math.nan
+        out["acc@0.5"] = float(np.mean(hits)) if hits else math.nan
+        out["parse_rate"] = float(np.mean([p is not None for p in predictions])) if predictions else math.nan
+        return out
+
+    # --- data -----------------------------------------------------------------------------
+    def synthetic(self, n: int, seed: int = 0) -> list[Sample]:
+        """``n`` images with 1..``max_objects`` coloured shapes (distinct colour+shape pairs, no
+        overlap), labels ``"<colour> <shape>"``, boxes sorted left to right."""
+        w, h = self.image_size
+        out = []
+        for i in range(n):
+            rng = syn.rng_for(self.name, seed, i)
+            k = rng.randint(1, self.max_objects)
+            kinds = rng.sample([(c, s) for c in syn.COLOURS for s in syn.SHAPES], k)
+            lo, hi = max(6, round(0.12 * min(w, h))), max(8, round(0.28 * min(w, h)))
+            sizes = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(k)]
+            boxes_px = syn.place_boxes(rng, sizes, w, h)
+            img, draw = syn.new_canvas((w, h))
+            objs = []
+            for (colour, shape), box in zip(kinds, boxes_px):
+                syn.draw_shape(draw, shape, box, syn.COLOURS[colour])
+                objs.append((syn.px_box_to_unit(box, w, h), f"{colour} {shape}"))
+            objs.sort(key=lambda o: (o[0][0], o[0][1]))
+            out.append(
+                Sample(
+                    id=f"{self.name}-synth-{seed}-{i}",
+                    task=self.name,
+                    images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
+                    image_sizes=[(w, h)],
+                    prompt={"object": "shape"},
+                    target={"boxes": [o[0] for o in objs], "labels": [o[1] for o in objs]},
+                    meta={"source": "synthetic", "seed": seed, "index": i},
+                )
+            )
+        return out
+
+
+def _join(parts: Sequence[str]) -> str:
+    if len(parts) <= 1:
+        return "".join(parts)
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
