@@ -24,7 +24,8 @@ format                     task             what the files look like
 
 Canonical targets (the keys the task plugins read):
 
-- detection:           ``{"boxes": [[x1, y1, x2, y2], ...], "labels": [str, ...]}``
+- detection:           ``{"boxes": [[x1, y1, x2, y2], ...], "labels": [str, ...]}`` (grounding: one
+  box, no labels, so only the box is scored)
 - affordance (box):    ``{"box": [x1, y1, x2, y2]}``
 - affordance (points): ``{"region": {"rle": <COCO RLE, counts as str>, "size": [h, w]}}``
   (plus ``"box"`` where the format gives one)
@@ -189,7 +190,7 @@ def load_refcoco(path: str | os.PathLike, image_root: str | None = None, split: 
     "bbox": [x1, y1, x2, y2]}`` with the box in pixels of the original image.  Also accepted:
     ``file_name`` / ``image_path`` for the image, ``sent`` / ``sentence`` / ``normal_caption`` /
     ``problem`` for the text, ``solution`` for the box, ``bbox_format: xywh`` for COCO-style boxes.
-    One detection sample with a single box labelled by its expression.
+    One detection sample with a single unlabelled box; the expression is ``prompt["object"]``.
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
@@ -215,8 +216,8 @@ def load_refcoco(path: str | os.PathLike, image_root: str | None = None, split: 
                 task="detection",
                 images=[img],
                 image_sizes=[(w, h)],
-                prompt={"object": expr, "categories": [expr]},
-                target={"boxes": [box], "labels": [expr]},
+                prompt={"object": expr},
+                target={"boxes": [box]},
                 meta={"source": str(path), "record": where, "split": split, "format": "refcoco"},
             )
         )
@@ -272,7 +273,7 @@ def load_sharerobot_trajectory(path: str | os.PathLike, image_root: str | None =
                 task="trajectory",
                 images=[img],
                 image_sizes=[size],
-                prompt={"instruction": instruction},
+                prompt={"instruction": instruction, "object": instruction},
                 target={"trajectory": traj},
                 meta={"source": str(path), "record": where, "split": split, "format": "sharerobot_trajectory",
                       "original_dataset": (rec.get("meta_data") or {}).get("original_dataset")},
@@ -309,7 +310,7 @@ def load_sharerobot_affordance(path: str | os.PathLike, image_root: str | None =
                 task="affordance",
                 images=[img],
                 image_sizes=[size],
-                prompt={"instruction": instruction},
+                prompt={"instruction": instruction, "object": instruction},
                 target={"box": box},
                 meta={"source": str(path), "record": where, "split": split, "format": "sharerobot_affordance",
                       "original_dataset": (rec.get("meta_data") or {}).get("original_dataset")},
@@ -357,7 +358,7 @@ def load_where2place(path: str | os.PathLike, image_root: str | None = None, spl
                 task="affordance",
                 images=[img],
                 image_sizes=[size],
-                prompt={"instruction": text},
+                prompt={"instruction": text, "object": text},
                 target={"region": region},
                 meta={"source": str(qfile), "record": where, "split": split, "format": "where2place",
                       "category": rec.get("category"), "mask": str(mask_path)},

@@ -108,6 +108,10 @@ class Suite:
     #: prompt template variant (``prompts/<task>.<variant>.txt``); passed to the task as the
     #: ``prompt_variant`` option
     prompt_variant: str | None = None
+    #: a prompt template file used instead of ``prompts/<task>.txt`` (relative to the suite
+    #: file); public datasets phrase their instructions differently from the synthetic
+    #: templates.  ``{field}`` placeholders are the sample's prompt fields and ``{coord_hint}``.
+    prompt_file: str | None = None
     #: coordinate frame override: read and write coordinates as this family does
     #: (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``) whatever the checkpoint's model_type
     family: str | None = None
@@ -185,6 +189,10 @@ def suite_from_dict(raw: dict[str, Any], source: str | None = None) -> Suite:
         val = getattr(data, attr)
         if val is not None:
             setattr(data, attr, _expand(str(val), base, f"{where}: data.{attr}"))
+    if raw.get("prompt_file"):
+        raw["prompt_file"] = _expand(str(raw["prompt_file"]), base, f"{where}: prompt_file")
+        if not Path(raw["prompt_file"]).is_file():
+            raise SuiteError(f"{where}: prompt_file {raw['prompt_file']} does not exist")
     if gen.num_thoughts < 1 or gen.num_answers < 1 or gen.batch_size < 1 or gen.max_new_tokens < 1:
         raise SuiteError(f"{where}: generation: num_thoughts, num_answers, batch_size, max_new_tokens must be >= 1")
     if gen.num_samples > 1 and not gen.do_sample:

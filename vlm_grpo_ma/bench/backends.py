@@ -1,0 +1,121 @@
+"""Prediction backends: chat messages in, completion texts out.
+
+- ``hf`` (default): transformers, through the rollout package's :class:`HFRolloutBackend`
+  (batched left-padded decoding, vision tokens suppressed, greedy unless sampling is asked for;
+  best-of-K x M samples a real tree: K thoughts, M answers continuing each).
+- ``vllm``: imported lazily from :mod:`vlm_grpo_ma.rollout.vllm` (an optional extra); a clear
+  error says what is missing when it is not installed.
+
+A backend exposes ``family`` (the :class:`ModelFamily` of the processor it loaded), ``name`` and
+``complete(messages_batch, gen, seed) -> list[list[str]]`` (B prompts x K*M completions, the
+k-th thought's m-th answer at index ``k * M + m``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Protocol, Sequence
+
+from vlm_grpo_ma.bench.suite import GenerationSpec
+
+__all__ = ["Backend", "BackendUnavailable", "HFBackend", "load_backend"]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not installed, no GPU, ...)."""
+
+
+class Backend(Protocol):
+    name: str
+    family: Any
+
+    def complete(self, messages_batch: Sequence[list[dict]], gen: GenerationSpec, seed: int) -> list[list[str]]:
+        ...
+
+
+def _sampling(gen: GenerationSpec, seed: int):
+    from vlm_grpo_ma.rollout.types import SamplingParams
+
+    half = max(1, gen.max_new_tokens // 2)
+    return SamplingParams(
+        temperature=float(gen.temperature) if gen.do_sample else 0.0,
+        top_p=float(gen.top_p),
+        top_k=int(gen.top_k),
+        max_thought_tokens=max(1, gen.max_new_tokens - half),
+        max_answer_tokens=half,
+        seed=int(seed),
+    )
+
+
+class HFBackend:
+    """transformers generation on one device.
+
+    Args:
+        model: a tiny model name, a checkpoint folder or a hub id (``load_policy``).
+        min_pixels, max_pixels: processor resize bounds (the family follows them).
+        device: ``None`` picks ``cuda:$LOCAL_RANK`` when CUDA is there, else the CPU.
+        dtype: ``None`` picks bfloat16 on CUDA and float32 on the CPU.
+    """
+
+    name = "hf"
+
+    def __init__(self, model: str, *, min_pixels: int | None = None, max_pixels: int | None = None,
+                 device: Any = None, dtype: Any = None, attn_implementation: str | None = None):
+        import torch
+
+        from vlm_grpo_ma.models import load_policy
+        from vlm_grpo_ma.rollout.hf import HFRolloutBackend
+
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        if dtype is None:
+            dtype = "bfloat16" if str(device).startswith("cuda") else None
+        self.policy = load_policy(model, dtype=dtype, device=device, min_pixels=min_pixels, max_pixels=max_pixels,
+                                  attn_implementation=attn_implementation)
+        self.policy.model.eval()
+        self.family = self.policy.family
+        self.model_path = self.policy.path
+        self._rollout = HFRolloutBackend(self.policy.model, processor=self.policy.processor)
+
+    def complete(self, messages_batch: Sequence[list[dict]], gen: GenerationSpec, seed: int) -> list[list[str]]:
+        sampling = _sampling(gen, seed)
+        if not gen.do_sample:
+            return self._rollout.generate(messages_batch, n=1, sampling=sampling, max_new_tokens=gen.max_new_tokens)
+        K, M = max(1, gen.num_thoughts), max(1, gen.num_answers)
+        if M == 1:
+            return self._rollout.generate(messages_batch, n=K, sampling=sampling, max_new_tokens=gen.max_new_tokens)
+        tree = self._rollout.generate_tree_from_messages(messages_batch, K, M, sampling)
+        return [
+            [tree.thought_texts[b][k] + tree.answer_texts[b][k][m] for k in range(K) for m in range(M)]
+            for b in range(tree.B)
+        ]
+
+
+def _vllm_backend(model: str, **kw: Any) -> Backend:
+    try:
+        mod = importlib.import_module("vlm_grpo_ma.rollout.vllm")
+    except ModuleNotFoundError as e:
+        raise BackendUnavailable(
+            "--backend vllm needs vLLM and the project's vLLM rollout backend "
+            f"(vlm_grpo_ma/rollout/vllm.py): {e}. Install it with `pip install 'vlm-grpo-ma[vllm]'` "
+            "on a CUDA machine, or use --backend hf."
+        ) from e
+    factory = getattr(mod, "make_bench_backend", None)
+    if factory is None:
+        raise BackendUnavailable(
+            "vlm_grpo_ma.rollout.vllm offers no `make_bench_backend(model, **kw)`; use --backend hf"
+        )
+    try:
+        return factory(model, **kw)
+    except ImportError as e:
+        raise BackendUnavailable(f"--backend vllm: vLLM is not importable here ({e}); use --backend hf") from e
+
+
+def load_backend(kind: str, model: str, **kw: Any) -> Backend:
+    """``hf`` or ``vllm`` backend for ``model``."""
+    if kind == "hf":
+        return HFBackend(model, **kw)
+    if kind == "vllm":
+        return _vllm_backend(model, **kw)
+    raise ValueError(f"unknown backend {kind!r}; choose hf or vllm")
