@@ -38,15 +38,6 @@ import torch.nn.functional as F
 
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 
-VISION_TOKENS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
-
 @dataclass(frozen=True)
 class RolloutTokenIds:
     """The token ids the sampler needs.
@@ -74,7 +65,9 @@ class RolloutTokenIds:
             stop = (int(tokenizer.eos_token_id),)
         pad = tokenizer.pad_token_id
         pad = int(pad) if pad is not None else stop[-1]
-        suppress = tuple(i for i in (tid(t) for t in VISION_TOKENS) if i is not None)
+        from vlm_grpo_ma.models import vision_token_ids
+
+        suppress = tuple(vision_token_ids(tokenizer))
         return cls(think_end=think_end, stop=stop, pad=pad, suppress=suppress)
 
 

@@ -1,0 +1,221 @@
+"""Tree rollouts with the transformers backend on the three tiny Qwen-VL families, with images.
+
+What is checked: greedy continuation from the shared (cached) prefix equals transformers'
+``generate`` from scratch on prompt + thought; the sampling log-probs equal a fresh scoring
+forward that lets the model compute its own mRoPE positions; the truncation flag; the tree's
+shapes and index; M = 1 gives K plain (thought, answer) completions; vision tokens are never
+sampled; the model's ``rope_deltas`` state is neither read nor left behind.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm_grpo_ma.models import load_policy
+from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams, TreeRollout
+
+FAMILIES = ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl"]
+
+
+def _messages():
+    """Two prompts of different lengths with images of different sizes (so left padding and
+    different image grids are exercised)."""
+    return [
+        [{"role": "user", "content": [
+            {"type": "image", "image": Image.new("RGB", (64, 48), (200, 30, 30))},
+            {"type": "text", "text": "Where is the red box? Think, then answer."}]}],
+        [{"role": "user", "content": [
+            {"type": "image", "image": Image.new("RGB", (96, 64), (0, 0, 255))},
+            {"type": "text", "text": "Point at it."}]}],
+    ]
+
+
+def prompt_inputs(policy, messages):
+    """Left-padded generation inputs, as ``data.collate.build_generation_inputs`` makes them."""
+    texts = [policy.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    images = [[c["image"] for c in m[0]["content"] if c["type"] == "image"] for m in messages]
+    return dict(policy.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def policy(request):
+    torch.manual_seed(0)
+    return load_policy(request.param)
+
+
+@pytest.fixture(scope="module")
+def inputs(policy):
+    return prompt_inputs(policy, _messages())
+
+
+def fresh_path_logprobs(model, tree: TreeRollout, b: int, k: int, m: int, temperature: float = 1.0):
+    """log p of thought + answer tokens from one forward over prompt + thought + answer, the
+    model computing its own mRoPE positions (mm_token_type_ids extended with zeros)."""
+    th, an = tree.thought_ids[b][k], tree.answer_ids[b][k][m]
+    seq = torch.cat([tree.prompt_ids[b], th, an])[None]
+    mm = torch.cat([tree.prompt_mm_token_type_ids[b], torch.zeros(len(th) + len(an), dtype=torch.long)])[None]
+    with torch.no_grad():
+        logits = model(input_ids=seq, mm_token_type_ids=mm, pixel_values=tree.pixel_values[b],
+                       image_grid_thw=tree.image_grid_thw[b]).logits[0].float()
+    lp = torch.log_softmax(logits[:-1] / temperature, -1).gather(-1, seq[0, 1:, None])[:, 0]
+    return lp[len(tree.prompt_ids[b]) - 1:]
+
+
+def test_greedy_continuation_equals_generation_from_scratch(policy, inputs):
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    greedy = SamplingParams(temperature=0.0, max_thought_tokens=8, max_answer_tokens=6)
+    tree = backend.generate_tree(inputs, K=2, M=2, sampling=greedy)
+    ids = backend.ids
+    for b in range(2):
+        # greedy: the K thoughts and the M answers are all equal
+        assert torch.equal(tree.thought_ids[b][0], tree.thought_ids[b][1])
+        assert torch.equal(tree.answer_ids[b][0][0], tree.answer_ids[b][1][1])
+        th = tree.thought_ids[b][0]
+        seq = torch.cat([tree.prompt_ids[b], th])[None]
+        mm = torch.cat([tree.prompt_mm_token_type_ids[b], torch.zeros(len(th), dtype=torch.long)])[None]
+        fresh = dict(input_ids=seq, attention_mask=torch.ones_like(seq), mm_token_type_ids=mm,
+                     pixel_values=tree.pixel_values[b], image_grid_thw=tree.image_grid_thw[b])
+        ref = policy.model.generate(**fresh, max_new_tokens=6, do_sample=False, suppress_tokens=list(ids.suppress),
+                                    eos_token_id=list(ids.stop), pad_token_id=ids.pad)[0, seq.shape[1]:]
+        ans = tree.answer_ids[b][0][0]
+        assert ans.tolist() == ref[: len(ans)].tolist()
+        assert len(ans) == 6 or ans[-1].item() in ids.stop
+        # and our own single-stage generation from scratch agrees
+        tok, _, n = backend.generate_ids(fresh, n=1, max_new_tokens=6)
+        assert tok[0, : n[0]].tolist() == ans.tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logprobs_equal_fresh_forward(policy, inputs, temperature):
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    sp = SamplingParams(temperature=temperature, max_thought_tokens=10, max_answer_tokens=6, seed=3)
+    tree = backend.generate_tree(inputs, K=2, M=2, sampling=sp)
+    for b in range(2):
+        for k in range(2):
+            for m in range(2):
+                got = torch.cat([tree.thought_logprobs[b][k], tree.answer_logprobs[b][k][m]])
+                ref = fresh_path_logprobs(policy.model, tree, b, k, m, temperature)
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_seed_reproducible_and_stale_rope_deltas_ignored(policy, inputs):
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    sp = SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=11)
+    a = backend.generate_tree(inputs, K=2, M=2, sampling=sp)
+    assert policy.model.model.rope_deltas is None  # no state left for a later forward to misuse
+    policy.model.model.rope_deltas = torch.full((2, 1), 1000)  # stale state from "another" forward
+    b = backend.generate_tree(inputs, K=2, M=2, sampling=sp)
+    assert a.thought_ids[1][1].tolist() == b.thought_ids[1][1].tolist()
+    assert a.answer_ids[0][1][0].tolist() == b.answer_ids[0][1][0].tolist()
+    torch.testing.assert_close(a.answer_logprobs[1][0][1], b.answer_logprobs[1][0][1])
+
+
+def _bias_hook(policy, B: int, token: int, per_prompt: list[float]):
+    """Add ``per_prompt[b]`` to the logit of ``token`` in every row of prompt b (rows are
+    prompt-major in every stage, so row r belongs to prompt r // (rows / B))."""
+    bias = torch.tensor(per_prompt)
+
+    def hook(module, args, out):
+        out = out.clone()
+        out[..., token] += bias.repeat_interleave(out.shape[0] // B).view(-1, *[1] * (out.dim() - 2))
+        return out
+
+    return policy.model.lm_head.register_forward_hook(hook)
+
+
+def test_thought_truncation_flag(policy, inputs):
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    think_end = backend.ids.think_end
+    # prompt 0 closes its thoughts at once; prompt 1 can never sample </think>
+    handle = _bias_hook(policy, 2, think_end, [100.0, -100.0])
+    try:
+        tree = backend.generate_tree(inputs, K=3, M=1, sampling=SamplingParams(max_thought_tokens=5, max_answer_tokens=3, seed=0))
+    finally:
+        handle.remove()
+    assert tree.thought_truncated.tolist() == [[False] * 3, [True] * 3]
+    for k in range(3):
+        assert tree.thought_ids[0][k].tolist() == [think_end]
+        assert tree.thought_ids[1][k][-1].item() == think_end and len(tree.thought_ids[1][k]) == 5
+        assert think_end not in tree.thought_ids[1][k][:-1].tolist()
+        # the forced token carries the policy's (here very low) log-prob
+        assert tree.thought_logprobs[1][k][-1].item() < -50
+        assert tree.thought_texts[1][k].endswith("</think>")
+
+
+def test_vision_tokens_never_sampled(policy, inputs):
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    image_pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    handle = _bias_hook(policy, 2, image_pad, [50.0, 50.0])
+    try:
+        tree = backend.generate_tree(inputs, K=2, M=2, sampling=SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=0))
+    finally:
+        handle.remove()
+    generated = torch.cat([t for row in tree.thought_ids for t in row] +
+                          [a for row in tree.answer_ids for th in row for a in th])
+    assert not torch.isin(generated, torch.tensor(backend.ids.suppress)).any()
+
+
+def test_tree_shapes_and_index(policy, inputs):
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    B, K, M = 2, 3, 2
+    sp = SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=5)
+    tree = backend.generate_tree(inputs, K=K, M=M, sampling=sp)
+    assert (tree.B, tree.K, tree.M) == (B, K, M)
+    assert tree.thought_truncated.shape == (B, K) and tree.answer_truncated.shape == (B, K, M)
+    assert [len(r) for r in tree.thought_ids] == [K, K]
+    assert all(len(th) == M for row in tree.answer_ids for th in row)
+    assert tree.index()[:5].tolist() == [[0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 1, 1], [0, 2, 0]]
+    assert tree.index()[-1].tolist() == [1, 2, 1] and tree.index().shape == (B * K * M, 3)
+    assert len(tree.flat_pairs()) == B * K * M
+    assert tree.flat_pairs()[3] == (tree.thought_texts[0][1], tree.answer_texts[0][1][1])
+    for b in range(B):
+        assert tree.prompt_ids[b].tolist() == inputs["input_ids"][b][inputs["attention_mask"][b].bool()].tolist()
+        assert tree.pixel_values[b].shape[0] == int(tree.image_grid_thw[b].prod(-1).sum())
+        for k in range(K):
+            t = tree.thought_ids[b][k]
+            assert 1 <= len(t) <= 6 and t[-1].item() == backend.ids.think_end
+            assert tree.thought_logprobs[b][k].shape == t.shape
+            assert (tree.thought_logprobs[b][k] <= 0).all()
+            for m in range(M):
+                a = tree.answer_ids[b][k][m]
+                assert 1 <= len(a) <= 4 and tree.answer_logprobs[b][k][m].shape == a.shape
+                assert bool(tree.answer_truncated[b, k, m]) == (a[-1].item() not in backend.ids.stop)
+    # pixel chunks partition the processor's flat pixel_values, in prompt order
+    torch.testing.assert_close(torch.cat(tree.pixel_values), inputs["pixel_values"])
+    assert tree.stats["tokens_prefilled"] == float(inputs["attention_mask"].sum())
+    assert tree.stats["tokens_generated"] == float(tree.thought_lengths().sum() * 1 + tree.answer_lengths().sum())
+
+
+def test_m1_is_plain_sampling(policy, inputs):
+    """With M = 1 the tree is K independent completions per prompt, each (thought, answer)
+    a sample of the policy, exactly scored; K = M = 1 with the same seed twice is the same."""
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    sp = SamplingParams(max_thought_tokens=8, max_answer_tokens=5, seed=7)
+    tree = backend.generate_tree(inputs, K=4, M=1, sampling=sp)
+    assert tree.index()[:, 2].eq(0).all() and tree.index().shape == (8, 3)
+    assert tree.answer_lengths().shape == (2, 4, 1)
+    for b in range(2):
+        for k in range(4):
+            got = torch.cat([tree.thought_logprobs[b][k], tree.answer_logprobs[b][k][0]])
+            torch.testing.assert_close(got, fresh_path_logprobs(policy.model, tree, b, k, 0), atol=1e-4, rtol=0)
+
+
+def test_sample_next_filters():
+    from vlm_grpo_ma.rollout import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    # top_k=2 / top_p=0.6: only tokens 0 and 1 can be drawn; suppressing 0 leaves 1
+    g = torch.Generator().manual_seed(0)
+    for sp in (SamplingParams(top_k=2), SamplingParams(top_p=0.6)):
+        draws = {sample_next(logits, sp, generator=g)[0].item() for _ in range(200)}
+        assert draws == {0, 1}
+    tok, lp, _ = sample_next(logits, SamplingParams(top_k=2), torch.tensor([0]), g)
+    assert tok.item() == 1 and lp.item() == pytest.approx(float(torch.log(torch.tensor(0.3))), abs=1e-6)
+    tok, lp, _ = sample_next(logits, SamplingParams(temperature=0.0))
+    assert tok.item() == 0 and lp.item() == pytest.approx(float(torch.log(torch.tensor(0.5))), abs=1e-6)
+    # temperature 2: log-prob under softmax(logits / 2)
+    tok, lp, _ = sample_next(logits, SamplingParams(temperature=2.0), generator=g)
+    ref = torch.log_softmax(logits / 2, -1)[0, tok.item()]
+    assert lp.item() == pytest.approx(ref.item(), abs=1e-6)
