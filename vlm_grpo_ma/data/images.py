@@ -60,7 +60,7 @@ class _MissingTorchvision(types.ModuleType):
     """Stand-in module: any attribute use raises, naming what is missing (videos need torchvision)."""
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("__"):
+        if attr.startswith("__") and attr != "__version__":  # import machinery, pickling, ...
             raise AttributeError(attr)
         raise ImportError(
             f"{self.__name__}.{attr} needs torchvision, which is not installed; "
