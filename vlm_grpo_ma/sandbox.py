@@ -446,15 +446,12 @@ class Sandbox:
                 uid = pool.acquire()
             workdir = tempfile.mkdtemp(prefix="vlm-grpo-ma-sandbox-")
             report_r, report_w = os.pipe()
+            fds = {"r": report_r, "w": report_w}  # _spawn closes "w" once the child has it
             try:
-                return self._spawn(mode, uid, workdir, code, stdin, tests, mode_name,
-                                   report_r, report_w, t0)
+                return self._spawn(mode, uid, workdir, code, stdin, tests, mode_name, fds, t0)
             finally:
-                for fd in (report_r, report_w):
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+                for fd in fds.values():
+                    os.close(fd)
         except Exception as e:  # the sandbox failed, not the code: never crash the caller
             logger.exception("sandbox run failed")
             return RunResult("sandbox_error", None, error=f"{type(e).__name__}: {e}",
@@ -469,8 +466,9 @@ class Sandbox:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    def _spawn(self, mode, uid, workdir, code, stdin, tests, mode_name, report_r, report_w, t0):
+    def _spawn(self, mode, uid, workdir, code, stdin, tests, mode_name, fds, t0):
         lim = self.limits
+        report_r, report_w = fds["r"], fds["w"]
         python = self._sandbox_python(mode)
         nonce = secrets.token_hex(16)
         with open(os.path.join(workdir, _SOLUTION), "w", encoding="utf-8") as f:
@@ -508,7 +506,7 @@ class Sandbox:
                 env={"PATH": env["PATH"], "LANG": "C.UTF-8"}, pass_fds=(report_w,),
                 start_new_session=True, close_fds=True,
             )
-        os.close(report_w)
+        os.close(fds.pop("w"))
         try:
             out, err, rep, status = self._collect(proc, report_r, t0)
         finally:
