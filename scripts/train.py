@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Train a Qwen-VL policy: SFT warm-start, then GRPO-MA, on DeepSpeed (ZeRO-3 by default).
+
+    deepspeed scripts/train.py --task affordance                      # tiny model, synthetic data, CPU demo
+    deepspeed --num_gpus 8 scripts/train.py --config configs/affordance.qwen2_5_vl_3b.yaml
+    python scripts/train.py --task detection --stage rl --num_thoughts 16 --answers_per_thought 1
+    python scripts/train.py --help                                    # every field, with its documentation
+
+The pipeline itself reads top to bottom in vlm_grpo_ma/training/cli.py:main (also installed as
+the ``vlm-grpo-ma-train`` command).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator (gloo) must be chosen before its import
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from vlm_grpo_ma.training.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()

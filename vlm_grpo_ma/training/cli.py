@@ -1,0 +1,223 @@
+"""The two-stage trainer, top to bottom: ``deepspeed scripts/train.py --task affordance``.
+
+    config -> distributed -> task and data -> [SFT: evaluate, train, save, evaluate]
+           -> [RL from the SFT model: train, save, evaluate] -> summary
+
+Every run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` and
+``tensorboard/``, ``<stage>/checkpoints/step-N`` (resumable) and ``<stage>/final`` (Hugging Face
+model + processor), and ``summary.json`` (held-out metrics before SFT, after SFT, after RL).
+Running the same command again with the same ``--output_dir`` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from vlm_grpo_ma.training import distributed as dist
+
+log = logging.getLogger("vlm_grpo_ma.train")
+
+
+def parse_train_config(argv: Sequence[str] | None = None):
+    """TrainConfig from ``--config FILE.yaml`` files and ``--key value`` overrides."""
+    from vlm_grpo_ma.config import parse_config
+    from vlm_grpo_ma.training.config import ALL_ARGS, TrainConfig
+
+    parts = parse_config(ALL_ARGS, argv, description="Two-stage trainer: SFT warm-start, then GRPO-MA, on DeepSpeed.")
+    cfg = TrainConfig(*parts)
+    cfg.validate()
+    return cfg
+
+
+def _setup_logging() -> None:
+    level = logging.INFO if dist.is_main() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    s = seed * 1000 + dist.rank()  # each rank samples its own rollouts
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the trainer; returns the summary (rank 0 prints it)."""
+    dist.prepare_environment()  # DS_ACCELERATOR=cpu without CUDA, before DeepSpeed is imported
+    from vlm_grpo_ma.config import save_config
+    from vlm_grpo_ma.task import get_task
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.data import heldout_samples
+    from vlm_grpo_ma.training.engine import build_reference
+    from vlm_grpo_ma.training.evaluate import evaluate
+    from vlm_grpo_ma.training.metrics import MetricsLogger
+    from vlm_grpo_ma.training.rl import RLState, run_rl
+    from vlm_grpo_ma.training.sft import run_sft
+
+    # --- config and processes ---------------------------------------------------------------
+    cfg = parse_train_config(argv)
+    dist.init_distributed()
+    _setup_logging()
+    if cfg.run.output_dir is None:
+        stamp = dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
+        cfg.run.output_dir = f"runs/{cfg.data.task}-{stamp}"
+    out = Path(cfg.run.output_dir)
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config((cfg.model, cfg.data, cfg.sft, cfg.rl, cfg.run), out / "config.yaml")
+        log.info("run directory: %s (%d rank%s)", out.resolve(), dist.world_size(), "s" if dist.world_size() > 1 else "")
+    _seed_everything(cfg.run.seed)
+
+    # --- task and data ----------------------------------------------------------------------
+    task = get_task(cfg.data.task)
+    train_samples = eval_samples = None
+    if cfg.data.train_data or cfg.data.eval_data:
+        from vlm_grpo_ma.data.loaders import load_samples
+
+        if cfg.data.train_data:
+            train_samples = load_samples(cfg.data.train_data, task.name, skip_invalid=cfg.data.skip_invalid)
+            if dist.is_main() and getattr(train_samples, "summary", None) is not None:
+                log.info("train data %s: %s", cfg.data.train_data, train_samples.summary)
+        if cfg.data.eval_data:
+            eval_samples = load_samples(cfg.data.eval_data, task.name, skip_invalid=cfg.data.skip_invalid)
+    heldout = heldout_samples(task, cfg.data.eval_samples, cfg.run.seed, eval_samples) if cfg.data.eval_samples else []
+    logger = MetricsLogger(out, cfg.run.report_to, cfg.flat())
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if (cfg.run.resume and summary_path.is_file()) else {}
+    summary.setdefault("evals", {})
+    max_new = cfg.rl.max_thought_tokens + cfg.rl.max_answer_tokens
+
+    def held_out_eval(stage, label: str) -> None:
+        if not heldout:
+            return
+        t0 = time.perf_counter()
+        m = evaluate(stage.engine.module, stage.processor, stage.family, task, heldout,
+                     batch_size=cfg.data.eval_batch_size, max_new_tokens=max_new, gather_context=stage.gather)
+        summary["evals"][label] = m
+        logger.log("eval", {"before_sft": 0, "after_sft": 1, "before_rl": 1, "after_rl": 2}[label],
+                   {f"{label}/{k}": v for k, v in m.items()})
+        if dist.is_main():
+            log.info("held-out %s (%d samples, %.0f s): %s", label, len(heldout), time.perf_counter() - t0,
+                     ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.startswith("eval/parse")))
+            _write_json(summary_path, summary)
+
+    model_path = cfg.model.model
+    sft_dir, rl_dir = out / "sft", out / "rl"
+
+    # --- stage 1: SFT -------------------------------------------------------------------------
+    if cfg.run.stage in ("sft", "all"):
+        if cfg.run.resume and stg.final_exists(sft_dir):
+            log.info("SFT already complete in %s: skipped", sft_dir / stg.FINAL)
+        else:
+            st = stg.build_stage(cfg, "sft", model_path, global_batch=cfg.sft.sft_batch_size,
+                                 micro=cfg.sft.sft_micro_batch_size, lr=cfg.sft.sft_lr,
+                                 warmup=cfg.sft.sft_warmup_steps, total_optimizer_steps=cfg.sft.sft_steps)
+            resumed = stg.maybe_resume(st, cfg)
+            start = resumed["step"] if resumed else 0
+            logger.truncate_after("sft", start)
+            if start == 0 and "before_sft" not in summary["evals"]:
+                held_out_eval(st, "before_sft")
+            t0 = time.perf_counter()
+            last = run_sft(st, cfg, task, logger, start, train_samples)
+            summary["sft"] = {"steps": cfg.sft.sft_steps, "last": last, "seconds": time.perf_counter() - t0,
+                              "skipped_steps": st.skipped_steps}
+            stg.save_final(st, cfg)
+            held_out_eval(st, "after_sft")
+            stg.release(st)
+        model_path = str(sft_dir / stg.FINAL)
+    elif stg.final_exists(sft_dir):
+        model_path = str(sft_dir / stg.FINAL)  # --stage rl after an SFT run in the same output_dir
+
+    # --- stage 2: RL (GRPO-MA) ----------------------------------------------------------------
+    if cfg.run.stage in ("rl", "all") and cfg.rl.rl_steps > 0:
+        if cfg.run.resume and stg.final_exists(rl_dir):
+            log.info("RL already complete in %s: skipped", rl_dir / stg.FINAL)
+        else:
+            st = stg.build_stage(cfg, "rl", model_path, global_batch=cfg.rl.prompts_per_step,
+                                 micro=cfg.rl.rl_micro_batch_size, lr=cfg.rl.rl_lr, warmup=cfg.rl.rl_warmup_steps,
+                                 total_optimizer_steps=cfg.rl.rl_steps * cfg.rl.ppo_epochs)
+            ref = None
+            if cfg.rl.kl_coef > 0:
+                ref, st.extra["ref_hf_ds"] = build_reference(cfg.model, model_path, st.ds_config)
+            state = RLState(task)
+            resumed = stg.maybe_resume(st, cfg)
+            start = resumed["step"] if resumed else 0
+            if resumed:
+                state.load_state_dict(resumed["rl"])
+            logger.truncate_after("rl", start)
+            if start == 0 and cfg.run.stage == "rl" and "before_rl" not in summary["evals"]:
+                held_out_eval(st, "before_rl")
+            t0 = time.perf_counter()
+            last = run_rl(st, cfg, task, logger, state, start, ref, train_samples)
+            summary["rl"] = {"steps": cfg.rl.rl_steps, "tree": f"T{cfg.rl.num_thoughts}A{cfg.rl.answers_per_thought}",
+                             "last": last, "seconds": time.perf_counter() - t0, "skipped_steps": st.skipped_steps}
+            stg.save_final(st, cfg)
+            held_out_eval(st, "after_rl")
+            stg.release(st)
+
+    # --- summary --------------------------------------------------------------------------------
+    summary["paths"] = {
+        "run_dir": str(out.resolve()),
+        "config": str((out / "config.yaml").resolve()),
+        "metrics": str(logger.jsonl_path.resolve()),
+        "tensorboard": str((out / "tensorboard").resolve()),
+        "sft_model": str((sft_dir / stg.FINAL).resolve()) if stg.final_exists(sft_dir) else None,
+        "rl_model": str((rl_dir / stg.FINAL).resolve()) if stg.final_exists(rl_dir) else None,
+    }
+    logger.close()
+    if dist.is_main():
+        _write_json(summary_path, summary)
+        print(format_summary(task.name, summary), flush=True)
+    dist.barrier()
+    return summary
+
+
+def format_summary(task_name: str, summary: dict) -> str:
+    """The end-of-run table: held-out metrics per evaluation point, and where things were written."""
+    evals = summary.get("evals", {})
+    order = [k for k in ("before_sft", "after_sft", "before_rl", "after_rl") if k in evals]
+    lines = ["", f"== {task_name}: held-out metrics (greedy decoding) =="]
+    if order:
+        keys = [k for k in evals[order[0]] if not k.startswith("eval/parse")]
+        for o in order[1:]:
+            keys += [k for k in evals[o] if k not in keys and not k.startswith("eval/parse")]
+        width = max(len(k) for k in keys)
+        lines.append(" " * width + "".join(f"{o:>13}" for o in order))
+        for k in keys:
+            lines.append(k.ljust(width) + "".join(
+                f"{evals[o][k]:>13.4f}" if k in evals[o] else f"{'-':>13}" for o in order))
+    else:
+        lines.append("(no evaluation: eval_samples = 0)")
+    for st in ("sft", "rl"):
+        if st in summary:
+            s = summary[st]
+            lines.append(f"{st.upper()}: {s['steps']} steps in {s['seconds']:.0f} s"
+                         + (f" ({s['tree']})" if "tree" in s else "")
+                         + (f", {s['skipped_steps']} skipped (non-finite)" if s.get("skipped_steps") else ""))
+    lines.append("written:")
+    for k, v in summary.get("paths", {}).items():
+        if v:
+            lines.append(f"  {k:<12} {v}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

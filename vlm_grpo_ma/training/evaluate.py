@@ -1,0 +1,91 @@
+"""Held-out evaluation: greedy completions, the task's parser and the task's metrics.
+
+Used for the summary's before-SFT / after-SFT / after-RL rows.  Each rank decodes its share of
+the samples on gathered parameters (no collective per forward, so unequal lengths cannot
+deadlock); predictions are gathered to every rank and scored with ``task.metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import Any, Sequence
+
+from vlm_grpo_ma.task import ParseError
+from vlm_grpo_ma.training import distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def parse_completion(task, completion: str, sample, family) -> tuple[Any, str | None]:
+    """(prediction, None) for a well-formed completion, (None, reason) otherwise; never raises."""
+    from tasks.common import check_format, split_completion
+
+    thought, answer = split_completion(completion)
+    try:
+        inner = check_format(thought, answer)
+        return task.parse(inner, sample, family), None
+    except ParseError as e:
+        return None, e.reason
+    except Exception as e:  # a task bug must not end a run: counted under its type
+        return None, f"error:{type(e).__name__}"
+
+
+def evaluate(
+    model,
+    processor,
+    family,
+    task,
+    samples: Sequence,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    gather_context=None,
+) -> dict[str, float]:
+    """The task's metrics of greedy predictions on ``samples``, plus ``eval/format_rate`` and
+    ``eval/parse/<reason>`` counts.  Collective when distributed: every rank calls it.
+
+    Args:
+        model: the policy (engine module, peft model or plain transformers model).
+        gather_context: zero-argument callable returning the context that holds full
+            parameters (ZeRO-3), entered once around all of this rank's generation.
+    """
+    from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
+
+    n = len(samples)
+    if n == 0:
+        return {}
+    world, rank = dist.world_size(), dist.rank()
+    mine = list(range(rank, n, world))
+    backend = HFRolloutBackend(model, processor=processor)
+    greedy = SamplingParams(temperature=0.0, max_thought_tokens=max_new_tokens, max_answer_tokens=max_new_tokens)
+    completions: dict[int, str] = {}
+    import contextlib
+
+    ctx = gather_context() if gather_context is not None else contextlib.nullcontext()
+    with ctx:
+        for i in range(0, len(mine), batch_size):
+            idx = mine[i : i + batch_size]
+            msgs = [task.messages(samples[j], family) for j in idx]
+            texts = backend.generate(msgs, n=1, sampling=greedy, max_new_tokens=max_new_tokens)
+            for j, t in zip(idx, texts):
+                completions[j] = t[0]
+    merged: dict[int, str] = {}
+    for part in dist.all_gather_objects(completions):
+        merged.update(part)
+    preds, reasons = [], Counter()
+    for j in range(n):
+        pred, reason = parse_completion(task, merged[j], samples[j], family)
+        preds.append(pred)
+        if reason:
+            reasons[reason] += 1
+    try:
+        metrics = {k: float(v) for k, v in task.metrics(preds, list(samples)).items()}
+    except Exception as e:
+        raise RuntimeError(f"task {task.name!r}: metrics() failed on {n} predictions: {e}") from e
+    metrics["eval/format_rate"] = sum(p is not None for p in preds) / n
+    for r, c in sorted(reasons.items()):
+        metrics[f"eval/parse/{r}"] = float(c)
+    metrics = {k: (v if math.isfinite(v) else float("nan")) for k, v in metrics.items()}
+    return metrics

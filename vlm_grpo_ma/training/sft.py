@@ -1,0 +1,113 @@
+"""Stage 1, supervised warm-start: cross-entropy on the assistant's tokens only.
+
+Per optimizer step: the step's global batch (``data.SampleStream``), this rank's slice, the
+task's messages and reference completion (``Task.sft_target``), collated by
+``vlm_grpo_ma.data.collate.build_sft_batch`` (labels -100 on the prompt and image tokens;
+over-long samples dropped and counted, never truncated).
+
+The loss is the mean negative log-likelihood over all assistant tokens of the GLOBAL batch:
+each micro-batch's token sum is divided by the global token count (an all-reduce) and multiplied
+by ``world * grad_accum`` to undo DeepSpeed's averaging over ranks and accumulation steps, so 1
+rank and N ranks compute the same gradient for the same global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from vlm_grpo_ma.algorithms import selective_log_softmax
+from vlm_grpo_ma.training import checkpoint as ckpt
+from vlm_grpo_ma.training import distributed as dist
+from vlm_grpo_ma.training.config import TrainConfig
+from vlm_grpo_ma.training.data import SampleStream
+from vlm_grpo_ma.training.metrics import MetricsLogger
+from vlm_grpo_ma.training.stage import Stage, lr_of, optimizer_step
+
+log = logging.getLogger(__name__)
+
+
+def assistant_token_nll(model, batch) -> tuple[torch.Tensor, int]:
+    """(sum of -log p over the assistant's tokens, their number) for one SFT micro-batch.
+
+    The LM head runs only at the positions that predict a label (hidden state at t-1 predicts
+    token t), and the log-softmax never materialises float32 [B, T, V] (selective_log_softmax).
+    """
+    core = getattr(model, "get_base_model", lambda: model)()
+    inputs = batch.model_inputs()
+    hidden = core.model(**inputs, use_cache=False).last_hidden_state  # [B, T, H]
+    labels = batch.labels[:, 1:]  # [B, T-1]
+    rows, cols = (labels != -100).nonzero(as_tuple=True)
+    h = hidden[rows, cols]  # [N, H]: position t-1 predicts label t
+    logits = core.lm_head(h)  # [N, V]
+    logp = selective_log_softmax(logits, labels[rows, cols])  # [N]
+    return -logp.sum(), int(rows.numel())
+
+
+def sft_step(stage: Stage, cfg: TrainConfig, task, samples: list) -> dict:
+    """One optimizer step of SFT on this rank's ``samples`` (its slice of the global batch)."""
+    from vlm_grpo_ma.data.collate import build_sft_batch
+
+    engine, family = stage.engine, stage.family
+    dev = dist.device()
+    micro = [samples[i : i + stage.micro_batch] for i in range(0, len(samples), stage.micro_batch)]
+    batches, dropped = [], 0
+    for chunk in micro:
+        b = build_sft_batch(
+            stage.processor,
+            [task.messages(s, family) for s in chunk],
+            [task.sft_target(s, family) for s in chunk],
+            cfg.data.max_length,
+        )
+        dropped += len(b.dropped)
+        if len(b) == 0:
+            raise ValueError(
+                f"every sample of a micro batch is longer than max_length={cfg.data.max_length} "
+                f"(lengths {[d.length for d in b.dropped]}): raise --max_length"
+            )
+        batches.append(b.to(dev))
+    n_local = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
+    n_global = dist.all_reduce_sum(n_local)
+    scale = dist.world_size() * stage.grad_accum / max(n_global, 1.0)
+    nll_sum = 0.0
+    for i, b in enumerate(batches):
+        nll, _ = assistant_token_nll(engine.module, b)
+        engine.backward(nll * scale)
+        nll_sum += float(nll.detach())
+        if i < len(batches) - 1:
+            engine.step()  # inside the accumulation window DeepSpeed only counts the micro step
+    applied, norm = optimizer_step(stage)
+    loss = dist.all_reduce_sum(nll_sum) / max(n_global, 1.0)
+    return {
+        "loss/sft": loss,
+        "grad/norm": norm,
+        "train/step_applied": float(applied),
+        "train/skipped_steps": float(stage.skipped_steps),
+        "data/dropped_too_long": dist.all_reduce_sum(dropped),
+        "data/tokens": n_global,
+    }
+
+
+def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_step: int = 0, train_samples=None) -> dict:
+    """SFT steps ``start_step .. sft_steps - 1`` with checkpoints; returns the last step's metrics."""
+    stream = SampleStream(task, cfg.sft.sft_batch_size, cfg.run.seed, "sft", train_samples)
+    bar = tqdm(total=cfg.sft.sft_steps, initial=start_step, desc="SFT", disable=not dist.is_main(), dynamic_ncols=True)
+    stage.engine.train()
+    last: dict = {}
+    for step in range(start_step, cfg.sft.sft_steps):
+        t0 = time.perf_counter()
+        local = dist.shard(stream.batch(step))
+        metrics = sft_step(stage, cfg, task, local)
+        metrics["lr"] = lr_of(stage)
+        metrics["time/step"] = time.perf_counter() - t0
+        logger.log("sft", step + 1, metrics)
+        last = metrics
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{metrics['lr']:.1e}")
+        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.sft_steps:
+            ckpt.save_checkpoint(stage.engine, stage.dir, step + 1, {"skipped_steps": stage.skipped_steps}, cfg.run.keep_last)
+    bar.close()
+    return last
