@@ -267,7 +267,7 @@ def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     q = segment[:, :, None]
     kv = segment[:, None, :]
-    allowed = causal & ((kv == -1) | (kv == q)) & (kv != -2)
+    allowed = causal & ((kv == -1) | (kv == q)) & (kv != -2) & (q != -2)
     pad_q = (segment == -2)[:, :, None] & torch.eye(L, dtype=torch.bool)
     return (allowed | pad_q)[:, None]
 
