@@ -27,10 +27,11 @@ def _is_saved_dataset(path: str) -> bool:
     )
 
 
-def open_hf_dataset(path: str | os.PathLike, split: Optional[str] = None) -> Any:
+def open_hf_dataset(path: str | os.PathLike, split: Optional[str] = None, cache_dir: Optional[str] = None) -> Any:
     """The ``datasets.Dataset`` at a local path (one split of a ``DatasetDict``).
 
-    ``split`` may be omitted when there is only one.  Raises DataError for a missing path, an
+    ``split`` may be omitted when there is only one; ``cache_dir`` is where ``load_dataset``
+    keeps the Arrow copy of a data file (default: the ``datasets`` cache).  Raises DataError for a missing path, an
     unknown split or a file type ``datasets`` cannot read.
     """
     import datasets
@@ -47,7 +48,7 @@ def open_hf_dataset(path: str | os.PathLike, split: Optional[str] = None) -> Any
         if ext not in _BUILDERS:
             raise DataError(path, None, "", f"cannot read {ext or 'a file without extension'} with datasets (use {sorted(_BUILDERS)})", "bad_value")
         try:
-            ds = datasets.load_dataset(_BUILDERS[ext], data_files=path)
+            ds = datasets.load_dataset(_BUILDERS[ext], data_files=path, cache_dir=cache_dir)
         except Exception as e:  # a malformed file: datasets wraps the parser's error
             raise DataError(path, None, "", f"datasets could not read it ({type(e).__name__}: {e})", "bad_json") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -86,6 +87,7 @@ def load_hf(
     skip_invalid: bool = False,
     image_root: Optional[str] = None,
     limit: Optional[int] = None,
+    cache_dir: Optional[str] = None,
     **record_opts: Any,
 ) -> LoadedSamples:
     """Samples from a local Hugging Face dataset (see the module docstring).
@@ -97,9 +99,10 @@ def load_hf(
         skip_invalid, limit, record_opts: as :func:`~vlm_grpo_ma.data.loaders.load_jsonl`.
         image_root: folder relative image paths are relative to (default: the dataset's folder,
             or the data file's folder).
+        cache_dir: ``load_dataset``'s cache for data files (default: the ``datasets`` cache).
     """
     path = os.fspath(path)
-    ds = open_hf_dataset(path, split)
+    ds = open_hf_dataset(path, split, cache_dir)
     base = image_root or (os.path.abspath(path) if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     record_opts.setdefault("base_dir", base)
     source = path if split is None else f"{path}[{split}]"
