@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a suite with a model")
     r.add_argument("--suite", required=True, help="a bundled suite name (see `list`) or a YAML file")
     r.add_argument("--model", required=True, help="tiny model name, checkpoint folder or hub id")
-    r.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    r.add_argument("--backend", choices=("hf", "vllm", "reference"), default="hf",
+                   help="hf (transformers), vllm, or reference (no model: the task's reference answers, "
+                        "a sanity check of the suite; --model then names the family, e.g. qwen2_5_vl)")
     r.add_argument("--output", help="output folder (default runs/bench/<suite>/<model>)")
     r.add_argument("--limit", type=int, help="only the first N samples")
     r.add_argument("--batch-size", type=int, help="prompts per generation call (default: the suite's)")

@@ -6,9 +6,13 @@
 - ``vllm``: imported lazily from :mod:`vlm_grpo_ma.rollout.vllm` (an optional extra); a clear
   error says what is missing when it is not installed.
 
+- ``reference``: no model; every completion is the task's SFT target for the sample (its
+  reference answer in the suite's coordinate family).  A sanity check of a suite: its data,
+  parser and metrics must give the best scores.
+
 A backend exposes ``family`` (the :class:`ModelFamily` of the processor it loaded), ``name`` and
-``complete(messages_batch, gen, seed) -> list[list[str]]`` (B prompts x K*M completions, the
-k-th thought's m-th answer at index ``k * M + m``).
+``complete(samples, messages_batch, gen, seed) -> list[list[str]]`` (B prompts x K*M
+completions, the k-th thought's m-th answer at index ``k * M + m``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Protocol, Sequence
 
 from vlm_grpo_ma.bench.suite import GenerationSpec
 
-__all__ = ["Backend", "BackendUnavailable", "HFBackend", "load_backend"]
+__all__ = ["Backend", "BackendUnavailable", "HFBackend", "ReferenceBackend", "load_backend"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,7 +34,8 @@ class Backend(Protocol):
     name: str
     family: Any
 
-    def complete(self, messages_batch: Sequence[list[dict]], gen: GenerationSpec, seed: int) -> list[list[str]]:
+    def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: GenerationSpec,
+                 seed: int) -> list[list[str]]:
         ...
 
 
@@ -78,7 +83,8 @@ class HFBackend:
         self.model_path = self.policy.path
         self._rollout = HFRolloutBackend(self.policy.model, processor=self.policy.processor)
 
-    def complete(self, messages_batch: Sequence[list[dict]], gen: GenerationSpec, seed: int) -> list[list[str]]:
+    def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: GenerationSpec,
+                 seed: int) -> list[list[str]]:
         sampling = _sampling(gen, seed)
         if not gen.do_sample:
             return self._rollout.generate(messages_batch, n=1, sampling=sampling, max_new_tokens=gen.max_new_tokens)
@@ -90,6 +96,28 @@ class HFBackend:
             [tree.thought_texts[b][k] + tree.answer_texts[b][k][m] for k in range(K) for m in range(M)]
             for b in range(tree.B)
         ]
+
+
+class ReferenceBackend:
+    """Answers every prompt with the task's reference (SFT target) text; loads no model.
+
+    Args:
+        task: the suite's task instance.
+        family: the coordinate family the answers are written in (default Qwen2.5-VL).
+    """
+
+    name = "reference"
+
+    def __init__(self, task: Any, family: Any = None, **_: Any):
+        from vlm_grpo_ma.models.family import ModelFamily
+
+        self.task = task
+        self.family = family or ModelFamily.from_model_type("qwen2_5_vl")
+        self.model_path = "reference"
+
+    def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: GenerationSpec,
+                 seed: int) -> list[list[str]]:
+        return [[self.task.sft_target(s, self.family)] * gen.num_samples for s in samples]
 
 
 def _vllm_backend(model: str, **kw: Any) -> Backend:
@@ -112,10 +140,15 @@ def _vllm_backend(model: str, **kw: Any) -> Backend:
         raise BackendUnavailable(f"--backend vllm: vLLM is not importable here ({e}); use --backend hf") from e
 
 
-def load_backend(kind: str, model: str, **kw: Any) -> Backend:
-    """``hf`` or ``vllm`` backend for ``model``."""
+def load_backend(kind: str, model: str, task: Any = None, **kw: Any) -> Backend:
+    """``hf``, ``vllm`` or ``reference`` backend for ``model``."""
+    if kind == "reference":
+        from vlm_grpo_ma.models.family import ModelFamily
+
+        fam = ModelFamily.from_model_type(model) if model in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") else None
+        return ReferenceBackend(task, fam)
     if kind == "hf":
         return HFBackend(model, **kw)
     if kind == "vllm":
         return _vllm_backend(model, **kw)
-    raise ValueError(f"unknown backend {kind!r}; choose hf or vllm")
+    raise ValueError(f"unknown backend {kind!r}; choose hf, vllm or reference")

@@ -186,9 +186,12 @@ def draw_thumbnail(image_ref: Any, target: Any, prediction: Any, task: str = "",
         x2, y2 = px(b[2:])
         x1, x2 = sorted((x1, x2))
         y1, y2 = sorted((y1, y2))
+        d.rectangle((x1 - 1, y1 - 1, x2 + 1, y2 + 1), outline=(0, 0, 0), width=lw + 2)  # halo: visible on any colour
         d.rectangle((x1, y1, x2, y2), outline=colour, width=lw)
         if label:
-            d.text((x1 + 2, max(0, y1 - 11)), label[:24], fill=colour)
+            ty = y1 - 12 if y1 >= 12 else y2 + 2
+            d.text((x1 + 1, ty + 1), label[:24], fill=(0, 0, 0))
+            d.text((x1, ty), label[:24], fill=colour)
 
     def traj(t: list[list[float]], colour: tuple[int, int, int], dashed: bool) -> None:
         pts = [px(p) for p in t]
@@ -200,19 +203,23 @@ def draw_thumbnail(image_ref: Any, target: Any, prediction: Any, task: str = "",
                     e = (a[0] + (b[0] - a[0]) * (i + 1) / n, a[1] + (b[1] - a[1]) * (i + 1) / n)
                     d.line((s, e), fill=colour, width=lw)
         else:
+            d.line(pts, fill=(0, 0, 0), width=lw + 2, joint="curve")
             d.line(pts, fill=colour, width=lw, joint="curve")
         for i, p in enumerate(pts):
-            r = lw + (2 if i == len(pts) - 1 else 0)
+            r = lw + (2 if i == len(pts) - 1 else 0)  # the end point is larger
+            d.ellipse((p[0] - r - 1, p[1] - r - 1, p[0] + r + 1, p[1] + r + 1), fill=(0, 0, 0))
             d.ellipse((p[0] - r, p[1] - r, p[0] + r, p[1] + r), fill=colour)
 
     def point(p: list[float], colour: tuple[int, int, int], ring: bool) -> None:
         x, y = px(p)
         r = lw + 2
         if ring:
+            d.ellipse((x - r - 1, y - r - 1, x + r + 1, y + r + 1), outline=(0, 0, 0), width=max(1, lw - 1) + 2)
             d.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=max(1, lw - 1))
             d.line((x - r - 2, y, x + r + 2, y), fill=colour, width=1)
             d.line((x, y - r - 2, x, y + r + 2), fill=colour, width=1)
         else:
+            d.ellipse((x - r - 1, y - r - 1, x + r + 1, y + r + 1), fill=(0, 0, 0))
             d.ellipse((x - r, y - r, x + r, y + r), fill=colour)
 
     for i, b in enumerate(gt.boxes):

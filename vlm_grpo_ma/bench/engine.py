@@ -501,8 +501,9 @@ def run_suite(
         n_new = 0
         if todo or not (out / RUN_INFO).is_file():
             if be is None:
-                be = __import__("vlm_grpo_ma.bench.backends", fromlist=["load_backend"]).load_backend(
-                    backend, model, min_pixels=suite.min_pixels, max_pixels=suite.max_pixels)
+                from vlm_grpo_ma.bench.backends import load_backend
+
+                be = load_backend(backend, model, task=task, min_pixels=suite.min_pixels, max_pixels=suite.max_pixels)
             family = resolve_family(suite.family, be.family, suite.min_pixels, suite.max_pixels)
             info = {"suite": suite.name, "model": model, "backend": getattr(be, "name", backend),
                     "generation": dataclasses.asdict(dataclasses.replace(gen, batch_size=1)),
@@ -525,7 +526,7 @@ def run_suite(
                         if not batch:
                             break
                     messages = [task.messages(s, family) for s in batch]
-                    texts = be.complete(messages, gen, _batch_seed(gen.seed, index[batch[0].id]))
+                    texts = be.complete(batch, messages, gen, _batch_seed(gen.seed, index[batch[0].id]))
                     for s, comps in zip(batch, texts):
                         row = score_completions(task, s, family, comps, strict)
                         f.write(json.dumps(jsonable(row), ensure_ascii=False) + "\n")

@@ -44,25 +44,19 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from vlm_grpo_ma.data.errors import DataError
 from vlm_grpo_ma.data.images import ImageLoadError, image_size
 from vlm_grpo_ma.data.sample import Sample
 
 __all__ = ["FORMATS", "FormatError", "load_format", "mask_to_rle", "rle_to_mask"]
 
-try:  # the data package's error class, so that callers catch one kind of data error
-    from vlm_grpo_ma.data.loaders import DataError as _DataErrorBase  # type: ignore
-except Exception:  # pragma: no cover - data loaders not installed yet
-    _DataErrorBase = ValueError
+class FormatError(DataError):
+    """Bad benchmark data (a :class:`~vlm_grpo_ma.data.errors.DataError`): the message names the
+    file, the record (``line N`` of a JSONL file, ``[i]`` of a JSON list) and the field."""
 
-
-class FormatError(_DataErrorBase):  # type: ignore[misc,valid-type]
-    """Bad benchmark data; the message names the file, the record and the field."""
-
-    def __init__(self, path: str | os.PathLike, where: str, field: str | None, msg: str):
-        loc = f"{path}:{where}" if where else str(path)
-        text = f"{loc}: field {field!r}: {msg}" if field else f"{loc}: {msg}"
-        ValueError.__init__(self, text)
-        self.path, self.where, self.field = str(path), where, field
+    def __init__(self, file: str | os.PathLike, line: str | None, field: str | None, reason: str,
+                 kind: str = "bad_value"):
+        super().__init__(str(file), line or None, field or "", reason, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,11 +404,19 @@ def load_roborefit(path: str | os.PathLike, image_root: str | None = None, split
 # ---------------------------------------------------------------------------------------------
 def load_coco(path: str | os.PathLike, image_root: str | None = None, split: str = "val",
               limit: int | None = None, **options: Any) -> list[Sample]:
-    """COCO instances JSON through :mod:`vlm_grpo_ma.data.loaders` (pycocotools)."""
+    """COCO instances JSON through :func:`vlm_grpo_ma.data.loaders.load_coco` (pycocotools):
+    one sample per image, all its boxes labelled with their category names, crowd boxes kept
+    as ignore regions.  ``options`` go to that loader (``mode="annotation"`` for one grounding
+    sample per object, ``skip_invalid``, ...)."""
     from vlm_grpo_ma.data import loaders
 
-    samples = loaders.load_coco(path, image_root=image_root, **options)
-    return _limit(list(samples), limit)
+    kw = {"image_dir": image_root, **options}
+    samples = list(loaders.load_coco(path, "detection", limit=limit, **kw))
+    names = sorted({lab for s in samples for lab in s.target.get("labels", [])})
+    for s in samples:  # image mode has no prompt fields: "find every object" of these categories
+        s.prompt.setdefault("object", "object")
+        s.prompt.setdefault("categories", ", ".join(names))
+    return _limit(samples, limit)
 
 
 def load_jsonl(path: str | os.PathLike, image_root: str | None = None, split: str = "test",
@@ -422,12 +424,7 @@ def load_jsonl(path: str | os.PathLike, image_root: str | None = None, split: st
     """The project's own JSONL sample format through :mod:`vlm_grpo_ma.data.loaders`."""
     from vlm_grpo_ma.data import loaders
 
-    kw = dict(options)
-    if task is not None:
-        kw["task"] = task
-    if image_root is not None:
-        kw["image_root"] = image_root
-    samples = loaders.load_jsonl(path, **kw)
+    samples = loaders.load_jsonl(path, task, image_root=image_root, limit=limit, **options)
     return _limit(list(samples), limit)
 
 

@@ -43,13 +43,17 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def numeric_sample_metrics(rows: Sequence[dict]) -> dict[str, list[float]]:
-    """Per-sample metric name -> finite values over the rows that have it."""
+def numeric_sample_metrics(rows: Sequence[dict], skip_binary: bool = True) -> dict[str, list[float]]:
+    """Per-sample metric name -> finite values over the rows that have it.  With
+    ``skip_binary`` a metric whose values are all 0 or 1 (a threshold share, the parse rate) is
+    left out, except ``reward``: its mean is in the summary and a histogram of it says nothing."""
     out: dict[str, list[float]] = {}
     for r in rows:
         for k, v in (r.get("metrics") or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 out.setdefault(k, []).append(float(v))
+    if skip_binary:
+        out = {k: v for k, v in out.items() if k == "reward" or any(x not in (0.0, 1.0) for x in v)}
     return out
 
 
@@ -109,6 +113,8 @@ tr.key td{font-weight:600}
 .card .id{font-weight:600;word-break:break-all}
 .card .prompt{color:#444;margin:4px 0}
 .card .fail{color:#b00020;font-weight:600}
+.card .m{display:grid;grid-template-columns:auto auto auto auto;gap:1px 10px;margin:4px 0}
+.card .m .num{text-align:right;font-variant-numeric:tabular-nums;padding-right:6px}
 .card pre{white-space:pre-wrap;word-break:break-word;background:#f6f6f6;padding:4px;max-height:140px;overflow:auto}
 .legend span{display:inline-block;width:12px;height:12px;margin:0 4px -2px 12px;border-radius:2px}
 """
@@ -216,10 +222,10 @@ def write_report(
             parts.append(f"<div class='fail'>parse failure: {esc(str(r['parse_error']))}</div>")
         m = r.get("metrics") or {}
         if m:
-            parts.append("<table>")
+            parts.append("<div class='m'>")
             for k, v in m.items():
-                parts.append(f"<tr><td>{esc(str(k))}</td><td class='num'>{_fmt(v)}</td></tr>")
-            parts.append("</table>")
+                parts.append(f"<span>{esc(str(k))}</span><span class='num'>{_fmt(v)}</span>")
+            parts.append("</div>")
         raw = str(r.get("raw", ""))
         parts.append(f"<details><summary>raw output ({len(raw)} chars)</summary><pre>{esc(raw[:4000])}</pre></details>")
         parts.append("</div>")
