@@ -134,3 +134,9 @@ def test_single_type_and_help_lists_fields(capsys):
         parse_config(TYPES, ["--help"])
     out = capsys.readouterr().out
     assert "--num_thoughts" in out and "K: thoughts per prompt." in out and "--config FILE.yaml" in out
+
+
+def test_yaml_number_for_a_string_field_is_the_string(tmp_path):
+    p = yaml_file(tmp_path, "n.yaml", "model: 123\nseed: 3\n")
+    m, r = parse_config(TYPES, ["--config", p])
+    assert m.model == "123" and r.seed == 3

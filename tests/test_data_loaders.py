@@ -480,3 +480,10 @@ def test_load_samples_synthetic():
     got = load_samples("synthetic:3", "_loader_probe", seed=5)
     assert [s.id for s in got] == ["5-0", "5-1", "5-2"] and got.summary.loaded == 3
     assert len(load_samples({"format": "synthetic", "n": 2}, "_loader_probe")) == 2
+
+
+def test_jsonl_byte_order_mark_and_blank_lines(datadir):
+    path = datadir / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n\n   \n" + json.dumps(dict(GOOD, id="g2")).encode() + b"\n")
+    got = load_jsonl(str(path))
+    assert [s.id for s in got] == ["ok", "g2"] and got[1].meta["line"] == 4

@@ -114,7 +114,9 @@ def _check_scalar(key: str, conv: Any, choices: Any, value: Any, path: str) -> A
         if isinstance(value, bool) and conv in (int, float):
             raise ConfigError(f"{path}: key {key!r} must be a number, got {value!r}")
         try:
-            if isinstance(value, str) or conv in (int, float):
+            if conv is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)  # `name: 123` in YAML means the string, as on the command line
+            elif isinstance(value, str) or conv in (int, float):
                 new = conv(value)
                 if conv is int and isinstance(value, float) and new != value:
                     raise ValueError("not an integer")

@@ -24,6 +24,7 @@ Locator = Union[int, str, None]
 
 #: the ``kind`` keys a loader uses (others may be added; they are only counted)
 KINDS = (
+    "missing_file",  # the data file itself does not exist
     "bad_json",  # a line / file that is not valid JSON, or not an object
     "missing_field",  # a required field is absent
     "bad_value",  # a field of the wrong type or value
@@ -33,6 +34,7 @@ KINDS = (
     "bad_arity",  # a box without 4 numbers, a point without 2, ...
     "inverted_box",  # x1 > x2 or y1 > y2 (or negative COCO width / height)
     "out_of_image",  # geometry outside the image beyond the tolerance
+    "duplicate_id",  # an id already used in the same source
 )
 
 

@@ -38,7 +38,7 @@ def open_hf_dataset(path: str | os.PathLike, split: Optional[str] = None, cache_
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise DataError(path, None, "", "dataset not found (only local datasets are read)", "missing_field")
+        raise DataError(path, None, "", "dataset not found (only local datasets are read)", "missing_file")
     if os.path.isdir(path):
         if not _is_saved_dataset(path):
             raise DataError(path, None, "", "folder is not a dataset saved with save_to_disk (no dataset_dict.json / state.json)", "bad_value")

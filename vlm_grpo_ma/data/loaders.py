@@ -410,7 +410,7 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a byte-order mark
             except UnicodeDecodeError as e:
                 yield n, DataError(path, n, "", f"not UTF-8 text ({e.reason} at byte {e.start})", "bad_json")
                 continue
@@ -450,7 +450,7 @@ def load_jsonl(
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DataError(path, None, "", "data file not found", "missing_field")
+        raise DataError(path, None, "", "data file not found", "missing_file")
     return load_records(
         iter_jsonl(path), task, source=path, skip_invalid=skip_invalid, limit=limit, **_record_opts(path, image_root, record_opts)
     )
@@ -458,7 +458,7 @@ def load_jsonl(
 
 def _read_json(path: str) -> Any:
     if not os.path.isfile(path):
-        raise DataError(path, None, "", "data file not found", "missing_field")
+        raise DataError(path, None, "", "data file not found", "missing_file")
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
