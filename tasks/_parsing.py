@@ -55,6 +55,8 @@ MAX_ITEMS = 100
 MAX_ABS = 1e5
 #: how many opening brackets are tried as the start of the structure
 _MAX_STARTS = 32
+#: structures nested deeper than this are not read (no answer shape nests beyond 3)
+_MAX_DEPTH = 16
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _BOX_TOKENS_RE = re.compile(
@@ -102,12 +104,13 @@ def strip_code_fence(text: str) -> str:
     return m.group(1).strip() if m else text
 
 
-def _scan(text: str, start: int) -> tuple[int | None, list[int]]:
+def _scan(text: str, start: int) -> tuple[int | None, list[int], bool]:
     """Scan the bracketed structure opening at ``text[start]``.
 
-    Returns ``(end, cuts)``: ``end`` is the index just past the matching close bracket, or None
-    when the text ends first (or a bracket mismatches); ``cuts`` are the indices of the commas
-    at depth 1 (between complete top-level elements), used to recover a truncated list.
+    Returns ``(end, cuts, too_deep)``: ``end`` is the index just past the matching close
+    bracket, or None when the text ends first (or a bracket mismatches); ``cuts`` are the
+    indices of the commas at depth 1 (between complete top-level elements), used to recover a
+    truncated list; ``too_deep`` is True (and the scan stops) past :data:`_MAX_DEPTH` levels.
     Strings in single or double quotes (with backslash escapes) are skipped.
     """
     stack: list[str] = []
@@ -126,16 +129,18 @@ def _scan(text: str, start: int) -> tuple[int | None, list[int]]:
             quote = c
         elif c in _OPEN:
             stack.append(_OPEN[c])
+            if len(stack) > _MAX_DEPTH:
+                return None, cuts, True
         elif c in _CLOSE:
             if not stack or stack[-1] != c:
-                return None, cuts
+                return None, cuts, False
             stack.pop()
             if not stack:
-                return i + 1, cuts
+                return i + 1, cuts, False
         elif c == "," and len(stack) == 1:
             cuts.append(i)
         i += 1
-    return None, cuts
+    return None, cuts, False
 
 
 def _literal(span: str) -> tuple[bool, Any]:
@@ -162,7 +167,9 @@ def _structures(text: str) -> Iterator[Any]:
             return
         tried += 1
         start = m.start()
-        end, cuts = _scan(text, start)
+        end, cuts, too_deep = _scan(text, start)
+        if too_deep:
+            continue
         if end is not None:
             ok, value = _literal(text[start:end])
             if ok:
