@@ -487,3 +487,14 @@ def test_jsonl_byte_order_mark_and_blank_lines(datadir):
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n\n   \n" + json.dumps(dict(GOOD, id="g2")).encode() + b"\n")
     got = load_jsonl(str(path))
     assert [s.id for s in got] == ["ok", "g2"] and got[1].meta["line"] == 4
+
+
+def test_verify_images_catches_a_file_truncated_after_its_header(datadir):
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(datadir / "images" / "noise.png")
+    data = (datadir / "images" / "noise.png").read_bytes()
+    (datadir / "images" / "cut.png").write_bytes(data[: len(data) // 2])
+    path = write_jsonl(datadir / "cut.jsonl", [_with(id="c", image="images/cut.png")])
+    assert len(load_jsonl(path)) == 1  # the header alone is fine: only the size is read
+    with pytest.raises(DataError, match=r"cut\.jsonl:1: field 'image': cannot read image") as e:
+        load_jsonl(path, verify_images=True)
+    assert e.value.kind == "corrupt_image"

@@ -67,7 +67,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 from PIL import Image
 
 from vlm_grpo_ma.data.errors import DataError, FieldError, LoadSummary, Locator
-from vlm_grpo_ma.data.images import ImageLoadError, describe_ref, image_size, load_image
+from vlm_grpo_ma.data.images import ImageLoadError, image_size, load_image
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.data.validate import (
     DEFAULT_TOLERANCE,
