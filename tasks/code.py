@@ -1,0 +1,225 @@
+"""Python programming problems scored by running the solution against tests in a sandbox.
+
+Sample: ``prompt = {"problem": str}``; ``target = {"tests": [...], "solution": str}``.
+``tests`` (see :mod:`vlm_grpo_ma.sandbox`) is a list whose items are either assert statements
+(strings such as ``"assert f(2) == 4"``, run in the solution's namespace) or stdin/stdout pairs
+(``{"input": "1 2\\n", "output": "3\\n"}``, the solution runs as a program); both kinds may be
+mixed.  ``solution`` (optional) is a reference solution, used by the SFT target.
+Images are optional (``sample.images`` may be empty).
+
+Answer (inside ``<answer>``): the code in a ```` ```python ```` fence (a plain ```` ``` ````
+fence, or bare code, is accepted too; with several fences the first ``python`` one, else the
+first one, is taken).  Parse failures: ``empty``, ``too_long`` (over ``max_code_chars``),
+``syntax_error`` (the code does not compile: checked in-process with ``compile``, nothing runs).
+
+Reward (parts ``format``, ``tests``): the fraction of tests passed in the sandbox.
+Metrics: ``pass@1`` (share of samples whose solution passes every test), ``test_pass_rate``
+(mean fraction of tests passed) and ``parse_rate``.
+
+The sandbox's protections and limits are documented in docs/SANDBOX.md; options
+``timeout_s`` (wall clock per process, 5), ``memory_mb`` (512), ``max_workers`` (4, the pool of
+:meth:`CodeTask.reward_batch` and :meth:`CodeTask.metrics`) and ``isolation`` (``"auto"``) set it up.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from typing import Any, Sequence
+
+from tasks import _synthetic as syn
+from tasks._answer import AnswerTask, answer_inner
+from tasks.common import format_sft_target
+from vlm_grpo_ma.data.sample import Sample
+from vlm_grpo_ma.sandbox import Sandbox, SandboxLimits, validate_tests
+from vlm_grpo_ma.task import ParseError, Reward
+
+__all__ = ["CodeTask", "extract_code"]
+
+_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(text: str) -> str:
+    """The code of an answer: the first ```` ```python ```` (or ``py``/``python3``) fenced
+    block, else the first fenced block of any language, else the whole text; an unterminated
+    fence runs to the end.  Surrounding blank lines are stripped."""
+    blocks = _FENCE_RE.findall(text)
+    if blocks:
+        for lang, body in blocks:
+            if lang.lower() in ("python", "py", "python3"):
+                return body.strip("\n")
+        return blocks[0][1].strip("\n")
+    return text.strip("\n")
+
+
+class CodeTask(AnswerTask):
+    """Code generation scored in the sandbox (see the module docstring).
+
+    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``timeout_s`` (5), ``cpu_s`` (= timeout_s),
+    ``memory_mb`` (512), ``max_processes`` (16), ``output_kb`` (1024), ``max_workers`` (4),
+    ``isolation`` (``"auto"``), ``max_code_chars`` (20000).
+    """
+
+    name = "code"
+    reward_parts = ("format", "tests")
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        timeout = float(self.options.get("timeout_s", 5.0))
+        self.limits = SandboxLimits(
+            wall_timeout_s=timeout,
+            cpu_time_s=float(self.options.get("cpu_s", timeout)),
+            memory_bytes=int(self.options.get("memory_mb", 512)) * 2**20,
+            max_processes=int(self.options.get("max_processes", 16)),
+            output_bytes=int(self.options.get("output_kb", 1024)) * 1024,
+        )
+        self.max_workers = int(self.options.get("max_workers", 4))
+        self.isolation = str(self.options.get("isolation", "auto"))
+        self.max_code_chars = int(self.options.get("max_code_chars", 20_000))
+        self._sandbox: Sandbox | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The task's sandbox (created on first use)."""
+        with self._lock:
+            if self._sandbox is None:
+                self._sandbox = Sandbox(self.limits, isolation=self.isolation, max_workers=self.max_workers)
+            return self._sandbox
+
+    def tests(self, sample: Sample) -> list:
+        return validate_tests(sample.target.get("tests"), where=f"code sample {sample.id!r}: target['tests']")
+
+    def check_sample(self, sample: Sample) -> None:
+        self.tests(sample)
+
+    def sft_target(self, sample: Sample, family) -> str:
+        sol = sample.target.get("solution")
+        if not isinstance(sol, str) or not sol.strip():
+            raise ValueError(f"code sample {sample.id!r}: target['solution'] (reference code) is needed for SFT")
+        reasoning = sample.meta.get("reasoning") or "I write a function that does what the problem asks."
+        return format_sft_target(reasoning, f"```python\n{sol.strip()}\n```")
+
+    def parse(self, answer_text: str, sample: Sample, family) -> str:
+        text = answer_inner(answer_text) if isinstance(answer_text, str) else ""
+        code = extract_code(text)
+        if not code.strip():
+            raise ParseError("empty", "no code")
+        if len(code) > self.max_code_chars:
+            raise ParseError("too_long", f"{len(code)} characters > {self.max_code_chars}")
+        try:
+            compile(code, "solution.py", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as e:  # ValueError: null bytes
+            raise ParseError("syntax_error", f"{type(e).__name__}: {e}") from e
+        except (RecursionError, MemoryError) as e:  # absurdly nested code
+            raise ParseError("syntax_error", type(e).__name__) from e
+        return code
+
+    def score(self, prediction: Any, sample: Sample) -> float:
+        return self.sandbox.run_tests(prediction, self.tests(sample)).fraction
+
+    def reward_batch(self, items: Sequence[tuple[str, str, Any, Any]]) -> list[Reward]:
+        """``reward`` of many ``(thought, answer, sample, family)`` with the sandbox runs on a
+        pool of ``max_workers`` threads (order kept)."""
+        results: list[Reward | None] = [None] * len(items)
+        jobs, where = [], []
+        for k, (thought, answer, sample, family) in enumerate(items):
+            self.check_sample(sample)
+            code, failed = self.parse_completion(thought, answer, sample, family)
+            if failed is not None:
+                results[k] = failed
+            else:
+                jobs.append((code, self.tests(sample)))
+                where.append(k)
+        for k, rep in zip(where, self.sandbox.run_many(jobs, self.max_workers)):
+            results[k] = self.reward_from_score(rep.fraction)
+        return results  # type: ignore[return-value]
+
+    def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
+        if len(predictions) != len(samples):
+            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        if not samples:
+            return {"pass@1": math.nan, "test_pass_rate": math.nan, "parse_rate": math.nan}
+        jobs = [(p, self.tests(s)) for p, s in zip(predictions, samples) if p is not None]
+        reports = iter(self.sandbox.run_many(jobs, self.max_workers))
+        fractions, passed = [], []
+        for p in predictions:
+            if p is None:
+                fractions.append(0.0)
+                passed.append(0.0)
+            else:
+                rep = next(reports)
+                fractions.append(rep.fraction)
+                passed.append(float(rep.all_passed))
+        return {
+            "pass@1": sum(passed) / len(passed),
+            "test_pass_rate": sum(fractions) / len(fractions),
+            "parse_rate": sum(p is not None for p in predictions) / len(predictions),
+        }
+
+    # --- data ----------------------------------------------------------------------------
+    def synthetic(self, n: int, seed: int = 0) -> list[Sample]:
+        """Small deterministic function-writing problems (parameters drawn per sample) with
+        assert tests, and every fourth one a stdin/stdout program; each with a reference
+        solution.  Text only (no images)."""
+        out = []
+        for i in range(n):
+            rng = syn.rng_for(self.name, seed, i)
+            problem, solution, tests, reasoning = _PROBLEMS[i % len(_PROBLEMS)](rng)
+            out.append(
+                Sample(
+                    id=f"code-synthetic-{seed}-{i}",
+                    task=self.name,
+                    prompt={"problem": problem},
+                    target={"tests": tests, "solution": solution},
+                    meta={"reasoning": reasoning, "source": "synthetic"},
+                )
+            )
+        return out
+
+
+# ---- synthetic problem makers: rng -> (problem, solution, tests, reasoning) ------------------
+def _poly(rng):
+    a, b, c = rng.randint(1, 9), rng.randint(-9, 9), rng.randint(-9, 9)
+    expr = f"{a} * x * x + ({b}) * x + ({c})"
+    xs = rng.sample(range(-10, 11), 4)
+    tests = [f"assert f({x}) == {a * x * x + b * x + c}" for x in xs]
+    text = f"{a}*x**2 {'-' if b < 0 else '+'} {abs(b)}*x {'-' if c < 0 else '+'} {abs(c)}"
+    return (f"Write a Python function f(x) that returns {text} for an integer x.",
+            f"def f(x):\n    return {expr}\n", tests,
+            f"f evaluates the polynomial {text} directly.")
+
+
+def _digit_sum(rng):
+    k = rng.randint(2, 9)
+    xs = [rng.randint(0, 10**6) for _ in range(4)]
+    tests = [f"assert g({x}) == {sum(int(d) for d in str(x)) * k}" for x in xs]
+    return (f"Write a Python function g(n) that returns {k} times the sum of the decimal digits of "
+            f"the non-negative integer n.",
+            f"def g(n):\n    return {k} * sum(int(d) for d in str(n))\n", tests,
+            f"Sum the digits of str(n) and multiply by {k}.")
+
+
+def _count_char(rng):
+    ch = rng.choice("aeiou")
+    words = ["banana", "education", "queue", "rhythm", "aaa", "", "onomatopoeia", "sequoia"]
+    ws = rng.sample(words, 4)
+    tests = [f"assert count({w!r}) == {w.count(ch)}" for w in ws]
+    return (f"Write a Python function count(s) that returns how many times the letter {ch!r} "
+            f"occurs in the string s.",
+            f"def count(s):\n    return s.count({ch!r})\n", tests,
+            f"str.count gives the number of occurrences of {ch!r}.")
+
+
+def _stdin_sum(rng):
+    k = rng.randint(2, 9)
+    cases = [[rng.randint(-50, 50) for _ in range(rng.randint(1, 5))] for _ in range(3)]
+    tests = [{"input": " ".join(map(str, xs)) + "\n", "output": f"{k * sum(xs)}\n"} for xs in cases]
+    return (f"Write a Python program that reads integers separated by spaces from standard input "
+            f"and prints {k} times their sum.",
+            f"import sys\n\nnumbers = [int(t) for t in sys.stdin.read().split()]\nprint({k} * sum(numbers))\n",
+            tests, f"Read all integers from stdin, sum them and print {k} times the sum.")
+
+
+_PROBLEMS = (_poly, _digit_sum, _count_char, _stdin_sum)

@@ -1,0 +1,272 @@
+"""Math word problems checked with math-verify.
+
+Sample: ``prompt = {"question": str}``; ``target = {"answer": str}`` (LaTeX or plain:
+``"\\frac{7}{12}"``, ``"0.5"``, ``"3"``); ``meta["reasoning"]`` (optional) is the worked solution
+of the SFT target.  Images are optional (``sample.images`` may be empty).
+
+Answer (inside ``<answer>``): the final result, plain or LaTeX (``7/12``, ``\\frac{7}{12}``,
+``$\\frac{7}{12}$``, ``\\boxed{7/12}``, ``x = 5``).
+
+Checking: ``math_verify.parse`` reads gold and prediction (LaTeX in ``$...$`` or ``\\boxed{}``
+and plain expressions; an answer that yields nothing is parsed again wrapped in ``$...$`` so that
+bare ``\\dfrac{3}{4}`` works), then ``math_verify.verify(gold, prediction)`` compares them
+symbolically and numerically (``1/2``, ``0.5`` and ``\\frac{1}{2}`` agree).
+
+math-verify bounds its own time with ``signal.alarm``, which only works in the main thread.  So:
+in the main thread its timeouts are on (option ``timeout_s``, default 3 s, for parsing and for
+each comparison); in any other thread they are off (``parsing_timeout=None``,
+``timeout_seconds=None``), and the guards below are what bounds the time.  Guards, in every thread:
+answers longer than ``max_answer_chars`` (default 500) are refused (``too_long``); a parsed
+prediction with a power whose exponent is itself a power or exceeds ``max_exponent`` (10000) in
+size is refused (``too_complex``: ``10^10^10^10`` makes sympy run for minutes); any exception or
+timeout inside math-verify scores 0 with reason ``math_verify_error`` / ``timeout``.
+
+Reward (parts ``format``, ``correct``): 1 when math-verify accepts the prediction, else 0.
+Metrics: ``accuracy`` and ``parse_rate``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from fractions import Fraction
+from typing import Any, Sequence
+
+from PIL import Image, ImageDraw
+
+from tasks import _synthetic as syn
+from tasks._answer import AnswerTask, answer_inner
+from tasks.common import format_sft_target
+from vlm_grpo_ma.data.sample import Sample
+from vlm_grpo_ma.task import ParseError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MathTask", "latex_number", "math_parse", "math_equal"]
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _too_complex(expr: Any, max_exponent: int) -> bool:
+    """Whether a sympy object holds a power tower or a power with a huge numeric exponent."""
+    try:
+        import sympy
+
+        if not isinstance(expr, sympy.Basic):
+            return False
+        for node in sympy.preorder_traversal(expr):
+            if isinstance(node, sympy.Pow):
+                e = node.exp
+                if any(isinstance(x, sympy.Pow) for x in sympy.preorder_traversal(e)):
+                    if e.free_symbols == set() and not e.is_Rational:
+                        return True
+                if e.is_Number and abs(e) > max_exponent:
+                    return True
+        return False
+    except Exception:  # a malformed object is as bad as a complex one
+        return True
+
+
+def math_parse(text: str, timeout_s: float | None = 3, max_exponent: int = 10_000) -> list:
+    """``math_verify.parse`` of ``text`` with a ``$...$`` retry, the thread-safe timeout policy
+    and the complexity guard of the module docstring.  Returns the parsed list (sympy objects and
+    strings); ParseError ``unparsable`` / ``too_complex`` / ``timeout`` / ``math_verify_error``.
+    """
+    from math_verify import parse
+    from math_verify.errors import TimeoutException
+
+    timeout = int(math.ceil(timeout_s)) if timeout_s and _in_main_thread() else None
+    try:
+        parsed = parse(text, parsing_timeout=timeout)
+        if not any(not isinstance(p, str) for p in parsed):
+            retry = parse(f"${text}$", parsing_timeout=timeout)
+            if any(not isinstance(p, str) for p in retry):
+                parsed = retry
+    except TimeoutException as e:
+        raise ParseError("timeout", "math-verify parsing timed out") from e
+    except Exception as e:
+        raise ParseError("math_verify_error", f"{type(e).__name__}") from e
+    if not parsed:
+        raise ParseError("unparsable", f"math-verify found no answer in {text[:40]!r}")
+    if any(_too_complex(p, max_exponent) for p in parsed):
+        raise ParseError("too_complex", "power tower or huge exponent")
+    return parsed
+
+
+@functools.lru_cache(maxsize=4096)
+def _gold(answer: str, timeout_s: float | None) -> tuple:
+    return tuple(math_parse(answer, timeout_s=timeout_s))
+
+
+def math_equal(gold: Sequence, pred: Sequence, timeout_s: float | None = 3) -> bool:
+    """``math_verify.verify(gold, pred)`` under the timeout policy; errors count as False."""
+    from math_verify import verify
+
+    timeout = int(math.ceil(timeout_s)) if timeout_s and _in_main_thread() else None
+    try:
+        return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
+    except Exception as e:
+        log.debug("math-verify raised %r", e)
+        return False
+
+
+def latex_number(x: Fraction) -> str:
+    """A rational as LaTeX: ``3``, ``-\\frac{7}{12}``."""
+    if x.denominator == 1:
+        return str(x.numerator)
+    sign = "-" if x < 0 else ""
+    return f"{sign}\\frac{{{abs(x.numerator)}}}{{{x.denominator}}}"
+
+
+class MathTask(AnswerTask):
+    """Math answers checked with math-verify (see the module docstring).
+
+    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``timeout_s`` (3), ``max_answer_chars``
+    (500), ``max_exponent`` (10000), ``with_images`` (False: synthetic samples are text only;
+    True: the question is also drawn on an image), ``image_size`` ((224, 112)).
+    """
+
+    name = "math"
+    reward_parts = ("format", "correct")
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.timeout_s = self.options.get("timeout_s", 3)
+        self.max_answer_chars = int(self.options.get("max_answer_chars", 500))
+        self.max_exponent = int(self.options.get("max_exponent", 10_000))
+        self.with_images = bool(self.options.get("with_images", False))
+        self.image_size = tuple(self.options.get("image_size", (224, 112)))
+
+    def check_sample(self, sample: Sample) -> None:
+        a = sample.target.get("answer")
+        if not isinstance(a, (str, int)) or isinstance(a, bool) or not str(a).strip():
+            raise ValueError(f"math sample {sample.id!r}: target needs a non-empty 'answer' (str)")
+
+    def gold(self, sample: Sample) -> tuple:
+        """The parsed reference answer (cached); ValueError naming the sample if unreadable."""
+        self.check_sample(sample)
+        try:
+            return _gold(str(sample.target["answer"]), self.timeout_s)
+        except ParseError as e:
+            raise ValueError(f"math sample {sample.id!r}: math-verify cannot read the reference "
+                             f"answer {sample.target['answer']!r} ({e.reason})") from e
+
+    def sft_target(self, sample: Sample, family) -> str:
+        self.check_sample(sample)
+        reasoning = sample.meta.get("reasoning") or "I work the problem out step by step."
+        return format_sft_target(reasoning, str(sample.target["answer"]))
+
+    def parse(self, answer_text: str, sample: Sample, family) -> list:
+        text = (answer_inner(answer_text) if isinstance(answer_text, str) else "").strip()
+        if not text:
+            raise ParseError("empty", "empty answer")
+        if len(text) > self.max_answer_chars:
+            raise ParseError("too_long", f"{len(text)} characters > {self.max_answer_chars}")
+        return math_parse(text, timeout_s=self.timeout_s, max_exponent=self.max_exponent)
+
+    def score(self, prediction: Any, sample: Sample) -> float:
+        return float(math_equal(self.gold(sample), prediction, self.timeout_s))
+
+    def reward(self, thought, answer, sample, family):
+        self.gold(sample)  # bad reference data raises here, outside the model-output guard
+        return super().reward(thought, answer, sample, family)
+
+    def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
+        if len(predictions) != len(samples):
+            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        if not samples:
+            return {"accuracy": math.nan, "parse_rate": math.nan}
+        correct = [0.0 if p is None else self.score(p, s) for p, s in zip(predictions, samples)]
+        return {
+            "accuracy": sum(correct) / len(correct),
+            "parse_rate": sum(p is not None for p in predictions) / len(predictions),
+        }
+
+    # --- data ----------------------------------------------------------------------------
+    def synthetic(self, n: int, seed: int = 0) -> list[Sample]:
+        """Deterministic problems cycling through three kinds: ``arithmetic``
+        (``a + b * c`` or ``(a - b) * c``), ``fraction`` (``p/q + r/s`` or ``p/q - r/s``, answer
+        in lowest terms) and ``linear`` (``a x + b = c``, integer or fractional root); each with
+        its worked reasoning."""
+        out = []
+        for i in range(n):
+            rng = syn.rng_for(self.name, seed, i)
+            kind = ("arithmetic", "fraction", "linear")[i % 3]
+            if kind == "arithmetic":
+                a, b, c = rng.randint(2, 40), rng.randint(2, 12), rng.randint(2, 12)
+                if rng.random() < 0.5:
+                    question = f"Compute {a} + {b} * {c}."
+                    value = Fraction(a + b * c)
+                    reasoning = f"Multiplication first: {b} * {c} = {b * c}. Then {a} + {b * c} = {a + b * c}."
+                else:
+                    question = f"Compute ({a} - {b}) * {c}."
+                    value = Fraction((a - b) * c)
+                    reasoning = f"Parentheses first: {a} - {b} = {a - b}. Then {a - b} * {c} = {(a - b) * c}."
+            elif kind == "fraction":
+                p, q = rng.randint(1, 9), rng.randint(2, 9)
+                r, s = rng.randint(1, 9), rng.randint(2, 9)
+                op = rng.choice("+-")
+                x, y = Fraction(p, q), Fraction(r, s)
+                value = x + y if op == "+" else x - y
+                den = q * s // math.gcd(q, s)
+                num1, num2 = p * (den // q), r * (den // s)
+                num = num1 + num2 if op == "+" else num1 - num2
+                question = f"Compute {p}/{q} {op} {r}/{s}. Give the answer as a fraction in lowest terms."
+                reasoning = (f"Common denominator {den}: {p}/{q} = {num1}/{den} and {r}/{s} = {num2}/{den}. "
+                             f"{num1} {op} {num2} = {num}, so the result is {num}/{den}")
+                if value.denominator == den:
+                    reasoning += "."
+                elif value.denominator == 1:
+                    reasoning += f" = {value.numerator}."
+                else:
+                    reasoning += f" = {value.numerator}/{value.denominator} in lowest terms."
+            else:
+                a = rng.choice([v for v in range(-9, 10) if v not in (0, 1)])
+                x = Fraction(rng.randint(-12, 12), rng.choice([1, 1, 1, 2, 3]))
+                b = rng.randint(-20, 20)
+                c = a * x + b
+                if c.denominator != 1:  # keep the equation's numbers integers
+                    x = Fraction(round(x))
+                    c = a * x + b
+                value = x
+                bs = f"+ {b}" if b >= 0 else f"- {-b}"
+                question = f"Solve for x: {a}x {bs} = {c.numerator}."
+                reasoning = (f"Subtract {b} from both sides: {a}x = {c.numerator} - ({b}) = {c - b}. "
+                             f"Divide by {a}: x = {c - b}/{a} = {value.numerator}"
+                             + (f"/{value.denominator}." if value.denominator != 1 else "."))
+            answer = latex_number(value)
+            images, sizes = [], []
+            if self.with_images:
+                images, sizes = [self._draw_question(question)], [self.image_size]
+            out.append(
+                Sample(
+                    id=f"math-synthetic-{seed}-{i}",
+                    task=self.name,
+                    images=images,
+                    image_sizes=sizes,
+                    prompt={"question": question},
+                    target={"answer": answer},
+                    meta={"reasoning": reasoning, "kind": kind, "source": "synthetic"},
+                )
+            )
+        return out
+
+    def _draw_question(self, question: str) -> Image.Image:
+        """The question written in black on a white image (PIL's default bitmap font)."""
+        img = Image.new("RGB", self.image_size, (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        words, lines, line = question.split(), [], ""
+        for w in words:
+            if len(line) + len(w) + 1 > max(8, self.image_size[0] // 7):
+                lines.append(line)
+                line = w
+            else:
+                line = f"{line} {w}".strip()
+        lines.append(line)
+        for k, text in enumerate(lines):
+            draw.text((4, 4 + 12 * k), text, fill=(0, 0, 0))
+        return img
