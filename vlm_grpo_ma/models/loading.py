@@ -127,7 +127,10 @@ def load_policy(
     model_cls = getattr(transformers, MODEL_CLASSES[model_type])
     model = model_cls.from_pretrained(path, config=config, **kwargs)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if device is not None:
         model = model.to(device)
