@@ -16,6 +16,7 @@ convention: coordinates divided by width and height).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -129,7 +130,9 @@ def _decode_rle(rle: dict) -> np.ndarray:
         rle = mask_utils.frPyObjects(rle, h, w)
     elif isinstance(rle.get("counts"), str):
         rle["counts"] = rle["counts"].encode("ascii")
-    return np.asarray(mask_utils.decode(rle), dtype=bool)
+    with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2: a harmless copy= DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return np.asarray(mask_utils.decode(rle), dtype=bool)
 
 
 def points_in_rle(points: Sequence[Sequence[float]], rle: dict) -> np.ndarray:
