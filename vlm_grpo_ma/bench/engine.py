@@ -141,6 +141,16 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+def _repair(path: Path) -> None:
+    """Drop a partly written last row (a run killed mid-write) so that appending stays valid."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            complete = f.read(1) == b"\n"
+        if not complete:
+            _write_rows(path, read_predictions(path))
+
+
 def _write_rows(path: Path, rows: Iterable[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
@@ -514,6 +524,7 @@ def run_suite(
         if todo:
             import torch
 
+            _repair(shard_file)
             torch.manual_seed(gen.seed)
             bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="sample", dynamic_ncols=True,
                        desc=f"{suite.name}", disable=rank != 0)
