@@ -26,10 +26,25 @@ log = logging.getLogger("vlm_grpo_ma.train")
 
 
 def parse_train_config(argv: Sequence[str] | None = None):
-    """TrainConfig from ``--config FILE.yaml`` files and ``--key value`` overrides."""
-    from vlm_grpo_ma.config import parse_config
-    from vlm_grpo_ma.training.config import ALL_ARGS, TrainConfig
+    """TrainConfig from ``--config FILE.yaml`` files and ``--key value`` overrides.
 
+    Without any ``--config`` the task's CPU demo config ``configs/<task>.tiny.yaml`` is read first
+    (so ``--task detection`` alone gets detection's token budgets); command-line values win."""
+    from vlm_grpo_ma.config import parse_config
+    from vlm_grpo_ma.training.config import ALL_ARGS, REPO_ROOT, TrainConfig
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        # no --config: start from the task's shipped CPU demo (configs/<task>.tiny.yaml)
+        task = "affordance"
+        for i, a in enumerate(argv):
+            if a == "--task" and i + 1 < len(argv):
+                task = argv[i + 1]
+            elif a.startswith("--task="):
+                task = a.split("=", 1)[1]
+        demo = REPO_ROOT / "configs" / f"{task}.tiny.yaml"
+        if demo.is_file():
+            argv = ["--config", str(demo)] + argv
     parts = parse_config(ALL_ARGS, argv, description="Two-stage trainer: SFT warm-start, then GRPO-MA, on DeepSpeed.")
     cfg = TrainConfig(*parts)
     cfg.validate()

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from vlm_grpo_ma.training import distributed as dist
-from vlm_grpo_ma.training.config import ModelArgs
+from vlm_grpo_ma.training.config import REPO_ROOT, ModelArgs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def resolve_ds_config(
     ``train_batch_size = micro_batch_size * grad_accum_steps * world_size`` (DeepSpeed checks it).
     """
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
+        path = REPO_ROOT / path  # shipped configs work from any working directory
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found (see configs/deepspeed/)")
     try:

@@ -1,0 +1,179 @@
+"""Unit tests of the trainer's plumbing (no engine): config, data positions, DeepSpeed config
+filling, the never-raising reward, LoRA merging, loss normalisation over ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from vlm_grpo_ma.task import Reward, Task
+from vlm_grpo_ma.training import distributed as dist
+from vlm_grpo_ma.training.checkpoint import merge_lora_state_dict
+from vlm_grpo_ma.training.cli import format_summary, parse_train_config
+from vlm_grpo_ma.training.data import SampleStream, heldout_samples
+from vlm_grpo_ma.training.engine import resolve_ds_config
+from vlm_grpo_ma.training.metrics import MetricsLogger, read_metrics
+from vlm_grpo_ma.training.rl import SafeReward
+from vlm_grpo_ma.training.stage import split_batch
+
+
+class _Task(Task):
+    name = "toy"
+    reward_parts = ("format", "score")
+
+    def __init__(self, behaviour="ok"):
+        super().__init__()
+        self.behaviour = behaviour
+
+    def messages(self, sample, family):
+        return []
+
+    def sft_target(self, sample, family):
+        return ""
+
+    def parse(self, answer_text, sample, family):
+        return answer_text
+
+    def reward(self, thought, answer, sample, family):
+        if self.behaviour == "raise":
+            raise ZeroDivisionError("boom")
+        if self.behaviour == "nan":
+            return Reward(float("nan"), {"format": 1.0, "score": float("nan")})
+        return Reward(0.75, {"format": 1.0, "score": 0.75 / 0.9})
+
+    def metrics(self, predictions, samples):
+        return {}
+
+    def synthetic(self, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return [f"s{seed}-{i}-{int(torch.randint(0, 10**6, (1,), generator=g))}" for i in range(n)]
+
+
+def test_config_defaults_yaml_and_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("task: detection\nnum_thoughts: 2\nanswers_per_thought: 8\nsft_steps: 7\n")
+    cfg = parse_train_config(["--config", str(y), "--answers_per_thought", "3", "--stage", "rl"])
+    assert (cfg.data.task, cfg.rl.num_thoughts, cfg.rl.answers_per_thought, cfg.sft.sft_steps) == ("detection", 2, 3, 7)
+    assert cfg.run.stage == "rl" and cfg.model.model == "tiny-qwen2.5-vl"
+    assert cfg.flat()["clip_low"] == 0.2
+    with pytest.raises(ValueError, match="stage"):
+        parse_train_config(["--stage", "pretrain"])
+    with pytest.raises(ValueError, match=">= 2"):
+        parse_train_config(["--num_thoughts", "1", "--answers_per_thought", "1"])
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert len(files) >= 12, files
+    for f in files:
+        cfg = parse_train_config(["--config", str(f)])
+        assert cfg.data.task in f.name
+        resolve_ds_config(cfg.run.deepspeed, micro_batch_size=1, grad_accum_steps=1, bf16=False,
+                          max_grad_norm=1.0, lr=1e-5, weight_decay=0.0)
+
+
+def test_sample_stream_is_a_function_of_step():
+    task = _Task()
+    a, b = SampleStream(task, 4, seed=3, stage="sft"), SampleStream(task, 4, seed=3, stage="sft")
+    assert a.batch(5) == b.batch(5)  # same on every rank and after a resume
+    assert a.batch(5) != a.batch(6)
+    assert SampleStream(task, 4, seed=3, stage="rl").batch(5) != a.batch(5)  # stages draw their own
+    held = heldout_samples(task, 4, seed=3)
+    assert not set(held) & {s for step in range(50) for s in a.batch(step)}
+
+
+def test_sample_stream_over_a_dataset_visits_each_sample_once_per_epoch():
+    data = list(range(10))
+    s = SampleStream(_Task(), 5, seed=0, stage="sft", samples=data)
+    epoch0 = s.batch(0) + s.batch(1)
+    assert sorted(epoch0) == data and epoch0 != data  # a permutation
+    epoch1 = s.batch(2) + s.batch(3)
+    assert sorted(epoch1) == data and epoch1 != epoch0
+    assert SampleStream(_Task(), 5, seed=0, stage="sft", samples=data).batch(3) == s.batch(3)
+
+
+def test_shard_and_split_batch():
+    assert dist.shard(list(range(8)), r=1, n=2) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="evenly"):
+        dist.shard(list(range(5)), r=0, n=2)
+    assert split_batch(32, 0, "sft_batch_size") == (32, 32, 1)  # one process in tests
+    assert split_batch(32, 8, "sft_batch_size") == (32, 8, 4)
+    with pytest.raises(ValueError, match="micro batch"):
+        split_batch(32, 5, "sft_batch_size")
+
+
+def test_resolve_ds_config_fills_auto(tmp_path):
+    from vlm_grpo_ma.training.config import DEFAULT_DEEPSPEED_CONFIG
+
+    cfg = resolve_ds_config(DEFAULT_DEEPSPEED_CONFIG, micro_batch_size=4, grad_accum_steps=2, bf16=True,
+                            max_grad_norm=0.5, lr=1e-5, weight_decay=0.1)
+    assert cfg["train_batch_size"] == 8 and cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"]["enabled"] is True and cfg["zero_optimization"]["stage"] == 3
+    assert not any(k.startswith("_") for k in cfg)
+    off = resolve_ds_config(DEFAULT_DEEPSPEED_CONFIG.replace("zero3.json", "zero3_offload.json"), micro_batch_size=1,
+                            grad_accum_steps=1, bf16=False, max_grad_norm=1.0, lr=3e-6, weight_decay=0.0)
+    assert off["optimizer"]["params"]["lr"] == 3e-6
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train_batch_size": 4,\n "bf16": }')
+    with pytest.raises(ValueError, match=r"bad.json: line 2"):
+        resolve_ds_config(bad, micro_batch_size=1, grad_accum_steps=1, bf16=False, max_grad_norm=1, lr=1, weight_decay=0)
+
+
+def test_safe_reward_counts_an_exception_as_zero_and_logs_it_once(caplog):
+    fn = SafeReward(_Task("raise"))
+    with caplog.at_level(logging.WARNING):
+        rs = [fn("<think>a</think>", "<answer>1</answer>", None, None) for _ in range(3)]
+    assert [r.total for r in rs] == [0.0, 0.0, 0.0]
+    assert rs[0].parts == {"format": 0.0, "score": 0.0} and rs[0].reason == "reward_error"
+    assert fn.errors == 3
+    assert sum("ZeroDivisionError" in r.message for r in caplog.records) == 1
+    nan = SafeReward(_Task("nan"))
+    assert nan("t", "a", None, None).total == 0.0 and nan.errors == 1
+    ok = SafeReward(_Task())
+    assert ok("t", "a", None, None).total == 0.75 and ok.errors == 0
+
+
+def test_merge_lora_state_dict_folds_b_times_a():
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    a = torch.tensor([[1.0, 0.0]])  # [r=1, in=2]
+    b = torch.tensor([[2.0], [0.5]])  # [out=2, r=1]
+    sd = {
+        "base_model.model.layer.q_proj.base_layer.weight": w,
+        "base_model.model.layer.q_proj.base_layer.bias": torch.tensor([0.1, 0.2]),
+        "base_model.model.layer.q_proj.lora_A.default.weight": a,
+        "base_model.model.layer.q_proj.lora_B.default.weight": b,
+        "base_model.model.head.weight": torch.ones(1),
+    }
+    out = merge_lora_state_dict(sd, scale=2.0)
+    assert set(out) == {"layer.q_proj.weight", "layer.q_proj.bias", "head.weight"}
+    # W + 2 * B @ A = [[1 + 4, 2], [3 + 1, 4]]
+    assert torch.equal(out["layer.q_proj.weight"], torch.tensor([[5.0, 2.0], [4.0, 4.0]]))
+
+
+def test_metrics_logger_jsonl_and_truncate(tmp_path):
+    lg = MetricsLogger(tmp_path, report_to="tensorboard")
+    for s in (1, 2, 3):
+        lg.log("rl", s, {"reward/mean": s / 10, "grad/norm": torch.tensor(float("inf"))})
+    lg.log("sft", 3, {"loss/sft": 1.0})
+    lg.close()
+    recs = read_metrics(tmp_path / "metrics.jsonl", "rl")
+    assert [r["step"] for r in recs] == [1, 2, 3] and recs[0]["grad/norm"] == "inf"
+    assert any((tmp_path / "tensorboard" / "rl").iterdir())
+    lg.truncate_after("rl", 1)
+    assert [(r["stage"], r["step"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [("rl", 1), ("sft", 3)]
+
+
+def test_format_summary_table():
+    s = {"evals": {"before_sft": {"mean_iou": 0.0, "eval/parse/no_answer": 3.0}, "after_sft": {"mean_iou": 0.5},
+                   "after_rl": {"mean_iou": 0.55}},
+         "sft": {"steps": 10, "seconds": 3.0}, "paths": {"run_dir": "/x"}}
+    text = format_summary("affordance", s)
+    assert "mean_iou" in text and "0.5500" in text and "parse" not in text and "/x" in text
+    json.dumps(s)
