@@ -8,8 +8,9 @@ Answer (inside ``<answer>``): the final result, plain or LaTeX (``7/12``, ``\\fr
 ``$\\frac{7}{12}$``, ``\\boxed{7/12}``, ``x = 5``).
 
 Checking: ``math_verify.parse`` reads gold and prediction (LaTeX in ``$...$`` or ``\\boxed{}``
-and plain expressions; an answer that yields nothing is parsed again wrapped in ``$...$`` so that
-bare ``\\dfrac{3}{4}`` works), then ``math_verify.verify(gold, prediction)`` compares them
+and plain expressions; an answer with a backslash that yields nothing is parsed again wrapped in
+``$...$`` so that bare ``\\dfrac{3}{4}`` works, while prose never becomes a product of symbols),
+then ``math_verify.verify(gold, prediction)`` compares them
 symbolically and numerically (``1/2``, ``0.5`` and ``\\frac{1}{2}`` agree).
 
 math-verify bounds its own time with ``signal.alarm``, which only works in the main thread.  So:
@@ -82,7 +83,7 @@ def math_parse(text: str, timeout_s: float | None = 3, max_exponent: int = 10_00
     timeout = int(math.ceil(timeout_s)) if timeout_s and _in_main_thread() else None
     try:
         parsed = parse(text, parsing_timeout=timeout)
-        if not any(not isinstance(p, str) for p in parsed):
+        if "\\" in text and not any(not isinstance(p, str) for p in parsed):
             retry = parse(f"${text}$", parsing_timeout=timeout)
             if any(not isinstance(p, str) for p in retry):
                 parsed = retry

@@ -167,8 +167,11 @@ def parse_choice(text: str, choices: Sequence[str]) -> int:
     m = _LETTER_TEXT_RE.match(t)
     if m:
         idx = ord(m.group(1).upper()) - ord("A")
-        if 0 <= idx < n and norm_choices[idx] == normalize_answer(m.group(2)):
-            return idx
+        if 0 <= idx < n:
+            if norm_choices[idx] == normalize_answer(m.group(2)):
+                return idx
+            if normalize_answer(m.group(2)) in norm_choices:
+                raise ParseError("bad_choice", f"{t[:40]!r}: the letter and the option text disagree")
     norm = normalize_answer(t)
     hits = [i for i, c in enumerate(norm_choices) if c and c == norm]
     if len(hits) == 1:

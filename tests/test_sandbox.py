@@ -25,7 +25,7 @@ from vlm_grpo_ma.sandbox import (
     validate_tests,
 )
 
-FAST = SandboxLimits(wall_timeout_s=3.0, cpu_time_s=3.0, memory_bytes=256 * 2**20,
+FAST = SandboxLimits(wall_timeout_s=2.0, cpu_time_s=2.0, memory_bytes=256 * 2**20,
                      max_processes=16, output_bytes=64 * 1024)
 
 
