@@ -103,7 +103,12 @@ def qwen_vision_process() -> types.ModuleType | None:
     if _VISION_PROCESS is None:
         try:
             if importlib.util.find_spec("torchvision") is not None:
-                _VISION_PROCESS = importlib.import_module("qwen_vl_utils.vision_process")
+                try:
+                    _VISION_PROCESS = importlib.import_module("qwen_vl_utils.vision_process")
+                except Exception:  # a torchvision that fails on import (a build for another torch)
+                    sys.modules.pop("qwen_vl_utils.vision_process", None)
+                    sys.modules.pop("qwen_vl_utils", None)
+                    _VISION_PROCESS = _import_with_shim()
             else:
                 _VISION_PROCESS = _import_with_shim()
         except Exception as e:  # pragma: no cover - only if qwen-vl-utils changes shape

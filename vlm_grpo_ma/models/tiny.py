@@ -190,8 +190,6 @@ def tiny_config(spec: TinySpec, tokenizer: Any):
 
 def tiny_image_processor(spec: TinySpec):
     """The family's image processor (PIL backend without torchvision) with tiny pixel bounds."""
-    from transformers import AutoImageProcessor
-
     kw: dict[str, Any] = dict(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
     if spec.model_type == "qwen3_vl":  # Qwen3-VL normalises with mean = std = 0.5
         kw.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
@@ -216,7 +214,7 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import GenerationConfig
 
     from .chat_templates import CHAT_TEMPLATES
-    from .processor import image_only_processor_class, has_torchvision
+    from .processor import has_torchvision, image_only_processor_class
     from .tokenizer import build_tokenizer
 
     spec = TINY_MODELS[name]
@@ -226,11 +224,9 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
 
     tokenizer = build_tokenizer(CHAT_TEMPLATES[family], vocab_size=spec.bpe_vocab, seed=0)
     config = tiny_config(spec, tokenizer)
-    model_cls = getattr(transformers, config.architectures[0]) if getattr(config, "architectures", None) else None
-    if model_cls is None:
-        from .loading import MODEL_CLASSES
+    from .loading import MODEL_CLASSES
 
-        model_cls = getattr(transformers, MODEL_CLASSES[spec.model_type])
+    model_cls = getattr(transformers, MODEL_CLASSES[spec.model_type])
     # the weights are a pure function of the seed (CPU generator, fork so global RNG is untouched)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
