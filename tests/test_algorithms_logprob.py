@@ -87,3 +87,24 @@ def test_entropy_bf16_and_grads_match_naive():
     torch.testing.assert_close(g.float(), g_ref.float(), rtol=1e-2, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(entropy_from_logits(logits, chunk_size=4), h_ref, rtol=0, atol=1e-5)
+
+
+def test_inplace_backward_gradient_and_guard():
+    gen = torch.Generator().manual_seed(4)
+    base = (torch.randn(2, 5, 40, generator=gen) * 2).to(torch.bfloat16)
+    index = torch.randint(0, 40, (2, 5), generator=gen)
+    upstream = torch.randn(2, 5, generator=gen)
+    w = torch.randn(40, 40, generator=gen).to(torch.bfloat16).requires_grad_()
+
+    def step(inplace):
+        logits = base @ w  # a non-leaf, as the lm_head output is
+        logp = selective_log_softmax(logits, index, chunk_size=3, inplace_backward=inplace)
+        return torch.autograd.grad((logp * upstream).sum(), w)[0]
+
+    torch.testing.assert_close(step(True), step(False), rtol=0, atol=0)
+    # another node that saved the same logits fails loudly instead of reading the gradient
+    logits = base @ w
+    ent = entropy_from_logits(logits)  # its backward runs after ours and needs the logits
+    logp = selective_log_softmax(logits, index, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (logp.sum() + ent.sum()).backward()

@@ -13,6 +13,13 @@ T = 2,048 and Qwen's V = 151,936 that is 1.2 GB per copy, against 0.6 GB for the
   logits' own dtype. The only [B, T, V] tensor it allocates is that gradient, which any method
   must produce for the layer below.
 
+With ``inplace_backward=True`` the backward writes that gradient into the logits' own storage
+(the logits are dead by then in a plain training step: the lm_head backward needs its input and
+weight, not its output), so not even the gradient is allocated. Opt-in, because the logits are
+overwritten: any other autograd node that saved the same logits (an entropy bonus computed from
+them, say) then fails loudly on its version counter, and code that reads the logits after the
+backward reads the gradient.
+
 The result is the float32 log-probability (float64 for float64 logits), equal to the naive
 upcast computation to float32 rounding, and so are the gradients.
 """
@@ -33,7 +40,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, chunk_size: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, chunk_size: int, inplace: bool) -> torch.Tensor:  # type: ignore[override]
         v = logits.shape[-1]
         flat = logits.reshape(-1, v)  # [N, V], a view when logits is contiguous
         idx = index.reshape(-1, 1)  # [N, 1]
@@ -49,6 +56,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             del x
         ctx.save_for_backward(logits, index, lse)
         ctx.chunk_size = chunk_size
+        ctx.inplace = inplace
         return out.reshape(index.shape)
 
     @staticmethod
@@ -58,20 +66,24 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         flat = logits.reshape(-1, v)
         idx = index.reshape(-1, 1)
         g = grad_out.reshape(-1, 1).to(lse.dtype)  # [N, 1]
-        grad = torch.empty_like(flat)  # [N, V] in the logits' dtype
+        grad = flat if ctx.inplace else torch.empty_like(flat)  # [N, V] in the logits' dtype
         cs = ctx.chunk_size
         for s in range(0, flat.shape[0], cs):
-            x = flat[s : s + cs].to(lse.dtype, copy=True)  # a float32 copy we may overwrite
+            x = flat[s : s + cs].to(lse.dtype, copy=True)  # a float32 copy, read before grad[s:] is written
             gs = g[s : s + cs]
             x.sub_(lse[s : s + cs].unsqueeze(-1)).exp_().mul_(-gs)  # -g * softmax
             x.scatter_add_(-1, idx[s : s + cs], gs)  # + g at the sampled token
             grad[s : s + cs] = x
             del x
-        return grad.reshape(logits.shape), None, None
+        return grad.reshape(logits.shape), None, None, None
 
 
 def selective_log_softmax(
-    logits: torch.Tensor, index: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Log-softmax of ``logits`` at ``index``: ``log_softmax(logits, -1).gather(-1, index)``.
 
@@ -81,6 +93,8 @@ def selective_log_softmax(
             not trained may hold any valid id (mask them afterwards).
         chunk_size: rows (tokens) processed at once; peak extra memory is about
             ``2 * chunk_size * V * 4`` bytes on top of the logits and their gradient.
+        inplace_backward: write the gradient into the logits' storage (see the module docstring);
+            needs contiguous logits.
 
     Returns:
         [B, T] log-probabilities in float32 (float64 for float64 logits), differentiable with
@@ -90,7 +104,9 @@ def selective_log_softmax(
         raise ValueError(f"index shape {tuple(index.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _SelectiveLogSoftmax.apply(logits, index.to(torch.long), chunk_size)
+    if inplace_backward and not logits.is_contiguous():
+        raise ValueError("inplace_backward needs contiguous logits")
+    return _SelectiveLogSoftmax.apply(logits, index.to(torch.long), chunk_size, inplace_backward)
 
 
 def naive_log_softmax_gather(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
