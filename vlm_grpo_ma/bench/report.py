@@ -196,11 +196,11 @@ def write_report(
 
     # --- gallery ------------------------------------------------------------------------
     order = gallery_order(rows, sort_key)[:gallery_size]
-    parts.append(
-        f"<h2>Gallery: {len(order)} of {len(rows)} samples, worst first by {esc(sort_key)}</h2>"
-        f"<div class='legend'>ground truth<span style='background:rgb{GT_COLOUR}'></span>"
-        f"prediction<span style='background:rgb{PRED_COLOUR}'></span></div><div class='flex'>"
-    )
+    parts.append(f"<h2>Gallery: {len(order)} of {len(rows)} samples, worst first by {esc(sort_key)}</h2>")
+    if any(getattr(samples.get(str(rows[i].get("id"))), "images", None) for i in order):
+        parts.append(f"<div class='legend'>ground truth<span style='background:rgb{GT_COLOUR}'></span>"
+                     f"prediction<span style='background:rgb{PRED_COLOUR}'></span></div>")
+    parts.append("<div class='flex'>")
     for rank, i in enumerate(order):
         r = rows[i]
         s = samples.get(str(r.get("id")))
@@ -218,6 +218,9 @@ def write_report(
             ptxt = "; ".join(f"{k}: {v}" for k, v in s.prompt.items() if isinstance(v, (str, int, float)))
             if ptxt:
                 parts.append(f"<div class='prompt'>{esc(ptxt[:300])}</div>")
+        if s is not None and not getattr(s, "images", None) and s.target:
+            ref = "; ".join(f"{k}: {v}" for k, v in s.target.items() if isinstance(v, (str, int, float, list)))
+            parts.append(f"<div class='prompt'><b>reference</b> {esc(ref[:300])}</div>")
         if r.get("parse_error"):
             parts.append(f"<div class='fail'>parse failure: {esc(str(r['parse_error']))}</div>")
         m = r.get("metrics") or {}
