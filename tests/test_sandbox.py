@@ -218,6 +218,16 @@ def test_writing_outside_its_directory(root_sandbox, tmp_path):
     assert not os.path.exists("/tmp/escape-rel")
 
 
+def test_filling_the_disk(root_sandbox):
+    """Writes go to a size-limited tmpfs: one big file hits RLIMIT_FSIZE or the tmpfs size,
+    many files fill the tmpfs; nothing lands on the caller's disk."""
+    big = "open('big', 'wb').write(b'x' * (64 * 2**20))\n"
+    many = "for i in range(1000):\n    open(f'f{i}', 'wb').write(b'x' * 2**20)\n"
+    for code in (big, many):
+        rep = root_sandbox.run_tests(code, ["assert True"])
+        assert rep.passed == [False] and rep.reason in ("solution_error", "exit")
+
+
 def test_reading_parent_environment(root_sandbox, monkeypatch):
     monkeypatch.setenv("VLM_GRPO_MA_TEST_SECRET", "s3cr3t-value")
     tests = [

@@ -8,18 +8,20 @@ enforced depends on the privileges of the caller (see docs/SANDBOX.md for the fu
     A small trusted *launcher* (the caller's interpreter, ``-I -S``) runs first in the child:
     it enters new **network** and **mount** namespaces (``unshare(CLONE_NEWNET | CLONE_NEWNS)``;
     the network namespace has no interface up, not even loopback), mounts small private tmpfs
-    over ``/tmp``, ``/var/tmp`` and ``/dev/shm`` (the work directory is bind-mounted back at its
-    path), sets the resource limits, drops to a **dedicated unprivileged uid/gid** taken from a
-    pool (one uid per concurrent run, so ``RLIMIT_NPROC`` really bounds a fork bomb and the
-    code cannot signal, ptrace or read ``/proc/<pid>/environ`` of any other process), and
-    ``execve``s the sandbox interpreter.  After the run every process still owned by that uid
-    (for example one that called ``setsid`` to leave the process group) is killed.
+    over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and the work directory (so nothing the code writes
+    reaches the caller's disk, and the space is bounded), sets the resource limits, drops to a
+    **dedicated unprivileged uid/gid** taken from a pool (one uid per concurrent run, so
+    ``RLIMIT_NPROC`` really bounds a fork bomb, and the code cannot signal, ptrace or read
+    ``/proc/<pid>/environ`` of any other process), and ``execve``s the sandbox interpreter.
+    After the run every process still owned by that uid (for example one that called ``setsid``
+    to leave the process group) is killed.
 
-``isolation="user"`` (not root)
+``isolation="user"`` (not root; the mode in effect is reported as ``"user_ns"`` or ``"user"``)
     Resource limits, a new session, a scrubbed environment and, where unprivileged user
-    namespaces are allowed, a new network namespace.  The code runs as the caller's uid, so it
-    could signal the caller's other processes or read their ``/proc/<pid>/environ``; the audit
-    hook below is the only network barrier where user namespaces are disabled.
+    namespaces are allowed (``"user_ns"``), a new network namespace.  The code runs as the
+    caller's uid, so it could signal the caller's other processes or read their
+    ``/proc/<pid>/environ``; without user namespaces the audit hook below is the only network
+    barrier.
 
 In both modes the harness installs a ``sys.addaudithook`` hook refusing socket creation and
 connection (defence in depth; bypassable with ``ctypes``), the wall clock is enforced by killing
@@ -84,7 +86,8 @@ class SandboxLimits:
         open_files: ``RLIMIT_NOFILE``.
         output_bytes: most bytes read from each of stdout and stderr; a run that writes more is
             killed and reported as ``output_limit``.
-        tmpfs_bytes: size of each private tmpfs over /tmp, /var/tmp, /dev/shm (root mode).
+        tmpfs_bytes: size of each private tmpfs: the work directory, /tmp, /var/tmp, /dev/shm
+            (root mode; in user mode the work directory is on the caller's disk).
     """
 
     wall_timeout_s: float = 5.0
@@ -185,22 +188,31 @@ if cfg["unshare"]:
     if libc.unshare(flags) != 0:
         fail("unshare", os.strerror(ctypes.get_errno()))
     if cfg["mount"]:
-        MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+        MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
         def mount(src, tgt, fstype, flags, data):
             if libc.mount(src, tgt, fstype, flags, data) != 0:
                 fail("mount " + tgt.decode(), os.strerror(ctypes.get_errno()))
         mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
         work = os.getcwd()
-        keep = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        files = {}
+        for name in os.listdir(work):
+            if name != "_stdin":  # already open as fd 0
+                with open(name, "rb") as f:
+                    files[name] = f.read()
         opts = ("size=%d,mode=1777" % cfg["tmpfs_bytes"]).encode()
         for d in ("/tmp", "/var/tmp", "/dev/shm"):
             if os.path.isdir(d) and not os.path.islink(d):
                 mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts)
-        if not os.path.isdir(work):  # the work dir was hidden by a tmpfs: bind it back
-            os.makedirs(work, exist_ok=True)
-            mount(("/proc/self/fd/%d" % keep).encode(), work.encode(), None, MS_BIND, None)
+        # the work directory becomes a size-limited tmpfs of its own, owned by the sandbox uid
+        os.makedirs(work, exist_ok=True)
+        owner = cfg["uid"] if cfg["uid"] is not None else os.getuid()
+        opts = ("size=%d,mode=0700,uid=%d,gid=%d" % (cfg["tmpfs_bytes"], owner, owner)).encode()
+        mount(b"tmpfs", work.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts)
         os.chdir(work)
-        os.close(keep)
+        for name, data in files.items():
+            with open(name, "wb") as f:
+                f.write(data)
+            os.chown(name, owner, owner)
 for name, value in cfg["rlimits"]:
     try:
         resource.setrlimit(getattr(resource, name), (value, value))
