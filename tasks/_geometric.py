@@ -93,6 +93,27 @@ class GeometricTask(Task):
             }
         ]
 
+    # --- ground truth --------------------------------------------------------------------
+    #: target keys of which the task needs at least one (checked before scoring)
+    target_keys: tuple[str, ...] = ()
+
+    def where(self, sample) -> str:
+        """``sample 'id' (file:line)`` for error messages."""
+        src, line = sample.meta.get("source"), sample.meta.get("line")
+        loc = f" ({src}:{line})" if src is not None and line is not None else (f" ({src})" if src else "")
+        return f"sample {sample.id!r}{loc}"
+
+    def check_sample(self, sample) -> None:
+        """Raise ValueError naming the sample and the field if its ground truth or image size is
+        missing: bad DATA raises (only model output is forgiven)."""
+        if not sample.image_sizes:
+            raise ValueError(f"{self.where(sample)}: image_sizes is empty (the {self.name} task needs the image size)")
+        if self.target_keys and not any(k in sample.target for k in self.target_keys):
+            raise ValueError(
+                f"{self.where(sample)}: the {self.name} task needs target field "
+                f"{' or '.join(repr(k) for k in self.target_keys)}; target has {sorted(sample.target)}"
+            )
+
     # --- scoring -------------------------------------------------------------------------
     def score(self, prediction: Any, sample) -> tuple[float, dict[str, float]]:
         """(task score in [0, 1], parts other than ``format``) of a parsed prediction."""
@@ -102,7 +123,7 @@ class GeometricTask(Task):
         return {k: 0.0 for k in self.reward_parts}
 
     def reward(self, thought: str, answer: str, sample, family) -> Reward:
-        sample.image_size  # bad data (no image size) raises here, before the model-output guard
+        self.check_sample(sample)  # bad data raises here, before the model-output guard
         try:
             inner = check_format(thought, answer)
             prediction = self.parse(inner, sample, family)

@@ -157,20 +157,23 @@ def points_in_rle(points: Sequence[Sequence[float]], rle: dict) -> np.ndarray:
 
 def points_in_region(points: Sequence[Sequence[float]], region: dict) -> np.ndarray:
     """(N,) bool membership of points in a region ``{"polygon": [[x, y], ...]}``,
-    ``{"polygons": [[[x, y], ...], ...]}`` (a union) or ``{"rle": <COCO RLE>}``."""
+    ``{"rle": <COCO RLE>, "size": [h, w]}``, or a union: ``{"polygons": [[[x, y], ...], ...]}``
+    or ``{"regions": [<region>, ...]}``."""
     if "polygon" in region:
         return points_in_polygon(points, region["polygon"])
-    if "polygons" in region:
+    if "polygons" in region or "regions" in region:
         pts = _points(points)
         out = np.zeros(len(pts), dtype=bool)
-        for poly in region["polygons"]:
+        for poly in region.get("polygons", []):
             out |= points_in_polygon(pts, poly)
+        for sub in region.get("regions", []):
+            out |= points_in_region(pts, sub)
         return out
     if "rle" in region:
         rle = dict(region["rle"])
         rle.setdefault("size", region.get("size"))
         return points_in_rle(points, rle)
-    raise ValueError(f"region needs 'polygon', 'polygons' or 'rle', got keys {sorted(region)}")
+    raise ValueError(f"region needs 'polygon', 'polygons', 'regions' or 'rle', got keys {sorted(region)}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 RoboRefIt, RefSpatial).
 
 Sample:
-    ``prompt = {"object": "red mug"}``; ``target = {"box": [x1, y1, x2, y2]}`` for box mode and
-    ``target = {"region": {"polygon": [[x, y], ...]}}`` (or ``{"rle": <COCO RLE>}``, see
-    :func:`tasks._geometry.points_in_region`) for points mode; canonical [0, 1] coordinates.
+    ``prompt = {"object": "red mug"}``; canonical [0, 1] coordinates.  Box mode:
+    ``target = {"box": [x1, y1, x2, y2]}`` and/or ``{"boxes": [...]}`` (several correct
+    regions: the best IoU counts).  Points mode: ``target = {"region": {"polygon": [[x, y], ...]}}``
+    (or ``{"rle": <COCO RLE>, "size": [h, w]}``), ``{"regions": [...]}`` (their union) or
+    ``{"polygon": [...]}``; see :func:`tasks._geometry.points_in_region`.  For SFT in points
+    mode, ``target["points"]`` gives the reference points.
 
 Options: ``mode`` = ``"box"`` (default) or ``"points"``; ``box_reward`` = ``"iou"`` (default)
 or ``"giou"`` (the task part is then (GIoU + 1) / 2, which still rewards moving a
@@ -39,7 +42,7 @@ from tasks.common import format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 
-__all__ = ["AffordanceTask"]
+__all__ = ["AffordanceTask", "gt_boxes", "gt_region"]
 
 _OBJECTS = ("mug", "pan")
 _DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -61,17 +64,19 @@ class AffordanceTask(GeometricTask):
         self.max_points = int(self.options.get("max_points", 10))
         self.region_format = self.options.get("region_format", "polygon")
         self.reward_parts = ("format", "iou", "giou") if self.mode == "box" else ("format", "inside")
+        self.target_keys = ("box", "boxes") if self.mode == "box" else ("region", "regions", "polygon")
         self.prompt_variant = None if self.mode == "box" else "points"
 
     # --- answer text ----------------------------------------------------------------------
     def sft_target(self, sample: Sample, family) -> str:
+        self.check_sample(sample)
         size = sample.image_size
         if self.mode == "box":
-            answer = json.dumps(family.encode_box(sample.target["box"], size))
+            answer = json.dumps(family.encode_box(gt_boxes(sample)[0], size))
         else:
             points = sample.target.get("points") or sample.meta.get("grasp_points")
             if not points:
-                raise KeyError(f"sample {sample.id!r}: points-mode SFT needs target['points'] (points inside the region)")
+                raise ValueError(f"{self.where(sample)}: points-mode SFT needs target['points'] (points inside the region)")
             answer = json.dumps(family.encode_points(points[: self.max_points], size))
         reasoning = sample.meta.get("reasoning") or f"I grasp the {sample.prompt.get('object', 'object')} by its handle."
         return format_sft_target(reasoning, answer)
@@ -94,11 +99,10 @@ class AffordanceTask(GeometricTask):
 
     def score(self, prediction: Any, sample: Sample) -> tuple[float, dict[str, float]]:
         if self.mode == "box":
-            gt = sample.target["box"]
-            iou = box_iou(gt, prediction)
-            giou01 = (box_giou(gt, prediction) + 1.0) / 2.0
+            iou = max(box_iou(gt, prediction) for gt in gt_boxes(sample))
+            giou01 = max((box_giou(gt, prediction) + 1.0) / 2.0 for gt in gt_boxes(sample))
             return (iou if self.box_reward == "iou" else giou01), {"iou": iou, "giou": giou01}
-        inside = float(np.mean(points_in_region(prediction, sample.target["region"])))
+        inside = float(np.mean(points_in_region(prediction, gt_region(sample))))
         return inside, {"inside": inside}
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
@@ -106,9 +110,11 @@ class AffordanceTask(GeometricTask):
             raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
         if not samples:
             return {}
+        for s in samples:
+            self.check_sample(s)
         parse_rate = float(np.mean([p is not None for p in predictions]))
         if self.mode == "box":
-            ious = np.array([0.0 if p is None else box_iou(s.target["box"], p) for p, s in zip(predictions, samples)])
+            ious = np.array([0.0 if p is None else max(box_iou(g, p) for g in gt_boxes(s)) for p, s in zip(predictions, samples)])
             return {
                 "mean_iou": float(ious.mean()),
                 "iou>=0.5": float((ious >= 0.5).mean()),
@@ -116,7 +122,7 @@ class AffordanceTask(GeometricTask):
                 "iou>=0.9": float((ious >= 0.9).mean()),
                 "parse_rate": parse_rate,
             }
-        acc = [0.0 if not p else float(np.mean(points_in_region(p, s.target["region"]))) for p, s in zip(predictions, samples)]
+        acc = [0.0 if not p else float(np.mean(points_in_region(p, gt_region(s)))) for p, s in zip(predictions, samples)]
         return {"accuracy": float(np.mean(acc)), "parse_rate": parse_rate}
 
     # --- data -----------------------------------------------------------------------------
@@ -147,8 +153,9 @@ class AffordanceTask(GeometricTask):
             else:
                 region = {"polygon": poly}
             obj = f"{colours[0]} {kinds[0]}"
-            bx, by = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-            reasoning = f"The {obj} is at the {syn.location_words(bx, by)}; I grasp its handle."
+            fx0, fy0, fx1, fy1 = frames[0]
+            where = syn.location_words((fx0 + fx1) / 2 / w, (fy0 + fy1) / 2 / h)
+            reasoning = f"The {obj} is at the {where}; its handle points {specs[0]['dir']}, so I grasp the handle."
             out.append(
                 Sample(
                     id=f"{self.name}-synth-{seed}-{i}",
@@ -161,6 +168,23 @@ class AffordanceTask(GeometricTask):
                 )
             )
         return out
+
+
+def gt_boxes(sample: Sample) -> list:
+    """The correct boxes of a box-mode sample: ``target["box"]`` then ``target["boxes"]``."""
+    t = sample.target
+    return ([t["box"]] if "box" in t else []) + list(t.get("boxes") or [])
+
+
+def gt_region(sample: Sample) -> dict:
+    """The ground-truth region of a points-mode sample as one region dict (a union of
+    ``regions`` becomes ``{"regions": [...]}``)."""
+    t = sample.target
+    if "region" in t:
+        return t["region"]
+    if "regions" in t:
+        return {"regions": t["regions"]}
+    return {"polygon": t["polygon"]}
 
 
 def _object_spec(rng, kind: str, scale: float) -> dict:

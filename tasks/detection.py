@@ -2,8 +2,13 @@
 
 Sample:
     ``prompt = {"object": "shape"}`` (what to find, e.g. ``"shape"``, ``"person"``, or a
-    referring expression for grounding); ``target = {"boxes": [[x1, y1, x2, y2], ...],
-    "labels": ["red circle", ...]}`` (canonical [0, 1] boxes; ``labels`` optional).
+    referring expression for grounding).  Detection: ``target = {"boxes": [[x1, y1, x2, y2], ...],
+    "labels": ["red circle", ...]}`` (canonical [0, 1] boxes; ``labels`` optional;
+    ``crowd_boxes`` / ``crowd_labels`` optional, COCO's ignore regions, used by COCOeval only).
+    Grounding (one object, as :func:`vlm_grpo_ma.data.loaders.load_coco` writes it with
+    ``mode="annotation"``): ``target = {"box": [...], "label": ..., "boxes": [...]}`` where
+    ``boxes`` lists every box that is a correct answer (default ``[box]``); the reward and
+    Acc@0.5 take the best of them, COCO AP uses ``box``.
 
 Answer: ``[{"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}, ...]`` in the family's frame
 (also accepted: a single object, bare ``[x1, y1, x2, y2]``, Qwen2-VL box tokens; see
@@ -24,8 +29,9 @@ original image, one category per distinct ground-truth label, or one category fo
 ground truth has no label); predictions carry no confidence, so each box gets the score
 ``1 / (1 + rank)`` of its position in the answer (the first box written is taken as the most
 confident); ``mean_iou`` (the reward's ``iou`` part, 0 for an unparsable answer);
-``acc@0.5`` over single-object samples (the first predicted box has IoU >= 0.5 with the only
-ground-truth box, RefCOCO's Acc@0.5); ``parse_rate``.
+``acc@0.5`` over single-object samples (grounding samples and samples with one ground-truth
+box: the FIRST predicted box has IoU >= 0.5 with a correct box, RefCOCO's Acc@0.5);
+``parse_rate``.
 """
 
 from __future__ import annotations
@@ -45,7 +51,20 @@ from tasks._parsing import parse_boxes
 from tasks.common import format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 
-__all__ = ["DetectionTask", "coco_ap", "match_score", "normalise_label"]
+__all__ = ["DetectionTask", "coco_ap", "ground_truth", "match_score", "normalise_label"]
+
+
+def ground_truth(sample: Sample) -> tuple[list, list | None, list | None]:
+    """(boxes, labels or None, acceptable boxes or None) of a detection or grounding sample.
+
+    Grounding (``target["box"]``): ``([box], [label] or None, target["boxes"] or [box])``;
+    detection: ``(target["boxes"], target.get("labels"), None)``.
+    """
+    t = sample.target
+    if "box" in t:
+        label = t.get("label")
+        return [t["box"]], ([label] if label is not None else None), list(t.get("boxes") or [t["box"]])
+    return list(t.get("boxes", [])), t.get("labels"), None
 
 
 def normalise_label(label: Any) -> str | None:
@@ -102,13 +121,12 @@ def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, 
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    class_aware = all(
-        s.target.get("labels") is not None and all(normalise_label(x) for x in s.target["labels"]) for s in samples
-    )
+    truths = [ground_truth(s) for s in samples]
+    class_aware = all(labels is not None and all(normalise_label(x) for x in labels) for _, labels, _ in truths)
     cats: dict[str, int] = {}
     if class_aware:
-        for s in samples:
-            for lab in s.target["labels"]:
+        for _, labels, _ in truths:
+            for lab in labels:
                 cats.setdefault(normalise_label(lab), len(cats) + 1)
     else:
         cats["object"] = 1
@@ -122,15 +140,24 @@ def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, 
         return extra.setdefault(key, len(cats) + len(extra) + 1)
 
     images, anns, dets, extra = [], [], [], {}
-    for k, (pred, s) in enumerate(zip(predictions, samples), start=1):
+    for k, (pred, s, (gt_boxes, gt_labels, _)) in enumerate(zip(predictions, samples, truths), start=1):
         w, h = s.image_size
         images.append({"id": k, "width": w, "height": h})
-        labels = s.target.get("labels") or [None] * len(s.target.get("boxes", []))
-        for box, lab in zip(s.target.get("boxes", []), labels):
-            x1, y1, x2, y2 = box
+        crowd = s.target.get("crowd_boxes") or []
+        crowd_labels = s.target.get("crowd_labels") or [None] * len(crowd)
+        rows = [(b, lab, 0) for b, lab in zip(gt_boxes, gt_labels or [None] * len(gt_boxes))]
+        rows += [(b, lab, 1) for b, lab in zip(crowd, crowd_labels)]
+        for (x1, y1, x2, y2), lab, iscrowd in rows:
             bw, bh = (x2 - x1) * w, (y2 - y1) * h
             anns.append(
-                {"id": len(anns) + 1, "image_id": k, "category_id": cat_of(lab, extra), "bbox": [x1 * w, y1 * h, bw, bh], "area": bw * bh, "iscrowd": 0}
+                {
+                    "id": len(anns) + 1,
+                    "image_id": k,
+                    "category_id": cat_of(lab, extra),
+                    "bbox": [x1 * w, y1 * h, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": iscrowd,
+                }
             )
         for rank, obj in enumerate(pred or []):
             x1, y1, x2, y2 = obj["box"]
@@ -142,7 +169,7 @@ def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, 
                     "score": 1.0 / (1 + rank),
                 }
             )
-    if not anns:
+    if not any(a["iscrowd"] == 0 for a in anns):
         return {"AP": math.nan, "AP50": math.nan, "AP75": math.nan}
     if not dets:
         return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
@@ -171,6 +198,7 @@ class DetectionTask(GeometricTask):
 
     name = "detection"
     reward_parts = ("format", "iou", "label")
+    target_keys = ("boxes", "box")
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -190,8 +218,8 @@ class DetectionTask(GeometricTask):
         return json.dumps(objs)
 
     def sft_target(self, sample: Sample, family) -> str:
-        boxes = sample.target["boxes"]
-        labels = sample.target.get("labels")
+        self.check_sample(sample)
+        boxes, labels, _ = ground_truth(sample)
         reasoning = sample.meta.get("reasoning")
         if reasoning is None:
             names = labels if labels is not None else [sample.prompt.get("object", "object")] * len(boxes)
@@ -208,10 +236,12 @@ class DetectionTask(GeometricTask):
         ]
 
     def score(self, prediction: list[dict], sample: Sample) -> tuple[float, dict[str, float]]:
-        labels = sample.target.get("labels")
-        iou, label = match_score(
-            sample.target.get("boxes", []), [p["box"] for p in prediction], labels, [p["label"] for p in prediction]
-        )
+        boxes, labels, acceptable = ground_truth(sample)
+        pred_boxes, pred_labels = [p["box"] for p in prediction], [p["label"] for p in prediction]
+        if acceptable is None:
+            iou, label = match_score(boxes, pred_boxes, labels, pred_labels)
+        else:  # grounding: the best of the correct answers
+            iou, label = max(match_score([b], pred_boxes, labels, pred_labels) for b in acceptable)
         task = iou if labels is None else (1 - self.label_weight) * iou + self.label_weight * label
         return task, {"iou": iou, "label": label}
 
@@ -220,13 +250,17 @@ class DetectionTask(GeometricTask):
             raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
         ious, hits = [], []
         for pred, s in zip(predictions, samples):
-            gt = s.target.get("boxes", [])
+            self.check_sample(s)
+            gt, _, acceptable = ground_truth(s)
+            pred_boxes = [p["box"] for p in pred or []]
             if pred is None:
                 ious.append(0.0)
+            elif acceptable is None:
+                ious.append(match_score(gt, pred_boxes)[0])
             else:
-                ious.append(match_score(gt, [p["box"] for p in pred])[0])
-            if len(gt) == 1:
-                hits.append(bool(pred) and box_iou(gt[0], pred[0]["box"]) >= 0.5)
+                ious.append(max(match_score([b], pred_boxes)[0] for b in acceptable))
+            if acceptable is not None or len(gt) == 1:
+                hits.append(bool(pred) and max(box_iou(b, pred_boxes[0]) for b in acceptable or gt) >= 0.5)
         out = coco_ap(predictions, samples)
         out["mean_iou"] = float(np.mean(ious)) if ious else math.nan
         out["acc@0.5"] = float(np.mean(hits)) if hits else math.nan

@@ -58,6 +58,7 @@ class TrajectoryTask(GeometricTask):
 
     name = "trajectory"
     reward_parts = ("format", "frechet")
+    target_keys = ("trajectory",)
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -72,6 +73,7 @@ class TrajectoryTask(GeometricTask):
 
     # --- answer text ----------------------------------------------------------------------
     def sft_target(self, sample: Sample, family) -> str:
+        self.check_sample(sample)
         path = sample.target["trajectory"][: self.max_points]
         answer = json.dumps(family.encode_points(path, sample.image_size))
         reasoning = sample.meta.get("reasoning") or (
@@ -99,6 +101,7 @@ class TrajectoryTask(GeometricTask):
             return {}
         dfd, hd, rmse = [], [], []
         for pred, s in zip(predictions, samples):
+            self.check_sample(s)
             gt = s.target["trajectory"]
             if not pred:
                 dfd.append(FAILED_DISTANCE)

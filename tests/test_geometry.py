@@ -143,7 +143,7 @@ def test_points_in_region_dispatch():
     rle = _rle(mask)
     region = {"rle": {"counts": rle["counts"]}, "size": [4, 4]}  # size given beside the RLE
     assert points_in_region([[0.25, 0.25], [0.75, 0.75]], region).tolist() == [True, False]
-    with pytest.raises(ValueError, match="polygon"):
+    with pytest.raises(ValueError, match="regions"):
         points_in_region([[0, 0]], {"mask": 1})
 
 

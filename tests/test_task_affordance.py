@@ -233,3 +233,28 @@ def test_fuzz_reward_never_raises(answer, mode, fam, cut):
     assert 0.0 <= r.total <= 1.0 and tuple(r.parts) == task.reward_parts and r.reason != "reward_error"
     if r.reason is not None:
         assert r.total == 0.0
+
+
+def test_several_correct_boxes_and_region_unions():
+    task = AffordanceTask()
+    s = sample(box=[0, 0, 0.2, 0.2])
+    s.target["boxes"] = [[0.5, 0.5, 0.7, 0.7]]
+    assert task.reward(*completion("[500, 500, 700, 700]"), s, QWEN2).total == pytest.approx(1.0)
+    assert task.reward(*completion("[0, 0, 200, 200]"), s, QWEN2).total == pytest.approx(1.0)
+    assert task.metrics([[0.5, 0.5, 0.7, 0.7]], [s])["mean_iou"] == pytest.approx(1.0)
+    pts = AffordanceTask(mode="points")
+    union = sample(region=None)
+    union.target["regions"] = [{"polygon": [[0, 0], [0.2, 0], [0.2, 0.2], [0, 0.2]]}, {"polygon": [[0.8, 0.8], [1, 0.8], [1, 1], [0.8, 1]]}]
+    r = pts.reward(*completion("[[100, 100], [900, 900], [500, 500]]"), union, QWEN2)
+    assert r.parts["inside"] == pytest.approx(2 / 3)
+    bare = sample(region=None)
+    bare.target["polygon"] = TRI
+    assert pts.reward(*completion("[[100, 100]]"), bare, QWEN2).parts["inside"] == 1.0
+
+
+def test_bad_data_raises_naming_the_sample():
+    s = Sample(id="a9", task="affordance", images=["x"], image_sizes=[(10, 10)], target={"box": [0, 0, 1, 1]})
+    with pytest.raises(ValueError, match="'a9'.*'region' or 'regions' or 'polygon'"):
+        AffordanceTask(mode="points").reward("<think>a</think>", "<answer>[[1, 2]]</answer>", s, QWEN2)
+    with pytest.raises(ValueError, match="'a9'.*target\\['points'\\]"):
+        AffordanceTask(mode="points").sft_target(Sample(id="a9", task="affordance", images=["x"], image_sizes=[(10, 10)], target={"region": {"polygon": TRI}}), QWEN2)

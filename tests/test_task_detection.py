@@ -339,3 +339,77 @@ def test_fuzz_reward_never_raises(answer, wrap, cut, fam):
     assert r.reason != "reward_error"
     if r.reason is not None:
         assert r.total == 0.0 and all(v == 0.0 for v in r.parts.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# grounding samples, crowd regions, bad data
+# ---------------------------------------------------------------------------------------------
+def grounding(box, boxes=None, label="cup", size=(1000, 1000), sid="g") -> Sample:
+    target = {"box": box, "label": label}
+    if boxes is not None:
+        target["boxes"] = boxes
+    return Sample(id=sid, task="detection", images=["x.png"], image_sizes=[size], prompt={"object": label}, target=target)
+
+
+def test_grounding_reward_takes_the_best_correct_box():
+    task = DetectionTask()
+    s = grounding([0, 0, 0.2, 0.2], boxes=[[0, 0, 0.2, 0.2], [0.5, 0.5, 0.7, 0.7]])
+    other = task.reward(*completion('[{"bbox_2d": [500, 500, 700, 700], "label": "cup"}]'), s, QWEN2)
+    assert other.total == pytest.approx(1.0)  # the other cup is a correct answer too
+    two = task.reward(*completion('[{"bbox_2d": [500, 500, 700, 700], "label": "cup"}, {"bbox_2d": [0, 0, 200, 200], "label": "cup"}]'), s, QWEN2)
+    assert two.parts["iou"] == pytest.approx(0.5)  # one object asked for: the extra box costs
+    target = task.sft_target(s, QWEN2)
+    assert target.endswith('<answer>[{"bbox_2d": [0, 0, 200, 200], "label": "cup"}]</answer>')
+
+
+def test_grounding_acc_uses_first_box_and_any_correct_box():
+    task = DetectionTask()
+    s = grounding([0, 0, 0.2, 0.2], boxes=[[0, 0, 0.2, 0.2], [0.5, 0.5, 0.7, 0.7]])
+    m = task.metrics([[{"box": [0.5, 0.5, 0.7, 0.7], "label": "cup"}]], [s])
+    assert m["acc@0.5"] == 1.0 and m["mean_iou"] == 1.0
+    m = task.metrics([[{"box": [0.9, 0.9, 1, 1], "label": "cup"}, {"box": [0, 0, 0.2, 0.2], "label": "cup"}]], [s])
+    assert m["acc@0.5"] == 0.0  # RefCOCO scores the first box only
+    # COCO AP on grounding samples uses the referred box only
+    # the first box (score 1) is a false positive, the second (score 1/2) a hit: precision 1/2 at recall 1
+    assert m["AP50"] == pytest.approx(0.5)
+    assert task.metrics([[{"box": [0.5, 0.5, 0.7, 0.7], "label": "cup"}]], [s])["AP"] == 0.0
+
+
+def test_crowd_boxes_are_ignore_regions_as_in_cocoeval():
+    s = sample([[0, 0, 0.5, 0.5]], ["a"], size=(200, 200))
+    s.target["crowd_boxes"] = [[0.6, 0.6, 1.0, 1.0]]
+    s.target["crowd_labels"] = ["a"]
+    pred = [{"box": [0.7, 0.7, 0.9, 0.9], "label": "a"}, {"box": [0, 0, 0.5, 0.5], "label": "a"}]
+    ours = coco_ap([pred], [s])
+    # directly: the first detection lies in the crowd region and is ignored, so AP = 1
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {
+            "images": [{"id": 1, "width": 200, "height": 200}],
+            "annotations": [
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "area": 10000, "iscrowd": 0},
+                {"id": 2, "image_id": 1, "category_id": 1, "bbox": [120, 120, 80, 80], "area": 6400, "iscrowd": 1},
+            ],
+            "categories": [{"id": 1, "name": "a"}],
+        }
+        gt.createIndex()
+        dets = [{"image_id": 1, "category_id": 1, "bbox": [140, 140, 40, 40], "score": 1.0}, {"image_id": 1, "category_id": 1, "bbox": [0, 0, 100, 100], "score": 0.5}]
+        ev = COCOeval(gt, gt.loadRes(dets), iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert [ours["AP"], ours["AP50"], ours["AP75"]] == pytest.approx(list(ev.stats[:3]))
+    assert ours["AP"] == pytest.approx(1.0)
+    s.target.pop("crowd_boxes")
+    assert coco_ap([pred], [s])["AP"] < 1.0  # without the crowd region the first box is a false positive
+
+
+def test_bad_data_raises_naming_the_sample():
+    task = DetectionTask()
+    bad = Sample(id="b7", task="detection", images=["x.png"], image_sizes=[(10, 10)], target={"objects": []}, meta={"source": "d.jsonl", "line": 7})
+    with pytest.raises(ValueError, match=r"'b7' \(d.jsonl:7\).*'boxes' or 'box'"):
+        task.reward("<think>a</think>", "<answer>[1, 2, 3, 4]</answer>", bad, QWEN2)
+    with pytest.raises(ValueError, match="image_sizes"):
+        task.reward("<think>a</think>", "<answer>[]</answer>", Sample(id="n", task="detection", target={"boxes": []}), QWEN2)
+    with pytest.raises(ValueError, match="b7"):
+        task.metrics([None], [bad])

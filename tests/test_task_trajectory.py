@@ -192,7 +192,7 @@ def test_messages_prompt():
         assert image["image"] is s.images[0]
         t = text["text"]
         assert s.prompt["start"] in t and s.prompt["goal"] in t and "at most 8 points" in t
-        assert family.coord_hint(112, 112) in t and "[[x1, y1]" in t and len(t) < 400
+        assert family.coord_hint(112, 112) in t and "[[x, y], ...]" in t and len(t) < 400
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,3 +217,11 @@ def test_fuzz_reward_never_raises(answer, fam, cut):
     assert 0.0 <= r.total <= 1.0 and list(r.parts) == ["format", "frechet"] and r.reason != "reward_error"
     if r.reason is not None:
         assert r.total == 0.0
+
+
+def test_bad_data_raises_naming_the_sample():
+    s = Sample(id="t3", task="trajectory", images=["x"], image_sizes=[(10, 10)], target={"path": [[0, 0], [1, 1]]})
+    with pytest.raises(ValueError, match="'t3'.*'trajectory'"):
+        TrajectoryTask().reward("<think>a</think>", "<answer>[[1, 2]]</answer>", s, QWEN2)
+    with pytest.raises(ValueError, match="'t3'"):
+        TrajectoryTask().metrics([None], [s])
