@@ -105,16 +105,25 @@ class AffordanceTask(GeometricTask):
         inside = float(np.mean(points_in_region(prediction, gt_region(sample))))
         return inside, {"inside": inside}
 
+    def sample_metrics(self, prediction: Any, sample: Sample) -> dict[str, float]:
+        """One sample's figure: ``iou`` (box mode, best over the correct boxes) or ``accuracy``
+        (points mode, the fraction of points inside); 0 for an unparsable answer."""
+        self.check_sample(sample)
+        if self.mode == "box":
+            return {"iou": 0.0 if prediction is None else max(box_iou(g, prediction) for g in gt_boxes(sample))}
+        if not prediction:
+            return {"accuracy": 0.0}
+        return {"accuracy": float(np.mean(points_in_region(prediction, gt_region(sample))))}
+
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
         if len(predictions) != len(samples):
             raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
         if not samples:
             return {}
-        for s in samples:
-            self.check_sample(s)
+        per = [self.sample_metrics(p, s) for p, s in zip(predictions, samples)]
         parse_rate = float(np.mean([p is not None for p in predictions]))
         if self.mode == "box":
-            ious = np.array([0.0 if p is None else max(box_iou(g, p) for g in gt_boxes(s)) for p, s in zip(predictions, samples)])
+            ious = np.array([m["iou"] for m in per])
             return {
                 "mean_iou": float(ious.mean()),
                 "iou>=0.5": float((ious >= 0.5).mean()),
@@ -122,8 +131,7 @@ class AffordanceTask(GeometricTask):
                 "iou>=0.9": float((ious >= 0.9).mean()),
                 "parse_rate": parse_rate,
             }
-        acc = [0.0 if not p else float(np.mean(points_in_region(p, gt_region(s)))) for p, s in zip(predictions, samples)]
-        return {"accuracy": float(np.mean(acc)), "parse_rate": parse_rate}
+        return {"accuracy": float(np.mean([m["accuracy"] for m in per])), "parse_rate": parse_rate}
 
     # --- data -----------------------------------------------------------------------------
     def synthetic(self, n: int, seed: int = 0) -> list[Sample]:

@@ -245,24 +245,31 @@ class DetectionTask(GeometricTask):
         task = iou if labels is None else (1 - self.label_weight) * iou + self.label_weight * label
         return task, {"iou": iou, "label": label}
 
+    def sample_metrics(self, prediction: Any, sample: Sample) -> dict[str, float]:
+        """Metrics of one sample (the benchmark's per-row figures): ``iou`` (the reward's iou
+        term, 0 for an unparsable answer) and, for a single-object sample, ``acc@0.5``."""
+        self.check_sample(sample)
+        gt, _, acceptable = ground_truth(sample)
+        pred_boxes = [p["box"] for p in prediction or []]
+        if prediction is None:
+            iou = 0.0
+        elif acceptable is None:
+            iou = match_score(gt, pred_boxes)[0]
+        else:
+            iou = max(match_score([b], pred_boxes)[0] for b in acceptable)
+        out = {"iou": float(iou)}
+        if acceptable is not None or len(gt) == 1:
+            hit = bool(pred_boxes) and max(box_iou(b, pred_boxes[0]) for b in acceptable or gt) >= 0.5
+            out["acc@0.5"] = float(hit)
+        return out
+
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
         if len(predictions) != len(samples):
             raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
-        ious, hits = [], []
-        for pred, s in zip(predictions, samples):
-            self.check_sample(s)
-            gt, _, acceptable = ground_truth(s)
-            pred_boxes = [p["box"] for p in pred or []]
-            if pred is None:
-                ious.append(0.0)
-            elif acceptable is None:
-                ious.append(match_score(gt, pred_boxes)[0])
-            else:
-                ious.append(max(match_score([b], pred_boxes)[0] for b in acceptable))
-            if acceptable is not None or len(gt) == 1:
-                hits.append(bool(pred) and max(box_iou(b, pred_boxes[0]) for b in acceptable or gt) >= 0.5)
+        per = [self.sample_metrics(p, s) for p, s in zip(predictions, samples)]
+        hits = [m["acc@0.5"] for m in per if "acc@0.5" in m]
         out = coco_ap(predictions, samples)
-        out["mean_iou"] = float(np.mean(ious)) if ious else math.nan
+        out["mean_iou"] = float(np.mean([m["iou"] for m in per])) if per else math.nan
         out["acc@0.5"] = float(np.mean(hits)) if hits else math.nan
         out["parse_rate"] = float(np.mean([p is not None for p in predictions])) if predictions else math.nan
         return out

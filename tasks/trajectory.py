@@ -94,29 +94,27 @@ class TrajectoryTask(GeometricTask):
         r = frechet_reward(prediction, sample.target["trajectory"], self.d_max)
         return r, {"frechet": r}
 
+    def sample_metrics(self, prediction: Any, sample: Sample) -> dict[str, float]:
+        """``dfd``, ``hd``, ``rmse`` of one sample (each :data:`FAILED_DISTANCE` when unparsable)."""
+        self.check_sample(sample)
+        if not prediction:
+            return {"dfd": FAILED_DISTANCE, "hd": FAILED_DISTANCE, "rmse": FAILED_DISTANCE}
+        gt = sample.target["trajectory"]
+        return {
+            "dfd": discrete_frechet(prediction, gt),
+            "hd": hausdorff(prediction, gt),
+            "rmse": rmse_index_matched(prediction, gt),
+        }
+
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
         if len(predictions) != len(samples):
             raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
         if not samples:
             return {}
-        dfd, hd, rmse = [], [], []
-        for pred, s in zip(predictions, samples):
-            self.check_sample(s)
-            gt = s.target["trajectory"]
-            if not pred:
-                dfd.append(FAILED_DISTANCE)
-                hd.append(FAILED_DISTANCE)
-                rmse.append(FAILED_DISTANCE)
-                continue
-            dfd.append(discrete_frechet(pred, gt))
-            hd.append(hausdorff(pred, gt))
-            rmse.append(rmse_index_matched(pred, gt))
-        return {
-            "dfd": float(np.mean(dfd)),
-            "hd": float(np.mean(hd)),
-            "rmse": float(np.mean(rmse)),
-            "parse_rate": float(np.mean([p is not None for p in predictions])),
-        }
+        per = [self.sample_metrics(p, s) for p, s in zip(predictions, samples)]
+        out = {k: float(np.mean([m[k] for m in per])) for k in ("dfd", "hd", "rmse")}
+        out["parse_rate"] = float(np.mean([p is not None for p in predictions]))
+        return out
 
     # --- data -----------------------------------------------------------------------------
     def synthetic(self, n: int, seed: int = 0) -> list[Sample]:

@@ -258,3 +258,10 @@ def test_bad_data_raises_naming_the_sample():
         AffordanceTask(mode="points").reward("<think>a</think>", "<answer>[[1, 2]]</answer>", s, QWEN2)
     with pytest.raises(ValueError, match="'a9'.*target\\['points'\\]"):
         AffordanceTask(mode="points").sft_target(Sample(id="a9", task="affordance", images=["x"], image_sizes=[(10, 10)], target={"region": {"polygon": TRI}}), QWEN2)
+
+
+def test_sample_metrics():
+    s = sample(box=[0, 0, 0.5, 0.5], region={"polygon": TRI})
+    assert AffordanceTask().sample_metrics([0.25, 0.25, 0.75, 0.75], s) == pytest.approx({"iou": 1 / 7})
+    assert AffordanceTask().sample_metrics(None, s) == {"iou": 0.0}
+    assert AffordanceTask(mode="points").sample_metrics([[0.1, 0.1], [0.9, 0.9]], s) == {"accuracy": 0.5}

@@ -413,3 +413,13 @@ def test_bad_data_raises_naming_the_sample():
         task.reward("<think>a</think>", "<answer>[]</answer>", Sample(id="n", task="detection", target={"boxes": []}), QWEN2)
     with pytest.raises(ValueError, match="b7"):
         task.metrics([None], [bad])
+
+
+def test_sample_metrics_agree_with_metrics():
+    task = DetectionTask()
+    s1, s2 = sample([[0, 0, 0.2, 0.2]], ["a"], sid="1"), sample([[0, 0, 0.2, 0.2], [0.5, 0.5, 0.7, 0.7]], ["a", "b"], sid="2")
+    p1, p2 = [{"box": [0.1, 0.1, 0.3, 0.3], "label": "a"}], [{"box": [0, 0, 0.2, 0.2], "label": "a"}]
+    assert task.sample_metrics(p1, s1) == pytest.approx({"iou": 1 / 7, "acc@0.5": 0.0})
+    assert task.sample_metrics(p2, s2) == pytest.approx({"iou": 0.5})
+    assert task.sample_metrics(None, s1) == {"iou": 0.0, "acc@0.5": 0.0}
+    assert task.metrics([p1, p2], [s1, s2])["mean_iou"] == pytest.approx((1 / 7 + 0.5) / 2)

@@ -225,3 +225,9 @@ def test_bad_data_raises_naming_the_sample():
         TrajectoryTask().reward("<think>a</think>", "<answer>[[1, 2]]</answer>", s, QWEN2)
     with pytest.raises(ValueError, match="'t3'"):
         TrajectoryTask().metrics([None], [s])
+
+
+def test_sample_metrics():
+    s = sample([[0, 0], [1, 0]])
+    assert TrajectoryTask().sample_metrics([[0, 0.5], [1, 0.5]], s) == pytest.approx({"dfd": 0.5, "hd": 0.5, "rmse": 0.5})
+    assert TrajectoryTask().sample_metrics(None, s) == {"dfd": FAILED_DISTANCE, "hd": FAILED_DISTANCE, "rmse": FAILED_DISTANCE}
