@@ -8,9 +8,9 @@ enforced depends on the privileges of the caller (see docs/SANDBOX.md for the fu
     A small trusted *launcher* (the caller's interpreter, ``-I -S``) runs first in the child:
     it enters new **network** and **mount** namespaces (``unshare(CLONE_NEWNET | CLONE_NEWNS)``;
     the network namespace has no interface up, not even loopback), mounts small private tmpfs
-    over ``/tmp``, ``/var/tmp``, ``/dev/shm`` and the work directory (so nothing the code writes
-    reaches the caller's disk, and the space is bounded), sets the resource limits, drops to a
-    **dedicated unprivileged uid/gid** taken from a pool (one uid per concurrent run, so
+    over ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock`` and the work directory (so nothing
+    the code writes reaches the caller's disk, and the space is bounded), sets the resource
+    limits, drops to a **dedicated unprivileged uid/gid** taken from a pool (one uid per concurrent run, so
     ``RLIMIT_NPROC`` really bounds a fork bomb, and the code cannot signal, ptrace or read
     ``/proc/<pid>/environ`` of any other process), and ``execve``s the sandbox interpreter.
     After the run every process still owned by that uid (for example one that called ``setsid``
@@ -86,7 +86,7 @@ class SandboxLimits:
         open_files: ``RLIMIT_NOFILE``.
         output_bytes: most bytes read from each of stdout and stderr; a run that writes more is
             killed and reported as ``output_limit``.
-        tmpfs_bytes: size of each private tmpfs: the work directory, /tmp, /var/tmp, /dev/shm
+        tmpfs_bytes: size of each private tmpfs: the work directory, /tmp, /var/tmp, /dev/shm, ...
             (root mode; in user mode the work directory is on the caller's disk).
     """
 
@@ -200,7 +200,7 @@ if cfg["unshare"]:
                 with open(name, "rb") as f:
                     files[name] = f.read()
         opts = ("size=%d,mode=1777" % cfg["tmpfs_bytes"]).encode()
-        for d in ("/tmp", "/var/tmp", "/dev/shm"):
+        for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock"):
             if os.path.isdir(d) and not os.path.islink(d):
                 mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts)
         # the work directory becomes a size-limited tmpfs of its own, owned by the sandbox uid
