@@ -177,3 +177,19 @@ def test_format_summary_table():
     text = format_summary("affordance", s)
     assert "mean_iou" in text and "0.5500" in text and "parse" not in text and "/x" in text
     json.dumps(s)
+
+
+def test_synthetic_batch_retries_a_failing_seed_deterministically(caplog):
+    from vlm_grpo_ma.training.data import synthetic_batch
+
+    class Flaky(_Task):
+        def synthetic(self, n, seed=0):
+            if seed == 7:
+                raise ValueError("cannot place a box")
+            return super().synthetic(n, seed)
+
+    with caplog.at_level(logging.WARNING):
+        a = synthetic_batch(Flaky(), 3, 7)
+    assert len(a) == 3 and a == synthetic_batch(Flaky(), 3, 7)
+    assert "seed=7" in caplog.text
+    assert synthetic_batch(Flaky(), 3, 8) == _Task().synthetic(3, 8)

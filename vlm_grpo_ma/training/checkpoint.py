@@ -74,8 +74,9 @@ def save_checkpoint(engine, stage_dir: str | Path, step: int, trainer_state: dic
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
     if dist.is_main():
-        if tmp.exists():  # left by an earlier crash
-            shutil.rmtree(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     engine.save_checkpoint(str(tmp), tag="ds", client_state={}, save_latest=False)

@@ -12,6 +12,7 @@ global batch (each rank takes its contiguous slice, :func:`distributed.shard`).
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +20,9 @@ import numpy as np
 #: synthetic training seeds are seed * _STRIDE + offset + step; evaluation seeds start at _EVAL_BASE
 _STRIDE = 1_000_003
 _EVAL_BASE = 2_000_000_000
+_RETRY_BASE = 4_000_000_000
 STAGE_OFFSETS = {"sft": 0, "rl": 500_000}
+log = logging.getLogger(__name__)
 
 
 class SampleStream:
@@ -55,7 +58,7 @@ class SampleStream:
         """The ``batch_size`` samples of ``step`` (same on every rank and every run)."""
         if self.samples is None:
             s = self.seed * _STRIDE + STAGE_OFFSETS[self.stage] + step
-            return list(self.task.synthetic(self.batch_size, seed=s))
+            return synthetic_batch(self.task, self.batch_size, s)
         n = len(self.samples)
         out = []
         for i in range(step * self.batch_size, (step + 1) * self.batch_size):
@@ -64,9 +67,27 @@ class SampleStream:
         return out
 
 
+def synthetic_batch(task, n: int, seed: int, retries: int = 3) -> list:
+    """``task.synthetic(n, seed)``; if the task's generator fails for this seed (a task bug, e.g.
+    a layout it cannot place), warn and draw with the next seeds of a disjoint range instead, so a
+    long run does not die on one unlucky seed.  Deterministic: the same seed gives the same batch."""
+    try:
+        return list(task.synthetic(n, seed=seed))
+    except ValueError as first:
+        for i in range(1, retries + 1):
+            alt = _RETRY_BASE + seed * (retries + 1) + i
+            try:
+                out = list(task.synthetic(n, seed=alt))
+            except ValueError:
+                continue
+            log.warning("task %r: synthetic(%d, seed=%d) failed (%s); used seed %d instead", task.name, n, seed, first, alt)
+            return out
+        raise
+
+
 def heldout_samples(task, n: int, seed: int, samples: Sequence | None = None) -> list:
     """The evaluation set: the first ``n`` of a loaded held-out dataset, or ``n`` synthetic
     samples drawn with a seed no training step uses."""
     if samples is not None:
         return list(samples)[:n]
-    return list(task.synthetic(n, seed=_EVAL_BASE + seed))
+    return synthetic_batch(task, n, _EVAL_BASE + seed)

@@ -265,8 +265,9 @@ def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: R
     for step in range(start_step, cfg.rl.rl_steps):
         t0 = time.perf_counter()
         local = dist.shard(stream.batch(step))
+        lr = lr_of(stage)
         metrics = rl_step(stage, cfg, task, state, local, ref_engine)
-        metrics["lr"] = lr_of(stage)
+        metrics["lr"] = lr
         metrics["time/step"] = time.perf_counter() - t0
         logger.log("rl", step + 1, metrics)
         last = metrics

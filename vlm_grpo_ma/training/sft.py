@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
@@ -47,15 +48,15 @@ def assistant_token_nll(model, batch) -> tuple[torch.Tensor, int]:
     return -logp.sum(), int(rows.numel())
 
 
-def sft_step(stage: Stage, cfg: TrainConfig, task, samples: list) -> dict:
-    """One optimizer step of SFT on this rank's ``samples`` (its slice of the global batch)."""
+def collate_micro_batches(stage: Stage, cfg: TrainConfig, task, samples: list) -> tuple[list, int]:
+    """This rank's ``samples`` as SFT micro-batches (CPU tensors) and the number dropped as too
+    long.  Pure CPU work: ``run_sft`` prepares the next step's batches in a background thread."""
     from vlm_grpo_ma.data.collate import build_sft_batch
 
-    engine, family = stage.engine, stage.family
-    dev = dist.device()
-    micro = [samples[i : i + stage.micro_batch] for i in range(0, len(samples), stage.micro_batch)]
+    family = stage.family
     batches, dropped = [], 0
-    for chunk in micro:
+    for i in range(0, len(samples), stage.micro_batch):
+        chunk = samples[i : i + stage.micro_batch]
         b = build_sft_batch(
             stage.processor,
             [task.messages(s, family) for s in chunk],
@@ -68,13 +69,20 @@ def sft_step(stage: Stage, cfg: TrainConfig, task, samples: list) -> dict:
                 f"every sample of a micro batch is longer than max_length={cfg.data.max_length} "
                 f"(lengths {[d.length for d in b.dropped]}): raise --max_length"
             )
-        batches.append(b.to(dev))
+        batches.append(b)
+    return batches, dropped
+
+
+def sft_step(stage: Stage, batches: list, dropped: int = 0) -> dict:
+    """One optimizer step of SFT on this rank's micro-batches (its slice of the global batch)."""
+    engine = stage.engine
+    dev = dist.device()
     n_local = sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)
     n_global = dist.all_reduce_sum(n_local)
     scale = dist.world_size() * stage.grad_accum / max(n_global, 1.0)
     nll_sum = 0.0
     for i, b in enumerate(batches):
-        nll, _ = assistant_token_nll(engine.module, b)
+        nll, _ = assistant_token_nll(engine.module, b.to(dev))
         engine.backward(nll * scale)
         nll_sum += float(nll.detach())
         if i < len(batches) - 1:
@@ -97,17 +105,27 @@ def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_s
     bar = tqdm(total=cfg.sft.sft_steps, initial=start_step, desc="SFT", disable=not dist.is_main(), dynamic_ncols=True)
     stage.engine.train()
     last: dict = {}
-    for step in range(start_step, cfg.sft.sft_steps):
-        t0 = time.perf_counter()
-        local = dist.shard(stream.batch(step))
-        metrics = sft_step(stage, cfg, task, local)
-        metrics["lr"] = lr_of(stage)
-        metrics["time/step"] = time.perf_counter() - t0
-        logger.log("sft", step + 1, metrics)
-        last = metrics
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{metrics['lr']:.1e}")
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.sft_steps:
-            ckpt.save_checkpoint(stage.engine, stage.dir, step + 1, {"skipped_steps": stage.skipped_steps}, cfg.run.keep_last)
+
+    def prepare(step: int):
+        return collate_micro_batches(stage, cfg, task, dist.shard(stream.batch(step)))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:  # collates step s+1 while step s trains
+        pending = pool.submit(prepare, start_step) if start_step < cfg.sft.sft_steps else None
+        for step in range(start_step, cfg.sft.sft_steps):
+            t0 = time.perf_counter()
+            batches, dropped = pending.result()
+            if step + 1 < cfg.sft.sft_steps:
+                pending = pool.submit(prepare, step + 1)
+            lr = lr_of(stage)
+            metrics = sft_step(stage, batches, dropped)
+            metrics["lr"] = lr
+            metrics["time/step"] = time.perf_counter() - t0
+            logger.log("sft", step + 1, metrics)
+            last = metrics
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{lr:.1e}")
+            if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.sft_steps:
+                ckpt.save_checkpoint(stage.engine, stage.dir, step + 1, {"skipped_steps": stage.skipped_steps},
+                                     cfg.run.keep_last)
     bar.close()
     return last

@@ -1,0 +1,193 @@
+"""The trainer in one process on the tiny model: the whole pipeline, the RL update, skipping a
+non-finite step, atomic checkpoints and exact in-process resume, and the exported model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vlm_grpo_ma.training import distributed as dist
+
+dist.prepare_environment()
+
+TINY = ["--eval_samples", "4", "--eval_batch_size", "4", "--max_thought_tokens", "12", "--max_answer_tokens", "10",
+        "--report_to", "tensorboard", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _process_group():
+    dist.init_distributed()
+    yield
+
+
+def _cfg(tmp_path, *extra):
+    from vlm_grpo_ma.training.cli import parse_train_config
+
+    return parse_train_config(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_batch_size", "4",
+                               "--prompts_per_step", "2", "--sft_warmup_steps", "0", *TINY, *extra])
+
+
+def _params(stage) -> dict[str, torch.Tensor]:
+    with stage.gather():
+        return {n: p.detach().clone() for n, p in stage.engine.module.named_parameters()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_end_to_end_and_final_model_loads(tmp_path):
+    from transformers import AutoConfig
+
+    from vlm_grpo_ma.models import MODEL_CLASSES, load_policy
+    from vlm_grpo_ma.training.cli import main
+    from vlm_grpo_ma.training.metrics import read_metrics
+
+    summary = main(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_steps", "3", "--sft_batch_size", "4",
+                    "--rl_steps", "2", "--prompts_per_step", "2", "--num_thoughts", "2", "--answers_per_thought", "2",
+                    *TINY])
+    assert set(summary["evals"]) == {"before_sft", "after_sft", "after_rl"}
+    for ev in summary["evals"].values():
+        assert "mean_iou" in ev and 0.0 <= ev["eval/format_rate"] <= 1.0
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "summary.json").is_file()
+    assert any((tmp_path / "tensorboard" / "rl").iterdir())
+    sft = read_metrics(tmp_path / "metrics.jsonl", "sft")
+    rl = read_metrics(tmp_path / "metrics.jsonl", "rl")
+    assert [r["step"] for r in sft] == [1, 2, 3] and [r["step"] for r in rl] == [1, 2]
+    assert sft[-1]["loss/sft"] < sft[0]["loss/sft"]  # lr 2e-3 on 4 samples: the NLL falls
+    names = {"reward/mean", "reward/affordance/format", "reward/affordance/iou", "rollout/thought_len",
+             "rollout/answer_len", "adv/thought_std", "adv/answer_std", "rollout/zero_spread_frac", "clip/low",
+             "clip/high", "loss/policy", "loss/kl", "grad/norm", "grad/gss", "time/rollout", "time/reward",
+             "time/update", "train/skipped_steps", "lr"}
+    assert names <= set(rl[0]), names - set(rl[0])
+    assert any(k.startswith("parse/") for k in rl[0]) or rl[0]["reward/affordance/format"] > 0
+
+    # the exported model: the project's loader and plain transformers read the same weights
+    final = tmp_path / "rl" / "final"
+    pol = load_policy(str(final))
+    import transformers
+
+    cls = getattr(transformers, MODEL_CLASSES[AutoConfig.from_pretrained(final).model_type])
+    hf = cls.from_pretrained(final)
+    base = load_policy("tiny-qwen2.5-vl")
+    sd_pol, sd_hf, sd_base = pol.model.state_dict(), hf.state_dict(), base.model.state_dict()
+    assert set(sd_pol) == set(sd_hf)
+    assert all(torch.equal(sd_pol[k], sd_hf[k]) for k in sd_pol)
+    assert any(not torch.equal(sd_pol[k], sd_base[k]) for k in sd_pol)  # it was trained
+    assert type(pol.processor).__name__ == type(base.processor).__name__
+
+    # running the same command again finds both stages complete and only re-prints the summary
+    again = main(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_steps", "3", "--sft_batch_size", "4",
+                  "--rl_steps", "2", "--prompts_per_step", "2", "--num_thoughts", "2", "--answers_per_thought", "2",
+                  *TINY])
+    assert again["evals"] == json.loads(json.dumps(summary["evals"]))
+    assert len(read_metrics(tmp_path / "metrics.jsonl", "rl")) == 2
+
+
+def _shaped_task():
+    """Affordance with a reward that varies on an untrained model (longer answers score more),
+    so that advantages are non-zero and the update does something."""
+    from vlm_grpo_ma.task import Reward, get_task
+
+    task = get_task("affordance")
+
+    def reward(thought, answer, sample, family):
+        v = min(1.0, len(answer) / 40.0)
+        return Reward(v, {p: v for p in task.reward_parts})
+
+    task.reward = reward
+    return task
+
+
+@pytest.mark.parametrize("k,m,layout", [(2, 2, "packed"), (4, 1, "naive")])
+def test_rl_step_updates_the_policy(tmp_path, k, m, layout):
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.rl import RLState, rl_step
+
+    cfg = _cfg(tmp_path, "--num_thoughts", str(k), "--answers_per_thought", str(m), "--train_layout", layout,
+               "--ppo_epochs", "2", "--rl_lr", "1e-3")
+    task = _shaped_task()
+    st = stg.build_stage(cfg, "rl", "tiny-qwen2.5-vl", global_batch=2, micro=1, lr=1e-3, warmup=0, total_optimizer_steps=10)
+    before = _params(st)
+    state = RLState(task)
+    out = rl_step(st, cfg, task, state, task.synthetic(2, seed=1))
+    assert out["adv/answer_std"] > 0 and out["train/skipped_steps"] == 0
+    assert math.isfinite(out["loss/policy"]) and out["grad/norm"] > 0
+    assert 0.0 <= out["reward/mean"] <= 1.0 and out["rollout/thought_len"] <= 12
+    assert state.gss.num_steps == 2  # one optimizer step per ppo epoch
+    assert out["ratio/mean"] != 1.0  # second epoch: the policy moved away from the old log-probs
+    assert not _same(before, _params(st))
+    stg.release(st)
+
+
+def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
+    from vlm_grpo_ma.task import get_task
+    from vlm_grpo_ma.training import sft as sft_mod
+    from vlm_grpo_ma.training import stage as stg
+
+    cfg = _cfg(tmp_path)
+    task = get_task("affordance")
+    st = stg.build_stage(cfg, "sft", "tiny-qwen2.5-vl", global_batch=4, micro=0, lr=1e-3, warmup=0, total_optimizer_steps=10)
+    batches, _ = sft_mod.collate_micro_batches(st, cfg, task, task.synthetic(4, seed=0))
+    before, lr_before = _params(st), stg.lr_of(st)
+    real = sft_mod.assistant_token_nll
+    monkeypatch.setattr(sft_mod, "assistant_token_nll", lambda model, b: (real(model, b)[0] * float("nan"), 0))
+    out = sft_mod.sft_step(st, batches)
+    assert out["train/step_applied"] == 0.0 and out["train/skipped_steps"] == 1.0
+    assert _same(before, _params(st)) and stg.lr_of(st) == lr_before  # nothing moved, schedule held
+    monkeypatch.setattr(sft_mod, "assistant_token_nll", real)
+    out = sft_mod.sft_step(st, batches)
+    assert out["train/step_applied"] == 1.0 and math.isfinite(out["loss/sft"])
+    assert not _same(before, _params(st)) and st.skipped_steps == 1
+    stg.release(st)
+
+
+def test_checkpoint_is_atomic_and_resume_is_exact(tmp_path, monkeypatch):
+    from vlm_grpo_ma.task import get_task
+    from vlm_grpo_ma.training import checkpoint as ckpt
+    from vlm_grpo_ma.training import sft as sft_mod
+    from vlm_grpo_ma.training import stage as stg
+
+    cfg = _cfg(tmp_path)
+    task = get_task("affordance")
+    st = stg.build_stage(cfg, "sft", "tiny-qwen2.5-vl", global_batch=4, micro=2, lr=1e-3, warmup=2, total_optimizer_steps=10)
+    batches = [sft_mod.collate_micro_batches(st, cfg, task, task.synthetic(4, seed=s))[0] for s in range(3)]
+    sft_mod.sft_step(st, batches[0])
+    first = ckpt.save_checkpoint(st.engine, st.dir, 1, {"skipped_steps": 0}, keep_last=1)
+    files = sorted(p.relative_to(first) for p in first.rglob("*"))
+
+    # a crash in the middle of the next save leaves step 1 as it was, and the next resume uses it
+    real_save = st.engine.save_checkpoint
+
+    def crash(save_dir, **kw):
+        (ckpt.Path(save_dir) / "partial.bin").write_bytes(b"x")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st.engine, "save_checkpoint", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(st.engine, st.dir, 2, {"skipped_steps": 0}, keep_last=1)
+    monkeypatch.setattr(st.engine, "save_checkpoint", real_save)
+    assert ckpt.latest_checkpoint(st.dir) == first
+    assert sorted(p.relative_to(first) for p in first.rglob("*")) == files
+    assert json.loads((first / "trainer_state.json").read_text())["step"] == 1
+
+    # exact continuation: two steps after the checkpoint, reload it, the same two steps again
+    torch.manual_seed(123)  # the RNG state at the checkpoint is what resume restores
+    ckpt.save_checkpoint(st.engine, st.dir, 1, {"skipped_steps": 0}, keep_last=1)
+    losses_a = [sft_mod.sft_step(st, b)["loss/sft"] for b in batches[1:]]
+    rand_a = torch.rand(3)
+    after_a, lr_a = _params(st), stg.lr_of(st)
+    state = ckpt.load_checkpoint(st.engine, ckpt.latest_checkpoint(st.dir))
+    assert state["step"] == 1
+    losses_b = [sft_mod.sft_step(st, b)["loss/sft"] for b in batches[1:]]
+    assert losses_a == losses_b and torch.equal(rand_a, torch.rand(3))
+    assert _same(after_a, _params(st)) and stg.lr_of(st) == lr_a
+
+    # keep_last=1: a later save removes the older checkpoint and the crashed temporary folder
+    ckpt.save_checkpoint(st.engine, st.dir, 3, {"skipped_steps": 0}, keep_last=1)
+    names = sorted(p.name for p in ckpt.checkpoints_dir(st.dir).iterdir())
+    assert names == ["step-0000003"], names
+    stg.release(st)
