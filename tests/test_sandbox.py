@@ -134,6 +134,16 @@ def test_run_many_bounded_pool_keeps_order(sandbox):
     assert all(isinstance(r, TestReport) for r in reports)
 
 
+def test_user_mode_scores_the_same():
+    """The weaker non-root mode (forced here) runs and scores benign code the same way."""
+    sb = Sandbox(limits=FAST, isolation="user")
+    assert sb.isolation in ("user", "user_ns") and "rlimits" in sb.protections
+    code = "def sq(x):\n    return x * x\nif __name__ == '__main__':\n    print(sq(int(input())))\n"
+    rep = sb.run_tests(code, ["assert sq(3) == 9", "assert sq(2) == 5", {"input": "4", "output": "16"}])
+    assert rep.passed == [True, False, True]
+    assert sb.run_tests("while True:\n    pass\n", ["assert True"]).reason == "timeout"
+
+
 def test_invalid_isolation_name():
     with pytest.raises(ValueError):
         Sandbox(isolation="docker")

@@ -10,9 +10,10 @@ enforced depends on the privileges of the caller (see docs/SANDBOX.md for the fu
     the network namespace has no interface up, not even loopback), mounts small private tmpfs
     over ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock`` and the work directory (so nothing
     the code writes reaches the caller's disk, and the space is bounded), sets the resource
-    limits, drops to a **dedicated unprivileged uid/gid** taken from a pool (one uid per concurrent run, so
-    ``RLIMIT_NPROC`` really bounds a fork bomb, and the code cannot signal, ptrace or read
-    ``/proc/<pid>/environ`` of any other process), and ``execve``s the sandbox interpreter.
+    limits, drops to a **dedicated unprivileged uid/gid** taken from a pool (one uid per
+    concurrent run, so ``RLIMIT_NPROC`` really bounds a fork bomb, and the code cannot signal,
+    ptrace or read ``/proc/<pid>/environ`` of any other process), and ``execve``s the sandbox
+    interpreter.
     After the run every process still owned by that uid (for example one that called ``setsid``
     to leave the process group) is killed.
 
