@@ -147,7 +147,11 @@ class AffordanceTask(GeometricTask):
             kinds = [rng.choice(_OBJECTS) for _ in range(2)]
             n_obj = 1 + (rng.random() < 0.5)
             specs = [_object_spec(rng, kinds[j], scale) for j in range(n_obj)]
-            frames = syn.place_boxes(rng, [sp["size"] for sp in specs], w, h, gap=4)
+            try:
+                frames = syn.place_boxes(rng, [sp["size"] for sp in specs], w, h, gap=4)
+            except ValueError:  # no room for the distractor: the target object alone
+                specs = specs[:1]
+                frames = syn.place_boxes(rng, [specs[0]["size"]], w, h, gap=4)
             img, draw = syn.new_canvas((w, h))
             polys_px = []
             for sp, frame, colour in zip(specs, frames, colours):
@@ -198,13 +202,13 @@ def gt_region(sample: Sample) -> dict:
 def _object_spec(rng, kind: str, scale: float) -> dict:
     """Random pixel dimensions of a mug or pan; ``size`` is its whole (w, h) footprint."""
     if kind == "mug":
-        body = round(rng.randint(18, 26) * scale)
-        hl, ht = round(rng.randint(8, 10) * scale), round(rng.randint(10, 14) * scale)  # handle length, height
+        body = round(rng.randint(24, 34) * scale)
+        hl, ht = round(rng.randint(11, 15) * scale), round(rng.randint(13, 18) * scale)  # handle length, height
         direction = rng.choice(["left", "right"])
         size = (body + hl, body)
     else:
-        body = round(rng.randint(20, 30) * scale)
-        hl, ht = round(rng.randint(16, 24) * scale), round(rng.randint(6, 8) * scale)
+        body = round(rng.randint(22, 30) * scale)
+        hl, ht = round(rng.randint(22, 32) * scale), round(rng.randint(8, 11) * scale)
         direction = rng.choice(list(_DIRECTIONS))
         size = (body + hl, body) if direction in ("left", "right") else (body, body + hl)
     return {"kind": kind, "body": body, "hl": hl, "ht": ht, "dir": direction, "size": size}
@@ -213,7 +217,7 @@ def _object_spec(rng, kind: str, scale: float) -> dict:
 def _draw_object(draw: ImageDraw.ImageDraw, sp: dict, frame: Sequence[int], colour) -> tuple:
     """Draw the object in its pixel frame; return, in pixels, the handle's box (end-exclusive),
     its polygon (continuous coordinates), three points near its mid-line (whole pixels), and the polygon as
-    given to PIL (which fills boundary pixels, so its far edges are pulled in by one)."""
+    given to PIL (which fills boundary pixels, so its right and bottom vertices move in by one)."""
     x0, y0, _, _ = frame
     body, hl, ht, d = sp["body"], sp["hl"], sp["ht"], sp["dir"]
     dx, dy = _DIRECTIONS[d]
@@ -243,8 +247,10 @@ def _draw_object(draw: ImageDraw.ImageDraw, sp: dict, frame: Sequence[int], colo
         near, far = (hy1, hy0) if dy < 0 else (hy0, hy1)
         poly = [(hx0, near), (hx0 + 1, far), (hx1 - 1, far), (hx1, near)]
         line = [(round((hx0 + hx1) / 2), round(hy0 + f * hl)) for f in (0.25, 0.5, 0.75)]
-    # PIL fills polygons including their boundary pixels: pull the far edges in by one pixel
-    pixel_poly = [(min(x, hx1 - 1), min(y, hy1 - 1)) for x, y in poly]
+    # PIL fills polygons including their boundary pixels: pull the right and bottom vertices in
+    # by one pixel
+    mx, my = (hx0 + hx1) / 2, (hy0 + hy1) / 2
+    pixel_poly = [(x - (x > mx), y - (y > my)) for x, y in poly]
     draw.polygon(pixel_poly, fill=colour)
     return (hx0, hy0, hx1, hy1), poly, line, pixel_poly
 
