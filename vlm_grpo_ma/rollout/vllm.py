@@ -1,0 +1,847 @@
+"""The vLLM rollout backend: colocated generation with prefix caching and weight sync.
+
+Same interface and output as :class:`vlm_grpo_ma.rollout.hf.HFRolloutBackend` (a
+:class:`~vlm_grpo_ma.rollout.types.TreeRollout` with the same fields, token ids and texts), so the
+trainer and the benchmark runner switch backends by configuration.  vLLM is an optional extra
+(``pip install 'vlm-grpo-ma[vllm]'``) imported lazily: this module imports without it, and
+constructing :class:`VLLMBackend` without it raises an ImportError that says what to install.
+
+How a tree is sampled (B prompts, K thoughts, M answers):
+
+- **stage 1**: one request per prompt, ``n = K``, stopping at the ``</think>`` token
+  (``stop_token_ids``; the token is part of the output).  A thought that reaches
+  ``max_thought_tokens`` without it has its last token replaced by ``</think>`` and is flagged in
+  ``thought_truncated``, exactly as the transformers backend does; vLLM cannot score a token it
+  did not sample, so that token's rollout log-prob is NaN (the trainer recomputes old log-probs;
+  :func:`vlm_grpo_ma.algorithms.tis.tis_weights` gives such tokens weight 1).
+- **stage 2**: one request per thought, ``n = M``, on the token prefix prompt + thought.  The
+  image goes with it again as ``multi_modal_data``: vLLM hashes it, so the prompt + thought
+  prefix is found in the **automatic prefix cache** (on by default here) and only the answers are
+  computed: GRPO-MA's M continuations of one prefix cost little more than one.
+- Prompts are given to vLLM as ``prompt_token_ids`` with ONE ``<|image_pad|>`` per image
+  (:func:`collapse_image_pads`): vLLM expands it to the image's token count itself (its Qwen-VL
+  prompt update targets a single pad token).  The expanded prompt vLLM reports is compared with the
+  transformers processor's (:func:`check_prompt_expansion`): a different image-token count means
+  the two resized the image differently.
+- Images are resized by vLLM with ``mm_processor_kwargs`` built from the training processor's
+  ``min_pixels`` / ``max_pixels`` (:func:`engine_mm_processor_kwargs`), and the bounds are
+  asserted equal before the engine starts (:func:`check_pixel_bounds`): a mismatch would
+  silently change Qwen2.5-VL's coordinate frame (absolute pixels of the resized image).
+- Sampling mirrors :class:`~vlm_grpo_ma.rollout.types.SamplingParams`: ``top_k = 0`` is off
+  (sent as -1), ``temperature = 0`` is greedy, vision special tokens are suppressed (logit bias),
+  the end-of-sequence of the checkpoint is ignored (``ignore_eos``) and the stops are explicit, as
+  in the transformers backend.  Log-probs: vLLM's sampled-token log-probs (``logprobs=0``), after
+  temperature where the engine supports ``logprobs_mode="processed_logprobs"`` (set when available),
+  raw (temperature 1) otherwise.
+
+Colocation (the trainer and vLLM on the same GPUs): the engine is created in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) with a bounded ``gpu_memory_utilization``, one engine per
+rank (``distributed_executor_backend="external_launcher"`` under a launcher, as TRL's colocate
+mode does), and with ``enable_sleep_mode=True`` it releases its memory between rollouts
+(``llm.sleep(level)``; ``wake_up`` before the next sync / rollout).  After every optimizer step
+the trainer calls :meth:`VLLMBackend.sync_weights` (see :mod:`.vllm_weights`).
+
+Version differences are kept behind small adapters (``_supported_engine_args``,
+``_local_vllm_model``, ``_wake_up``, ``sampled_logprobs``) that raise clear errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from vlm_grpo_ma.rollout.hf import RolloutTokenIds, split_vision
+from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
+from vlm_grpo_ma.rollout.vllm_weights import DEFAULT_BUCKET_BYTES, SyncStats, sync_weights
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "INSTALL_HINT",
+    "PixelBoundsMismatch",
+    "VLLMBackend",
+    "VLLMRequest",
+    "VLLMWeightReceiver",
+    "build_completion_requests",
+    "build_engine_kwargs",
+    "build_stage1_requests",
+    "build_stage2_requests",
+    "check_pixel_bounds",
+    "check_prompt_expansion",
+    "collapse_image_pads",
+    "count_image_runs",
+    "derive_seed",
+    "engine_mm_processor_kwargs",
+    "finish_answer",
+    "finish_thought",
+    "import_vllm",
+    "make_bench_backend",
+    "pixel_bounds",
+    "sampled_logprobs",
+]
+
+INSTALL_HINT = "pip install 'vlm-grpo-ma[vllm]'"
+#: logit bias that keeps vision special tokens from being sampled (exp(-1e4) is 0 in fp32)
+SUPPRESS_BIAS = -1.0e4
+
+
+def import_vllm():
+    """``import vllm``, or an ImportError that says how to get it."""
+    try:
+        import vllm  # noqa: F401  (the installed package, not this module: imports are absolute)
+    except ImportError as e:
+        raise ImportError(
+            f"the vLLM rollout backend needs vLLM, which cannot be imported here ({e}). Install it on a "
+            f"CUDA machine with `{INSTALL_HINT}`, or use the transformers backend (backend: hf)."
+        ) from e
+    return vllm
+
+
+# --------------------------------------------------------------------------- pixel bounds
+class PixelBoundsMismatch(ValueError):
+    """The rollout engine would resize images differently from the training processor."""
+
+
+def pixel_bounds(obj: Any) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) of a ModelFamily, a processor / image processor, or a
+    ``mm_processor_kwargs`` dict (``min_pixels``/``max_pixels`` keys, or
+    ``size={"shortest_edge", "longest_edge"}``).  Missing values are None."""
+    if isinstance(obj, Mapping):
+        size = obj.get("size") or {}
+        lo = obj.get("min_pixels", size.get("shortest_edge") if isinstance(size, Mapping) else None)
+        hi = obj.get("max_pixels", size.get("longest_edge") if isinstance(size, Mapping) else None)
+        return (int(lo) if lo is not None else None, int(hi) if hi is not None else None)
+    if hasattr(obj, "min_pixels") and hasattr(obj, "frame"):  # ModelFamily
+        return int(obj.min_pixels), int(obj.max_pixels)
+    ip = getattr(obj, "image_processor", obj)
+    size = getattr(ip, "size", None) or {}
+    lo = getattr(ip, "min_pixels", None) or (size.get("shortest_edge") if isinstance(size, Mapping) else None)
+    hi = getattr(ip, "max_pixels", None) or (size.get("longest_edge") if isinstance(size, Mapping) else None)
+    return (int(lo) if lo is not None else None, int(hi) if hi is not None else None)
+
+
+def check_pixel_bounds(training: Any, engine_mm_kwargs: Mapping[str, Any] | None) -> None:
+    """Assert that the engine resizes images with the training processor's bounds.
+
+    Args:
+        training: the training side: a :class:`~vlm_grpo_ma.models.family.ModelFamily`, a
+            processor or an image processor.
+        engine_mm_kwargs: the ``mm_processor_kwargs`` the vLLM engine is (to be) built with.
+    Raises:
+        PixelBoundsMismatch: a bound differs, or the engine's is not set (vLLM would then use the
+            checkpoint's ``preprocessor_config.json``, which a run's overrides do not change).
+    """
+    t_lo, t_hi = pixel_bounds(training)
+    if t_lo is None or t_hi is None:
+        raise PixelBoundsMismatch(f"cannot read min_pixels / max_pixels from the training side ({type(training).__name__})")
+    e_lo, e_hi = pixel_bounds(engine_mm_kwargs or {})
+    problems = []
+    for what, t, e in (("min_pixels", t_lo, e_lo), ("max_pixels", t_hi, e_hi)):
+        if e is None:
+            problems.append(f"{what}: training {t}, engine not set (it would fall back to the checkpoint's preprocessor_config)")
+        elif e != t:
+            problems.append(f"{what}: training {t}, engine {e}")
+    if problems:
+        raise PixelBoundsMismatch(
+            "the vLLM engine and the training processor resize images differently ("
+            + "; ".join(problems)
+            + "). Images would get other token grids in rollouts than in training, and Qwen2.5-VL's "
+            "absolute-pixel coordinates another frame. Build the engine with "
+            "mm_processor_kwargs=engine_mm_processor_kwargs(family)."
+        )
+
+
+def engine_mm_processor_kwargs(family: Any) -> dict[str, Any]:
+    """The ``mm_processor_kwargs`` that make vLLM's HF processor resize like the training one.
+
+    Qwen2-VL / Qwen2.5-VL take ``min_pixels`` / ``max_pixels`` (vLLM's documented form); Qwen3-VL's
+    image processor takes ``size={"shortest_edge", "longest_edge"}``."""
+    lo, hi = pixel_bounds(family)
+    if getattr(family, "name", None) == "qwen3_vl":
+        return {"size": {"shortest_edge": lo, "longest_edge": hi}}
+    return {"min_pixels": lo, "max_pixels": hi}
+
+
+def check_prompt_expansion(expected: Sequence[int], got: Sequence[int], image_pad: int, where: str = "") -> bool:
+    """Compare vLLM's expanded prompt with the transformers processor's.
+
+    Returns True when equal, False when vLLM reported no expansion to compare (``got`` has no
+    more image pads than one per image).  Raises :class:`PixelBoundsMismatch` when the image token
+    counts differ, ValueError when the text differs."""
+    expected, got = list(expected), list(got)
+    if expected == got:
+        return True
+    n_exp = sum(1 for t in expected if t == image_pad)
+    n_got = sum(1 for t in got if t == image_pad)
+    if got == collapse_image_pads(expected, image_pad):
+        return False
+    if n_exp != n_got:
+        raise PixelBoundsMismatch(
+            f"{where}vLLM expanded the prompt's images to {n_got} image tokens, the training processor to {n_exp}: "
+            "the two resize images differently (check min_pixels / max_pixels on both sides)."
+        )
+    raise ValueError(f"{where}vLLM's prompt tokens differ from the training processor's (same image token count)")
+
+
+# --------------------------------------------------------------------------- requests (pure)
+@dataclass(frozen=True)
+class VLLMRequest:
+    """One ``LLM.generate`` request: ``prompt`` is a vLLM ``TokensPrompt`` dict
+    (``prompt_token_ids`` and, with images, ``multi_modal_data={"image": [...]}``), ``sampling``
+    the keyword arguments of ``vllm.SamplingParams``."""
+
+    prompt: dict
+    sampling: dict
+
+
+def collapse_image_pads(ids: Sequence[int], image_pad: int) -> list[int]:
+    """Replace every run of ``image_pad`` by a single one: the unexpanded prompt that vLLM's
+    Qwen-VL processor expands itself (verl passes the same ``raw_prompt_ids``)."""
+    out: list[int] = []
+    for t in ids:
+        t = int(t)
+        if t == image_pad and out and out[-1] == image_pad:
+            continue
+        out.append(t)
+    return out
+
+
+def count_image_runs(ids: Sequence[int], image_pad: int) -> int:
+    """Number of runs of ``image_pad`` in ``ids`` (one per image)."""
+    ids = [int(t) for t in ids]
+    return sum(1 for i, t in enumerate(ids) if t == image_pad and (i == 0 or ids[i - 1] != image_pad))
+
+
+def derive_seed(seed: int | None, stage: int, index: int) -> int | None:
+    """A per-request seed from the run's: distinct for each (stage, index), deterministic,
+    within [0, 2**31).  None stays None (vLLM draws its own)."""
+    if seed is None:
+        return None
+    return (int(seed) * 1_000_003 + stage * 1_000_000_007 + index * 7_919) % (2**31 - 1)
+
+
+def vllm_sampling_kwargs(
+    sampling: SamplingParams,
+    *,
+    n: int,
+    max_tokens: int,
+    stop_token_ids: Sequence[int],
+    seed: int | None,
+    suppress: Sequence[int] = (),
+) -> dict:
+    """Keyword arguments of ``vllm.SamplingParams`` for one request.
+
+    ``top_k`` 0 (off here) is sent as -1 (off in every vLLM version); greedy is temperature 0;
+    the checkpoint's EOS is ignored and only ``stop_token_ids`` stop (the stop token is kept in
+    the output token ids); ``logprobs=0`` returns the sampled token's log-prob."""
+    kw = dict(
+        n=int(n),
+        temperature=float(sampling.temperature),
+        top_p=float(sampling.top_p) if not sampling.greedy else 1.0,
+        top_k=int(sampling.top_k) if sampling.top_k > 0 and not sampling.greedy else -1,
+        max_tokens=int(max_tokens),
+        stop_token_ids=[int(t) for t in stop_token_ids],
+        include_stop_str_in_output=True,
+        ignore_eos=True,
+        skip_special_tokens=False,
+        spaces_between_special_tokens=False,
+        logprobs=0,
+        seed=seed,
+    )
+    if suppress:
+        kw["logit_bias"] = {int(t): SUPPRESS_BIAS for t in suppress}
+    return kw
+
+
+def _tokens_prompt(ids: Sequence[int], images: Sequence[Any] | None) -> dict:
+    prompt: dict = {"prompt_token_ids": [int(t) for t in ids]}
+    if images:
+        prompt["multi_modal_data"] = {"image": list(images)}
+    return prompt
+
+
+def build_stage1_requests(
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Sequence[Any] | None],
+    K: int,
+    sampling: SamplingParams,
+    ids: RolloutTokenIds,
+) -> list[VLLMRequest]:
+    """One request per prompt b: ``n = K`` thoughts until ``</think>``.
+
+    Args:
+        prompts: B collapsed prompts (:func:`collapse_image_pads`).
+        images: B lists of PIL images (None / empty for text-only prompts).
+    """
+    return [
+        VLLMRequest(
+            _tokens_prompt(p, images[b]),
+            vllm_sampling_kwargs(sampling, n=K, max_tokens=sampling.max_thought_tokens, stop_token_ids=[ids.think_end],
+                                 seed=derive_seed(sampling.seed, 1, b), suppress=ids.suppress),
+        )
+        for b, p in enumerate(prompts)
+    ]
+
+
+def build_stage2_requests(
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Sequence[Any] | None],
+    thoughts: Sequence[Sequence[Sequence[int]]],
+    M: int,
+    sampling: SamplingParams,
+    ids: RolloutTokenIds,
+) -> list[VLLMRequest]:
+    """One request per (b, k), in order ``b * K + k``: ``n = M`` answers continuing the token
+    prefix prompt_b + thought_bk (which ends with ``</think>``), until an end token."""
+    K = len(thoughts[0]) if thoughts else 0
+    return [
+        VLLMRequest(
+            _tokens_prompt(list(prompts[b]) + [int(t) for t in thoughts[b][k]], images[b]),
+            vllm_sampling_kwargs(sampling, n=M, max_tokens=sampling.max_answer_tokens, stop_token_ids=ids.stop,
+                                 seed=derive_seed(sampling.seed, 2, b * K + k), suppress=ids.suppress),
+        )
+        for b in range(len(prompts))
+        for k in range(len(thoughts[b]))
+    ]
+
+
+def build_completion_requests(
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Sequence[Any] | None],
+    n: int,
+    sampling: SamplingParams,
+    ids: RolloutTokenIds,
+    max_tokens: int,
+) -> list[VLLMRequest]:
+    """Single-stage completions (benchmarks): ``n`` per prompt until an end token."""
+    return [
+        VLLMRequest(
+            _tokens_prompt(p, images[b]),
+            vllm_sampling_kwargs(sampling, n=n, max_tokens=max_tokens, stop_token_ids=ids.stop,
+                                 seed=derive_seed(sampling.seed, 0, b), suppress=ids.suppress),
+        )
+        for b, p in enumerate(prompts)
+    ]
+
+
+# --------------------------------------------------------------------------- outputs (pure)
+def finish_thought(
+    token_ids: Sequence[int], logprobs: Sequence[float], think_end: int, max_tokens: int, stopped: bool = False
+) -> tuple[list[int], list[float], bool]:
+    """A stage-1 completion as the transformers backend returns it.
+
+    Returns (ids ending with ``think_end``, log-probs [same length], truncated).  A completion
+    that ended at ``think_end`` is kept; one that hit ``max_tokens`` has its last token replaced
+    by ``think_end`` (log-prob NaN: not sampled by the engine) and is truncated; ``stopped`` (the
+    engine reports a stop at ``think_end`` but left the token out) appends it, not truncated."""
+    ids, lps = [int(t) for t in token_ids], [float(x) for x in logprobs]
+    if len(lps) != len(ids):
+        raise ValueError(f"{len(ids)} tokens but {len(lps)} log-probs")
+    if ids and ids[-1] == think_end:
+        return ids, lps, False
+    if stopped:
+        return ids + [think_end], lps + [math.nan], False
+    if ids and len(ids) >= max_tokens:
+        return ids[:-1] + [think_end], lps[:-1] + [math.nan], True
+    return ids + [think_end], lps + [math.nan], True
+
+
+def finish_answer(
+    token_ids: Sequence[int], logprobs: Sequence[float], stop: Sequence[int]
+) -> tuple[list[int], list[float], bool]:
+    """A stage-2 completion: (ids incl. the end token when one was generated, log-probs,
+    truncated = it ended without an end token)."""
+    ids, lps = [int(t) for t in token_ids], [float(x) for x in logprobs]
+    if len(lps) != len(ids):
+        raise ValueError(f"{len(ids)} tokens but {len(lps)} log-probs")
+    return ids, lps, not (ids and ids[-1] in set(int(s) for s in stop))
+
+
+def sampled_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
+    """The sampled token's log-prob at each position of a vLLM ``CompletionOutput``.
+
+    ``logprobs`` is vLLM's per-position list of ``{token_id: Logprob}`` (or a float, or the
+    ``FlatLogprobs`` sequence of newer versions, indexed the same way).  None -> NaN for all."""
+    if logprobs is None:
+        return [math.nan] * len(token_ids)
+    out = []
+    for i, t in enumerate(token_ids):
+        entry = logprobs[i]
+        if isinstance(entry, Mapping):
+            lp = entry.get(int(t))
+            lp = getattr(lp, "logprob", lp)
+        else:
+            lp = getattr(entry, "logprob", entry)
+        out.append(float(lp) if lp is not None else math.nan)
+    return out
+
+
+# --------------------------------------------------------------------------- engine (adapters)
+def build_engine_kwargs(
+    model_path: str,
+    family: Any,
+    *,
+    gpu_memory_utilization: float = 0.3,
+    enable_sleep_mode: bool = False,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    max_images_per_prompt: int = 1,
+    seed: int = 0,
+    enforce_eager: bool = False,
+    colocate_ranks: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for a colocated rollout engine (pure).
+
+    Prefix caching is on; images per prompt are limited to ``max_images_per_prompt``; the pixel
+    bounds are the family's; ``generation_config="vllm"`` keeps the checkpoint's sampling
+    defaults out (every request sets its own); ``logprobs_mode="processed_logprobs"`` asks for
+    log-probs after temperature (dropped on versions without it).  With ``colocate_ranks`` > 1
+    (one engine per training rank) the executor is ``external_launcher``.  ``extra`` overrides."""
+    kw: dict[str, Any] = dict(
+        model=str(model_path),
+        tokenizer=str(model_path),
+        enable_prefix_caching=True,
+        gpu_memory_utilization=float(gpu_memory_utilization),
+        enable_sleep_mode=bool(enable_sleep_mode),
+        dtype=dtype,
+        seed=int(seed),
+        enforce_eager=bool(enforce_eager),
+        limit_mm_per_prompt={"image": int(max_images_per_prompt)},
+        mm_processor_kwargs=engine_mm_processor_kwargs(family),
+        generation_config="vllm",
+        logprobs_mode="processed_logprobs",
+    )
+    if max_model_len is not None:
+        kw["max_model_len"] = int(max_model_len)
+    if colocate_ranks is not None and colocate_ranks > 1:
+        kw["distributed_executor_backend"] = "external_launcher"
+    kw.update(dict(extra or {}))
+    return kw
+
+
+#: engine arguments that may be dropped (with a log line) on vLLM versions that lack them
+_OPTIONAL_ENGINE_ARGS = ("generation_config", "logprobs_mode")
+
+
+def _supported_engine_args(vllm: Any, kwargs: dict) -> dict:
+    """``kwargs`` minus the optional ones this vLLM's ``EngineArgs`` does not know."""
+    try:
+        fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+    except Exception:  # noqa: BLE001  (not a dataclass in this version: pass everything)
+        return kwargs
+    out = dict(kwargs)
+    for k in _OPTIONAL_ENGINE_ARGS:
+        if k in out and k not in fields:
+            log.info("vLLM %s has no engine argument %r; left out", getattr(vllm, "__version__", "?"), k)
+            out.pop(k)
+    if out.get("enable_sleep_mode") and "enable_sleep_mode" not in fields:
+        raise RuntimeError(f"vLLM {getattr(vllm, '__version__', '?')} has no sleep mode; set enable_sleep_mode=False")
+    return out
+
+
+def _engine_mm_kwargs(llm: Any) -> Mapping[str, Any] | None:
+    """The ``mm_processor_kwargs`` a running engine reports, where it exposes them."""
+    for path in ("llm_engine.model_config.mm_processor_kwargs",
+                 "llm_engine.model_config.multimodal_config.mm_processor_kwargs"):
+        obj: Any = llm
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, Mapping):
+            return obj
+    return None
+
+
+def _local_vllm_model(llm: Any) -> Any:
+    """The engine's ``torch.nn.Module`` when the engine runs in this process, else None."""
+    chains = (
+        "llm_engine.model_executor.driver_worker.worker.model_runner.model",
+        "llm_engine.model_executor.driver_worker.model_runner.model",
+        "llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model",
+    )
+    for chain in chains:
+        obj: Any = llm
+        try:
+            for part in chain.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if hasattr(obj, "load_weights"):
+            return obj
+    return None
+
+
+def _worker_load_weights(worker: Any, weights: list) -> None:
+    """Run on each vLLM worker by ``collective_rpc`` (engine in another process)."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VLLMWeightReceiver:
+    """Loads synced weights into a ``vllm.LLM`` (the receiver of
+    :func:`vlm_grpo_ma.rollout.vllm_weights.sync_weights`).
+
+    In-process engines (the colocated default) get ``model.load_weights(weights)`` directly, the
+    way TRL's colocate mode does; an engine in another process gets them through
+    ``llm.collective_rpc`` (the tensors are serialised: slow, but correct)."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+
+    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        model = _local_vllm_model(self.llm)
+        if model is not None:
+            model.load_weights(weights=weights)
+            return
+        if hasattr(self.llm, "collective_rpc"):
+            self.llm.collective_rpc(_worker_load_weights, args=([(n, t.detach().cpu()) for n, t in weights],))
+            return
+        raise RuntimeError(
+            "cannot reach the vLLM model to load weights: no in-process model and no LLM.collective_rpc "
+            "(set VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating the engine, or upgrade vLLM)"
+        )
+
+    def reset_prefix_cache(self) -> None:
+        if not hasattr(self.llm, "reset_prefix_cache"):
+            raise RuntimeError("this vLLM has no LLM.reset_prefix_cache(): stale KV would be reused after a weight sync")
+        ok = self.llm.reset_prefix_cache()
+        if ok is False:  # V1 refuses while requests are running
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
+
+
+# --------------------------------------------------------------------------- the backend
+class VLLMBackend:
+    """Tree rollouts (and plain completions) with a colocated vLLM engine.
+
+    Args:
+        model: a tiny model name, a checkpoint folder or a hub id (what vLLM loads at start;
+            the trainer's weights are pushed with :meth:`sync_weights`).
+        processor: the TRAINING processor (its pixel bounds are asserted against the engine's);
+            loaded from ``model`` with ``min_pixels`` / ``max_pixels`` when not given.
+        family: the model family (read from the processor when not given).
+        gpu_memory_utilization: share of the GPU vLLM may take (weights + KV cache); keep room
+            for the trainer when colocated.
+        enable_sleep_mode: release vLLM's GPU memory between rollouts (``sleep_level`` 1 keeps
+            the weights in CPU memory, 2 drops them: every sync resends all weights anyway).
+        dtype, max_model_len, max_images_per_prompt, seed, enforce_eager: engine arguments.
+        engine_kwargs: more ``vllm.LLM`` arguments (override the defaults).
+        llm: an already-built ``vllm.LLM`` (its pixel bounds are still checked where visible).
+        bucket_bytes: weight-sync gather bound.
+    Raises:
+        ImportError: vLLM is not installed (says how to install it).
+        PixelBoundsMismatch: engine and training processor would resize images differently.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        processor: Any = None,
+        family: Any = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        gpu_memory_utilization: float = 0.3,
+        enable_sleep_mode: bool = False,
+        sleep_level: int = 1,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        max_images_per_prompt: int = 1,
+        seed: int = 0,
+        enforce_eager: bool = False,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        llm: Any = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
+        vllm = import_vllm()
+        from transformers import AutoConfig
+
+        from vlm_grpo_ma.models import ModelFamily, resolve_model_path
+        from vlm_grpo_ma.models.processor import load_processor, set_pixel_bounds
+
+        self._vllm = vllm
+        self.model_path = resolve_model_path(model)
+        model_type = AutoConfig.from_pretrained(self.model_path).model_type
+        if processor is None:
+            processor = load_processor(self.model_path, model_type, min_pixels=min_pixels, max_pixels=max_pixels)
+        elif min_pixels is not None or max_pixels is not None:
+            set_pixel_bounds(processor, min_pixels, max_pixels)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.family = family if family is not None else ModelFamily.from_processor(model_type, processor)
+        self.ids = RolloutTokenIds.from_tokenizer(self.tokenizer)
+        self.image_pad = int(self.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        self.enable_sleep_mode = bool(enable_sleep_mode)
+        self.sleep_level = int(sleep_level)
+        self.bucket_bytes = int(bucket_bytes)
+        self._asleep: set[str] = set()
+        # the training processor and the family must agree before we compare with the engine
+        check_pixel_bounds(self.processor, engine_mm_processor_kwargs(self.family))
+        if llm is None:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            kwargs = build_engine_kwargs(
+                self.model_path, self.family, gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=enable_sleep_mode, dtype=dtype, max_model_len=max_model_len,
+                max_images_per_prompt=max_images_per_prompt, seed=seed, enforce_eager=enforce_eager,
+                colocate_ranks=world, extra=engine_kwargs,
+            )
+            check_pixel_bounds(self.processor, kwargs.get("mm_processor_kwargs"))
+            # in-process engine: weights are loaded by reference, no serialisation (TRL colocate)
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            llm = vllm.LLM(**_supported_engine_args(vllm, kwargs))
+        seen = _engine_mm_kwargs(llm)
+        if seen is not None:
+            check_pixel_bounds(self.processor, seen)
+        self.llm = llm
+        self.receiver = VLLMWeightReceiver(llm)
+
+    # ------------------------------------------------------------------ memory
+    def sleep(self) -> None:
+        """Release vLLM's GPU memory (no-op without sleep mode)."""
+        if self.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Re-allocate what :meth:`sleep` released (``tags``: ``"weights"`` / ``"kv_cache"``;
+        all when None).  Versions without tags wake everything."""
+        want = set(tags) if tags else {"weights", "kv_cache"}
+        todo = self._asleep & want
+        if not todo:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            self.llm.wake_up(tags=sorted(todo))
+            self._asleep -= todo
+        except TypeError:  # older vLLM: wake_up() without tags
+            self.llm.wake_up()
+            self._asleep = set()
+
+    # ------------------------------------------------------------------ weights
+    def sync_weights(self, model_or_engine: Any, bucket_bytes: int | None = None) -> SyncStats:
+        """Push the trainer's weights into the engine (call after every optimizer step, on every
+        rank): wakes the weights if asleep, gathers ZeRO-3 parameters a bucket at a time, merges
+        LoRA, loads, and resets the prefix cache."""
+        self.wake_up(["weights"])
+        return sync_weights(model_or_engine, self.receiver, bucket_bytes or self.bucket_bytes, family=self.family.name)
+
+    # ------------------------------------------------------------------ generation
+    def _run(self, requests: Sequence[VLLMRequest]) -> list[Any]:
+        self.wake_up()
+        prompts = [r.prompt for r in requests]
+        params = [self._vllm.SamplingParams(**r.sampling) for r in requests]
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def _prompts(self, inputs: Mapping[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        ids = inputs["input_ids"]
+        attn = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        mm = inputs.get("mm_token_type_ids", torch.zeros_like(ids))
+        return [ids[b][attn[b]].cpu() for b in range(ids.shape[0])], [mm[b][attn[b].to(mm.device)].cpu() for b in range(ids.shape[0])]
+
+    def _images(self, inputs: Mapping[str, Any], images: Sequence[Sequence[Any] | None] | None,
+                prompt_ids: list[torch.Tensor]) -> list[list[Any]]:
+        images = images if images is not None else inputs.get("images")
+        B = len(prompt_ids)
+        if images is None:
+            if any(bool((p == self.image_pad).any()) for p in prompt_ids):
+                raise ValueError("the vLLM backend needs the prompts' PIL images: pass images=[[...] per prompt] "
+                                 "(or use generate_tree_from_messages)")
+            return [[] for _ in range(B)]
+        if len(images) != B:
+            raise ValueError(f"{len(images)} image lists for {B} prompts")
+        out = []
+        for b, (p, imgs) in enumerate(zip(prompt_ids, images)):
+            imgs = list(imgs or [])
+            n_runs = count_image_runs(p.tolist(), self.image_pad)
+            if n_runs != len(imgs):
+                raise ValueError(f"prompt {b}: {n_runs} image placeholders but {len(imgs)} images")
+            out.append(imgs)
+        return out
+
+    def _text(self, ids: Sequence[int], drop_stop: bool = False) -> str:
+        ids = list(ids)
+        if drop_stop and ids and ids[-1] in self.ids.stop:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _check_expansion(self, outs: Sequence[Any], prompt_ids: list[torch.Tensor], extra: Sequence[Sequence[int]] | None = None) -> None:
+        for b, out in enumerate(outs):
+            got = getattr(out, "prompt_token_ids", None)
+            if got is None:
+                continue
+            expected = prompt_ids[b].tolist() + (list(extra[b]) if extra is not None else [])
+            check_prompt_expansion(expected, got, self.image_pad, where=f"prompt {b}: ")
+
+    @torch.no_grad()
+    def generate_tree(
+        self,
+        prompts_inputs: Mapping[str, Any],
+        K: int,
+        M: int,
+        sampling: SamplingParams,
+        images: Sequence[Sequence[Any] | None] | None = None,
+    ) -> TreeRollout:
+        """Sample K thoughts per prompt and M answers per thought (module docstring).
+
+        ``prompts_inputs``: the processor's left-padded outputs, as for the transformers backend
+        (``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``,
+        ``image_grid_thw``); ``images``: each prompt's PIL images in placeholder order (or an
+        ``"images"`` entry of ``prompts_inputs``): vLLM preprocesses them itself."""
+        if K < 1 or M < 1:
+            raise ValueError(f"K and M must be >= 1, got K={K}, M={M}")
+        prompt_ids, prompt_mm = self._prompts(prompts_inputs)
+        imgs = self._images(prompts_inputs, images, prompt_ids)
+        B = len(prompt_ids)
+        collapsed = [collapse_image_pads(p.tolist(), self.image_pad) for p in prompt_ids]
+
+        outs1 = self._run(build_stage1_requests(collapsed, imgs, K, sampling, self.ids))
+        self._check_expansion(outs1, prompt_ids)
+        th_ids, th_lp, th_trunc = [], [], []
+        for b in range(B):
+            comps = sorted(outs1[b].outputs, key=lambda c: c.index)
+            row_ids, row_lp, row_tr = [], [], []
+            for c in comps:
+                ids = list(c.token_ids)
+                stopped = getattr(c, "finish_reason", None) == "stop" and getattr(c, "stop_reason", None) == self.ids.think_end
+                i, lp, tr = finish_thought(ids, sampled_logprobs(ids, c.logprobs), self.ids.think_end,
+                                           sampling.max_thought_tokens, stopped=stopped)
+                row_ids.append(i); row_lp.append(lp); row_tr.append(tr)
+            th_ids.append(row_ids); th_lp.append(row_lp); th_trunc.append(row_tr)
+
+        outs2 = self._run(build_stage2_requests(collapsed, imgs, th_ids, M, sampling, self.ids))
+        an_ids, an_lp, an_trunc = [], [], []
+        for b in range(B):
+            an_ids.append([]); an_lp.append([]); an_trunc.append([])
+            for k in range(K):
+                out = outs2[b * K + k]
+                got = getattr(out, "prompt_token_ids", None)
+                if got is not None:
+                    check_prompt_expansion(prompt_ids[b].tolist() + th_ids[b][k], got, self.image_pad,
+                                           where=f"prompt {b}, thought {k}: ")
+                ids_m, lp_m, tr_m = [], [], []
+                for c in sorted(out.outputs, key=lambda c: c.index):
+                    ids = list(c.token_ids)
+                    i, lp, tr = finish_answer(ids, sampled_logprobs(ids, c.logprobs), self.ids.stop)
+                    ids_m.append(i); lp_m.append(lp); tr_m.append(tr)
+                an_ids[b].append(ids_m); an_lp[b].append(lp_m); an_trunc[b].append(tr_m)
+
+        stats = _request_stats(list(outs1) + list(outs2))
+        stats["tokens_generated"] = float(sum(len(t) for r in th_ids for t in r)
+                                          + sum(len(a) for r in an_ids for th in r for a in th))
+        stats["tokens_decoded"] = stats["tokens_generated"]
+        pix, grid = split_vision(prompts_inputs)
+        rollout = TreeRollout(
+            prompt_ids=prompt_ids,
+            prompt_mm_token_type_ids=prompt_mm,
+            pixel_values=[p.cpu() if p is not None else None for p in pix],
+            image_grid_thw=[g.cpu() if g is not None else None for g in grid],
+            thought_ids=[[torch.tensor(t, dtype=torch.long) for t in row] for row in th_ids],
+            thought_logprobs=[[torch.tensor(x, dtype=torch.float32) for x in row] for row in th_lp],
+            thought_truncated=torch.tensor(th_trunc, dtype=torch.bool).view(B, K),
+            answer_ids=[[[torch.tensor(a, dtype=torch.long) for a in th] for th in row] for row in an_ids],
+            answer_logprobs=[[[torch.tensor(x, dtype=torch.float32) for x in th] for th in row] for row in an_lp],
+            answer_truncated=torch.tensor(an_trunc, dtype=torch.bool).view(B, K, M),
+            thought_texts=[[self._text(t) for t in row] for row in th_ids],
+            answer_texts=[[[self._text(a, drop_stop=True) for a in th] for th in row] for row in an_ids],
+            stats=stats,
+        )
+        if self.enable_sleep_mode:
+            self.sleep()
+        return rollout
+
+    def _collate(self, messages_batch: Sequence[list[dict]]) -> tuple[Any, list[list[Any]]]:
+        from vlm_grpo_ma.data.collate import build_generation_inputs, message_images
+        from vlm_grpo_ma.data.images import load_image
+
+        inputs = build_generation_inputs(self.processor, messages_batch)
+        images = [[load_image(ref) for ref in message_images(m)] for m in messages_batch]
+        return inputs, images
+
+    def generate_tree_from_messages(
+        self, messages_batch: Sequence[list[dict]], K: int, M: int, sampling: SamplingParams
+    ) -> TreeRollout:
+        """:meth:`generate_tree` on chat messages (collated with the training processor; the same
+        images go to vLLM)."""
+        inputs, images = self._collate(messages_batch)
+        return self.generate_tree(inputs, K, M, sampling, images=images)
+
+    @torch.no_grad()
+    def generate(
+        self, messages_batch: Sequence[list[dict]], n: int = 1, sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[list[str]]:
+        """Completion texts [B][n] for chat messages (greedy by default), end token dropped;
+        single stage (no stop at ``</think>``), like the transformers backend's ``generate``."""
+        sampling = sampling or SamplingParams(temperature=0.0)
+        max_new = max_new_tokens or (sampling.max_thought_tokens + sampling.max_answer_tokens)
+        inputs, images = self._collate(messages_batch)
+        prompt_ids, _ = self._prompts(inputs)
+        imgs = self._images(inputs, images, prompt_ids)
+        collapsed = [collapse_image_pads(p.tolist(), self.image_pad) for p in prompt_ids]
+        outs = self._run(build_completion_requests(collapsed, imgs, n, sampling, self.ids, max_new))
+        self._check_expansion(outs, prompt_ids)
+        texts = [[self._text(c.token_ids, drop_stop=True) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        if self.enable_sleep_mode:
+            self.sleep()
+        return texts
+
+
+def _request_stats(outs: Sequence[Any]) -> dict[str, float]:
+    """Prompt tokens, prefix-cache hits (where vLLM reports ``num_cached_tokens``) and tokens
+    actually prefilled over a list of ``RequestOutput``."""
+    prompt = cached = 0
+    for o in outs:
+        prompt += len(getattr(o, "prompt_token_ids", None) or [])
+        cached += int(getattr(o, "num_cached_tokens", 0) or 0)
+    return {"tokens_prompt": float(prompt), "tokens_prefix_cached": float(cached),
+            "tokens_prefilled": float(prompt - cached)}
+
+
+# --------------------------------------------------------------------------- benchmarks
+class VLLMBenchBackend:
+    """The benchmark runner's ``--backend vllm``: ``complete(samples, messages_batch, gen, seed)``
+    with the same semantics as :class:`vlm_grpo_ma.bench.backends.HFBackend` (greedy unless
+    sampling; best-of-K x M samples a real tree)."""
+
+    name = "vllm"
+
+    def __init__(self, backend: VLLMBackend):
+        self.backend = backend
+        self.family = backend.family
+        self.model_path = backend.model_path
+
+    def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: Any, seed: int) -> list[list[str]]:
+        from vlm_grpo_ma.bench.backends import _sampling
+
+        sampling = _sampling(gen, seed)
+        if not gen.do_sample:
+            return self.backend.generate(messages_batch, n=1, sampling=sampling, max_new_tokens=gen.max_new_tokens)
+        K, M = max(1, gen.num_thoughts), max(1, gen.num_answers)
+        if M == 1:
+            return self.backend.generate(messages_batch, n=K, sampling=sampling, max_new_tokens=gen.max_new_tokens)
+        tree = self.backend.generate_tree_from_messages(messages_batch, K, M, sampling)
+        return [[tree.thought_texts[b][k] + tree.answer_texts[b][k][m] for k in range(K) for m in range(M)]
+                for b in range(tree.B)]
+
+
+def make_bench_backend(
+    model: str, *, min_pixels: int | None = None, max_pixels: int | None = None, device: Any = None,
+    dtype: Any = None, attn_implementation: str | None = None, **kw: Any,
+) -> VLLMBenchBackend:
+    """Factory used by ``vlm_grpo_ma.bench.backends.load_backend("vllm", ...)``.  ``device`` and
+    ``attn_implementation`` are transformers options (ignored: vLLM picks its own);
+    ``gpu_memory_utilization`` defaults to 0.85 (nothing else on the GPU)."""
+    kw.setdefault("gpu_memory_utilization", 0.85)
+    if dtype is not None:
+        kw["dtype"] = str(dtype).replace("torch.", "")
+    return VLLMBenchBackend(VLLMBackend(model, min_pixels=min_pixels, max_pixels=max_pixels, **kw))
