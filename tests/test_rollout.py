@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vlm_grpo_ma.data.collate import build_generation_inputs
 from vlm_grpo_ma.models import load_policy
 from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams, TreeRollout
 
@@ -33,10 +34,8 @@ def _messages():
 
 
 def prompt_inputs(policy, messages):
-    """Left-padded generation inputs, as ``data.collate.build_generation_inputs`` makes them."""
-    texts = [policy.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-    images = [[c["image"] for c in m[0]["content"] if c["type"] == "image"] for m in messages]
-    return dict(policy.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"))
+    """Left-padded generation inputs (what the trainer passes to ``generate_tree``)."""
+    return dict(build_generation_inputs(policy.processor, messages))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -87,8 +86,9 @@ def test_greedy_continuation_equals_generation_from_scratch(policy, inputs):
         assert tok[0, : n[0]].tolist() == ans.tolist()
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampling_logprobs_equal_fresh_forward(policy, inputs, temperature):
+def test_sampling_logprobs_equal_fresh_forward(policy, inputs):
+    """Temperature 0.7 (log-probs of softmax(logits / T)); temperature 1 is checked in the M = 1 test."""
+    temperature = 0.7
     backend = HFRolloutBackend(policy.model, policy.tokenizer)
     sp = SamplingParams(temperature=temperature, max_thought_tokens=10, max_answer_tokens=6, seed=3)
     tree = backend.generate_tree(inputs, K=2, M=2, sampling=sp)
@@ -200,6 +200,23 @@ def test_m1_is_plain_sampling(policy, inputs):
         for k in range(4):
             got = torch.cat([tree.thought_logprobs[b][k], tree.answer_logprobs[b][k][0]])
             torch.testing.assert_close(got, fresh_path_logprobs(policy.model, tree, b, k, 0), atol=1e-4, rtol=0)
+
+
+def test_plain_generate_greedy(policy):
+    """``generate(messages_batch, n)``: greedy by default, n equal completions per prompt, equal
+    to transformers' greedy ``generate`` on the same inputs, end token dropped."""
+    backend = HFRolloutBackend(policy.model, processor=policy.processor)
+    texts = backend.generate(_messages(), n=2, max_new_tokens=7)
+    assert len(texts) == 2 and all(len(t) == 2 and t[0] == t[1] for t in texts)
+    inputs = prompt_inputs(policy, _messages())
+    ids = backend.ids
+    ref = policy.model.generate(**inputs, max_new_tokens=7, do_sample=False, suppress_tokens=list(ids.suppress),
+                                eos_token_id=list(ids.stop), pad_token_id=ids.pad)[:, inputs["input_ids"].shape[1]:]
+    for b in range(2):
+        toks = [t for t in ref[b].tolist()]
+        if any(t in ids.stop for t in toks):
+            toks = toks[: next(i for i, t in enumerate(toks) if t in ids.stop)]
+        assert texts[b][0] == policy.tokenizer.decode(toks, skip_special_tokens=False)
 
 
 def test_sample_next_filters():
