@@ -63,14 +63,18 @@ class GeometricTask(Task):
         self.w_format = float(self.options.get("w_format", 0.1))
         self.image_size = tuple(self.options.get("image_size", (112, 112)))
         self.cache_dir = self.options.get("cache_dir")
-        self._template: str | None = None
+        self._templates: dict[str | None, str] = {}
 
     # --- prompts -------------------------------------------------------------------------
-    @property
-    def template(self) -> str:
-        if self._template is None:
-            self._template = load_prompt(self.name, self.prompt_variant)
-        return self._template
+    def variant_for(self, sample) -> str | None:
+        """The prompt file variant for ``sample`` (default: the task's ``prompt_variant``)."""
+        return self.prompt_variant
+
+    def template(self, variant: str | None = None) -> str:
+        """The text of ``prompts/<name>[.<variant>].txt`` (read once)."""
+        if variant not in self._templates:
+            self._templates[variant] = load_prompt(self.name, variant)
+        return self._templates[variant]
 
     def prompt_fields(self, sample, family) -> dict[str, Any]:
         """The template's fields: ``sample.prompt`` and ``coord_hint`` (the family's frame)."""
@@ -78,7 +82,8 @@ class GeometricTask(Task):
 
     def prompt_text(self, sample, family) -> str:
         """The instruction text for ``sample`` in ``family``'s coordinate frame."""
-        return fill_prompt(self.template, self.prompt_fields(sample, family), where=f"sample {sample.id!r}").strip()
+        template = self.template(self.variant_for(sample))
+        return fill_prompt(template, self.prompt_fields(sample, family), where=self.where(sample)).strip()
 
     def messages(self, sample, family) -> list[dict]:
         if not sample.images:

@@ -8,7 +8,8 @@ Sample:
     Grounding (one object, as :func:`vlm_grpo_ma.data.loaders.load_coco` writes it with
     ``mode="annotation"``): ``target = {"box": [...], "label": ..., "boxes": [...]}`` where
     ``boxes`` lists every box that is a correct answer (default ``[box]``); the reward and
-    Acc@0.5 take the best of them, COCO AP uses ``box``.
+    Acc@0.5 take the best of them, COCO AP uses ``box``; the prompt is
+    ``prompts/detection.grounding.txt`` (one object) instead of ``prompts/detection.txt``.
 
 Answer: ``[{"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}, ...]`` in the family's frame
 (also accepted: a single object, bare ``[x1, y1, x2, y2]``, Qwen2-VL box tokens; see
@@ -204,6 +205,10 @@ class DetectionTask(GeometricTask):
         super().__init__(**options)
         self.label_weight = float(self.options.get("label_weight", 0.25))
         self.max_objects = int(self.options.get("max_objects", 3))
+
+    def variant_for(self, sample: Sample) -> str | None:
+        """``prompts/detection.grounding.txt`` for a grounding sample (one object asked for)."""
+        return "grounding" if "box" in sample.target else None
 
     # --- answer text ----------------------------------------------------------------------
     def answer_text(self, boxes: Sequence[Sequence[float]], labels: Sequence[Any] | None, sample: Sample, family) -> str:

@@ -423,3 +423,11 @@ def test_sample_metrics_agree_with_metrics():
     assert task.sample_metrics(p2, s2) == pytest.approx({"iou": 0.5})
     assert task.sample_metrics(None, s1) == {"iou": 0.0, "acc@0.5": 0.0}
     assert task.metrics([p1, p2], [s1, s2])["mean_iou"] == pytest.approx((1 / 7 + 0.5) / 2)
+
+
+def test_grounding_prompt_asks_for_one_object():
+    task = DetectionTask()
+    text = task.messages(grounding([0, 0, 0.2, 0.2], label="cup"), QWEN2)[0]["content"][1]["text"]
+    assert text.startswith("Find the cup and its label.")
+    multi = task.messages(sample([[0, 0, 0.2, 0.2]], ["cup"]), QWEN2)[0]["content"][1]["text"]
+    assert multi.startswith("Find each shape and its label.")
