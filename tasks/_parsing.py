@@ -8,8 +8,8 @@ What a model writes, and what this module accepts:
   :func:`ast.literal_eval` (never ``eval``);
 - truncated lists (the generation hit its length limit): the complete leading elements are kept,
   ``[[1, 2, 3, 4], [5, 6`` reads as ``[[1, 2, 3, 4]]``;
-- a single object instead of a list, or one wrapper object around the list
-  (``{"boxes": [...]}``);
+- a single object instead of a list, objects one after another without a list (JSON lines),
+  or one wrapper object around the list (``{"boxes": [...]}``);
 - boxes as ``[x1, y1, x2, y2]``, ``[[x1, y1], [x2, y2]]`` or ``{"bbox_2d": [...], "label": ...}``
   (also ``bbox`` / ``box`` / ``box_2d``), and Qwen2-VL's box tokens
   ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``;
@@ -157,10 +157,10 @@ def _literal(span: str) -> tuple[bool, Any]:
         return False, None
 
 
-def _structures(text: str) -> Iterator[Any]:
-    """Candidate structures in ``text``: for each opening ``[`` or ``{`` (in order, at most
-    :data:`_MAX_STARTS`), the balanced structure starting there if it reads, else the complete
-    leading elements of a truncated list."""
+def _structures(text: str) -> Iterator[tuple[Any, int]]:
+    """Candidate structures in ``text`` as ``(value, end)``: for each opening ``[`` or ``{`` (in
+    order, at most :data:`_MAX_STARTS`), the balanced structure starting there if it reads, else
+    the complete leading elements of a truncated list; ``end`` is where the text read stops."""
     tried = 0
     for m in re.finditer(r"[\[{]", text):
         if tried >= _MAX_STARTS:
@@ -173,26 +173,53 @@ def _structures(text: str) -> Iterator[Any]:
         if end is not None:
             ok, value = _literal(text[start:end])
             if ok:
-                yield value
+                yield value, end
                 continue
         if text[start] == "[":
             # truncated (or broken) list: the longest prefix of complete elements that reads
             for cut in reversed(cuts):
                 ok, value = _literal(text[start:cut] + "]")
                 if ok:
-                    yield value
+                    yield value, cut
                     break
+
+
+_SEPARATOR_RE = re.compile(r"[\s,;]*")
+
+
+def _following_objects(text: str, pos: int) -> list[dict]:
+    """Objects written one after another (JSON-lines style, separated by whitespace, commas or
+    semicolons) from ``pos`` on; stops at the first thing that is not a readable object."""
+    out: list[dict] = []
+    while len(out) < MAX_ITEMS + 1:
+        pos = _SEPARATOR_RE.match(text, pos).end()
+        if pos >= len(text) or text[pos] != "{":
+            break
+        end, _, too_deep = _scan(text, pos)
+        if end is None or too_deep:
+            break
+        ok, value = _literal(text[pos:end])
+        if not ok or not isinstance(value, dict):
+            break
+        out.append(value)
+        pos = end
+    return out
 
 
 def extract_structure(text: Any) -> Any:
     """The first JSON / Python-literal list or object in an answer text (code fences and
-    surrounding prose ignored, truncated lists cut to their complete elements).
+    surrounding prose ignored, truncated lists cut to their complete elements).  Objects written
+    one after another without a list (``{...}\n{...}``) are read as a list of them.
 
     Raises:
         ParseError: ``not_text``, ``empty``, ``too_long`` or ``no_json``.
     """
     text = strip_code_fence(_check_text(text))
-    for value in _structures(text):
+    for value, end in _structures(text):
+        if isinstance(value, dict):
+            more = _following_objects(text, end)
+            if more:
+                return [value, *more]
         return value
     raise ParseError("no_json", "no JSON list or object found")
 

@@ -221,3 +221,13 @@ def test_deep_nesting(depth, bracket):
             parse(text)
         except ParseError:
             pass
+
+
+def test_objects_one_after_another():
+    text = '{"bbox_2d": [1, 2, 3, 4], "label": "a"}\n{"bbox_2d": [5, 6, 7, 8], "label": "b"}, {"bbox_2d": [9, 9, 9, 9]} done'
+    assert boxes(text) == [((1, 2, 3, 4), "a"), ((5, 6, 7, 8), "b"), ((9, 9, 9, 9), None)]
+    assert parse_points('{"point_2d": [1, 2]}\n{"point_2d": [3, 4]}') == [(1, 2), (3, 4)]
+    # a later object that is not a box is malformed, not silently dropped
+    with pytest.raises(ParseError) as e:
+        parse_boxes('{"bbox_2d": [1, 2, 3, 4]} {"note": 1}')
+    assert e.value.reason == "bad_shape"
