@@ -30,6 +30,7 @@ __all__ = [
     "gradient_background",
     "image_ref",
     "location_words",
+    "new_canvas",
     "place_boxes",
     "px_box_to_unit",
     "rng_for",

@@ -327,14 +327,15 @@ _answers = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_answers, st.booleans(), st.integers(0, 60), st.sampled_from(sorted(FAMILIES)))
-def test_fuzz_reward_never_raises(answer, wrap, cut, fam):
+@given(_answers, st.booleans(), st.integers(0, 60), st.sampled_from(sorted(FAMILIES)),
+       st.one_of(st.just("<think>t</think>"), st.text(max_size=40), st.builds(lambda t: f"<think>{t}</think>", st.text(max_size=20))))
+def test_fuzz_reward_never_raises(answer, wrap, cut, fam, thought):
     task = DetectionTask()
     s = sample([[0.1, 0.1, 0.4, 0.4]], ["a"], size=(112, 112))
     text = f"<answer>{answer}</answer>" if wrap else answer
     if cut:
         text = text[:-cut]
-    r = task.reward("<think>t</think>", text, s, FAMILIES[fam])
+    r = task.reward(thought, text, s, FAMILIES[fam])
     assert 0.0 <= r.total <= 1.0 and list(r.parts) == ["format", "iou", "label"]
     assert r.reason != "reward_error"
     if r.reason is not None:
