@@ -65,6 +65,8 @@ from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["RunResult", "Sandbox", "SandboxLimits", "TestReport", "normalise_output", "validate_tests"]
+
 #: exit status the launcher uses when it cannot set up the isolation it was asked for
 LAUNCHER_FAILED = 121
 _HARNESS = "_harness.py"
@@ -534,6 +536,7 @@ class Sandbox:
         error = None
         if rc == LAUNCHER_FAILED and err.startswith(b"sandbox launcher:"):
             status, error = "sandbox_error", err.decode("utf-8", "replace").strip()
+            logger.warning("sandbox could not start a run (scored 0): %s", error)
         if mode_name == "asserts":
             rep = _filter_report(rep, nonce)
         return RunResult(status, rc, out, err, rep, time.monotonic() - t0, error)
