@@ -432,3 +432,13 @@ def test_grounding_prompt_asks_for_one_object():
     assert text.startswith("Find the cup and its label.")
     multi = task.messages(sample([[0, 0, 0.2, 0.2]], ["cup"]), QWEN2)[0]["content"][1]["text"]
     assert multi.startswith("Find each shape and its label.")
+
+
+def test_gradient_background():
+    from tasks._synthetic import gradient_background
+
+    arr = np.asarray(gradient_background(5, 3)).astype(int)
+    assert arr.shape == (3, 5, 3)
+    assert arr[:, :, 0].tolist() == [[40, 30, 20, 10, 0]] * 3  # red falls with x
+    assert arr[:, :, 2].tolist() == [[40] * 5, [20] * 5, [0] * 5]  # blue falls with y
+    assert (arr[:, :, 1] == 0).all()
