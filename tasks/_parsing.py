@@ -60,10 +60,9 @@ _MAX_DEPTH = 16
 
 _NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _BOX_TOKENS_RE = re.compile(
-    r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>\s*)?"
+    r"(?:<\|object_ref_start\|>(?P<label>[^<]*)<\|object_ref_end\|>\s*)?"  # [^<]*: linear time
     rf"<\|box_start\|>\s*\(\s*(?P<x1>{_NUM})\s*,\s*(?P<y1>{_NUM})\s*\)\s*,?\s*"
     rf"\(\s*(?P<x2>{_NUM})\s*,\s*(?P<y2>{_NUM})\s*\)\s*<\|box_end\|>",
-    re.DOTALL,
 )
 _TUPLE_RE = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)")
 _FENCE_RE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
