@@ -3,8 +3,10 @@
 - ``hf`` (default): transformers, through the rollout package's :class:`HFRolloutBackend`
   (batched left-padded decoding, vision tokens suppressed, greedy unless sampling is asked for;
   best-of-K x M samples a real tree: K thoughts, M answers continuing each).
-- ``vllm``: imported lazily from :mod:`vlm_grpo_ma.rollout.vllm` (an optional extra); a clear
-  error says what is missing when it is not installed.
+- ``vllm``: imported lazily from :mod:`vlm_grpo_ma.rollout.vllm` (an optional extra), whose
+  ``make_bench_backend(model, min_pixels=..., max_pixels=...)`` returns a rollout backend of the
+  same protocol as the transformers one, with a ``family`` attribute; a clear error says what is
+  missing when vLLM or that module is not installed.
 
 - ``reference``: no model; every completion is the task's SFT target for the sample (its
   reference answer in the suite's coordinate family).  A sanity check of a suite: its data,
@@ -85,17 +87,37 @@ class HFBackend:
 
     def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: GenerationSpec,
                  seed: int) -> list[list[str]]:
-        sampling = _sampling(gen, seed)
-        if not gen.do_sample:
-            return self._rollout.generate(messages_batch, n=1, sampling=sampling, max_new_tokens=gen.max_new_tokens)
-        K, M = max(1, gen.num_thoughts), max(1, gen.num_answers)
-        if M == 1:
-            return self._rollout.generate(messages_batch, n=K, sampling=sampling, max_new_tokens=gen.max_new_tokens)
-        tree = self._rollout.generate_tree_from_messages(messages_batch, K, M, sampling)
-        return [
-            [tree.thought_texts[b][k] + tree.answer_texts[b][k][m] for k in range(K) for m in range(M)]
-            for b in range(tree.B)
-        ]
+        return complete_with_rollout(self._rollout, messages_batch, gen, seed)
+
+
+def complete_with_rollout(rollout: Any, messages_batch: Sequence[list[dict]], gen: GenerationSpec,
+                          seed: int) -> list[list[str]]:
+    """Completions [B][K*M] from a rollout backend of the project's protocol (``generate(messages,
+    n, sampling, max_new_tokens)`` and ``generate_tree_from_messages(messages, K, M, sampling)``):
+    greedy -> one completion; sampling with M = 1 -> K independent completions; M > 1 -> a tree
+    (thought k's answer m at index ``k * M + m``)."""
+    sampling = _sampling(gen, seed)
+    if not gen.do_sample:
+        return rollout.generate(messages_batch, n=1, sampling=sampling, max_new_tokens=gen.max_new_tokens)
+    K, M = max(1, gen.num_thoughts), max(1, gen.num_answers)
+    if M == 1:
+        return rollout.generate(messages_batch, n=K, sampling=sampling, max_new_tokens=gen.max_new_tokens)
+    tree = rollout.generate_tree_from_messages(messages_batch, K, M, sampling)
+    return [
+        [tree.thought_texts[b][k] + tree.answer_texts[b][k][m] for k in range(K) for m in range(M)]
+        for b in range(tree.B)
+    ]
+
+
+class RolloutAdapter:
+    """A bench backend over any rollout backend of the project's protocol and its family."""
+
+    def __init__(self, rollout: Any, family: Any, name: str, model_path: str = ""):
+        self.rollout, self.family, self.name, self.model_path = rollout, family, name, model_path
+
+    def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: GenerationSpec,
+                 seed: int) -> list[list[str]]:
+        return complete_with_rollout(self.rollout, messages_batch, gen, seed)
 
 
 class ReferenceBackend:
@@ -132,12 +154,16 @@ def _vllm_backend(model: str, **kw: Any) -> Backend:
     factory = getattr(mod, "make_bench_backend", None)
     if factory is None:
         raise BackendUnavailable(
-            "vlm_grpo_ma.rollout.vllm offers no `make_bench_backend(model, **kw)`; use --backend hf"
+            "vlm_grpo_ma.rollout.vllm offers no `make_bench_backend(model, min_pixels=, max_pixels=)` "
+            "(returning a rollout backend with `.family`); use --backend hf"
         )
     try:
-        return factory(model, **kw)
+        be = factory(model, **kw)
     except ImportError as e:
         raise BackendUnavailable(f"--backend vllm: vLLM is not importable here ({e}); use --backend hf") from e
+    if hasattr(be, "complete"):
+        return be
+    return RolloutAdapter(be, be.family, "vllm", model)
 
 
 def load_backend(kind: str, model: str, task: Any = None, **kw: Any) -> Backend:

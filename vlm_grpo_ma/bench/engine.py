@@ -476,8 +476,8 @@ def run_suite(
         batch_size: prompts per generation call (overrides the suite's).
         fresh: delete earlier predictions in ``output_dir`` instead of resuming.
         backend_obj: an already-built backend (tests, notebooks).
-        max_samples_this_run: stop after predicting this many new samples on this rank
-            (simulates an interruption; the run then returns None without finalising).
+        max_samples_this_run: stop after predicting this many new samples (simulates an
+            interruption in tests; the run then returns None without finalising; one process only).
         strict: apply the format rule (think then answer) when parsing.
 
     Returns:
@@ -520,7 +520,9 @@ def run_suite(
                     "family": dataclasses.asdict(family)}
             _check_run_info(out, info)
             if rank == 0:
-                (out / RUN_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+                tmp = out / (RUN_INFO + ".tmp")
+                tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+                os.replace(tmp, out / RUN_INFO)
         if todo:
             import torch
 
