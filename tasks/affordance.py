@@ -74,7 +74,7 @@ class AffordanceTask(GeometricTask):
         if self.mode == "box":
             answer = json.dumps(family.encode_box(gt_boxes(sample)[0], size))
         else:
-            points = sample.target.get("points") or sample.meta.get("grasp_points")
+            points = sample.target.get("points")
             if not points:
                 raise ValueError(f"{self.where(sample)}: points-mode SFT needs target['points'] (points inside the region)")
             answer = json.dumps(family.encode_points(points[: self.max_points], size))
@@ -256,11 +256,13 @@ def _draw_object(draw: ImageDraw.ImageDraw, sp: dict, frame: Sequence[int], colo
 
 
 def _rle_region(poly_px: Sequence[Sequence[float]], w: int, h: int) -> dict:
-    """COCO RLE (compressed, counts as str) of a polygon rasterised by PIL on a w x h mask."""
+    """The region ``{"rle": {"size": [h, w], "counts": str}, "size": [h, w]}`` (the loaders'
+    canonical form) of a polygon rasterised by PIL on a w x h mask."""
     from pycocotools import mask as mask_utils
 
     mask = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask).polygon([tuple(p) for p in poly_px], fill=1)
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    return {"rle": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}}
+    size = [int(v) for v in rle["size"]]
+    return {"rle": {"size": size, "counts": rle["counts"].decode("ascii")}, "size": size}
 
