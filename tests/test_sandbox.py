@@ -144,6 +144,30 @@ def test_user_mode_scores_the_same():
     assert sb.run_tests("while True:\n    pass\n", ["assert True"]).reason == "timeout"
 
 
+def test_uid_mode_without_namespaces(root_sandbox):
+    """The fallback for root without namespaces still isolates by uid and limits."""
+    sb = Sandbox(limits=FAST, isolation="uid")
+    assert sb.isolation == "uid"
+    bomb = NOT_ROOT_GUARD + "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    assert sb.run_tests(bomb, ["assert True"]).passed == [False]
+    assert _no_sandbox_processes_left()
+    kill = NOT_ROOT_GUARD + "import signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+    assert sb.run_tests(kill, ["assert True"]).reason == "solution_error"
+    environ = "import os\nassert b'PATH' in open(f'/proc/{os.getppid()}/environ', 'rb').read()"
+    assert sb.run_tests("x = 1\n", [environ]).passed == [False]
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    try:
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), timeout=1)\n"
+        assert sb.run_tests(code, ["assert True"]).reason == "solution_error"  # the audit hook
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+
+
 def test_invalid_isolation_name():
     with pytest.raises(ValueError):
         Sandbox(isolation="docker")

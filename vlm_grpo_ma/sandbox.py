@@ -17,6 +17,11 @@ enforced depends on the privileges of the caller (see docs/SANDBOX.md for the fu
     After the run every process still owned by that uid (for example one that called ``setsid``
     to leave the process group) is killed.
 
+``isolation="uid"`` (root, but namespaces cannot be created; the automatic fallback)
+    The same dedicated uid, limits and clean-up, without the network and mount namespaces: the
+    audit hook is the only network barrier, and the code can write world-writable places such
+    as ``/tmp``.
+
 ``isolation="user"`` (not root; the mode in effect is reported as ``"user_ns"`` or ``"user"``)
     Resource limits, a new session, a scrubbed environment and, where unprivileged user
     namespaces are allowed (``"user_ns"``), a new network namespace.  The code runs as the
@@ -353,8 +358,9 @@ class Sandbox:
 
     Args:
         limits: resource limits of every run.
-        isolation: ``"auto"`` (root mode when running as root and it works, else user mode),
-            ``"root"`` (fail runs with ``sandbox_error`` if it cannot be had) or ``"user"``.
+        isolation: ``"auto"`` (as root: ``"root"`` when namespaces work, else ``"uid"``;
+            otherwise ``"user"``), ``"root"`` (RuntimeError on first use if it cannot be had),
+            ``"uid"`` (as root: the dedicated uid and limits without namespaces) or ``"user"``.
         python: the interpreter that runs the code; default: the caller's interpreter, or in root
             mode the first of it, ``/usr/bin/python3``, ``/usr/local/bin/python3`` that an
             unprivileged uid can execute.  Only its standard library is available (``-S``).
@@ -374,8 +380,8 @@ class Sandbox:
         uid_count: int = 512,
         max_workers: int = 4,
     ):
-        if isolation not in ("auto", "root", "user"):
-            raise ValueError(f"isolation must be 'auto', 'root' or 'user', got {isolation!r}")
+        if isolation not in ("auto", "root", "uid", "user"):
+            raise ValueError(f"isolation must be 'auto', 'root', 'uid' or 'user', got {isolation!r}")
         self.limits = limits or SandboxLimits()
         self.block_network_hook = block_network_hook
         self.max_workers = max_workers
@@ -400,7 +406,7 @@ class Sandbox:
         if self._python:
             return self._python
         here = os.path.realpath(sys.executable)
-        if mode != "root":
+        if mode not in ("root", "uid"):
             return here
         for cand in (here, "/usr/bin/python3", "/usr/local/bin/python3"):
             if os.path.exists(cand) and _world_executable(cand):
@@ -417,7 +423,17 @@ class Sandbox:
             msg = f"root-mode sandbox unavailable ({res.status}: {res.error or res.stderr[-300:]!r})"
             if self._requested == "root":
                 raise RuntimeError(msg)
-            logger.warning("%s; falling back to user mode", msg)
+            logger.warning("%s; falling back to a dedicated uid without namespaces", msg)
+        if wants_root or self._requested == "uid":
+            res = self._probe("uid")
+            if res.status == "ok" and res.stdout.strip() == b"probe-ok":
+                self.protections = ["uid", "rlimits", "session"]
+                return "uid"
+            msg = f"uid-mode sandbox unavailable ({res.status}: {res.error or res.stderr[-300:]!r})"
+            if os.geteuid() == 0:  # never run model code as root
+                raise RuntimeError(msg)
+        if os.geteuid() == 0:
+            logger.warning("sandbox in user mode while running as root: model code runs as root")
         res = self._probe("user_ns")
         if res.status == "ok" and res.stdout.strip() == b"probe-ok":
             self.protections = ["netns", "rlimits", "session"]
@@ -438,7 +454,7 @@ class Sandbox:
 
     def _rlimits(self, mode: str) -> list[tuple[str, int]]:
         lim = self.limits
-        nproc = lim.max_processes if mode == "root" else _count_processes_of_caller() + lim.max_processes
+        nproc = lim.max_processes if mode in ("root", "uid") else _count_processes_of_caller() + lim.max_processes
         cpu = max(1, int(-(-lim.cpu_time_s // 1)))
         return [
             ("RLIMIT_CPU", cpu),
@@ -456,7 +472,7 @@ class Sandbox:
         pool = None
         workdir = None
         try:
-            if mode == "root":
+            if mode in ("root", "uid"):
                 pool = _uid_pool(self._uid_base, self._uid_count)
                 uid = pool.acquire()
             workdir = tempfile.mkdtemp(prefix="vlm-grpo-ma-sandbox-")
