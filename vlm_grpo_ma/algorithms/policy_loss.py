@@ -65,7 +65,7 @@ def clipped_policy_loss(
         - ``clip/low``: fraction of trained tokens with ``A < 0`` and ``rho < 1 - clip_low``;
         - ``clip/high``: fraction of trained tokens with ``A > 0`` and ``rho > 1 + clip_high``;
           these are exactly the tokens whose gradient the clip zeroes;
-        - ``ratio/mean``, ``ratio/max``, ``ratio/min``: of rho over trained tokens.
+        - ``ratio/mean``, ``ratio/max``, ``ratio/min``: of rho over trained tokens (1 if none).
 
         "Trained tokens" are those with ``weight > 0``; fractions and means are plain
         (unweighted) averages over them, every unique token counted once.
@@ -102,16 +102,20 @@ def clipped_policy_loss(
         r = ratio.detach()
         clipped_high = trained & (advantages > 0) & (r > 1.0 + clip_high)
         clipped_low = trained & (advantages < 0) & (r < 1.0 - clip_low)
-        any_trained = bool(trained.any()) if r.numel() else False
+        one = torch.ones((), dtype=r.dtype, device=r.device)
+        inf = torch.full((), float("inf"), dtype=r.dtype, device=r.device)
+        any_trained = trained.any()  # tensor ops only: no host sync
+        ratio_max = torch.where(any_trained, torch.where(trained, r, -inf).amax(), one) if r.numel() else one
+        ratio_min = torch.where(any_trained, torch.where(trained, r, inf).amin(), one) if r.numel() else one
         metrics = {
             "loss/policy": policy_term.detach(),
             "loss/kl": kl_term.detach(),
             "kl/mean": (kl.detach() * trained).sum() / n,
             "clip/low": clipped_low.sum() / n,
             "clip/high": clipped_high.sum() / n,
-            "ratio/mean": (r * trained).sum() / n,
-            "ratio/max": r[trained].max() if any_trained else torch.ones((), dtype=r.dtype),
-            "ratio/min": r[trained].min() if any_trained else torch.ones((), dtype=r.dtype),
+            "ratio/mean": torch.where(any_trained, (r * trained).sum() / n, one),
+            "ratio/max": ratio_max,
+            "ratio/min": ratio_min,
         }
     return loss, metrics
 
