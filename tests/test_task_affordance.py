@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
+from tasks._geometry import _decode_rle
 from tasks.affordance import AffordanceTask
 from tasks.common import split_completion
 from vlm_grpo_ma.data.sample import Sample
@@ -180,7 +181,7 @@ def test_synthetic_ground_truth_is_consistent():
         for x, y in s.target["points"]:
             assert poly.contains(Point(x, y))
             assert (arr[int(y * 112), int(x * 112)] == colour).all()
-        mask = mask_utils.decode({"size": q.target["region"]["rle"]["size"], "counts": q.target["region"]["rle"]["counts"].encode()})
+        mask = _decode_rle(q.target["region"]["rle"])
         on = np.abs(arr - colour).sum(-1) == 0
         assert mask.sum() > 0 and on[mask.astype(bool)].all()  # the mask is drawn in the object's colour
         assert s.prompt["object"].split()[1] in ("mug", "pan")
