@@ -1,0 +1,566 @@
+"""The vLLM rollout backend: everything that can be checked without vLLM, and (where vLLM and a
+CUDA GPU exist) an integration test.
+
+Without vLLM: the Hugging Face -> vLLM name mapping against each tiny family's REAL parameter
+names (and the pre-4.52 checkpoint names); request building from the real processors (collapsed
+prompt token ids = the unexpanded chat template, multi_modal_data, n, stops, seeds, sampling
+knobs); the pixel-bound check (match passes, mismatch raises, including two real processors that
+expand the same image differently); the thought / answer finishing rules; the weight-sync
+batching (bounded bytes, every parameter exactly once, stable order) into a recording receiver;
+LoRA merging with a real PEFT LoRA (merged weight = W + s * B @ A by hand, base weights untouched
+bit for bit); ZeRO-3 gathering in a one-process DeepSpeed run (slow); TIS weights by hand; the
+ImportError without vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm_grpo_ma.algorithms.tis import tis_metrics, tis_weights
+from vlm_grpo_ma.data.collate import build_generation_inputs, prompt_text
+from vlm_grpo_ma.models import ModelFamily
+from vlm_grpo_ma.rollout.hf import RolloutTokenIds
+from vlm_grpo_ma.rollout.types import SamplingParams
+from vlm_grpo_ma.rollout.vllm import (
+    INSTALL_HINT,
+    PixelBoundsMismatch,
+    build_completion_requests,
+    build_engine_kwargs,
+    build_stage1_requests,
+    build_stage2_requests,
+    check_pixel_bounds,
+    check_prompt_expansion,
+    collapse_image_pads,
+    count_image_runs,
+    derive_seed,
+    engine_mm_processor_kwargs,
+    finish_answer,
+    finish_thought,
+    sampled_logprobs,
+)
+from vlm_grpo_ma.rollout.vllm_weights import (
+    checkpoint_name,
+    hf_to_vllm_name,
+    param_nbytes,
+    plan_buckets,
+    plan_units,
+    sync_weights,
+)
+
+TINY = {"qwen2_vl": "tiny-qwen2-vl", "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen3_vl": "tiny-qwen3-vl"}
+
+
+def _messages():
+    return [
+        [{"role": "user", "content": [
+            {"type": "image", "image": Image.new("RGB", (64, 48), (200, 30, 30))},
+            {"type": "text", "text": "Where is the red box? Think, then answer."}]}],
+        [{"role": "user", "content": [
+            {"type": "image", "image": Image.new("RGB", (150, 100), (0, 0, 255))},
+            {"type": "text", "text": "Point at it."}]}],
+    ]
+
+
+class RecordingReceiver:
+    """Test double of the engine: records every load_weights batch (cloned) and the resets."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[str, torch.Tensor]]] = []
+        self.events: list[str] = []
+
+    def load_weights(self, weights):
+        self.batches.append([(n, t.detach().clone()) for n, t in weights])
+        self.events.append("load")
+
+    def reset_prefix_cache(self):
+        self.events.append("reset")
+
+    @property
+    def names(self):
+        return [n for b in self.batches for n, _ in b]
+
+    def tensor(self, name):
+        return next(t for b in self.batches for n, t in b if n == name)
+
+
+# --------------------------------------------------------------------------- name mapping
+@pytest.mark.parametrize("family", list(TINY))
+def test_name_mapping_on_real_parameter_names(tiny_policy, family):
+    names = [n for n, _ in tiny_policy(TINY[family]).model.named_parameters()]
+    mapped = [hf_to_vllm_name(checkpoint_name(n), family) for n in names]
+    assert all(checkpoint_name(n) == n for n in names)  # no wrapper: names are checkpoint names
+    assert len(set(mapped)) == len(mapped)  # injective
+    for n, v in zip(names, mapped):
+        if n.startswith("model.visual."):
+            assert v == "visual." + n[len("model.visual."):]
+        elif n.startswith("model.language_model."):
+            assert v == "language_model.model." + n[len("model.language_model."):]
+        else:
+            assert n == "lm_head.weight" and v == "language_model.lm_head.weight"
+    # hand-checked examples
+    assert hf_to_vllm_name("model.language_model.layers.0.self_attn.q_proj.weight", family) == \
+        "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert hf_to_vllm_name("model.visual.blocks.0.attn.qkv.weight", family) == "visual.blocks.0.attn.qkv.weight"
+    assert sum(v.startswith("visual.") for v in mapped) == sum(n.startswith("model.visual.") for n in names) > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_old_checkpoint_names_map_like_new_ones(tiny_policy, family):
+    """transformers < 4.52 checkpoints: ``model.layers.*``, ``model.embed_tokens``, ``visual.*``."""
+    names = [n for n, _ in tiny_policy(TINY[family]).model.named_parameters()]
+
+    def old(n):
+        if n.startswith("model.language_model."):
+            return "model." + n[len("model.language_model."):]
+        if n.startswith("model.visual."):
+            return n[len("model."):]
+        return n
+
+    assert [hf_to_vllm_name(old(n), family) for n in names] == [hf_to_vllm_name(n, family) for n in names]
+    assert hf_to_vllm_name("model.embed_tokens.weight", family) == "language_model.model.embed_tokens.weight"
+
+
+def test_name_mapping_errors():
+    with pytest.raises(ValueError, match="no vLLM module|in no module"):
+        hf_to_vllm_name("model.layers.0.mlp.up_proj.weight", "qwen3_vl")  # vLLM maps no old names for Qwen3-VL
+    with pytest.raises(ValueError, match="family"):
+        hf_to_vllm_name("lm_head.weight", "llava")
+
+
+def test_checkpoint_name_peft_and_wrappers():
+    p = "base_model.model.model.language_model.layers.3.self_attn.v_proj"
+    assert checkpoint_name(p + ".base_layer.weight") == "model.language_model.layers.3.self_attn.v_proj.weight"
+    assert checkpoint_name(p + ".base_layer.bias") == "model.language_model.layers.3.self_attn.v_proj.bias"
+    for lora in (".lora_A.default.weight", ".lora_B.other.weight", ".lora_magnitude_vector.default.weight"):
+        assert checkpoint_name(p + lora) is None
+    assert checkpoint_name("base_model.model.model.language_model.embed_tokens.lora_embedding_A.default") is None
+    assert checkpoint_name("base_model.model.lm_head.modules_to_save.default.weight") == "lm_head.weight"
+    assert checkpoint_name("base_model.model.lm_head.original_module.weight") is None
+    assert checkpoint_name("module.lm_head.weight") == "lm_head.weight"
+    assert checkpoint_name("_orig_mod.model.visual.merger.ln_q.weight") == "model.visual.merger.ln_q.weight"
+
+
+# --------------------------------------------------------------------------- requests
+@pytest.fixture(scope="module", params=list(TINY))
+def policy_inputs(request, tiny_model_dir):
+    from vlm_grpo_ma.models import load_policy
+
+    policy = load_policy(tiny_model_dir(TINY[request.param]))
+    msgs = _messages()
+    return policy, msgs, dict(build_generation_inputs(policy.processor, msgs))
+
+
+def _prompts(inputs):
+    ids, attn = inputs["input_ids"], inputs["attention_mask"].bool()
+    return [ids[b][attn[b]].tolist() for b in range(ids.shape[0])]
+
+
+def test_collapsed_prompt_is_the_unexpanded_chat_template(policy_inputs):
+    policy, msgs, inputs = policy_inputs
+    pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for b, ids in enumerate(_prompts(inputs)):
+        raw = policy.tokenizer(prompt_text(policy.processor, msgs[b]), add_special_tokens=False)["input_ids"]
+        assert collapse_image_pads(ids, pad) == raw
+        assert count_image_runs(ids, pad) == 1
+        assert ids.count(pad) == int(inputs["image_grid_thw"][b].prod()) // policy.family.merge_size**2 > 1
+    assert collapse_image_pads([5, 9, 9, 9, 6, 9, 9, 7], 9) == [5, 9, 6, 9, 7]
+    assert count_image_runs([9, 9, 1, 9, 2], 9) == 2
+
+
+def test_stage_requests(policy_inputs):
+    policy, msgs, inputs = policy_inputs
+    ids = RolloutTokenIds.from_tokenizer(policy.tokenizer)
+    pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    prompts = [collapse_image_pads(p, pad) for p in _prompts(inputs)]
+    images = [[m[0]["content"][0]["image"]] for m in msgs]
+    sp = SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_thought_tokens=12, max_answer_tokens=5, seed=3)
+    K, M = 3, 4
+    s1 = build_stage1_requests(prompts, images, K, sp, ids)
+    assert len(s1) == 2
+    for b, r in enumerate(s1):
+        assert r.prompt["prompt_token_ids"] == prompts[b]
+        assert r.prompt["multi_modal_data"]["image"][0] is images[b][0]  # the same PIL image, not a copy
+        k = r.sampling
+        assert (k["n"], k["max_tokens"], k["stop_token_ids"]) == (K, 12, [ids.think_end])
+        assert (k["temperature"], k["top_p"], k["top_k"]) == (0.7, 0.9, -1)
+        assert k["ignore_eos"] and k["include_stop_str_in_output"] and k["logprobs"] == 0
+        assert not k["skip_special_tokens"]
+        assert set(k["logit_bias"]) == set(ids.suppress) and pad in k["logit_bias"]
+        assert all(v < -1e3 for v in k["logit_bias"].values())
+    assert s1[0].sampling["seed"] != s1[1].sampling["seed"]
+    assert [r.sampling["seed"] for r in build_stage1_requests(prompts, images, K, sp, ids)] == [r.sampling["seed"] for r in s1]
+
+    thoughts = [[[10 + b, 20 + k, ids.think_end] for k in range(K)] for b in range(2)]
+    s2 = build_stage2_requests(prompts, images, thoughts, M, sp, ids)
+    assert len(s2) == 2 * K
+    for b in range(2):
+        for k in range(K):
+            r = s2[b * K + k]
+            assert r.prompt["prompt_token_ids"] == prompts[b] + [10 + b, 20 + k, ids.think_end]
+            assert r.prompt["multi_modal_data"]["image"][0] is images[b][0]
+            assert (r.sampling["n"], r.sampling["max_tokens"]) == (M, 5)
+            assert r.sampling["stop_token_ids"] == list(ids.stop)
+    seeds = [r.sampling["seed"] for r in s1 + s2]
+    assert len(set(seeds)) == len(seeds)
+    # greedy, seed None, text-only prompt
+    g = build_completion_requests([prompts[0], [1, 2, 3]], [images[0], None], 1, SamplingParams(temperature=0.0, top_k=5),
+                                  ids, max_tokens=9)
+    assert (g[0].sampling["temperature"], g[0].sampling["top_k"], g[0].sampling["top_p"]) == (0.0, -1, 1.0)
+    assert g[0].sampling["seed"] is None and g[1].prompt == {"prompt_token_ids": [1, 2, 3]}
+    assert g[0].sampling["stop_token_ids"] == list(ids.stop) and g[0].sampling["max_tokens"] == 9
+
+
+def test_derive_seed():
+    assert derive_seed(None, 1, 0) is None
+    s = {derive_seed(7, stage, i) for stage in (0, 1, 2) for i in range(100)}
+    assert len(s) == 300 and all(0 <= x < 2**31 for x in s)
+    assert derive_seed(7, 1, 5) == derive_seed(7, 1, 5) != derive_seed(8, 1, 5)
+
+
+def test_engine_kwargs():
+    fam = ModelFamily.from_model_type("qwen2_5_vl", min_pixels=3136, max_pixels=12544)
+    kw = build_engine_kwargs("/ckpt", fam, gpu_memory_utilization=0.4, enable_sleep_mode=True, colocate_ranks=4,
+                             extra={"max_num_seqs": 64})
+    assert kw["enable_prefix_caching"] is True and kw["enable_sleep_mode"] is True
+    assert kw["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 12544}
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["max_num_seqs"] == 64
+    assert "distributed_executor_backend" not in build_engine_kwargs("/ckpt", fam, colocate_ranks=1)
+    q3 = ModelFamily.from_model_type("qwen3_vl", min_pixels=4096, max_pixels=16384)
+    assert engine_mm_processor_kwargs(q3) == {"size": {"shortest_edge": 4096, "longest_edge": 16384}}
+
+
+# --------------------------------------------------------------------------- pixel bounds
+@pytest.mark.parametrize("family", list(TINY))
+def test_pixel_bounds_match_passes(tiny_policy, family):
+    policy = tiny_policy(TINY[family], min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 40)
+    kw = engine_mm_processor_kwargs(policy.family)
+    check_pixel_bounds(policy.family, kw)
+    check_pixel_bounds(policy.processor, kw)
+    check_pixel_bounds(policy.processor.image_processor, kw)
+
+
+def test_pixel_bounds_mismatch_raises(tiny_policy):
+    policy = tiny_policy("tiny-qwen2.5-vl")
+    lo, hi = policy.family.min_pixels, policy.family.max_pixels
+    with pytest.raises(PixelBoundsMismatch, match=rf"max_pixels: training {hi}, engine {hi * 4}"):
+        check_pixel_bounds(policy.processor, {"min_pixels": lo, "max_pixels": hi * 4})
+    with pytest.raises(PixelBoundsMismatch, match="min_pixels"):
+        check_pixel_bounds(policy.family, {"size": {"shortest_edge": lo // 2, "longest_edge": hi}})
+    with pytest.raises(PixelBoundsMismatch, match="not set"):
+        check_pixel_bounds(policy.family, {})
+    with pytest.raises(PixelBoundsMismatch, match="not set"):
+        check_pixel_bounds(policy.family, None)
+
+
+def test_prompt_expansion_check_with_two_real_processors(tiny_policy):
+    """Two processors with other max_pixels expand the same image to other token counts: the
+    runtime check raises; the same processor passes; a collapsed report is 'cannot tell'."""
+    a = tiny_policy("tiny-qwen2.5-vl")
+    b = tiny_policy("tiny-qwen2.5-vl", max_pixels=a.family.max_pixels // 4)
+    msgs = _messages()[1:]
+    ia = _prompts(dict(build_generation_inputs(a.processor, msgs)))[0]
+    ib = _prompts(dict(build_generation_inputs(b.processor, msgs)))[0]
+    pad = a.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert ia.count(pad) != ib.count(pad)
+    assert check_prompt_expansion(ia, ia, pad) is True
+    assert check_prompt_expansion(ia, collapse_image_pads(ia, pad), pad) is False
+    with pytest.raises(PixelBoundsMismatch, match=f"{ib.count(pad)} image tokens.*to {ia.count(pad)}"):
+        check_prompt_expansion(ia, ib, pad, where="prompt 0: ")
+    with pytest.raises(ValueError, match="differ"):
+        check_prompt_expansion(ia, ia[:-1] + [ia[-1] + 1], pad)
+
+
+# --------------------------------------------------------------------------- outputs
+def test_finish_thought_and_answer():
+    E = 99
+    assert finish_thought([1, 2, E], [-1.0, -2.0, -3.0], E, 5) == ([1, 2, E], [-1.0, -2.0, -3.0], False)
+    ids, lp, tr = finish_thought([1, 2, 3, 4, 5], [-1.0] * 5, E, 5)  # hit the limit: last token replaced
+    assert ids == [1, 2, 3, 4, E] and tr and math.isnan(lp[-1]) and lp[:4] == [-1.0] * 4
+    ids, lp, tr = finish_thought([1, 2], [-1.0, -2.0], E, 5, stopped=True)  # stop token left out
+    assert ids == [1, 2, E] and not tr and math.isnan(lp[-1])
+    ids, lp, tr = finish_thought([], [], E, 5)
+    assert ids == [E] and tr
+    with pytest.raises(ValueError, match="log-probs"):
+        finish_thought([1], [], E, 5)
+    assert finish_answer([4, 5, 7], [-1.0, -1.0, -0.5], (7, 8)) == ([4, 5, 7], [-1.0, -1.0, -0.5], False)
+    assert finish_answer([4, 5], [-1.0, -1.0], (7, 8))[2] is True
+    assert finish_answer([], [], (7,))[2] is True
+
+
+def test_sampled_logprobs_forms():
+    Lp = lambda x: SimpleNamespace(logprob=x)  # noqa: E731  (vLLM's Logprob has .logprob)
+    assert sampled_logprobs([3, 4], [{3: Lp(-0.5), 9: Lp(-2.0)}, {4: Lp(-1.5)}]) == [-0.5, -1.5]
+    assert sampled_logprobs([3], [{3: -0.25}]) == [-0.25]
+    out = sampled_logprobs([3, 4], None)
+    assert len(out) == 2 and all(math.isnan(x) for x in out)
+
+
+# --------------------------------------------------------------------------- weight sync
+def test_plan_buckets_by_hand():
+    assert plan_buckets([4, 4, 4, 10, 1, 1], 8) == [[0, 1], [2], [3], [4, 5]]
+    assert plan_buckets([8, 8], 8) == [[0], [1]]
+    assert plan_buckets([1] * 5, 100) == [[0, 1, 2, 3, 4]]
+    assert plan_buckets([], 8) == []
+    with pytest.raises(ValueError):
+        plan_buckets([1], 0)
+
+
+def test_plan_units_groups_lora_layers():
+    names = ["a.weight",
+             "x.q.base_layer.weight", "x.q.base_layer.bias", "x.q.lora_A.default.weight", "x.q.lora_B.default.weight",
+             "b.weight", "x.v.base_layer.weight", "x.v.lora_A.default.weight", "x.v.lora_B.default.weight"]
+    units = plan_units(names)
+    assert [u.params for u in units] == [(0,), (1, 2, 3, 4), (5,), (6, 7, 8)]
+    assert [u.lora_module for u in units] == [None, "x.q", None, "x.v"]
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 20_000, 10**9])
+def test_sync_sends_every_parameter_once_in_order_within_bound(tiny_policy, bucket_bytes):
+    model = tiny_policy("tiny-qwen2.5-vl").model
+    named = list(model.named_parameters())
+    rec = RecordingReceiver()
+    stats = sync_weights(model, rec, bucket_bytes=bucket_bytes, family="qwen2_5_vl")
+    assert rec.names == [n for n, _ in named]  # every parameter exactly once, stable order
+    assert rec.events[-1] == "reset" and rec.events.count("reset") == 1 and rec.events[:-1] == ["load"] * len(rec.batches)
+    for batch in rec.batches:
+        nbytes = sum(t.numel() * t.element_size() for _, t in batch)
+        assert nbytes <= bucket_bytes or len(batch) == 1
+    if bucket_bytes == 1:
+        assert len(rec.batches) == len(named)
+    if bucket_bytes == 10**9:
+        assert len(rec.batches) == 1
+    for n, p in named:
+        assert torch.equal(rec.tensor(n), p.detach())
+    assert stats.tensors == len(named) and stats.buckets == len(rec.batches)
+    assert stats.bytes == sum(param_nbytes(p) for _, p in named)
+
+
+def test_sync_of_a_deepspeed_like_wrapper(tiny_policy):
+    model = tiny_policy("tiny-qwen2-vl").model
+
+    class Engine(torch.nn.Module):  # what DeepSpeedEngine looks like to the sync: .module + stage
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+        def zero_optimization_stage(self):
+            return 0
+
+    rec = RecordingReceiver()
+    sync_weights(Engine(model), rec, bucket_bytes=50_000)
+    assert rec.names == [n for n, _ in model.named_parameters()]
+
+
+def test_lora_merge_names_and_values(tiny_policy):
+    from peft import LoraConfig, get_peft_model
+
+    policy = tiny_policy("tiny-qwen2.5-vl")
+    base_names = [n for n, _ in policy.model.named_parameters()]
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=r"^(?!.*visual).*\.(q_proj|v_proj)$", bias="none")
+    model = get_peft_model(policy.model, lcfg)
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.normal_(0, 0.5)  # B is zero at init: make the adapter do something
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.tensor([[1, 5, 9, 12, 3]])
+    with torch.no_grad():
+        out_before = model(input_ids=x).logits
+
+    rec = RecordingReceiver()
+    sync_weights(model, rec, bucket_bytes=30_000, family="qwen2_5_vl")
+
+    assert rec.names == base_names  # same names and order as the plain model; no lora_* sent
+    pre = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+    W, A, B = before[pre + ".base_layer.weight"], before[pre + ".lora_A.default.weight"], before[pre + ".lora_B.default.weight"]
+    expected = W + (8 / 4) * (B @ A)  # hand formula: W + (alpha / r) * B A
+    got = rec.tensor("model.language_model.layers.0.self_attn.q_proj.weight")
+    assert torch.allclose(got, expected, atol=1e-6) and not torch.allclose(got, W)
+    # unmerged after: base weights bit for bit, adapters active, same outputs
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    assert not any(getattr(m, "merged", False) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, out_before)
+    # the merged model = the PEFT model: load what was sent into a plain copy and compare
+    plain = tiny_policy("tiny-qwen2.5-vl").model
+    plain.load_state_dict({n: t for b in rec.batches for n, t in b}, strict=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, out_before, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_gathered_sync_in_one_process(tiny_model_dir, tmp_path):
+    """Under DeepSpeed ZeRO-3 (CPU, one process, every parameter partitioned) the sync gathers
+    bucket by bucket and sends the full tensors, equal to the checkpoint's; with a LoRA model the
+    merged weights equal an unpartitioned copy's, and a second sync sends the same bits (the
+    partitions were not changed by merge / unmerge)."""
+    script = textwrap.dedent(f"""
+        import json, os, sys, torch
+        from vlm_grpo_ma.training import distributed as dist
+        dist.init_distributed()
+        import deepspeed
+        from vlm_grpo_ma.models import load_policy
+        from vlm_grpo_ma.rollout.vllm_weights import sync_weights, is_zero3_param
+        ref = dict(load_policy({tiny_model_dir("qwen2_5_vl")!r}).model.named_parameters())
+        cfg = {{"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
+               "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0}},
+               "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3, "torch_adam": True}}}}}}
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(cfg)
+        model = load_policy({tiny_model_dir("qwen2_5_vl")!r}).model
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        assert all(is_zero3_param(p) and p.numel() == 0 for p in engine.module.parameters())
+        class Rec:
+            def __init__(self): self.batches = []; self.resets = 0
+            def load_weights(self, w): self.batches.append([(n, t.detach().clone()) for n, t in w])
+            def reset_prefix_cache(self): self.resets += 1
+        rec = Rec()
+        stats = sync_weights(engine, rec, bucket_bytes=40_000, family="qwen2_5_vl")
+        names = [n for b in rec.batches for n, _ in b]
+        ok = names == list(ref) and rec.resets == 1 and len(rec.batches) > 1
+        ok = ok and all(torch.equal(t, ref[n].detach()) for b in rec.batches for n, t in b)
+        ok = ok and all(sum(t.numel() * t.element_size() for _, t in b) <= 40_000 or len(b) == 1 for b in rec.batches)
+        ok = ok and all(p.numel() == 0 for p in engine.module.parameters())  # released again
+        # LoRA under ZeRO-3: merged weights equal those of an unpartitioned copy, twice (no drift)
+        from peft import LoraConfig, get_peft_model
+        def peft_model():
+            torch.manual_seed(0)
+            m = get_peft_model(load_policy({tiny_model_dir("qwen2_5_vl")!r}).model,
+                               LoraConfig(r=4, lora_alpha=8, target_modules=r"^(?!.*visual).*\\.(q_proj|v_proj)$"))
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if "lora_B" in n:
+                        p.copy_(torch.randn(p.ds_shape if hasattr(p, "ds_shape") else p.shape, generator=g))
+            return m
+        del keep
+        plain = Rec(); sync_weights(peft_model(), plain, bucket_bytes=40_000)
+        keep = HfDeepSpeedConfig(cfg)
+        lora_engine, *_ = deepspeed.initialize(model=(pm := peft_model()),
+                                               model_parameters=[p for p in pm.parameters() if p.requires_grad], config=cfg)
+        z1, z2 = Rec(), Rec()
+        sync_weights(lora_engine, z1, bucket_bytes=40_000, family="qwen2_5_vl")
+        sync_weights(lora_engine, z2, bucket_bytes=40_000, family="qwen2_5_vl")
+        flat = lambda r: [(n, t) for b in r.batches for n, t in b]
+        ok2 = [n for n, _ in flat(z1)] == [n for n, _ in flat(plain)] == list(ref)
+        ok2 = ok2 and all(torch.allclose(a, b, atol=1e-6) for (_, a), (_, b) in zip(flat(z1), flat(plain)))
+        ok2 = ok2 and all(torch.equal(a, b) for (_, a), (_, b) in zip(flat(z1), flat(z2)))
+        ok2 = ok2 and not torch.allclose(dict(flat(z1))["model.language_model.layers.0.self_attn.q_proj.weight"],
+                                         ref["model.language_model.layers.0.self_attn.q_proj.weight"].detach())
+        print("RESULT", ok, ok2, len(rec.batches), stats.tensors)
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(tmp_path))
+    assert "RESULT True True" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- TIS
+def test_tis_weights_by_hand():
+    old = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.0])
+    roll = torch.tensor([-1.0, -1.0, -2.0, float("nan"), -1.2])
+    w = tis_weights(old, roll, cap=2.0)
+    # exp(0) = 1; exp(-1) = 0.367879; exp(1.5) = 4.48 -> capped at 2; NaN (not sampled) -> 1; exp(0.2) = 1.221403
+    assert torch.allclose(w, torch.tensor([1.0, 0.367879, 2.0, 1.0, 1.221403]), atol=1e-6)
+    assert not w.requires_grad
+    g = tis_weights(old.clone().requires_grad_(), roll, cap=1.5)
+    assert not g.requires_grad and float(g[2]) == pytest.approx(1.5)
+    assert float(tis_weights(torch.tensor([1000.0]), torch.tensor([-1000.0]), cap=3.0)[0]) == pytest.approx(3.0)
+    m = tis_metrics(w, cap=2.0)
+    assert m["tis/capped"] == pytest.approx(0.2) and m["tis/mean"] == pytest.approx((1 + 0.367879 + 2 + 1 + 1.221403) / 5, abs=1e-6)
+    assert tis_metrics(w, 2.0, mask=torch.tensor([1, 1, 0, 0, 0]))["tis/capped"] == 0.0
+    with pytest.raises(ValueError):
+        tis_weights(old, roll[:2])
+    with pytest.raises(ValueError):
+        tis_weights(old, roll, cap=0)
+
+
+# --------------------------------------------------------------------------- without vLLM
+def test_clear_import_error_without_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed")
+    from vlm_grpo_ma.bench.backends import BackendUnavailable, load_backend
+    from vlm_grpo_ma.rollout.vllm import VLLMBackend
+
+    with pytest.raises(ImportError, match=r"pip install 'vlm-grpo-ma\[vllm\]'"):
+        VLLMBackend("tiny-qwen2.5-vl")
+    with pytest.raises(BackendUnavailable, match="vLLM"):
+        load_backend("vllm", "tiny-qwen2.5-vl", min_pixels=None, max_pixels=None)
+    assert "vlm-grpo-ma[vllm]" in INSTALL_HINT
+
+
+# --------------------------------------------------------------------------- with vLLM and a GPU
+def _gpu_vllm():
+    pytest.importorskip("vllm")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM integration needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_vllm_tree_rollout_on_tiny_model(tiny_model_dir):
+    _gpu_vllm()
+    from vlm_grpo_ma.rollout.vllm import VLLMBackend
+
+    be = VLLMBackend(tiny_model_dir("qwen2_5_vl"), gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32",
+                     max_model_len=1024)
+    msgs = _messages()
+    K, M = 2, 3
+    sp = SamplingParams(temperature=1.0, max_thought_tokens=12, max_answer_tokens=6, seed=0)
+    tree = be.generate_tree_from_messages(msgs, K, M, sp)
+    inputs = build_generation_inputs(be.processor, msgs)
+    assert (tree.B, tree.K, tree.M) == (2, K, M)
+    for b, p in enumerate(_prompts(dict(inputs))):
+        assert tree.prompt_ids[b].tolist() == p
+    for b in range(2):
+        for k in range(K):
+            th = tree.thought_ids[b][k]
+            assert th[-1].item() == be.ids.think_end and len(th) <= sp.max_thought_tokens
+            assert len(th) == len(tree.thought_logprobs[b][k])
+            for m in range(M):
+                a = tree.answer_ids[b][k][m]
+                assert 1 <= len(a) <= sp.max_answer_tokens and len(a) == len(tree.answer_logprobs[b][k][m])
+                assert tree.answer_truncated[b, k, m].item() == (a[-1].item() not in be.ids.stop)
+                assert not set(a.tolist()) & set(be.ids.suppress)
+    assert tree.stats["tokens_prefix_cached"] > 0  # stage 2 reused prompt + thought
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_vllm_synced_weights_give_the_trainers_greedy_output(tiny_model_dir):
+    _gpu_vllm()
+    from vlm_grpo_ma.models import load_policy
+    from vlm_grpo_ma.rollout.hf import HFRolloutBackend
+    from vlm_grpo_ma.rollout.vllm import VLLMBackend
+
+    path = tiny_model_dir("qwen2_5_vl")
+    trainer = load_policy(path, dtype="float32", device="cuda")
+    torch.manual_seed(1)
+    with torch.no_grad():  # the "trained" weights: the engine still holds the checkpoint's
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    be = VLLMBackend(path, gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32", max_model_len=1024)
+    stats = be.sync_weights(trainer.model)
+    assert stats.tensors == len(list(trainer.model.parameters()))
+    greedy = SamplingParams(temperature=0.0)
+    msgs = _messages()
+    want = HFRolloutBackend(trainer.model, processor=trainer.processor).generate(msgs, n=1, sampling=greedy, max_new_tokens=16)
+    got = be.generate(msgs, n=1, sampling=greedy, max_new_tokens=16)
+    assert got == want
