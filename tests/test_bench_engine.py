@@ -92,6 +92,15 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert be3.calls == 0 and again["metrics"] == full["metrics"]
 
 
+def test_smaller_limit_keeps_earlier_predictions(tmp_path):
+    suite = _suite("synthetic-affordance")
+    run_suite(suite, "jitter", tmp_path, backend_obj=JitterBackend(make_task(suite)), limit=6, report=False)
+    be = JitterBackend(make_task(suite))
+    res = run_suite(suite, "jitter", tmp_path, backend_obj=be, limit=3, report=False)
+    assert be.calls == 0 and res["n_samples"] == 3
+    assert len(read_predictions(tmp_path / "predictions.jsonl")) == 6
+
+
 def test_resume_refuses_another_model(tmp_path):
     suite = _suite("synthetic-affordance")
     run_suite(suite, "jitter", tmp_path, backend_obj=JitterBackend(make_task(suite)), limit=2, report=False)

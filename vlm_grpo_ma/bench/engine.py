@@ -388,7 +388,7 @@ def finalize(out_dir: str | os.PathLike, suite: Suite, task: Any, samples: Seque
             "strict format": strict,
             "finished": result["finished"],
         }
-        for k in ("elapsed_s", "samples_per_s", "world_size"):
+        for k in ("load_s", "elapsed_s", "samples_per_s", "world_size"):
             if k in info:
                 settings[k] = info[k]
         ordered_rows = [by_id[s.id] for s in samples if s.id in by_id]
@@ -505,7 +505,7 @@ def run_suite(
         shard = [s for i, s in enumerate(samples) if i % world == rank]
         todo = [s for s in shard if s.id not in done]
 
-        t0 = time.time()
+        t_load = time.time()
         be = backend_obj
         family = None
         n_new = 0
@@ -523,6 +523,8 @@ def run_suite(
                 tmp = out / (RUN_INFO + ".tmp")
                 tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
                 os.replace(tmp, out / RUN_INFO)
+        load_s = time.time() - t_load
+        t0 = time.time()
         if todo:
             import torch
 
@@ -562,14 +564,17 @@ def run_suite(
         for p in sorted(out.glob("predictions.rank*.jsonl")):
             rows.update({r["id"]: r for r in read_predictions(p)})
         ordered = [rows[s.id] for s in samples if s.id in rows]
-        _write_rows(merged, ordered)
+        # rows of samples outside this run (an earlier run with a larger --limit) are kept, after
+        # the suite's; the metrics and report cover this run's samples only
+        extra = [r for i, r in rows.items() if i not in index]
+        _write_rows(merged, ordered + extra)
         for p in out.glob("predictions.rank*.jsonl"):
             p.unlink()
         if family is None:
             family = ModelFamily(**json.loads((out / RUN_INFO).read_text(encoding="utf-8"))["family"])
         info = {"model": model, "backend": getattr(be, "name", backend) if be is not None else backend,
-                "world_size": world, "elapsed_s": round(elapsed, 3)}
-        if n_new:
+                "world_size": world, "load_s": round(load_s, 3), "elapsed_s": round(elapsed, 3)}
+        if n_new:  # generation + scoring throughput of this call (model loading excluded)
             info["samples_per_s"] = round(n_new * world / elapsed, 4) if elapsed > 0 else None
         return finalize(out, suite, task, samples, ordered, family, info, strict=strict, report=report)
     finally:
