@@ -274,7 +274,7 @@ def test_tree_weights_match_reference_loop(mode):
     tok = torch.randn(n, generator=gen, dtype=torch.float64)
     w = expand_to_tokens(w_t, w_a, t_lens, a_lens)
     # split the flat token losses back into segments, in tree order
-    segments, pos = [], 0
+    pos = 0
     tl_t = [[None] * k for _ in range(b)]
     tl_a = [[[None] * m for _ in range(k)] for _ in range(b)]
     for i in range(b):
