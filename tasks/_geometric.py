@@ -64,6 +64,9 @@ class GeometricTask(Task):
         self.image_size = tuple(self.options.get("image_size", (112, 112)))
         self.cache_dir = self.options.get("cache_dir")
         self._templates: dict[str | None, str] = {}
+        #: a template text that replaces the prompt files for every sample (None: use the files);
+        #: the benchmark engine sets it from a suite's ``prompt_file``
+        self._template: str | None = None
 
     # --- prompts -------------------------------------------------------------------------
     def variant_for(self, sample) -> str | None:
@@ -76,13 +79,17 @@ class GeometricTask(Task):
             self._templates[variant] = load_prompt(self.name, variant)
         return self._templates[variant]
 
+    def set_prompt_template(self, text: str | None) -> None:
+        """Use ``text`` as the template for every sample (``None``: back to the prompt files)."""
+        self._template = text
+
     def prompt_fields(self, sample, family) -> dict[str, Any]:
         """The template's fields: ``sample.prompt`` and ``coord_hint`` (the family's frame)."""
         return {**sample.prompt, "coord_hint": family.coord_hint(*sample.image_size)}
 
     def prompt_text(self, sample, family) -> str:
         """The instruction text for ``sample`` in ``family``'s coordinate frame."""
-        template = self.template(self.variant_for(sample))
+        template = self._template if self._template is not None else self.template(self.variant_for(sample))
         return fill_prompt(template, self.prompt_fields(sample, family), where=self.where(sample)).strip()
 
     def messages(self, sample, family) -> list[dict]:

@@ -231,3 +231,13 @@ def test_sample_metrics():
     s = sample([[0, 0], [1, 0]])
     assert TrajectoryTask().sample_metrics([[0, 0.5], [1, 0.5]], s) == pytest.approx({"dfd": 0.5, "hd": 0.5, "rmse": 0.5})
     assert TrajectoryTask().sample_metrics(None, s) == {"dfd": FAILED_DISTANCE, "hd": FAILED_DISTANCE, "rmse": FAILED_DISTANCE}
+
+
+def test_prompt_template_override():
+    """A suite's prompt_file replaces the template (the bench engine sets ``_template``)."""
+    task = TrajectoryTask()
+    s = task.synthetic(1)[0]
+    task._template = "Go from {start} to {goal}. {coord_hint}"
+    assert task.prompt_text(s, QWEN2) == f"Go from {s.prompt['start']} to {s.prompt['goal']}. {QWEN2.coord_hint(112, 112)}"
+    task.set_prompt_template(None)
+    assert task.prompt_text(s, QWEN2).startswith("Draw a path of at most 10 points")
