@@ -38,6 +38,7 @@ def test_refcoco_jsonl_xyxy_and_xywh():
     # 100x80 image, box (10, 20, 50, 60) px
     assert s[0].image_sizes == [(100, 80)]
     assert s[0].target["boxes"] == [pytest.approx([0.1, 0.25, 0.5, 0.75])]
+    assert s[0].target["box"] == pytest.approx([0.1, 0.25, 0.5, 0.75]) and "labels" not in s[0].target
     assert s[0].prompt["object"] == "the red block"
     # 80x100 image, xywh (40, 0, 40, 50) -> xyxy (40, 0, 80, 50)
     assert s[1].target["boxes"] == [pytest.approx([0.5, 0.0, 1.0, 0.5])]
@@ -200,3 +201,22 @@ def test_suite_relative_paths(tmp_path):
     s = load_suite(f)
     assert s.data.path == str((tmp_path / "data").resolve())
     assert os.path.isabs(s.data.path)
+
+
+def test_public_suite_prompts_carry_the_instruction(monkeypatch):
+    """The public suites' prompt files put each dataset's own instruction in the prompt."""
+    for k, v in SUITE_ENV.items():
+        monkeypatch.setenv(k, str(v))
+    from vlm_grpo_ma.bench.engine import load_samples, make_task
+    from vlm_grpo_ma.models.family import ModelFamily
+
+    fam = ModelFamily.from_model_type("qwen2_vl")
+    for name, expect in (("sharerobot-trajectory", "reach for the carrot"),
+                         ("sharerobot-affordance", "grasp the handle of the pot"),
+                         ("where2place", "free space in the top left"),
+                         ("refcoco-grounding", "the red block")):
+        suite = load_suite(name)
+        task = make_task(suite)
+        sample = load_samples(suite, task)[0]
+        text = [c["text"] for c in task.messages(sample, fam)[0]["content"] if c["type"] == "text"][0]
+        assert expect in text and "0 to 1000" in text, (name, text)

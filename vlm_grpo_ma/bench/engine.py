@@ -165,20 +165,19 @@ def _write_rows(path: Path, rows: Iterable[dict]) -> None:
 def make_task(suite: Suite) -> Any:
     """The suite's task instance, with its prompt variant or prompt file applied.
 
-    A ``prompt_file`` replaces the task's template (tasks that read their template through a
-    ``_template`` cache, as the shipped geometric tasks do); a task without one refuses it.
+    A ``prompt_file`` replaces the task's templates through ``task.set_prompt_template(text)``
+    (the geometric tasks have it); a task without it refuses one.
     """
     from vlm_grpo_ma.task import get_task
 
     task = get_task(suite.task, **suite.task_kwargs())
     if suite.prompt_variant and hasattr(task, "prompt_variant"):
         task.prompt_variant = suite.prompt_variant
-        if hasattr(task, "_template"):
-            task._template = None
     if suite.prompt_file:
-        if not hasattr(task, "_template"):
-            raise BenchError(f"suite {suite.name}: task {suite.task!r} does not take a prompt_file")
-        task._template = Path(suite.prompt_file).read_text(encoding="utf-8")
+        if not hasattr(task, "set_prompt_template"):
+            raise BenchError(f"suite {suite.name}: task {suite.task!r} has no set_prompt_template(); "
+                             "it cannot take a prompt_file")
+        task.set_prompt_template(Path(suite.prompt_file).read_text(encoding="utf-8"))
     return task
 
 

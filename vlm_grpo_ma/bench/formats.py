@@ -24,8 +24,8 @@ format                     task             what the files look like
 
 Canonical targets (the keys the task plugins read):
 
-- detection:           ``{"boxes": [[x1, y1, x2, y2], ...], "labels": [str, ...]}`` (grounding: one
-  box, no labels, so only the box is scored)
+- detection:           ``{"boxes": [[x1, y1, x2, y2], ...], "labels": [str, ...]}``; grounding (one
+  referred object): ``{"box": [...], "boxes": [[...]]}`` without labels, so only the box is scored
 - affordance (box):    ``{"box": [x1, y1, x2, y2]}``
 - affordance (points): ``{"region": {"rle": <COCO RLE, counts as str>, "size": [h, w]}}``
   (plus ``"box"`` where the format gives one)
@@ -184,7 +184,8 @@ def load_refcoco(path: str | os.PathLike, image_root: str | None = None, split: 
     "bbox": [x1, y1, x2, y2]}`` with the box in pixels of the original image.  Also accepted:
     ``file_name`` / ``image_path`` for the image, ``sent`` / ``sentence`` / ``normal_caption`` /
     ``problem`` for the text, ``solution`` for the box, ``bbox_format: xywh`` for COCO-style boxes.
-    One detection sample with a single unlabelled box; the expression is ``prompt["object"]``.
+    One grounding sample (``target = {"box", "boxes"}``, no label) per record; the expression is
+    ``prompt["object"]``.
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
@@ -211,7 +212,7 @@ def load_refcoco(path: str | os.PathLike, image_root: str | None = None, split: 
                 images=[img],
                 image_sizes=[(w, h)],
                 prompt={"object": expr},
-                target={"boxes": [box]},
+                target={"box": box, "boxes": [box]},
                 meta={"source": str(path), "record": where, "split": split, "format": "refcoco"},
             )
         )
