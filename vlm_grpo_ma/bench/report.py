@@ -75,6 +75,7 @@ def _histograms(values: dict[str, list[float]], out_dir: Path) -> list[tuple[str
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     made = []
     for i, (name, vals) in enumerate(sorted(values.items())):
@@ -89,6 +90,7 @@ def _histograms(values: dict[str, list[float]], out_dir: Path) -> list[tuple[str
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("samples", fontsize=8)
         ax.tick_params(labelsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, frameon=False)
         fig.tight_layout()
         fname = f"hist_{i:02d}.png"
@@ -107,7 +109,7 @@ th,td{border:1px solid #ddd;padding:4px 10px;text-align:left;vertical-align:top}
 th{background:#f0f0f0} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.key td{font-weight:600}
 .flex{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
-.hist img{width:400px;border:1px solid #ddd;background:#fff}
+.hist figure{margin:0}.hist img{width:300px;border:1px solid #ddd;background:#fff}
 .card{width:340px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;font-size:12px}
 .card img{width:320px;display:block;margin:auto;border:1px solid #eee}
 .card .id{font-weight:600;word-break:break-all}
@@ -215,7 +217,11 @@ def write_report(
                 parts.append(f"<div class='fail'>image unavailable: {esc(str(e))}</div>")
         parts.append(f"<div class='id'>#{rank + 1} &middot; {esc(str(r.get('id')))}</div>")
         if s is not None and s.prompt:
-            ptxt = "; ".join(f"{k}: {v}" for k, v in s.prompt.items() if isinstance(v, (str, int, float)))
+            shown: list[str] = []
+            for k, v in s.prompt.items():  # loaders may give one text under two names: show it once
+                if isinstance(v, (str, int, float)) and str(v) not in [x.split(": ", 1)[1] for x in shown]:
+                    shown.append(f"{k}: {v}")
+            ptxt = "; ".join(shown)
             if ptxt:
                 parts.append(f"<div class='prompt'>{esc(ptxt[:300])}</div>")
         if s is not None and not getattr(s, "images", None) and s.target:
