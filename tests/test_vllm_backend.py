@@ -9,7 +9,9 @@ expand the same image differently); the thought / answer finishing rules; the we
 batching (bounded bytes, every parameter exactly once, stable order) into a recording receiver;
 LoRA merging with a real PEFT LoRA (merged weight = W + s * B @ A by hand, base weights untouched
 bit for bit); ZeRO-3 gathering in a one-process DeepSpeed run (slow); TIS weights by hand; the
-ImportError without vLLM.
+ImportError without vLLM; and the backend's orchestration end to end against a test double of the
+engine (a scripted stand-in for ``vllm.LLM``, clearly not vLLM: it checks what the backend asks
+and how it assembles what comes back, not vLLM's behaviour).
 """
 
 from __future__ import annotations
@@ -246,6 +248,18 @@ def test_pixel_bounds_match_passes(tiny_policy, family):
     check_pixel_bounds(policy.family, kw)
     check_pixel_bounds(policy.processor, kw)
     check_pixel_bounds(policy.processor.image_processor, kw)
+
+
+def test_pixel_bounds_read_from_size_dicts(tiny_model_dir):
+    """transformers 5 keeps the bounds in ``size`` (a SizeDict after from_pretrained kwargs)."""
+    from vlm_grpo_ma.models.processor import image_only_processor_class
+
+    proc = image_only_processor_class("qwen2_5_vl").from_pretrained(tiny_model_dir("qwen2_5_vl"), min_pixels=4444,
+                                                                     max_pixels=99999)
+    check_pixel_bounds(proc, {"min_pixels": 4444, "max_pixels": 99999})
+    check_pixel_bounds(proc, {"size": {"shortest_edge": 4444, "longest_edge": 99999}})
+    with pytest.raises(PixelBoundsMismatch):
+        check_pixel_bounds(proc, {"min_pixels": 4444, "max_pixels": 12544})
 
 
 def test_pixel_bounds_mismatch_raises(tiny_policy):
@@ -564,3 +578,195 @@ def test_vllm_synced_weights_give_the_trainers_greedy_output(tiny_model_dir):
     want = HFRolloutBackend(trainer.model, processor=trainer.processor).generate(msgs, n=1, sampling=greedy, max_new_tokens=16)
     got = be.generate(msgs, n=1, sampling=greedy, max_new_tokens=16)
     assert got == want
+
+
+# --------------------------------------------------------------------------- the backend against an engine double
+class _FakeVLLM:
+    """A stand-in for the ``vllm`` module (test double of the engine, NOT vLLM): ``LLM`` expands
+    each image pad the way vLLM's Qwen-VL processor does (smart_resize with the engine's
+    ``mm_processor_kwargs``) and answers from a script, so the backend's orchestration (requests,
+    ordering, finishing, TreeRollout assembly, expansion check, sleep / wake, weight loading) is
+    exercised end to end.  Script: completion j of a request ends at its stop token when j is
+    even, and runs to ``max_tokens`` when j is odd."""
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class EngineArgs:  # no dataclass fields: every engine argument passes
+        pass
+
+    class LLM:
+        def __init__(self, family, image_pad, **kw):
+            self.kw, self.family, self.image_pad = kw, family, image_pad
+            self.requests, self.loaded, self.events = [], [], []
+            model = SimpleNamespace(load_weights=lambda weights: self.loaded.extend(n for n, _ in weights))
+            worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
+            self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(worker=worker)),
+                                              model_config=SimpleNamespace(mm_processor_kwargs=kw["mm_processor_kwargs"]))
+
+        def _expand(self, ids, images):
+            from vlm_grpo_ma.rollout.vllm import pixel_bounds
+
+            lo, hi = pixel_bounds(self.kw["mm_processor_kwargs"])
+            fam = ModelFamily.from_model_type(self.family.name, patch_size=self.family.patch_size,
+                                              merge_size=self.family.merge_size, min_pixels=lo, max_pixels=hi)
+            out, i = [], 0
+            for t in ids:
+                if t == self.image_pad:
+                    w, h = fam.resized_size(*images[i].size)
+                    out += [t] * ((w // fam.factor) * (h // fam.factor))
+                    i += 1
+                else:
+                    out.append(t)
+            return out
+
+        def generate(self, prompts, params, use_tqdm=False):
+            Lp = lambda x: SimpleNamespace(logprob=x)  # noqa: E731
+            outs = []
+            for prompt, sp in zip(prompts, params):
+                self.requests.append((prompt, sp))
+                self.events.append("generate")
+                comps = []
+                for j in reversed(range(sp.n)):  # out of order on purpose: the backend sorts by index
+                    stop = sp.stop_token_ids[0]
+                    toks = [30 + j, stop] if j % 2 == 0 else [31] * sp.max_tokens
+                    toks = toks[: sp.max_tokens]
+                    comps.append(SimpleNamespace(
+                        index=j, token_ids=tuple(toks), logprobs=[{t: Lp(-0.5 * (i + 1))} for i, t in enumerate(toks)],
+                        finish_reason="stop" if toks[-1] == stop else "length",
+                        stop_reason=stop if toks[-1] == stop else None))
+                images = prompt.get("multi_modal_data", {}).get("image", [])
+                outs.append(SimpleNamespace(prompt_token_ids=self._expand(prompt["prompt_token_ids"], images),
+                                            outputs=comps, num_cached_tokens=3))
+            return outs
+
+        def reset_prefix_cache(self):
+            self.events.append("reset")
+            return True
+
+        def sleep(self, level):
+            self.events.append(f"sleep{level}")
+
+        def wake_up(self, tags=None):
+            self.events.append("wake:" + ",".join(tags or []))
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    mod = SimpleNamespace(SamplingParams=_FakeVLLM.SamplingParams, EngineArgs=_FakeVLLM.EngineArgs, __version__="fake")
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the backend sets it; restored after the test
+    return mod
+
+
+def _fake_backend(fake_vllm, tiny_model_dir, family="qwen2_5_vl", engine_bounds=None, **kw):
+    from vlm_grpo_ma.models import load_policy
+    from vlm_grpo_ma.rollout.vllm import VLLMBackend
+
+    policy = load_policy(tiny_model_dir(family))
+    pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    made = {}
+
+    def LLM(**engine_kw):
+        if engine_bounds is not None:
+            engine_kw["mm_processor_kwargs"] = engine_bounds
+        made["llm"] = _FakeVLLM.LLM(policy.family, pad, **engine_kw)
+        return made["llm"]
+
+    fake_vllm.LLM = LLM
+    return VLLMBackend(tiny_model_dir(family), **kw), policy
+
+
+def test_backend_tree_against_engine_double(fake_vllm, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    be, policy = _fake_backend(fake_vllm, tiny_model_dir, gpu_memory_utilization=0.25, enable_sleep_mode=True,
+                               sleep_level=2)
+    llm = be.llm
+    assert llm.kw["enable_prefix_caching"] and llm.kw["enable_sleep_mode"] and llm.kw["gpu_memory_utilization"] == 0.25
+    assert llm.kw["mm_processor_kwargs"] == {"min_pixels": policy.family.min_pixels, "max_pixels": policy.family.max_pixels}
+    msgs = _messages()
+    K, M = 3, 2
+    sp = SamplingParams(temperature=1.0, max_thought_tokens=6, max_answer_tokens=4, seed=11)
+    tree = be.generate_tree_from_messages(msgs, K, M, sp)
+    inputs = dict(build_generation_inputs(policy.processor, msgs))
+    E, stop = be.ids.think_end, be.ids.stop[0]
+    assert (tree.B, tree.K, tree.M) == (2, K, M)
+    for b, p in enumerate(_prompts(inputs)):
+        assert tree.prompt_ids[b].tolist() == p
+        assert torch.equal(tree.image_grid_thw[b], inputs["image_grid_thw"][b:b + 1])
+        for k in range(K):
+            th = tree.thought_ids[b][k].tolist()
+            if k % 2 == 0:  # stopped at </think>
+                assert th == [30 + k, E] and not tree.thought_truncated[b, k]
+                assert tree.thought_logprobs[b][k].tolist() == [-0.5, -1.0]
+            else:  # hit the limit: last token replaced by </think>, its log-prob unknown
+                assert th == [31] * 5 + [E] and tree.thought_truncated[b, k]
+                assert math.isnan(tree.thought_logprobs[b][k][-1]) and tree.thought_logprobs[b][k][0] == -0.5
+            assert tree.thought_texts[b][k] == policy.tokenizer.decode(th, skip_special_tokens=False)
+            for m in range(M):
+                a = tree.answer_ids[b][k][m].tolist()
+                assert a == ([30 + m, stop] if m % 2 == 0 else [31] * 4)
+                assert bool(tree.answer_truncated[b, k, m]) == (m % 2 == 1)
+                assert tree.answer_texts[b][k][m] == policy.tokenizer.decode(a[:-1] if m % 2 == 0 else a,
+                                                                             skip_special_tokens=False)
+    # what the engine was asked: stage 1 (n=K) per prompt, then stage 2 (n=M) per thought on prompt + thought
+    reqs = llm.requests
+    assert len(reqs) == 2 + 2 * K
+    pad = be.image_pad
+    for b in range(2):
+        collapsed = collapse_image_pads(_prompts(inputs)[b], pad)
+        assert reqs[b][0]["prompt_token_ids"] == collapsed and reqs[b][1].n == K
+        for k in range(K):
+            prompt, params = reqs[2 + b * K + k]
+            assert prompt["prompt_token_ids"] == collapsed + tree.thought_ids[b][k].tolist()
+            assert params.n == M and prompt["multi_modal_data"]["image"][0].size == msgs[b][0]["content"][0]["image"].size
+    assert tree.stats["tokens_prefix_cached"] == 3 * len(reqs)
+    assert tree.stats["tokens_generated"] == sum(len(t) for r in tree.thought_ids for t in r) + \
+        sum(len(a) for r in tree.answer_ids for th in r for a in th)
+    # sleep after the rollout; the sync wakes the weights, loads, resets; the next rollout wakes the KV cache
+    assert llm.events[-1] == "sleep2"
+    model = policy.model
+    stats = be.sync_weights(model)
+    assert llm.events[-3:] == ["sleep2", "wake:weights", "reset"]
+    assert llm.loaded == [n for n, _ in model.named_parameters()] and stats.tensors == len(llm.loaded)
+    be.generate(msgs, n=2, sampling=SamplingParams(temperature=0.0), max_new_tokens=5)
+    assert "wake:kv_cache" in llm.events
+
+
+def test_backend_refuses_an_engine_with_other_pixel_bounds(fake_vllm, tiny_model_dir):
+    """A pre-built engine reporting other bounds is refused at construction; the runtime
+    expansion check catches an engine that resizes differently even if it reports nothing."""
+    from vlm_grpo_ma.models import load_policy
+    from vlm_grpo_ma.rollout.vllm import VLLMBackend
+
+    policy = load_policy(tiny_model_dir("qwen2_5_vl"))
+    pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    other = {"min_pixels": policy.family.min_pixels, "max_pixels": policy.family.max_pixels // 4}
+    llm = _FakeVLLM.LLM(policy.family, pad, mm_processor_kwargs=other)
+    with pytest.raises(PixelBoundsMismatch, match="max_pixels"):
+        VLLMBackend(tiny_model_dir("qwen2_5_vl"), llm=llm)
+    llm.llm_engine.model_config = SimpleNamespace()  # reports nothing: only the runtime check can tell
+    be = VLLMBackend(tiny_model_dir("qwen2_5_vl"), llm=llm)
+    with pytest.raises(PixelBoundsMismatch, match="image tokens"):
+        be.generate_tree_from_messages(_messages()[1:], 2, 2, SamplingParams(max_thought_tokens=4, max_answer_tokens=3))
+
+
+def test_bench_factory_against_engine_double(fake_vllm, tiny_model_dir):
+    from vlm_grpo_ma.bench.suite import GenerationSpec
+    from vlm_grpo_ma.models import load_policy
+    from vlm_grpo_ma.rollout.vllm import make_bench_backend
+
+    policy = load_policy(tiny_model_dir("qwen3_vl"))
+    pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    fake_vllm.LLM = lambda **kw: _FakeVLLM.LLM(policy.family, pad, **kw)
+    bb = make_bench_backend(tiny_model_dir("qwen3_vl"), min_pixels=None, max_pixels=None, device="cuda:0")
+    assert bb.name == "vllm" and bb.family == policy.family
+    assert bb.backend.llm.kw["mm_processor_kwargs"] == {"size": {"shortest_edge": policy.family.min_pixels,
+                                                                 "longest_edge": policy.family.max_pixels}}
+    greedy = bb.complete([None, None], _messages(), GenerationSpec(max_new_tokens=6), seed=0)
+    assert [len(x) for x in greedy] == [1, 1]
+    tree = bb.complete([None, None], _messages(), GenerationSpec(do_sample=True, num_thoughts=2, num_answers=3,
+                                                                  max_new_tokens=8), seed=0)
+    assert [len(x) for x in tree] == [6, 6]
+    assert all("</think>" in t for row in tree for t in row)

@@ -112,18 +112,26 @@ def pixel_bounds(obj: Any) -> tuple[int | None, int | None]:
     """(min_pixels, max_pixels) of a ModelFamily, a processor / image processor, or a
     ``mm_processor_kwargs`` dict (``min_pixels``/``max_pixels`` keys, or
     ``size={"shortest_edge", "longest_edge"}``).  Missing values are None."""
-    if isinstance(obj, Mapping):
-        size = obj.get("size") or {}
-        lo = obj.get("min_pixels", size.get("shortest_edge") if isinstance(size, Mapping) else None)
-        hi = obj.get("max_pixels", size.get("longest_edge") if isinstance(size, Mapping) else None)
+    def from_size(size: Any, key: str) -> Any:  # a dict, or transformers' SizeDict
+        if size is None:
+            return None
+        return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
+
+    def as_ints(lo: Any, hi: Any) -> tuple[int | None, int | None]:
         return (int(lo) if lo is not None else None, int(hi) if hi is not None else None)
+
+    if isinstance(obj, Mapping):
+        size = obj.get("size")
+        lo = obj["min_pixels"] if obj.get("min_pixels") is not None else from_size(size, "shortest_edge")
+        hi = obj["max_pixels"] if obj.get("max_pixels") is not None else from_size(size, "longest_edge")
+        return as_ints(lo, hi)
     if hasattr(obj, "min_pixels") and hasattr(obj, "frame"):  # ModelFamily
         return int(obj.min_pixels), int(obj.max_pixels)
     ip = getattr(obj, "image_processor", obj)
-    size = getattr(ip, "size", None) or {}
-    lo = getattr(ip, "min_pixels", None) or (size.get("shortest_edge") if isinstance(size, Mapping) else None)
-    hi = getattr(ip, "max_pixels", None) or (size.get("longest_edge") if isinstance(size, Mapping) else None)
-    return (int(lo) if lo is not None else None, int(hi) if hi is not None else None)
+    size = getattr(ip, "size", None)
+    lo = getattr(ip, "min_pixels", None) or from_size(size, "shortest_edge")
+    hi = getattr(ip, "max_pixels", None) or from_size(size, "longest_edge")
+    return as_ints(lo, hi)
 
 
 def check_pixel_bounds(training: Any, engine_mm_kwargs: Mapping[str, Any] | None) -> None:
