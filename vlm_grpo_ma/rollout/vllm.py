@@ -152,7 +152,8 @@ def check_pixel_bounds(training: Any, engine_mm_kwargs: Mapping[str, Any] | None
     problems = []
     for what, t, e in (("min_pixels", t_lo, e_lo), ("max_pixels", t_hi, e_hi)):
         if e is None:
-            problems.append(f"{what}: training {t}, engine not set (it would fall back to the checkpoint's preprocessor_config)")
+            problems.append(f"{what}: training {t}, engine not set "
+                            "(it would fall back to the checkpoint's preprocessor_config)")
         elif e != t:
             problems.append(f"{what}: training {t}, engine {e}")
     if problems:
@@ -472,9 +473,9 @@ def _engine_mm_kwargs(llm: Any) -> Mapping[str, Any] | None:
 def _local_vllm_model(llm: Any) -> Any:
     """The engine's ``torch.nn.Module`` when the engine runs in this process, else None."""
     chains = (
-        "llm_engine.model_executor.driver_worker.worker.model_runner.model",
-        "llm_engine.model_executor.driver_worker.model_runner.model",
-        "llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model",
+        "llm_engine.model_executor.driver_worker.worker.model_runner",  # V1 in-process
+        "llm_engine.model_executor.driver_worker.model_runner",  # V0 (and wrappers forwarding .worker)
+        "llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner",
     )
     for chain in chains:
         obj: Any = llm
@@ -483,14 +484,24 @@ def _local_vllm_model(llm: Any) -> Any:
                 obj = getattr(obj, part)
         except AttributeError:
             continue
-        if hasattr(obj, "load_weights"):
-            return obj
+        model = _runner_model(obj)
+        if model is not None:
+            return model
     return None
+
+
+def _runner_model(runner: Any) -> Any:
+    """A model runner's model, unwrapped (``get_model()`` skips CUDA-graph / compile wrappers)."""
+    model = runner.get_model() if callable(getattr(runner, "get_model", None)) else getattr(runner, "model", None)
+    return model if hasattr(model, "load_weights") else None
 
 
 def _worker_load_weights(worker: Any, weights: list) -> None:
     """Run on each vLLM worker by ``collective_rpc`` (engine in another process)."""
-    worker.model_runner.model.load_weights(weights=weights)
+    model = _runner_model(worker.model_runner)
+    if model is None:
+        raise RuntimeError("the vLLM worker's model has no load_weights()")
+    model.load_weights(weights=weights)
 
 
 class VLLMWeightReceiver:
@@ -654,7 +665,8 @@ class VLLMBackend:
         ids = inputs["input_ids"]
         attn = inputs.get("attention_mask", torch.ones_like(ids)).bool()
         mm = inputs.get("mm_token_type_ids", torch.zeros_like(ids))
-        return [ids[b][attn[b]].cpu() for b in range(ids.shape[0])], [mm[b][attn[b].to(mm.device)].cpu() for b in range(ids.shape[0])]
+        B = ids.shape[0]
+        return [ids[b][attn[b]].cpu() for b in range(B)], [mm[b][attn[b].to(mm.device)].cpu() for b in range(B)]
 
     def _images(self, inputs: Mapping[str, Any], images: Sequence[Sequence[Any] | None] | None,
                 prompt_ids: list[torch.Tensor]) -> list[list[Any]]:
@@ -682,13 +694,11 @@ class VLLMBackend:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def _check_expansion(self, outs: Sequence[Any], prompt_ids: list[torch.Tensor], extra: Sequence[Sequence[int]] | None = None) -> None:
+    def _check_expansion(self, outs: Sequence[Any], prompt_ids: list[torch.Tensor]) -> None:
         for b, out in enumerate(outs):
             got = getattr(out, "prompt_token_ids", None)
-            if got is None:
-                continue
-            expected = prompt_ids[b].tolist() + (list(extra[b]) if extra is not None else [])
-            check_prompt_expansion(expected, got, self.image_pad, where=f"prompt {b}: ")
+            if got is not None:
+                check_prompt_expansion(prompt_ids[b].tolist(), got, self.image_pad, where=f"prompt {b}: ")
 
     @torch.no_grad()
     def generate_tree(
@@ -720,7 +730,8 @@ class VLLMBackend:
             row_ids, row_lp, row_tr = [], [], []
             for c in comps:
                 ids = list(c.token_ids)
-                stopped = getattr(c, "finish_reason", None) == "stop" and getattr(c, "stop_reason", None) == self.ids.think_end
+                stopped = (getattr(c, "finish_reason", None) == "stop"
+                           and getattr(c, "stop_reason", None) == self.ids.think_end)
                 i, lp, tr = finish_thought(ids, sampled_logprobs(ids, c.logprobs), self.ids.think_end,
                                            sampling.max_thought_tokens, stopped=stopped)
                 row_ids.append(i); row_lp.append(lp); row_tr.append(tr)
