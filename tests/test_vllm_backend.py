@@ -521,20 +521,22 @@ def test_clear_import_error_without_vllm():
 
 
 # --------------------------------------------------------------------------- with vLLM and a GPU
-def _gpu_vllm():
+@pytest.fixture(scope="module")
+def real_vllm_backend(tiny_model_dir):
+    """One small real engine for the integration tests (float32, eager, 20% of the GPU)."""
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("vLLM integration needs a CUDA GPU")
+    from vlm_grpo_ma.rollout.vllm import VLLMBackend
+
+    return VLLMBackend(tiny_model_dir("qwen2_5_vl"), gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32",
+                       max_model_len=1024)
 
 
 @pytest.mark.gpu
 @pytest.mark.vllm
-def test_vllm_tree_rollout_on_tiny_model(tiny_model_dir):
-    _gpu_vllm()
-    from vlm_grpo_ma.rollout.vllm import VLLMBackend
-
-    be = VLLMBackend(tiny_model_dir("qwen2_5_vl"), gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32",
-                     max_model_len=1024)
+def test_vllm_tree_rollout_on_tiny_model(real_vllm_backend):
+    be = real_vllm_backend
     msgs = _messages()
     K, M = 2, 3
     sp = SamplingParams(temperature=1.0, max_thought_tokens=12, max_answer_tokens=6, seed=0)
@@ -558,24 +560,22 @@ def test_vllm_tree_rollout_on_tiny_model(tiny_model_dir):
 
 @pytest.mark.gpu
 @pytest.mark.vllm
-def test_vllm_synced_weights_give_the_trainers_greedy_output(tiny_model_dir):
-    _gpu_vllm()
+def test_vllm_synced_weights_give_the_trainers_greedy_output(real_vllm_backend, tiny_model_dir):
     from vlm_grpo_ma.models import load_policy
     from vlm_grpo_ma.rollout.hf import HFRolloutBackend
-    from vlm_grpo_ma.rollout.vllm import VLLMBackend
 
-    path = tiny_model_dir("qwen2_5_vl")
-    trainer = load_policy(path, dtype="float32", device="cuda")
+    be = real_vllm_backend
+    trainer = load_policy(tiny_model_dir("qwen2_5_vl"), dtype="float32", device="cuda")
     torch.manual_seed(1)
     with torch.no_grad():  # the "trained" weights: the engine still holds the checkpoint's
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    be = VLLMBackend(path, gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32", max_model_len=1024)
     stats = be.sync_weights(trainer.model)
     assert stats.tensors == len(list(trainer.model.parameters()))
     greedy = SamplingParams(temperature=0.0)
     msgs = _messages()
-    want = HFRolloutBackend(trainer.model, processor=trainer.processor).generate(msgs, n=1, sampling=greedy, max_new_tokens=16)
+    want = HFRolloutBackend(trainer.model, processor=trainer.processor).generate(msgs, n=1, sampling=greedy,
+                                                                                 max_new_tokens=16)
     got = be.generate(msgs, n=1, sampling=greedy, max_new_tokens=16)
     assert got == want
 
