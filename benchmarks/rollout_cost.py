@@ -14,7 +14,15 @@ back (alternating which goes first); the medians are reported.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout_cost.py            # defaults below
     .venv/bin/python benchmarks/rollout_cost.py --hidden 64 --layers 2        # the test-size model
 
-Prints a table and writes ``benchmarks/results/rollout_cost.json``.
+Prints a table and writes ``benchmarks/results/rollout_cost.json``. On a shared machine the
+process CPU time (one torch thread) is reported beside the wall time: when other processes take
+the core, wall time measures the scheduler, not the rollout.
+
+Why the ratio can exceed the decoded-token ratio: both settings take the same number of decode
+steps (thought limit + answer limit), and every step pays a fixed cost (reading all weights, the
+Python of one forward) besides the cost per row. T4A4 runs stage 1 with 4B rows instead of 16B,
+so it saves only the per-row part; the ratio approaches the decoded-token ratio as rows per
+step grow (``--prompts``), i.e. as decoding becomes compute-bound.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import time
@@ -173,7 +182,12 @@ def main(argv=None) -> dict:
         "cpu_ratio_T4A4_over_T16A1": cpu_ratio,
         "cpu_over_decoded": cpu_ratio / decoded_ratio,
         "target_wall_over_decoded_max": 1.15,
-        "target_met": wall_ratio / decoded_ratio <= 1.15,
+        "target_met_wall": wall_ratio / decoded_ratio <= 1.15,
+        "target_met_cpu": cpu_ratio / decoded_ratio <= 1.15,
+        # wall >> CPU time means other processes took the core: the wall ratio then measures
+        # scheduling, not the rollout (the CPU-time ratio is the figure to trust there)
+        "wall_over_cpu_median": statistics.median(w / c for n in SETTINGS for w, c in zip(walls[n], cpus[n])),
+        "load_average_1min_end": os.getloadavg()[0],
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "device": str(next(policy.model.parameters()).device)},
     }
@@ -186,10 +200,14 @@ def main(argv=None) -> dict:
     for name, r in rows.items():
         print(f"{name:8} {r['wall_s_median']:16.2f} {r['cpu_s_median']:15.2f} {r['tokens_decoded']:9d} {r['tokens_generated']:10d} "
               f"{r['tokens_prefilled']:10d} {r['tokens_prefilled_without_sharing']:20d}")
-    print(f"T4A4/T16A1 wall-time ratio {wall_ratio:.3f}, decoded-token ratio {decoded_ratio:.3f}: "
-          f"{wall_ratio / decoded_ratio:.2f}x the decoded ratio (target <= 1.15x: "
-          f"{'met' if result['target_met'] else 'NOT met'})")
-    print(f"T4A4/T16A1 CPU-time ratio {cpu_ratio:.3f}: {cpu_ratio / decoded_ratio:.2f}x the decoded ratio")
+    print(f"T4A4/T16A1 decoded-token ratio {decoded_ratio:.3f}")
+    print(f"T4A4/T16A1 wall-time ratio {wall_ratio:.3f}: {wall_ratio / decoded_ratio:.2f}x the decoded ratio "
+          f"(target <= 1.15x: {'met' if result['target_met_wall'] else 'NOT met'})")
+    print(f"T4A4/T16A1 CPU-time ratio  {cpu_ratio:.3f}: {cpu_ratio / decoded_ratio:.2f}x the decoded ratio "
+          f"(target <= 1.15x: {'met' if result['target_met_cpu'] else 'NOT met'})")
+    if result["wall_over_cpu_median"] > 1.3:
+        print(f"WARNING: wall time was {result['wall_over_cpu_median']:.1f}x the CPU time (load average "
+              f"{result['load_average_1min_end']:.1f}): other processes shared the core, trust the CPU-time ratio")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -24,6 +24,8 @@ is the GRPO-MA loss whichever layout computed it.
 Positions are mRoPE [3, R, L]: the prompt's come from the model's own ``get_rope_index`` (image
 tokens get their temporal/height/width grid positions) and generated tokens continue with the
 text position ``max(prompt positions) + 1 + i`` on all three rows, exactly as in the rollout.
+They are passed with 3 rows, never the 4-row form with a leading text row: from that form
+transformers would derive its own packed-sequence mask, while here the 4D mask says it all.
 ``mm_token_type_ids`` is the prompt's, extended with zeros over generated tokens (without it
 Qwen2.5-VL silently falls back to 1D positions).
 
