@@ -27,6 +27,8 @@ from vlm_grpo_ma.bench.draw import GT_COLOUR, PRED_COLOUR, draw_thumbnail
 __all__ = ["write_report", "numeric_sample_metrics", "gallery_order"]
 
 FILES_DIR = "report_files"
+#: metrics where a smaller value is better (distances); everything else: larger is better
+LOWER_IS_BETTER = ("dfd", "hd", "rmse", "frechet", "hausdorff", "distance", "error", "loss")
 
 
 def _fmt(v: Any) -> str:
@@ -172,8 +174,10 @@ def write_report(
         if isinstance(v, dict):
             continue
         cls = " class='key'" if k in key_metrics else ""
-        parts.append(f"<tr{cls}><td>{esc(k)}</td><td class='num'>{_fmt(v)}</td></tr>")
-    parts.append("</table>")
+        arrow = " &darr;" if any(w in k.lower() for w in LOWER_IS_BETTER) and "reward" not in k else ""
+        parts.append(f"<tr{cls}><td>{esc(k)}{arrow}</td><td class='num'>{_fmt(v)}</td></tr>")
+    parts.append("</table><div class='sub'>&darr;: lower is better</div>" if any(
+        any(w in k.lower() for w in LOWER_IS_BETTER) for k in ordered) else "</table>")
     fails = {k: v for k, v in summary.items() if isinstance(v, dict)}
     for name, d in fails.items():
         if d:
