@@ -221,6 +221,26 @@ def test_stage_requests(policy_inputs):
     assert g[0].sampling["stop_token_ids"] == list(ids.stop) and g[0].sampling["max_tokens"] == 9
 
 
+def test_split_and_merge_greedy_requests():
+    from vlm_grpo_ma.rollout.vllm import VLLMRequest, merge_split_outputs, split_greedy_requests
+
+    reqs = [VLLMRequest({"prompt_token_ids": [1]}, {"n": 3, "temperature": 0.0}),
+            VLLMRequest({"prompt_token_ids": [2]}, {"n": 2, "temperature": 1.0}),
+            VLLMRequest({"prompt_token_ids": [3]}, {"n": 1, "temperature": 0.0})]
+    flat, owner = split_greedy_requests(reqs)
+    assert [r.prompt["prompt_token_ids"][0] for r in flat] == [1, 1, 1, 2, 3]
+    assert [r.sampling["n"] for r in flat] == [1, 1, 1, 2, 1]
+    assert owner == [(0, 0), (0, 1), (0, 2), (1, None), (2, None)]
+    c = lambda i, t: SimpleNamespace(index=i, token_ids=(t,))  # noqa: E731
+    outs = [SimpleNamespace(prompt_token_ids=[1], outputs=[c(0, 7)], num_cached_tokens=k) for k in (0, 1, 1)]
+    outs += [SimpleNamespace(prompt_token_ids=[2], outputs=[c(0, 8), c(1, 9)], num_cached_tokens=0),
+             SimpleNamespace(prompt_token_ids=[3], outputs=[c(0, 5)], num_cached_tokens=0)]
+    merged = merge_split_outputs(outs, owner, 3)
+    assert [c.index for c in merged[0].outputs] == [0, 1, 2] and merged[0].num_cached_tokens == 2
+    assert merged[0].prompt_token_ids == [1] and merged[1] is outs[3] and merged[2] is outs[4]
+    assert outs[0].outputs[0].index == 0  # the engine's objects are not mutated
+
+
 def test_derive_seed():
     assert derive_seed(None, 1, 0) is None
     s = {derive_seed(7, stage, i) for stage in (0, 1, 2) for i in range(100)}
@@ -591,6 +611,8 @@ class _FakeVLLM:
 
     class SamplingParams:
         def __init__(self, **kw):
+            if kw["temperature"] == 0 and kw["n"] > 1:  # as vLLM's own validation
+                raise ValueError("n must be 1 when using greedy sampling")
             self.__dict__.update(kw)
 
     class EngineArgs:  # no dataclass fields: every engine argument passes
@@ -730,8 +752,9 @@ def test_backend_tree_against_engine_double(fake_vllm, tiny_model_dir, monkeypat
     stats = be.sync_weights(model)
     assert llm.events[-3:] == ["sleep2", "wake:weights", "reset"]
     assert llm.loaded == [n for n, _ in model.named_parameters()] and stats.tensors == len(llm.loaded)
-    be.generate(msgs, n=2, sampling=SamplingParams(temperature=0.0), max_new_tokens=5)
+    texts = be.generate(msgs, n=2, sampling=SamplingParams(temperature=0.0), max_new_tokens=5)
     assert "wake:kv_cache" in llm.events
+    assert [len(t) for t in texts] == [2, 2] and all(p.n == 1 for _, p in llm.requests[-4:])  # greedy: split
 
 
 def test_backend_refuses_an_engine_with_other_pixel_bounds(fake_vllm, tiny_model_dir):

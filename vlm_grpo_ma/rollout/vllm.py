@@ -82,8 +82,10 @@ __all__ = [
     "finish_thought",
     "import_vllm",
     "make_bench_backend",
+    "merge_split_outputs",
     "pixel_bounds",
     "sampled_logprobs",
+    "split_greedy_requests",
 ]
 
 INSTALL_HINT = "pip install 'vlm-grpo-ma[vllm]'"
@@ -337,6 +339,52 @@ def build_completion_requests(
         )
         for b, p in enumerate(prompts)
     ]
+
+
+def split_greedy_requests(requests: Sequence[VLLMRequest]) -> tuple[list[VLLMRequest], list[tuple[int, int | None]]]:
+    """vLLM refuses ``n > 1`` with greedy sampling ("n must be 1 when using greedy sampling"):
+    such a request becomes n copies with ``n = 1`` (identical outputs; the copies hit the prefix
+    cache).  Returns the flat requests and, for each, (index of its request, copy number or None)."""
+    flat: list[VLLMRequest] = []
+    owner: list[tuple[int, int | None]] = []
+    for i, r in enumerate(requests):
+        n = int(r.sampling.get("n", 1))
+        if float(r.sampling.get("temperature", 1.0)) == 0.0 and n > 1:
+            for j in range(n):
+                flat.append(VLLMRequest(r.prompt, {**r.sampling, "n": 1}))
+                owner.append((i, j))
+        else:
+            flat.append(r)
+            owner.append((i, None))
+    return flat, owner
+
+
+@dataclass
+class _MergedOutput:
+    """The outputs of the n = 1 copies of a greedy request, as one ``RequestOutput``."""
+
+    prompt_token_ids: Any
+    outputs: list
+    num_cached_tokens: int = 0
+
+
+def merge_split_outputs(outs: Sequence[Any], owner: Sequence[tuple[int, int | None]], n_requests: int) -> list[Any]:
+    """Undo :func:`split_greedy_requests` on ``LLM.generate``'s outputs: one output per original
+    request, the copies' single completions re-indexed 0..n-1."""
+    import copy
+
+    merged: list[Any] = [None] * n_requests
+    for (i, j), out in zip(owner, outs):
+        if j is None:
+            merged[i] = out
+            continue
+        comp = copy.copy(out.outputs[0])
+        comp.index = j
+        if merged[i] is None:
+            merged[i] = _MergedOutput(getattr(out, "prompt_token_ids", None), [], 0)
+        merged[i].outputs.append(comp)
+        merged[i].num_cached_tokens += int(getattr(out, "num_cached_tokens", 0) or 0)
+    return merged
 
 
 # --------------------------------------------------------------------------- outputs (pure)
@@ -656,10 +704,13 @@ class VLLMBackend:
 
     # ------------------------------------------------------------------ generation
     def _run(self, requests: Sequence[VLLMRequest]) -> list[Any]:
+        """``LLM.generate`` on the requests (greedy n > 1 split into copies), one output each."""
         self.wake_up()
-        prompts = [r.prompt for r in requests]
-        params = [self._vllm.SamplingParams(**r.sampling) for r in requests]
-        return self.llm.generate(prompts, params, use_tqdm=False)
+        flat, owner = split_greedy_requests(requests)
+        prompts = [r.prompt for r in flat]
+        params = [self._vllm.SamplingParams(**r.sampling) for r in flat]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return merge_split_outputs(outs, owner, len(requests))
 
     def _prompts(self, inputs: Mapping[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         ids = inputs["input_ids"]
