@@ -191,3 +191,31 @@ def test_checkpoint_is_atomic_and_resume_is_exact(tmp_path, monkeypatch):
     names = sorted(p.name for p in ckpt.checkpoints_dir(st.dir).iterdir())
     assert names == ["step-0000003"], names
     stg.release(st)
+
+
+def test_lora_frozen_vision_checkpointing_and_kl_reference(tmp_path):
+    from vlm_grpo_ma.models import load_policy
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.engine import build_reference, vision_parameters
+    from vlm_grpo_ma.training.rl import RLState, rl_step
+
+    cfg = _cfg(tmp_path, "--lora_r", "4", "--lora_alpha", "8", "--freeze_vision", "--gradient_checkpointing",
+               "--kl_coef", "0.5", "--ppo_epochs", "2", "--num_thoughts", "2", "--answers_per_thought", "2")
+    task = _shaped_task()
+    st = stg.build_stage(cfg, "rl", "tiny-qwen2.5-vl", global_batch=2, micro=0, lr=1e-2, warmup=0, total_optimizer_steps=10)
+    model = st.engine.module
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # LoRA only; the vision tower has none
+    assert all("visual" not in n for n in trainable) and vision_parameters(model)
+    ref, _keep = build_reference(cfg.model, "tiny-qwen2.5-vl", st.ds_config)
+    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=3), ref_engine=ref)
+    assert out["loss/kl"] > 0 and out["kl/mean"] > 0  # the second epoch moved away from the reference
+    final = stg.save_final(st, cfg)
+    del ref, _keep
+    stg.release(st)  # drops the HfDeepSpeedConfig: from here on from_pretrained loads whole tensors
+    merged = load_policy(str(final)).model.state_dict()
+    base = load_policy("tiny-qwen2.5-vl").model.state_dict()
+    assert set(merged) == set(base)  # plain weights under the base model's names
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj")) and "visual" not in k for k in changed), changed
