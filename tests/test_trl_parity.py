@@ -1,0 +1,198 @@
+"""Loss parity with the peer: TRL's ``GRPOTrainer`` and our GRPO-MA loss on IDENTICAL samples (M = 1).
+
+The same prompts (3 affordance samples with their images), the same completions (a tree rollout
+of our sampler with K = 4 thoughts x M = 1 answer: each completion is thought + answer), the same
+rewards (a hand-made table, one group with all rewards equal), the same old log-probs (the
+sampling log-probs, perturbed so that ratios clip on both sides).  TRL gets them through its own
+code path: its ``_generate_and_score_completions`` (prompt tokenisation by the processor, the
+image inputs, the reward function call, its group advantages) with only the sampler replaced by
+one that returns our completions, then its ``compute_loss`` (its forward with the fused LM head).
+Ours: ``grpo_tree_advantages`` -> ``build_train_batch`` (packed layout) -> ``score_tokens`` ->
+``clipped_policy_loss`` with ``aggregation_weights``: what ``training/rl.py`` calls.
+
+TRL 1.16's definitions (``trl/trainer/grpo_trainer.py``, ``_compute_loss`` and
+``_generate_and_score_completions``), for ``importance_sampling_level="token"``, beta = 0, one
+process, no gradient accumulation, and how they map onto ours:
+
+===========  ==========================================================  ==========================
+TRL          aggregation of the per-token clipped loss ``l`` [G, T]      ours (``loss_agg_mode``)
+===========  ==========================================================  ==========================
+grpo         ``mean_i( sum_t l_it / |o_i| )``                            seq-mean-token-mean
+bnpo         ``sum l / sum mask`` (local batch)                          token-mean
+dapo         ``sum l / num_items_in_batch`` (global tokens)              token-mean
+dr_grpo      ``sum l / (G * max_completion_length)``                     seq-mean-token-sum-norm,
+                                                                         ``max_len`` = the budget
+===========  ==========================================================  ==========================
+
+Advantages: TRL ``(r - mean_g) / (std_g + 1e-4)`` with the UNBIASED std (``trl.trainer.utils.nanstd``)
+for ``scale_rewards="group"``, ``r - mean_g`` for ``"none"``; ours with ``unbiased=True, eps=1e-4``
+and ``scale_by_std`` accordingly.  Clipping: TRL ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)``
+is our ``max(-A rho, -A clip(rho))``.
+
+No exact counterpart (left out here): ``cispo`` (clips the detached IS weight, a REINFORCE-style
+loss), ``sapo`` (soft sigmoid gate instead of a clip), ``vespo`` (sequence-level gamma weights),
+``luspo`` (sequence-level importance ratio; our ratios are per token), ``scale_rewards="batch"``
+(one std over the whole batch; ours standardises per group), and ``dapo``/``bnpo`` under several
+processes or accumulation steps, where their normalisers differ from each other (ours is the
+``dapo`` one: 1 / the global number of trained tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+from vlm_grpo_ma import get_task  # noqa: E402
+from vlm_grpo_ma.algorithms import aggregation_weights, clipped_policy_loss, grpo_tree_advantages  # noqa: E402
+from vlm_grpo_ma.data.collate import build_generation_inputs  # noqa: E402
+from vlm_grpo_ma.models import load_policy  # noqa: E402
+from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams  # noqa: E402
+from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens  # noqa: E402
+
+B, K = 3, 4  # prompts, completions per prompt (TRL's num_generations); M = 1
+MAX_THOUGHT, MAX_ANSWER = 10, 6
+BUDGET = MAX_THOUGHT + MAX_ANSWER  # TRL's max_completion_length (Dr.GRPO's constant L_max)
+TEMPERATURE = 0.8  # both sides divide the logits by it when scoring
+EPS_LOW, EPS_HIGH = 0.2, 0.28
+#: hand-made rewards [B, K]; the last group has no spread (advantage exactly 0 on both sides)
+REWARDS = torch.tensor([[0.0, 0.5, 1.0, 0.25], [0.9, 0.1, 0.1, 0.4], [0.7, 0.7, 0.7, 0.7]])
+
+CASES = [  # (TRL loss_type, TRL scale_rewards, our loss_agg_mode, our scale_by_std)
+    ("grpo", "group", "seq-mean-token-mean", True),
+    ("bnpo", "group", "token-mean", True),
+    ("dapo", "group", "token-mean", True),
+    ("dr_grpo", "none", "seq-mean-token-sum-norm", False),
+    ("grpo", "none", "seq-mean-token-mean", False),
+]
+
+
+def trl_prompt(messages):
+    """Our task's chat messages as a TRL dataset row: image placeholders in the prompt, the
+    images in the ``image`` column (TRL re-inserts them with ``prepare_multimodal_messages``)."""
+    images, prompt = [], []
+    for m in messages:
+        content = []
+        for item in m["content"]:
+            if item.get("type") == "image":
+                images.append(item["image"])
+                content.append({"type": "image"})
+            else:
+                content.append(dict(item))
+        prompt.append({"role": m["role"], "content": content})
+    assert len(images) == 1
+    return prompt, images[0]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    policy = load_policy("tiny-qwen2.5-vl")
+    task = get_task("affordance")
+    samples = task.synthetic(B, seed=3)
+    messages = [task.messages(s, policy.family) for s in samples]
+    backend = HFRolloutBackend(policy.model, processor=policy.processor)
+    sampling = SamplingParams(temperature=1.0, max_thought_tokens=MAX_THOUGHT, max_answer_tokens=MAX_ANSWER, seed=5)
+    rollout = backend.generate_tree(build_generation_inputs(policy.processor, messages), K, 1, sampling)
+    # old log-probs: the sampling ones, perturbed so that some ratios leave [1 - eps_low, 1 + eps_high]
+    g = torch.Generator().manual_seed(1)
+    old = [[torch.cat([rollout.thought_logprobs[b][k], rollout.answer_logprobs[b][k][0]])
+            + 0.3 * torch.randn(len(rollout.thought_ids[b][k]) + len(rollout.answer_ids[b][k][0]), generator=g)
+            for k in range(K)] for b in range(B)]
+    return policy, messages, rollout, old
+
+
+def trl_loss(policy, messages, rollout, old, loss_type, scale_rewards):
+    """TRL's loss (and its model, for the gradients) on our completions."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    completions = [torch.cat([rollout.thought_ids[b][k], rollout.answer_ids[b][k][0]]).tolist()
+                   for b in range(B) for k in range(K)]
+
+    def table_reward(prompts, completions, completion_ids, row, **kwargs):
+        return [float(REWARDS.view(-1)[r]) for r in row]
+
+    rows = []
+    for b, msgs in enumerate(messages):
+        prompt, image = trl_prompt(msgs)
+        rows += [{"prompt": prompt, "image": image, "row": b * K + k} for k in range(K)]
+    args = GRPOConfig(
+        output_dir="/tmp/trl-parity-unused", use_cpu=True, report_to="none", save_strategy="no",
+        num_generations=K, per_device_train_batch_size=B * K, gradient_accumulation_steps=1,
+        max_completion_length=BUDGET, temperature=TEMPERATURE, loss_type=loss_type, scale_rewards=scale_rewards,
+        beta=0.0, epsilon=EPS_LOW, epsilon_high=EPS_HIGH, num_iterations=1, bf16=False,
+    )
+    model = copy.deepcopy(policy.model)  # TRL patches the forward of the model it gets
+    # TRL left-pads prompt_ids itself but takes mm_token_type_ids from ``processor(..., padding=True)``,
+    # which pads on the tokenizer's side: with a right-padding tokenizer (ours, transformers'
+    # default) the image positions of every shorter prompt in the batch are shifted, and
+    # Qwen2.5-VL's mRoPE positions with them (log-probs off by ~1e-3 here). Give TRL a processor
+    # that pads on the left, as its prompt_ids are.
+    processor = copy.deepcopy(policy.processor)
+    processor.tokenizer.padding_side = "left"
+    from datasets import Dataset
+
+    trainer = GRPOTrainer(model=model, reward_funcs=table_reward, args=args, processing_class=processor,
+                          train_dataset=Dataset.from_list(rows))  # required by the constructor; not iterated
+    # the only replaced piece: the sampler returns our completions (one per row, in row order)
+    trainer._generate_single_turn = lambda prompt_ids, images, fields, n, **kw: (completions, None)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() otherwise
+    inputs = trainer._generate_and_score_completions(rows)
+    # identical samples: TRL's tokenised prompts are our rollout's prompts
+    for i in range(B * K):
+        keep = inputs["prompt_mask"][i].bool()
+        assert torch.equal(inputs["prompt_ids"][i][keep].cpu(), rollout.prompt_ids[i // K])
+    C = inputs["completion_ids"].shape[1]
+    inputs["old_per_token_logps"] = torch.stack(
+        [torch.nn.functional.pad(old[i // K][i % K], (0, C - len(old[i // K][i % K]))) for i in range(B * K)]
+    )
+    loss = trainer.compute_loss(trainer.model, inputs)
+    return loss, inputs["advantages"], trainer.model
+
+
+def our_loss(policy, rollout, old, mode, scale_by_std):
+    """Our loss on the same samples: the trainer's own pieces."""
+    t_adv, a_adv = grpo_tree_advantages(REWARDS.unsqueeze(-1), scale_by_std=scale_by_std, eps=1e-4, unbiased=True)
+    batch = build_train_batch(policy.model, rollout, t_adv, a_adv, layout="packed", loss_agg_mode=mode, max_len=BUDGET)
+    w_t, w_a = aggregation_weights(mode, rollout.thought_lengths(), rollout.answer_lengths(), max_len=BUDGET)
+    assert torch.allclose(batch.weights, torch.repeat_interleave(
+        torch.stack([w_t, w_a[..., 0]], -1).reshape(-1),
+        torch.stack([rollout.thought_lengths(), rollout.answer_lengths()[..., 0]], -1).reshape(-1)))
+    old_flat = torch.cat([o for per_prompt in old for o in per_prompt])  # canonical order (M = 1)
+    logp = score_tokens(policy.model, batch, TEMPERATURE)
+    loss, metrics = clipped_policy_loss(logp, old_flat, batch.advantages, batch.weights,
+                                        clip_low=EPS_LOW, clip_high=EPS_HIGH)
+    return loss, a_adv[..., 0], metrics
+
+
+@pytest.mark.parametrize("loss_type,scale_rewards,mode,scale_by_std", CASES)
+def test_loss_equals_trl(setup, loss_type, scale_rewards, mode, scale_by_std):
+    policy, messages, rollout, old = setup
+    theirs, their_adv, their_model = trl_loss(policy, messages, rollout, old, loss_type, scale_rewards)
+    policy.model.zero_grad(set_to_none=True)
+    ours, our_adv, metrics = our_loss(policy, rollout, old, mode, scale_by_std)
+
+    assert torch.allclose(their_adv.cpu().float(), our_adv.reshape(-1), atol=1e-6, rtol=0)
+    assert float(our_adv[-1].abs().max()) == 0.0  # the group without spread
+    # the case is not trivial: some ratios are clipped, the loss is not 0
+    assert float(metrics["clip/low"]) + float(metrics["clip/high"]) > 0
+    assert abs(float(ours)) > 1e-3
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-6, rel=1e-6)
+
+    # and the gradients agree too
+    theirs.backward()
+    ours.backward()
+    their_grads = dict(their_model.named_parameters())
+    for name, p in policy.model.named_parameters():
+        q = their_grads[name]
+        if p.grad is None:
+            assert q.grad is None or float(q.grad.abs().max()) == 0.0, name
+            continue
+        scale = float(p.grad.abs().max()) + 1e-8
+        assert torch.allclose(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4), name
+    policy.model.zero_grad(set_to_none=True)
+
