@@ -41,10 +41,14 @@ def run_task(task: str, args, workdir: Path) -> dict:
     from vlm_grpo_ma.training.metrics import read_metrics
 
     common = ["--task", task, "--seed", str(args.seed), "--eval_samples", str(args.eval_samples), "--report_to", "none"]
-    sft_dir = workdir / task / "sft"
-    train([*common, "--stage", "sft", "--output_dir", str(sft_dir), "--sft_steps", str(args.sft_steps)])
-    sft_model = sft_dir / "sft" / "final"
-    out: dict = {"sft_steps": args.sft_steps, "runs": {}}
+    given = dict(kv.split("=", 1) for kv in args.sft_models.split(",") if kv.strip())
+    if task in given:  # reuse an SFT model trained before (e.g. the demo's <run>/sft/final)
+        sft_model, sft_steps = Path(given[task]), None
+    else:
+        sft_dir = workdir / task / "sft"
+        train([*common, "--stage", "sft", "--output_dir", str(sft_dir), "--sft_steps", str(args.sft_steps)])
+        sft_model, sft_steps = sft_dir / "sft" / "final", args.sft_steps
+    out: dict = {"sft_model": str(sft_model), "sft_steps": sft_steps, "runs": {}}
     for name, (K, M) in SETTINGS.items():
         run_dir = workdir / task / name
         summary = train([*common, "--stage", "rl", "--model", str(sft_model), "--output_dir", str(run_dir),
@@ -100,6 +104,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rl-lr", type=float, default=1e-4)
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sft-models", default="", help="task=path,...: start RL from these SFT models instead of training one")
     ap.add_argument("--workdir", default="runs/t4a4_vs_t16a1")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "t4a4_vs_t16a1.json"))
     args = ap.parse_args(argv)
