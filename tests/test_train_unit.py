@@ -193,3 +193,15 @@ def test_synthetic_batch_retries_a_failing_seed_deterministically(caplog):
     assert len(a) == 3 and a == synthetic_batch(Flaky(), 3, 7)
     assert "seed=7" in caplog.text
     assert synthetic_batch(Flaky(), 3, 8) == _Task().synthetic(3, 8)
+
+
+def test_help_lists_every_field_with_its_documentation(capsys):
+    from vlm_grpo_ma.training.config import ALL_ARGS
+
+    with pytest.raises(SystemExit):
+        parse_train_config(["--help"])
+    text = capsys.readouterr().out
+    for cls in ALL_ARGS:
+        for name, f in cls.__dataclass_fields__.items():
+            assert f"--{name}" in text
+            assert f.metadata.get("help"), f"{cls.__name__}.{name} has no documentation"

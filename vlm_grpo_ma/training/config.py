@@ -39,7 +39,7 @@ class ModelArgs:
         default="sdpa", metadata={"help": "transformers attention implementation (eager, sdpa, flash_attention_2)."}
     )
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass (saves memory, costs ~30% time)."}
+        default=False, metadata={"help": "Recompute activations in the backward pass (saves memory, costs about a third more compute)."}
     )
     lora_r: int = field(
         default=0, metadata={"help": "LoRA rank through peft; 0 trains all weights (full fine-tuning)."}
