@@ -11,8 +11,9 @@ decoding, not Python overhead, dominates a step on the CPU. A random model rarel
 asked for (``--thought-tokens``, ``--answer-tokens``). Each repeat times both settings back to
 back (alternating which goes first); the medians are reported.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout_cost.py            # defaults below
-    .venv/bin/python benchmarks/rollout_cost.py --hidden 64 --layers 2        # the test-size model
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout_cost.py       # B=32, hidden 512, 4 layers
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout_cost.py --prompts 8 --hidden 1024 \
+        --out benchmarks/results/rollout_cost_b8.json                       # fewer rows per step
 
 Prints a table and writes ``benchmarks/results/rollout_cost.json``. On a shared machine the
 process CPU time (one torch thread) is reported beside the wall time: when other processes take
@@ -102,12 +103,12 @@ def run_once(backend, inputs, K, M, sampling):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", default="tiny-qwen2.5-vl")
-    ap.add_argument("--hidden", type=int, default=1024, help="text hidden size of the random model")
+    ap.add_argument("--hidden", type=int, default=512, help="text hidden size of the random model")
     ap.add_argument("--layers", type=int, default=4, help="text decoder layers")
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per batch (B)")
+    ap.add_argument("--prompts", type=int, default=32, help="prompts per batch (B)")
     ap.add_argument("--thought-tokens", type=int, default=96)
     ap.add_argument("--answer-tokens", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0: torch's default). With 1 thread the process CPU time is a "
                          "contention-free measure on a shared machine")

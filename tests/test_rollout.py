@@ -236,3 +236,58 @@ def test_sample_next_filters():
     tok, lp, _ = sample_next(logits, SamplingParams(temperature=2.0), generator=g)
     ref = torch.log_softmax(logits / 2, -1)[0, tok.item()]
     assert lp.item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def _synced_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        policy = load_policy("tiny-qwen2-vl")
+        inputs = prompt_inputs(policy, _messages())
+        plain = HFRolloutBackend(policy.model, policy.tokenizer)
+        synced = HFRolloutBackend(policy.model, policy.tokenizer, synced_gpus=True)
+        ids = plain.ids
+        # rank 0 stops every thought and answer at once, rank 1 runs to the limits (stage 2 is
+        # the only stage with B*K*M = 8 rows: there the end token is pushed, elsewhere </think>)
+        big = 100.0 if rank == 0 else -100.0
+
+        def hook(module, args, out):
+            out = out.clone()
+            out[..., ids.stop[0] if out.shape[0] == 8 else ids.think_end] += big
+            return out
+
+        handle = policy.model.lm_head.register_forward_hook(hook)
+        sp = SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=rank)
+        try:
+            a = synced.generate_tree(inputs, K=2, M=2, sampling=sp)
+            b = plain.generate_tree(inputs, K=2, M=2, sampling=sp)
+        finally:
+            handle.remove()
+        same = all(a.thought_ids[i][k].tolist() == b.thought_ids[i][k].tolist()
+                   and a.answer_ids[i][k][m].tolist() == b.answer_ids[i][k][m].tolist()
+                   for i in range(2) for k in range(2) for m in range(2))
+        torch.save({"same": same, "thought_lens": a.thought_lengths().tolist(),
+                    "answer_lens": a.answer_lengths().tolist()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_synced_gpus_ranks_stopping_at_different_lengths(tmp_path):
+    """Two gloo ranks, one finishing at once and one running to the limits: with
+    ``synced_gpus`` both keep stepping together (no deadlock) and sample what they would alone."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_synced_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["same"] and r1["same"]
+    assert r0["thought_lens"] == [[1, 1], [1, 1]] and r1["thought_lens"] == [[6, 6], [6, 6]]
+    # rank 0's answers: </think> (the first answer token comes from the 4-row stage-1 logits), then the end token
+    assert r0["answer_lens"] == [[[2, 2]] * 2] * 2 and r1["answer_lens"] == [[[4, 4]] * 2] * 2
