@@ -144,6 +144,42 @@ def test_thought_truncation_flag(policy, inputs):
         assert tree.thought_texts[1][k].endswith("</think>")
 
 
+def test_multi_token_think_end(policy, inputs):
+    """Qwen2/2.5-VL checkpoints spell ``</think>`` with several ordinary tokens: a thought then
+    ends when its text contains the tag, and a truncated one is closed with the whole sequence.
+    Here ``</thinq>`` (5 BPE tokens of the tiny tokenizer) plays that role."""
+    import dataclasses
+
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    close = tuple(policy.tokenizer.encode("</thinq>", add_special_tokens=False))
+    assert len(close) == 5
+    backend.ids = dataclasses.replace(backend.ids, think_end=None, think_end_ids=close, think_end_text="</thinq>")
+    calls = {"n": 0}
+
+    def hook(module, args, out):  # prompt 0 writes the tag at once (greedy), prompt 1 never does
+        out = out.clone()
+        i = calls["n"]
+        calls["n"] += 1
+        if i < len(close):
+            rows = out.shape[0] // 2
+            out[:rows, ..., close[i]] += 100.0
+        return out
+
+    handle = policy.model.lm_head.register_forward_hook(hook)
+    try:
+        tree = backend.generate_tree(inputs, K=2, M=1, sampling=SamplingParams(temperature=0.0, max_thought_tokens=12, max_answer_tokens=3))
+    finally:
+        handle.remove()
+    assert tree.thought_truncated.tolist() == [[False, False], [True, True]]
+    for k in range(2):
+        assert tree.thought_ids[0][k].tolist() == list(close)
+        assert tree.thought_ids[1][k][-5:].tolist() == list(close) and len(tree.thought_ids[1][k]) == 12
+        assert tree.thought_texts[1][k].endswith("</thinq>")
+    # the forced tokens are fed like sampled ones: the answers continue the right prefix
+    got = torch.cat([tree.thought_logprobs[1][0], tree.answer_logprobs[1][0][0]])
+    torch.testing.assert_close(got, fresh_path_logprobs(policy.model, tree, 1, 0, 0), atol=1e-4, rtol=0)
+
+
 def test_vision_tokens_never_sampled(policy, inputs):
     backend = HFRolloutBackend(policy.model, policy.tokenizer)
     image_pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")

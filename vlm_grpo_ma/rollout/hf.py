@@ -42,14 +42,26 @@ from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 class RolloutTokenIds:
     """The token ids the sampler needs.
 
-    ``think_end``: ``</think>``, ends a thought; ``stop``: ids that end an answer
+    ``think_end``: the id of ``</think>`` where the vocabulary has it as one token (the project's
+    tiny tokenizers, Qwen3-VL), else None: Qwen2-VL and Qwen2.5-VL checkpoints spell ``</think>``
+    with several ordinary tokens, and a thought then ends when its decoded text contains
+    ``think_end_text``; ``think_end_ids``: the tokens appended to close a truncated thought
+    (``(think_end,)`` or the tokenization of ``</think>``); ``stop``: ids that end an answer
     (``<|im_end|>``, and ``<|endoftext|>`` where the vocabulary has it); ``pad``: fed to finished
     rows (masked out); ``suppress``: never sampled (vision special tokens)."""
 
-    think_end: int
+    think_end: int | None
     stop: tuple[int, ...]
     pad: int
     suppress: tuple[int, ...] = ()
+    think_end_ids: tuple[int, ...] = ()
+    think_end_text: str = "</think>"
+
+    def __post_init__(self) -> None:
+        if not self.think_end_ids:
+            if self.think_end is None:
+                raise ValueError("RolloutTokenIds needs think_end or think_end_ids")
+            object.__setattr__(self, "think_end_ids", (int(self.think_end),))
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> "RolloutTokenIds":
@@ -58,8 +70,7 @@ class RolloutTokenIds:
             return None if i is None or i == tokenizer.unk_token_id else int(i)
 
         think_end = tid("</think>")
-        if think_end is None:
-            raise ValueError("the tokenizer has no '</think>' token: tree rollouts need it to end thoughts")
+        close = (think_end,) if think_end is not None else tuple(tokenizer.encode("</think>", add_special_tokens=False))
         stop = tuple(i for i in (tid("<|im_end|>"), tid("<|endoftext|>")) if i is not None)
         if not stop:
             stop = (int(tokenizer.eos_token_id),)
@@ -68,7 +79,7 @@ class RolloutTokenIds:
         from vlm_grpo_ma.models import vision_token_ids
 
         suppress = tuple(vision_token_ids(tokenizer))
-        return cls(think_end=think_end, stop=stop, pad=pad, suppress=suppress)
+        return cls(think_end=think_end, stop=stop, pad=pad, suppress=suppress, think_end_ids=close)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -267,24 +278,32 @@ class HFRolloutBackend:
         state: _DecodeState,
         sampling: SamplingParams,
         max_new: int,
-        stop: torch.Tensor,
+        stop: torch.Tensor | None,
         generator: torch.Generator | None,
-        close_id: int | None = None,
+        close_ids: tuple[int, ...] = (),
+        stop_text: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Sample up to ``max_new`` tokens for every row of ``state`` (mutated in place).
 
-        A row stops after a token in ``stop``.  With ``close_id`` (stage 1) a row still open
-        at the limit gets ``close_id`` as its last token instead of a sample (log-prob: the
-        policy's), and every row's last token is fed, so ``state`` ends holding each row's
+        A row stops after a token in ``stop`` or, with ``stop_text``, once its decoded text
+        contains ``stop_text``.  With ``close_ids`` (stage 1) a row still open when
+        ``len(close_ids)`` steps are left is closed with ``close_ids`` instead of samples
+        (log-probs: the policy's; a single closing token that was sampled anyway does not count
+        as truncation), and every row's last token is fed, so ``state`` ends holding each row's
         whole sequence and ``state.logits`` the next-token logits after its last token.
         Returns tokens [N, T] (pad after the end), logp [N, T], lengths [N], truncated [N]
         (stopped by the limit), and the number of forward positions computed.
         """
         N = state.logits.shape[0]
         dev = state.logits.device
-        feed_last = close_id is not None
+        feed_last = bool(close_ids)
+        n_close = len(close_ids)
+        if n_close > max_new:
+            raise ValueError(f"the thought limit ({max_new} tokens) is shorter than its closing sequence {close_ids}")
+        force_start = max_new - n_close
         suppress = torch.tensor(self.ids.suppress, dtype=torch.long, device=dev)
         done = torch.zeros(N, dtype=torch.bool, device=dev)
+        forcing = torch.zeros(N, dtype=torch.bool, device=dev)
         truncated = torch.zeros(N, dtype=torch.bool, device=dev)
         lengths = torch.zeros(N, dtype=torch.long, device=dev)
         final_logits = state.logits.clone()
@@ -296,18 +315,23 @@ class HFRolloutBackend:
             tok, lp, lp_all = sample_next(state.logits, sampling, suppress, generator)
             active = ~done
             last_step = t == max_new - 1
-            if close_id is not None and last_step:
-                force = active & (tok != close_id)
-                tok = torch.where(force, torch.full_like(tok, close_id), tok)
-                lp = torch.where(force, lp_all[:, close_id], lp)
+            if n_close and t >= force_start:
+                forced = close_ids[t - force_start]
+                if t == force_start:
+                    forcing = active & (tok != forced) if n_close == 1 else active.clone()
+                tok = torch.where(forcing, torch.full_like(tok, forced), tok)
+                lp = torch.where(forcing, lp_all[:, forced], lp)
             tok = torch.where(active, tok, torch.full_like(tok, self.ids.pad))
             lp = torch.where(active, lp, torch.zeros_like(lp))
             toks.append(tok)
             lps.append(lp)
             lengths += active.long()
-            stopped = active & torch.isin(tok, stop)
+            if stop_text is not None:
+                stopped = active & ~forcing & self._text_stopped(toks, active, stop_text, n_close)
+            else:
+                stopped = active & ~forcing & torch.isin(tok, stop)
             if last_step:
-                truncated = force if close_id is not None else active & ~stopped
+                truncated = forcing if n_close else active & ~stopped
             done_after = done | stopped | (active if last_step else torch.zeros_like(done))
             if feed_last or _any_rank(not bool(done_after.all()), self.synced_gpus, dev):
                 state.attention_mask = torch.cat([state.attention_mask, active.long()[:, None]], dim=1)
@@ -332,6 +356,17 @@ class HFRolloutBackend:
         tokens = torch.stack(toks, 1) if T else torch.empty(N, 0, dtype=torch.long, device=dev)
         logp = torch.stack(lps, 1) if T else torch.empty(N, 0, device=dev)
         return tokens, logp, lengths, truncated, decoded
+
+    def _text_stopped(self, toks: list[torch.Tensor], active: torch.Tensor, stop_text: str, n_close: int) -> torch.Tensor:
+        """[N] bool: rows whose last few generated tokens decode to text containing
+        ``stop_text`` (for a closing tag the vocabulary spells with several tokens)."""
+        if self.tokenizer is None:
+            raise ValueError("a text stop needs the tokenizer")
+        tail = torch.stack(toks[-(n_close + 2):], dim=1).cpu()
+        hit = torch.zeros(len(active), dtype=torch.bool)
+        for r in active.nonzero().flatten().tolist():
+            hit[r] = stop_text in self.tokenizer.decode(tail[r].tolist(), skip_special_tokens=False)
+        return hit.to(active.device)
 
     def _decode_text(self, ids: torch.Tensor, drop_stop: bool = False) -> str:
         if self.tokenizer is None:
@@ -371,9 +406,11 @@ class HFRolloutBackend:
                 B = state.logits.shape[0]
                 # stage 1: K thoughts per prompt from one prefill
                 state.repeat_interleave(K)
+                text_stop = self.ids.think_end is None
                 t_tok, t_lp, t_len, t_trunc, dec1 = self._decode(
                     state, sampling, sampling.max_thought_tokens,
-                    torch.tensor([self.ids.think_end], device=dev), gen, close_id=self.ids.think_end,
+                    None if text_stop else torch.tensor([self.ids.think_end], device=dev), gen,
+                    close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
                 )
                 # stage 2: M answers per thought, continuing the cached prompt + thought
                 state.repeat_interleave(M)
