@@ -49,6 +49,17 @@ def inputs(policy):
     return prompt_inputs(policy, _messages())
 
 
+@pytest.fixture(scope="module")
+def one_policy():
+    """One family, for checks that do not depend on the family's positions."""
+    return load_policy("tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="module")
+def one_inputs(one_policy):
+    return prompt_inputs(one_policy, _messages())
+
+
 def fresh_path_logprobs(model, tree: TreeRollout, b: int, k: int, m: int, temperature: float = 1.0):
     """log p of thought + answer tokens from one forward over prompt + thought + answer, the
     model computing its own mRoPE positions (mm_token_type_ids extended with zeros)."""
@@ -144,14 +155,14 @@ def test_thought_truncation_flag(policy, inputs):
         assert tree.thought_texts[1][k].endswith("</think>")
 
 
-def test_multi_token_think_end(policy, inputs):
+def test_multi_token_think_end(one_policy, one_inputs):
     """Qwen2/2.5-VL checkpoints spell ``</think>`` with several ordinary tokens: a thought then
     ends when its text contains the tag, and a truncated one is closed with the whole sequence.
     Here ``</thinq>`` (5 BPE tokens of the tiny tokenizer) plays that role."""
     import dataclasses
 
-    backend = HFRolloutBackend(policy.model, policy.tokenizer)
-    close = tuple(policy.tokenizer.encode("</thinq>", add_special_tokens=False))
+    backend = HFRolloutBackend(one_policy.model, one_policy.tokenizer)
+    close = tuple(one_policy.tokenizer.encode("</thinq>", add_special_tokens=False))
     assert len(close) == 5
     backend.ids = dataclasses.replace(backend.ids, think_end=None, think_end_ids=close, think_end_text="</thinq>")
     calls = {"n": 0}
@@ -165,9 +176,9 @@ def test_multi_token_think_end(policy, inputs):
             out[:rows, ..., close[i]] += 100.0
         return out
 
-    handle = policy.model.lm_head.register_forward_hook(hook)
+    handle = one_policy.model.lm_head.register_forward_hook(hook)
     try:
-        tree = backend.generate_tree(inputs, K=2, M=1, sampling=SamplingParams(temperature=0.0, max_thought_tokens=12, max_answer_tokens=3))
+        tree = backend.generate_tree(one_inputs, K=2, M=1, sampling=SamplingParams(temperature=0.0, max_thought_tokens=12, max_answer_tokens=3))
     finally:
         handle.remove()
     assert tree.thought_truncated.tolist() == [[False, False], [True, True]]
@@ -177,15 +188,15 @@ def test_multi_token_think_end(policy, inputs):
         assert tree.thought_texts[1][k].endswith("</thinq>")
     # the forced tokens are fed like sampled ones: the answers continue the right prefix
     got = torch.cat([tree.thought_logprobs[1][0], tree.answer_logprobs[1][0][0]])
-    torch.testing.assert_close(got, fresh_path_logprobs(policy.model, tree, 1, 0, 0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, fresh_path_logprobs(one_policy.model, tree, 1, 0, 0), atol=1e-4, rtol=0)
 
 
-def test_vision_tokens_never_sampled(policy, inputs):
-    backend = HFRolloutBackend(policy.model, policy.tokenizer)
-    image_pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    handle = _bias_hook(policy, 2, image_pad, [50.0, 50.0])
+def test_vision_tokens_never_sampled(one_policy, one_inputs):
+    backend = HFRolloutBackend(one_policy.model, one_policy.tokenizer)
+    image_pad = one_policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    handle = _bias_hook(one_policy, 2, image_pad, [50.0, 50.0])
     try:
-        tree = backend.generate_tree(inputs, K=2, M=2, sampling=SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=0))
+        tree = backend.generate_tree(one_inputs, K=2, M=2, sampling=SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=0))
     finally:
         handle.remove()
     generated = torch.cat([t for row in tree.thought_ids for t in row] +
@@ -193,11 +204,11 @@ def test_vision_tokens_never_sampled(policy, inputs):
     assert not torch.isin(generated, torch.tensor(backend.ids.suppress)).any()
 
 
-def test_tree_shapes_and_index(policy, inputs):
-    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+def test_tree_shapes_and_index(one_policy, one_inputs):
+    backend = HFRolloutBackend(one_policy.model, one_policy.tokenizer)
     B, K, M = 2, 3, 2
     sp = SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=5)
-    tree = backend.generate_tree(inputs, K=K, M=M, sampling=sp)
+    tree = backend.generate_tree(one_inputs, K=K, M=M, sampling=sp)
     assert (tree.B, tree.K, tree.M) == (B, K, M)
     assert tree.thought_truncated.shape == (B, K) and tree.answer_truncated.shape == (B, K, M)
     assert [len(r) for r in tree.thought_ids] == [K, K]
@@ -207,7 +218,7 @@ def test_tree_shapes_and_index(policy, inputs):
     assert len(tree.flat_pairs()) == B * K * M
     assert tree.flat_pairs()[3] == (tree.thought_texts[0][1], tree.answer_texts[0][1][1])
     for b in range(B):
-        assert tree.prompt_ids[b].tolist() == inputs["input_ids"][b][inputs["attention_mask"][b].bool()].tolist()
+        assert tree.prompt_ids[b].tolist() == one_inputs["input_ids"][b][one_inputs["attention_mask"][b].bool()].tolist()
         assert tree.pixel_values[b].shape[0] == int(tree.image_grid_thw[b].prod(-1).sum())
         for k in range(K):
             t = tree.thought_ids[b][k]
@@ -219,8 +230,8 @@ def test_tree_shapes_and_index(policy, inputs):
                 assert 1 <= len(a) <= 4 and tree.answer_logprobs[b][k][m].shape == a.shape
                 assert bool(tree.answer_truncated[b, k, m]) == (a[-1].item() not in backend.ids.stop)
     # pixel chunks partition the processor's flat pixel_values, in prompt order
-    torch.testing.assert_close(torch.cat(tree.pixel_values), inputs["pixel_values"])
-    assert tree.stats["tokens_prefilled"] == float(inputs["attention_mask"].sum())
+    torch.testing.assert_close(torch.cat(tree.pixel_values), one_inputs["pixel_values"])
+    assert tree.stats["tokens_prefilled"] == float(one_inputs["attention_mask"].sum())
     assert tree.stats["tokens_generated"] == float(tree.thought_lengths().sum() * 1 + tree.answer_lengths().sum())
 
 
@@ -238,21 +249,21 @@ def test_m1_is_plain_sampling(policy, inputs):
             torch.testing.assert_close(got, fresh_path_logprobs(policy.model, tree, b, k, 0), atol=1e-4, rtol=0)
 
 
-def test_plain_generate_greedy(policy):
+def test_plain_generate_greedy(one_policy):
     """``generate(messages_batch, n)``: greedy by default, n equal completions per prompt, equal
     to transformers' greedy ``generate`` on the same inputs, end token dropped."""
-    backend = HFRolloutBackend(policy.model, processor=policy.processor)
+    backend = HFRolloutBackend(one_policy.model, processor=one_policy.processor)
     texts = backend.generate(_messages(), n=2, max_new_tokens=7)
     assert len(texts) == 2 and all(len(t) == 2 and t[0] == t[1] for t in texts)
-    inputs = prompt_inputs(policy, _messages())
+    inputs = prompt_inputs(one_policy, _messages())
     ids = backend.ids
-    ref = policy.model.generate(**inputs, max_new_tokens=7, do_sample=False, suppress_tokens=list(ids.suppress),
+    ref = one_policy.model.generate(**inputs, max_new_tokens=7, do_sample=False, suppress_tokens=list(ids.suppress),
                                 eos_token_id=list(ids.stop), pad_token_id=ids.pad)[:, inputs["input_ids"].shape[1]:]
     for b in range(2):
         toks = [t for t in ref[b].tolist()]
         if any(t in ids.stop for t in toks):
             toks = toks[: next(i for i, t in enumerate(toks) if t in ids.stop)]
-        assert texts[b][0] == policy.tokenizer.decode(toks, skip_special_tokens=False)
+        assert texts[b][0] == one_policy.tokenizer.decode(toks, skip_special_tokens=False)
 
 
 def test_sample_next_filters():
