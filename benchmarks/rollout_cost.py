@@ -15,6 +15,12 @@ back (alternating which goes first); the medians are reported.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rollout_cost.py --prompts 8 --hidden 1024 \
         --out benchmarks/results/rollout_cost_b8.json                       # fewer rows per step
 
+Columns: ``decoded`` = positions computed by decode forwards (rows x steps, the padding of
+rows that finished early included; an answer's last token is never fed); ``generated`` = tokens
+kept (thoughts + answers); ``prefilled`` = prompt tokens forwarded (each prompt once, whatever K
+and M); ``prefill w/o sharing`` = what a sampler without prefix sharing would prefill (the prompt
+per path, and for M > 1 the thought again per answer).
+
 Prints a table and writes ``benchmarks/results/rollout_cost.json``. On a shared machine the
 process CPU time (one torch thread) is reported beside the wall time: when other processes take
 the core, wall time measures the scheduler, not the rollout.
