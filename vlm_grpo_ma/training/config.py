@@ -167,7 +167,7 @@ class RunArgs:
     save_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N optimizer steps (SFT) or rollout batches (RL); 0: only at the end of a stage."})
     keep_last: int = field(default=2, metadata={"help": "Resumable checkpoints kept per stage (older ones are deleted)."})
     resume: bool = field(default=True, metadata={"help": "Continue from the latest checkpoint in output_dir when there is one."})
-    log_every: int = field(default=10, metadata={"help": "Print a metrics line every N steps (JSONL and TensorBoard get every step)."})
+    log_every: int = field(default=50, metadata={"help": "Print a metrics line every N steps, 0 never (JSONL and TensorBoard get every step)."})
     report_to: str = field(default="tensorboard", metadata={"help": "Comma-separated extra loggers: tensorboard, wandb, or none (JSONL is always written)."})
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignore."})
 

@@ -273,6 +273,11 @@ def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: R
         last = metrics
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", gss=f"{metrics['grad/gss']:.2f}")
+        if dist.is_main() and cfg.run.log_every and (step + 1) % cfg.run.log_every == 0:
+            bar.write(f"rl step {step + 1}: reward {metrics['reward/mean']:.4f}  "
+                      f"thought/answer len {metrics['rollout/thought_len']:.1f}/{metrics['rollout/answer_len']:.1f}  "
+                      f"zero-spread {metrics['rollout/zero_spread_frac']:.2f}  loss {metrics['loss/policy']:+.4f}  "
+                      f"grad/norm {metrics['grad/norm']:.3f}  GSS {metrics['grad/gss']:.2f}  {metrics['time/step']:.2f} s/step")
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.rl_steps:
             ckpt.save_checkpoint(stage.engine, stage.dir, step + 1,
                                  {"skipped_steps": stage.skipped_steps, "rl": state.state_dict()}, cfg.run.keep_last)

@@ -124,6 +124,9 @@ def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_s
             last = metrics
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{lr:.1e}")
+            if dist.is_main() and cfg.run.log_every and (step + 1) % cfg.run.log_every == 0:
+                bar.write(f"sft step {step + 1}: loss {metrics['loss/sft']:.4f}  grad/norm {metrics['grad/norm']:.3f}  "
+                          f"lr {lr:.2e}  {metrics['time/step']:.2f} s/step")
             if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.sft_steps:
                 ckpt.save_checkpoint(stage.engine, stage.dir, step + 1, {"skipped_steps": stage.skipped_steps},
                                      cfg.run.keep_last)
