@@ -86,7 +86,7 @@ def test_stdin_stdout_tests(task):
 
 
 def test_reward_batch_matches_reward():
-    task = CodeTask(timeout_s=1)
+    task = CodeTask(timeout_s=4)  # generous: under CPU load a Python start-up alone can take ~1 s
     s = sample()
     answers = [fenced("def f(x):\n    return 2 * x"), fenced("def f(x):\n    return abs(2 * x)"),
                "<answer></answer>", fenced("def f(x):\n    while True: pass")]
