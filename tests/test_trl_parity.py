@@ -127,10 +127,10 @@ def trl_loss(policy, messages, rollout, old, loss_type, scale_rewards):
     )
     model = copy.deepcopy(policy.model)  # TRL patches the forward of the model it gets
     # TRL left-pads prompt_ids itself but takes mm_token_type_ids from ``processor(..., padding=True)``,
-    # which pads on the tokenizer's side: with a right-padding tokenizer (ours, transformers'
-    # default) the image positions of every shorter prompt in the batch are shifted, and
-    # Qwen2.5-VL's mRoPE positions with them (log-probs off by ~1e-3 here). Give TRL a processor
-    # that pads on the left, as its prompt_ids are.
+    # which pads on the tokenizer's side: with a right-padding tokenizer (ours, and transformers'
+    # default) every shorter prompt of the batch gets shifted image positions, and Qwen2.5-VL's
+    # mRoPE positions with them (log-probs off by ~1e-3 here). TRL sets padding_side="left" when
+    # it loads the processor itself and expects the same of one passed in (huggingface/trl#5785).
     processor = copy.deepcopy(policy.processor)
     processor.tokenizer.padding_side = "left"
     from datasets import Dataset
