@@ -12,7 +12,11 @@ Rows of the table (one RL step = rollout + rewards + advantages + loss + backwar
 
 - ``trl``: TRL's GRPOTrainer (G = 16 completions per prompt);
 - ``ours T16A1``: our trainer's ``rl_step`` with K = 16 thoughts x M = 1 answer (plain GRPO);
-- ``ours T4A4``: K = 4 thoughts x M = 4 answers (the same 16 rewards per prompt).
+- ``ours T4A4``: K = 4 thoughts x M = 4 answers (the same 16 rewards per prompt);
+- ``ours* T16A1``, ``ours* T4A4``: an EXPERIMENT, not the trainer as shipped: the same, with
+  DeepSpeed's ZeRO-3 module hooks taken off the gathered model during rollouts, as TRL does in
+  ``unwrap_model_for_generation`` (the hooks' per-module bookkeeping runs on every decoding
+  forward otherwise; see ``_hookless_rollouts``).
 
 each in one process (TRL without DeepSpeed, as a single process runs it; ours on its default
 DeepSpeed ZeRO-3 engine, one rank) and on 2 ranks under ZeRO-3 (TRL through ``accelerate launch
@@ -22,7 +26,8 @@ settings are the same file for both sides (``configs/deepspeed/zero3.json``).
 
 Time per step is wall time between the ends of consecutive optimizer steps (TRL: a
 ``TrainerCallback``; ours: around ``rl_step``), after ``--warmup`` steps, averaged over
-``--steps`` steps.  Runs are separate processes, one at a time, in the order of the table; with
+``--steps`` steps.  Beside it, the CPU time of rank 0's process over the same steps: on a machine
+shared with other work it moves less with the load than wall time does.  Runs are separate processes, one at a time, in the order of the table; with
 ``--rounds 2`` the order is reversed in the second round and the figures are averaged per round
 then over rounds (the machine is shared: the load average is recorded before and after).
 
@@ -63,8 +68,14 @@ MAX_THOUGHT, MAX_ANSWER = 32, 24  # configs/affordance.tiny.yaml; TRL max_comple
 LR = 1e-4
 SEED = 0
 
-#: (label, side, K, M)
-VARIANTS = [("trl", "trl", G, 1), ("ours T16A1", "ours", 16, 1), ("ours T4A4", "ours", 4, 4)]
+#: (label, side, K, M, hookless): ``ours*`` rows are an experiment, see ``_hookless_rollouts``
+VARIANTS = [
+    ("trl", "trl", G, 1, False),
+    ("ours T16A1", "ours", 16, 1, False),
+    ("ours T4A4", "ours", 4, 4, False),
+    ("ours* T16A1", "ours", 16, 1, True),
+    ("ours* T4A4", "ours", 4, 4, True),
+]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -176,8 +187,9 @@ def run_trl(a) -> None:
     total = a.warmup + a.steps
     samples = step_samples(task, a.prompts, total)
     ds = Dataset.from_list([trl_row(task.messages(s, policy.family), s.id) for s in samples])
-    # TRL left-pads prompt_ids but takes mm_token_type_ids from processor(padding=True): the
-    # processor must pad on the left too, or shorter prompts get shifted mRoPE image positions.
+    # TRL left-pads prompt_ids but takes mm_token_type_ids from processor(padding=True): a processor
+    # passed in must pad on the left too, or shorter prompts get shifted mRoPE image positions
+    # (TRL sets it when it loads the processor itself; huggingface/trl#5785). Ours pads right.
     processor = copy.deepcopy(policy.processor)
     processor.tokenizer.padding_side = "left"
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_trl_"))
@@ -199,14 +211,17 @@ def run_trl(a) -> None:
     class Clock(TrainerCallback):
         def __init__(self):
             self.ends: list[float] = []
+            self.cpu: list[float] = []
             self.lengths: list[float] = []
             self.rewards: list[float] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.ends = [time.perf_counter()]
+            self.cpu = [time.process_time()]
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             m = trainer._metrics["train"]
             if m.get("completions/mean_length"):
                 self.lengths.append(m["completions/mean_length"][-1])
@@ -217,16 +232,30 @@ def run_trl(a) -> None:
     reward = make_trl_reward(task, policy.family, policy.tokenizer, samples)
     trainer = GRPOTrainer(model=path, reward_funcs=reward, args=args, train_dataset=ds,
                           processing_class=processor, callbacks=[clock])
+    # the rollout phase (prompt tokenisation, generate, decode), timed like our ``time/rollout``
+    rollout_times: list[float] = []
+    generate = trainer._generate
+
+    def timed_generate(prompts):
+        t0 = time.perf_counter()
+        out = generate(prompts)
+        rollout_times.append(time.perf_counter() - t0)
+        return out
+
+    trainer._generate = timed_generate
     trainer.train()
     engine = type(trainer.model_wrapped).__name__
     if world > 1 and engine != "DeepSpeedEngine":
         raise RuntimeError(f"TRL did not run on DeepSpeed (model wrapped as {engine})")
     times = [b - e for e, b in zip(clock.ends, clock.ends[1:])]
+    cpu = [b - e for e, b in zip(clock.cpu, clock.cpu[1:])]
     if trainer.accelerator.is_main_process:
         _write_result(a.out, {
-            "side": "trl", "K": G, "M": 1, "world": world, "step_times": times, "warmup": a.warmup,
+            "side": "trl", "K": G, "M": 1, "world": world, "step_times": times, "cpu_times": cpu, "warmup": a.warmup,
             "completion_len": mean(clock.lengths[a.warmup:]) if len(clock.lengths) > a.warmup else None,
             "reward_mean": mean(clock.rewards) if clock.rewards else None,
+            "phases": {"time/rollout": mean(rollout_times[a.warmup:]),
+                       "time/rest": mean(times[a.warmup:]) - mean(rollout_times[a.warmup:])},
             "torch_threads": torch.get_num_threads(), "engine": engine,
             "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if world > 1 else None,
         })
@@ -264,19 +293,23 @@ def run_ours(a) -> None:
     task = get_task(TASK)
     st = stg.build_stage(cfg, "rl", path, global_batch=a.prompts, micro=0, lr=LR, warmup=0,
                          total_optimizer_steps=total)
+    if a.hookless:
+        _hookless_rollouts(st)
     state = RLState(task)
     stream = SampleStream(task, a.prompts, SEED, "rl")
     st.engine.train()
-    times, metrics = [], []
+    times, cpu, metrics = [], [], []
     for step in range(total):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = rl_step(st, cfg, task, state, dist.shard(stream.batch(step)))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         metrics.append(m)
     if dist.is_main():
         kept = metrics[a.warmup:]
         _write_result(a.out, {
-            "side": "ours", "K": a.K, "M": a.M, "world": dist.world_size(), "step_times": times, "warmup": a.warmup,
+            "side": "ours", "K": a.K, "M": a.M, "world": dist.world_size(), "step_times": times, "cpu_times": cpu,
+            "warmup": a.warmup,
             "completion_len": mean(m["rollout/thought_len"] + m["rollout/answer_len"] for m in kept),
             "reward_mean": mean(m["reward/mean"] for m in metrics),
             "phases": {k: mean(m[k] for m in kept) for k in ("time/rollout", "time/reward", "time/update")},
@@ -284,6 +317,29 @@ def run_ours(a) -> None:
             "torch_threads": torch.get_num_threads(),
         })
     dist.barrier()
+
+
+def _hookless_rollouts(stage) -> None:
+    """EXPERIMENT (``--hookless``, not our trainer as shipped): during our rollouts, also take
+    DeepSpeed's ZeRO-3 forward/backward hooks off the gathered model, as TRL's
+    ``unwrap_model_for_generation`` does (``trl.models.utils.remove_hooks`` / ``add_hooks``), so that
+    each decoding forward does not pay the hooks' per-module bookkeeping."""
+    import contextlib
+
+    from trl.models.utils import add_hooks, remove_hooks
+
+    gather = stage.gather
+
+    @contextlib.contextmanager
+    def gather_without_hooks():
+        with gather():
+            remove_hooks(stage.engine)
+            try:
+                yield
+            finally:
+                add_hooks(stage.engine)
+
+    stage.gather = gather_without_hooks
 
 
 def _write_result(path: str, obj: dict) -> None:
@@ -302,10 +358,11 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def command(side: str, K: int, M: int, world: int, a, out: Path) -> list[str]:
+def command(side: str, K: int, M: int, world: int, a, out: Path, hookless: bool = False) -> list[str]:
     """The exact command line of one run."""
     worker = [str(Path(__file__).resolve()), "--worker", side, "--K", str(K), "--M", str(M),
               "--prompts", str(a.prompts), "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out)]
+    worker += ["--hookless"] if hookless else []
     if world == 1:
         return [sys.executable] + worker
     if side == "trl":
@@ -316,9 +373,9 @@ def command(side: str, K: int, M: int, world: int, a, out: Path) -> list[str]:
     return [_bin("deepspeed"), "--num_accelerators", str(world), "--master_port", str(_free_port())] + worker
 
 
-def launch(label: str, side: str, K: int, M: int, world: int, a, tmp: Path) -> dict:
+def launch(label: str, side: str, K: int, M: int, hookless: bool, world: int, a, tmp: Path) -> dict:
     out = tmp / f"{side}-K{K}M{M}-w{world}-{time.monotonic_ns()}.json"
-    cmd = command(side, K, M, world, a, out)
+    cmd = command(side, K, M, world, a, out, hookless)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore")
     print(f"[{time.strftime('%H:%M:%S')}] {label} on {world} rank(s): {' '.join(cmd)}", flush=True)
@@ -331,31 +388,36 @@ def launch(label: str, side: str, K: int, M: int, world: int, a, tmp: Path) -> d
         raise RuntimeError(f"{label} (world {world}) failed with exit code {proc.returncode}:\n{tail}")
     r = json.loads(out.read_text())
     kept = r["step_times"][r["warmup"]:]
+    kept_cpu = r["cpu_times"][r["warmup"]:]
     r.update(label=label, command=" ".join(cmd), wall_s=wall, load_before=load0, load_after=os.getloadavg()[0],
-             step_mean=mean(kept), step_std=pstdev(kept) if len(kept) > 1 else 0.0)
-    print(f"    {r['step_mean']:.2f} s/step (+-{r['step_std']:.2f}, {len(kept)} steps), completion "
+             step_mean=mean(kept), step_std=pstdev(kept) if len(kept) > 1 else 0.0, cpu_mean=mean(kept_cpu))
+    print(f"    {r['step_mean']:.2f} s/step (+-{r['step_std']:.2f}, {len(kept)} steps), rank-0 CPU "
+          f"{r['cpu_mean']:.2f} s/step, completion "
           f"{r['completion_len']:.1f} tokens, load {load0:.1f} -> {r['load_after']:.1f}", flush=True)
     return r
 
 
 def table(results: dict) -> str:
     """Rows per world size: step time, ratio to TRL, the targets."""
-    lines = [f"{'world':>5}  {'run':<12}{'s/step':>9}{'+-':>7}{'x TRL':>8}{'tokens/compl.':>15}   target"]
+    lines = [f"{'world':>5}  {'run':<12}{'s/step':>9}{'+-':>7}{'x TRL':>8}{'CPU s/step':>12}{'x TRL':>8}"
+             f"{'rollout s':>11}{'tokens/path':>13}   target (wall)"]
     targets = {"ours T16A1": "<= 1.0x", "ours T4A4": "<= 0.5x"}
     for world, rows in results.items():
         trl = rows.get("trl")
-        for label, _, _, _ in VARIANTS:
+        for label, *_ in VARIANTS:
             if label not in rows:
                 continue
             r = rows[label]
             ratio = r["step_mean"] / trl["step_mean"] if trl else float("nan")
-            r["ratio_to_trl"] = ratio
-            tgt = targets.get(label, "")
+            cpu_ratio = r["cpu_mean"] / trl["cpu_mean"] if trl else float("nan")
+            r["ratio_to_trl"], r["cpu_ratio_to_trl"] = ratio, cpu_ratio
+            tgt = targets.get(label, "(experiment: no ZeRO-3 hooks in rollouts)" if label.startswith("ours*") else "")
             if tgt:
                 ok = ratio <= float(tgt.split()[1].rstrip("x"))
                 tgt = f"{tgt} {'met' if ok else 'NOT met'}"
             lines.append(f"{world:>5}  {label:<12}{r['step_mean']:>9.2f}{r['step_std']:>7.2f}{ratio:>7.2f}x"
-                         f"{r['completion_len']:>15.1f}   {tgt}")
+                         f"{r['cpu_mean']:>12.2f}{cpu_ratio:>7.2f}x{r['rollout_mean']:>11.2f}"
+                         f"{r['completion_len']:>13.1f}   {tgt}")
     return "\n".join(lines)
 
 
@@ -365,6 +427,7 @@ def main(argv=None) -> dict:
     p.add_argument("--K", type=int, default=G, help=argparse.SUPPRESS)
     p.add_argument("--M", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--hookless", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ds", help=argparse.SUPPRESS)  # TRL's DeepSpeed config under accelerate
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("--prompts", type=int, default=4, help="prompts per RL step (x16 samples each)")
@@ -373,6 +436,7 @@ def main(argv=None) -> dict:
     p.add_argument("--worlds", default="1,2", help="comma-separated process counts (1: one process, 2: 2-rank ZeRO-3)")
     p.add_argument("--rounds", type=int, default=1, help="repeat the runs, reversing the order every other round")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (same for both sides)")
+    p.add_argument("--only", default="", help="comma-separated row labels to run (default: all rows)")
     p.add_argument("--output", default=str(RESULTS / "vs_trl.json"))
     a = p.parse_args(argv)
     if a.worker == "trl":
@@ -393,21 +457,27 @@ def main(argv=None) -> dict:
         order = [(w, v) for w in worlds for v in VARIANTS]
         if rnd % 2:
             order = order[::-1]
-        for world, (label, side, K, M) in order:
-            runs[world].setdefault(label, []).append(launch(label, side, K, M, world, a, tmp))
+        for world, (label, side, K, M, hookless) in order:
+            if a.only and label not in a.only.split(","):
+                continue
+            runs[world].setdefault(label, []).append(launch(label, side, K, M, hookless, world, a, tmp))
     results: dict[int, dict[str, dict]] = {}
     for world, by_label in runs.items():
         results[world] = {}
         for label, rs in by_label.items():
             results[world][label] = {
                 **{k: rs[0][k] for k in ("side", "K", "M", "world", "command")},
+                "hookless_rollouts": "--hookless" in rs[0]["command"],
                 "step_mean": mean(r["step_mean"] for r in rs),
                 "step_std": mean(r["step_std"] for r in rs),
+                "cpu_mean": mean(r["cpu_mean"] for r in rs),
+                "rollout_mean": mean(r["phases"]["time/rollout"] for r in rs),
                 "completion_len": mean(r["completion_len"] for r in rs),
                 "runs": rs,
             }
     text = table(results)
-    print("\nTime per RL step (4 prompts x 16 samples; lower is better; ratio = run / TRL on the same world size)")
+    print(f"\nTime per RL step ({a.prompts} prompts x {G} samples; lower is better; x TRL = run / TRL on the same "
+          "number of ranks; CPU = process CPU time of rank 0; rollout = wall time of the sampling phase)")
     print(text)
     report = {
         "settings": {"model": MODEL, "task": TASK, "prompts_per_step": a.prompts, "samples_per_prompt": G,
@@ -427,7 +497,9 @@ def main(argv=None) -> dict:
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"\nwritten: {out}")
+    out.with_suffix(".txt").write_text(
+        f"{report['command']}\nstarted {report['started_utc']}, versions {report['versions']}\n\n{text}\n")
+    print(f"\nwritten: {out} and {out.with_suffix('.txt')}")
     return report
 
 
