@@ -97,7 +97,7 @@ class DataArgs:
 class SFTArgs:
     """Stage 1: supervised warm-start on the task's reference completions."""
 
-    sft_steps: int = field(default=500, metadata={"help": "Optimizer steps of SFT."})
+    sft_steps: int = field(default=400, metadata={"help": "Optimizer steps of SFT."})
     sft_batch_size: int = field(default=32, metadata={"help": "Global SFT batch (samples per optimizer step, over all ranks)."})
     sft_micro_batch_size: int = field(
         default=0, metadata={"help": "Samples per forward on one rank (gradient accumulation fills the batch); 0: the whole local batch."}
@@ -110,7 +110,7 @@ class SFTArgs:
 class RLArgs:
     """Stage 2: GRPO-MA from the SFT checkpoint (PAPER.md)."""
 
-    rl_steps: int = field(default=40, metadata={"help": "Rollout batches (one rollout + ppo_epochs optimizer steps each)."})
+    rl_steps: int = field(default=30, metadata={"help": "Rollout batches (one rollout + ppo_epochs optimizer steps each)."})
     prompts_per_step: int = field(default=8, metadata={"help": "Global number of prompts B per rollout batch (over all ranks)."})
     num_thoughts: int = field(default=4, metadata={"help": "K: thoughts sampled per prompt (stage 1 of the tree)."})
     answers_per_thought: int = field(
@@ -121,7 +121,7 @@ class RLArgs:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts (1.0: off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of rollouts (0: off; transformers' default 50 is not plain sampling)."})
-    rl_lr: float = field(default=1e-4, metadata={"help": "Peak learning rate of RL (AdamW, linear warm-up then cosine decay)."})
+    rl_lr: float = field(default=5e-5, metadata={"help": "Peak learning rate of RL (AdamW, linear warm-up then cosine decay)."})
     rl_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up optimizer steps of RL."})
     ppo_epochs: int = field(
         default=1,
