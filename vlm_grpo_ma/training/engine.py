@@ -193,7 +193,7 @@ def gathered_parameters(engine) -> Iterator[None]:
     Inside, each rank runs ``generate`` on its own prompts with no collective per forward, so
     ranks that stop at different lengths cannot deadlock.  A no-op below ZeRO-3.
     """
-    if zero_stage(engine.config) != 3 and getattr(engine, "zero_optimization_stage", lambda: 0)() != 3:
+    if engine.zero_optimization_stage() != 3:
         yield
         return
     import deepspeed

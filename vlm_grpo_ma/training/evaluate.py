@@ -7,6 +7,7 @@ deadlock); predictions are gathered to every rank and scored with ``task.metrics
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
@@ -61,8 +62,6 @@ def evaluate(
     backend = HFRolloutBackend(model, processor=processor)
     greedy = SamplingParams(temperature=0.0, max_thought_tokens=max_new_tokens, max_answer_tokens=max_new_tokens)
     completions: dict[int, str] = {}
-    import contextlib
-
     ctx = gather_context() if gather_context is not None else contextlib.nullcontext()
     with ctx:
         for i in range(0, len(mine), batch_size):

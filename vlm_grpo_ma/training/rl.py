@@ -11,7 +11,11 @@ One RL step on B prompts (each rank holds B / world of them):
    (T16A1, i.e. M = 1, is plain GRPO);
 4. update: the training layout (``rollout.layout.build_train_batch``, each thought's tokens once),
    ``ppo_epochs`` iterations of ``clipped_policy_loss`` against the old log-probs, each followed
-   by ``engine.step()`` (a non-finite loss or gradient skips the step and is counted).
+   by ``engine.step()`` (a non-finite loss or gradient skips the step and is counted).  Old
+   log-probs: with ``ppo_epochs = 1`` the current ones, detached (ratio 1: the exact on-policy
+   gradient, no extra forward); with more epochs one no-grad scoring pass in the training layout
+   before the first update (as verl recomputes them), so every epoch's ratio is against the
+   policy that sampled.
 
 Only plumbing lives here: the math is in ``vlm_grpo_ma.algorithms``, the task logic in ``tasks/``.
 
@@ -184,7 +188,7 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
         ref = [score_tokens(ref_engine.module, b, rl.temperature) for b in micro] if ref_engine is not None else None
 
     sums = Counter()
-    norms, gss_values, applied_all = [], [], True
+    norms, gss_values = [], []
     for epoch in range(rl.ppo_epochs):
         for i, b in enumerate(micro):
             logp = score_tokens(engine.module, b, rl.temperature)
@@ -202,8 +206,7 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
             sums["tokens"] += n_tok
             if i < len(micro) - 1:
                 engine.step()
-        applied, norm = optimizer_step(stage)
-        applied_all &= applied
+        _, norm = optimizer_step(stage)
         norms.append(norm)
         gss_values.append(state.gss.update(norm))
     t3 = time.perf_counter()
