@@ -411,10 +411,12 @@ def table(results: dict) -> str:
             ratio = r["step_mean"] / trl["step_mean"] if trl else float("nan")
             cpu_ratio = r["cpu_mean"] / trl["cpu_mean"] if trl else float("nan")
             r["ratio_to_trl"], r["cpu_ratio_to_trl"] = ratio, cpu_ratio
-            tgt = targets.get(label, "(experiment: no ZeRO-3 hooks in rollouts)" if label.startswith("ours*") else "")
-            if tgt:
-                ok = ratio <= float(tgt.split()[1].rstrip("x"))
-                tgt = f"{tgt} {'met' if ok else 'NOT met'}"
+            tgt = ""
+            if label in targets:
+                ok = ratio <= float(targets[label].split()[1].rstrip("x"))
+                tgt = f"{targets[label]} {'met' if ok else 'NOT met'}"
+            elif label.startswith("ours*"):
+                tgt = "(experiment: no ZeRO-3 hooks in rollouts)"
             lines.append(f"{world:>5}  {label:<12}{r['step_mean']:>9.2f}{r['step_std']:>7.2f}{ratio:>7.2f}x"
                          f"{r['cpu_mean']:>12.2f}{cpu_ratio:>7.2f}x{r['rollout_mean']:>11.2f}"
                          f"{r['completion_len']:>13.1f}   {tgt}")

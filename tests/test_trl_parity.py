@@ -44,7 +44,8 @@ import copy
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")
+# the test drives TRL internals (_generate_single_turn, _generate_and_score_completions) as of 1.16
+trl = pytest.importorskip("trl", minversion="1.16")
 
 from vlm_grpo_ma import get_task  # noqa: E402
 from vlm_grpo_ma.algorithms import aggregation_weights, clipped_policy_loss, grpo_tree_advantages  # noqa: E402
