@@ -219,3 +219,47 @@ def test_lora_frozen_vision_checkpointing_and_kl_reference(tmp_path):
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert changed and all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj")) and "visual" not in k for k in changed), changed
+
+
+def test_rollout_without_zero3_hooks_restores_them_and_changes_nothing(tmp_path):
+    """Generation inside ``gathered_parameters`` takes ZeRO-3's module hooks off (as TRL does) and
+    puts them back: the greedy rollout is the same with or without them, and training still works."""
+    from vlm_grpo_ma.data.collate import build_generation_inputs
+    from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.engine import _zero3_offload, gathered_parameters
+    from vlm_grpo_ma.training.rl import RLState, rl_step
+
+    cfg = _cfg(tmp_path, "--num_thoughts", "2", "--answers_per_thought", "2")
+    task = _shaped_task()
+    st = stg.build_stage(cfg, "rl", "tiny-qwen2.5-vl", global_batch=2, micro=1, lr=1e-3, warmup=0, total_optimizer_steps=10)
+    off = _zero3_offload(st.engine)
+    assert off is not None, "ZeRO-3 engine expected (configs/deepspeed/zero3.json)"
+    n_hooks = len(off.forward_hooks)
+    assert n_hooks > 0
+    samples = task.synthetic(2, seed=3)
+    inputs = build_generation_inputs(st.processor, [task.messages(s, st.family) for s in samples])
+    greedy = SamplingParams(temperature=0.0, max_thought_tokens=8, max_answer_tokens=6)
+    texts = {}
+    for remove in (True, False):
+        seen = []
+
+        def ctx(remove=remove, seen=seen):
+            import contextlib
+
+            @contextlib.contextmanager
+            def inner():
+                with gathered_parameters(st.engine, remove_hooks=remove):
+                    seen.append(len(off.forward_hooks))
+                    yield
+            return inner()
+
+        backend = HFRolloutBackend(st.engine.module, processor=st.processor, gather_context=ctx)
+        tree = backend.generate_tree(inputs, 2, 2, greedy)
+        texts[remove] = (tree.thought_texts, tree.answer_texts)
+        assert seen and all(n == (0 if remove else n_hooks) for n in seen)
+        assert len(off.forward_hooks) == n_hooks  # back on after the rollout
+    assert texts[True] == texts[False]
+    out = rl_step(st, cfg, task, RLState(task), samples)  # the engine still trains with the hooks back
+    assert math.isfinite(out["loss/policy"]) and out["grad/norm"] > 0
+    stg.release(st)
