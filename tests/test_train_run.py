@@ -263,3 +263,51 @@ def test_rollout_without_zero3_hooks_restores_them_and_changes_nothing(tmp_path)
     out = rl_step(st, cfg, task, RLState(task), samples)  # the engine still trains with the hooks back
     assert math.isfinite(out["loss/policy"]) and out["grad/norm"] > 0
     stg.release(st)
+
+
+def test_rl_step_with_the_vllm_backend_against_an_engine_double(tmp_path, monkeypatch):
+    """``--rollout_backend vllm`` wiring in the RL step, with a scripted stand-in for the vLLM engine
+    (tests/test_vllm_backend.py's ``_FakeVLLM``; no real vLLM here): the engine is built once, gets
+    the weights before the first rollout and again after the update, and TIS weights (NaN rollout
+    log-probs at forced ``</think>``) keep the loss finite."""
+    import sys
+    from types import SimpleNamespace
+
+    from tests.test_vllm_backend import _FakeVLLM
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.rl import RLState, rl_step, rollout_backend
+
+    made = {}
+    mod = SimpleNamespace(SamplingParams=_FakeVLLM.SamplingParams, EngineArgs=_FakeVLLM.EngineArgs, __version__="fake")
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    cfg = _cfg(tmp_path, "--num_thoughts", "2", "--answers_per_thought", "2", "--rollout_backend", "vllm",
+               "--tis_cap", "2.0", "--ppo_epochs", "1")
+    task = _shaped_task()
+    st = stg.build_stage(cfg, "rl", "tiny-qwen2.5-vl", global_batch=2, micro=1, lr=1e-3, warmup=0, total_optimizer_steps=10)
+    pad = st.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def LLM(**kw):
+        made["llm"] = _FakeVLLM.LLM(st.family, pad, **kw)
+        return made["llm"]
+
+    mod.LLM = LLM
+    backend = rollout_backend(st, cfg)
+    assert rollout_backend(st, cfg) is backend  # built once per stage
+    llm = made["llm"]
+    n_params = len(list(st.engine.module.parameters()))
+    assert len(llm.loaded) == n_params and llm.events.count("reset") == 1  # weights pushed before any rollout
+    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=5))
+    assert math.isfinite(out["loss/policy"]) and math.isfinite(out["grad/norm"])
+    assert out["rollout/thought_truncated"] > 0  # the double truncates odd thoughts: NaN log-probs went through TIS
+    assert len(llm.loaded) == 2 * n_params and llm.events.count("reset") == 2  # synced again after the update
+    stg.release(st)
+
+
+def test_rollout_backend_config_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="rollout_backend"):
+        _cfg(tmp_path, "--rollout_backend", "sglang")
+    with pytest.raises(ValueError, match="tis_cap"):
+        _cfg(tmp_path, "--tis_cap", "2.0")  # TIS only means something with vLLM rollouts

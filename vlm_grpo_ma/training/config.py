@@ -147,6 +147,20 @@ class RLArgs:
         default="packed",
         metadata={"help": "Training forward layout: packed (one sequence per thought with its M answers; a thought is computed once) or naive (K*M sequences)."},
     )
+    rollout_backend: str = field(
+        default="hf",
+        metadata={"help": "Rollout backend: hf (transformers on the gathered training model; the default, CPU or GPU) or vllm (a colocated vLLM engine per rank with prefix caching and weight sync after every update; pip install 'vlm-grpo-ma[vllm]', CUDA only; docs/VLLM.md)."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vllm backend: share of the GPU the colocated engine may take (weights + KV cache)."}
+    )
+    vllm_sleep_mode: bool = field(
+        default=True, metadata={"help": "vllm backend: release the engine's GPU memory between rollouts (sleep / wake_up)."}
+    )
+    tis_cap: float = field(
+        default=0.0,
+        metadata={"help": "vllm backend: truncated importance sampling cap C; token weights are multiplied by min(pi_trainer_old / pi_vllm, C) to correct the engine/trainer log-prob mismatch (0: off)."},
+    )
 
 
 @dataclass
@@ -204,5 +218,9 @@ class TrainConfig:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
         if self.rl.train_layout not in ("packed", "naive"):
             raise ValueError(f"train_layout must be packed or naive, got {self.rl.train_layout!r}")
+        if self.rl.rollout_backend not in ("hf", "vllm"):
+            raise ValueError(f"rollout_backend must be hf or vllm, got {self.rl.rollout_backend!r}")
+        if self.rl.tis_cap < 0 or (self.rl.tis_cap > 0 and self.rl.rollout_backend != "vllm"):
+            raise ValueError(f"tis_cap must be 0 (off) or > 0 with rollout_backend vllm, got {self.rl.tis_cap}")
         if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
             raise ValueError("sft_batch_size and prompts_per_step must be >= 1")

@@ -136,10 +136,36 @@ def score_rollout(state: RLState, rollout, samples: Sequence, family) -> tuple[t
     return rewards, part_sums, reasons
 
 
+def rollout_backend(stage: Stage, cfg: TrainConfig):
+    """The rollout backend ``cfg.rl.rollout_backend`` names.
+
+    ``hf`` samples with the training model itself on gathered ZeRO-3 parameters.  ``vllm`` builds a
+    colocated engine once per stage (every rank its own), pushes the current weights into it, and
+    keeps it in ``stage.extra``; :func:`rl_step` syncs the weights again after every update.
+    """
+    from vlm_grpo_ma.rollout import HFRolloutBackend
+
+    if cfg.rl.rollout_backend == "hf":
+        return HFRolloutBackend(stage.engine.module, processor=stage.processor, gather_context=stage.gather)
+    backend = stage.extra.get("vllm_backend")
+    if backend is None:
+        from vlm_grpo_ma.rollout.vllm import VLLMBackend
+
+        backend = VLLMBackend(
+            str(stage.extra["model_path"]), processor=stage.processor, family=stage.family,
+            gpu_memory_utilization=cfg.rl.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.rl.vllm_sleep_mode,
+            seed=cfg.run.seed + dist.rank(),
+        )
+        backend.sync_weights(stage.engine)  # the policy after SFT is not the checkpoint vLLM loaded
+        stage.extra["vllm_backend"] = backend
+    return backend
+
+
 def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence, ref_engine=None) -> dict:
     """One GRPO-MA step on this rank's ``samples``; returns the step's (global) metrics."""
     from vlm_grpo_ma.data.collate import build_generation_inputs
-    from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
+    from vlm_grpo_ma.algorithms.tis import tis_weights
+    from vlm_grpo_ma.rollout import SamplingParams
     from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens, tree_token_values
 
     rl = cfg.rl
@@ -149,11 +175,14 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
 
     # 1. rollout on gathered parameters
     t0 = time.perf_counter()
-    backend = HFRolloutBackend(engine.module, processor=stage.processor, gather_context=stage.gather)
+    backend = rollout_backend(stage, cfg)
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                               max_thought_tokens=rl.max_thought_tokens, max_answer_tokens=rl.max_answer_tokens)
-    inputs = build_generation_inputs(stage.processor, [task.messages(s, family) for s in samples])
-    rollout = backend.generate_tree(inputs, K, M, sampling)
+    messages = [task.messages(s, family) for s in samples]
+    if rl.rollout_backend == "vllm":
+        rollout = backend.generate_tree_from_messages(messages, K, M, sampling)
+    else:
+        rollout = backend.generate_tree(build_generation_inputs(stage.processor, messages), K, M, sampling)
     t1 = time.perf_counter()
 
     # 2. rewards
@@ -184,7 +213,13 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
         batch.weights = tree_token_values(sub, w_t[idx], w_a[idx]).float() * (dist_scale * gas)
         micro.append(batch.to(dev))
     with torch.no_grad():
-        old = [score_tokens(engine.module, b, rl.temperature).detach() for b in micro] if rl.ppo_epochs > 1 else None
+        # old log-probs from the trainer itself: needed for several epochs, and with vLLM rollouts
+        # (whose sampling log-probs come from other kernels, TIS below)
+        need_old = rl.ppo_epochs > 1 or rl.tis_cap > 0
+        old = [score_tokens(engine.module, b, rl.temperature).detach() for b in micro] if need_old else None
+        if rl.tis_cap > 0:
+            for b, o in zip(micro, old):
+                b.weights = b.weights * tis_weights(o, b.old_logp, rl.tis_cap).to(b.weights.device)
         ref = [score_tokens(ref_engine.module, b, rl.temperature) for b in micro] if ref_engine is not None else None
 
     sums = Counter()
@@ -209,6 +244,8 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
         _, norm = optimizer_step(stage)
         norms.append(norm)
         gss_values.append(state.gss.update(norm))
+    if rl.rollout_backend == "vllm":
+        backend.sync_weights(engine)  # every rank: the ZeRO-3 gathers are collective
     t3 = time.perf_counter()
 
     # metrics over all ranks

@@ -102,7 +102,9 @@ def build_stage(
     if dist.is_main():
         stage_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    return Stage(name, stage_dir, engine, loaded, ds_config, local, micro, gas)
+    st = Stage(name, stage_dir, engine, loaded, ds_config, local, micro, gas)
+    st.extra["model_path"] = model_path
+    return st
 
 
 def maybe_resume(stage: Stage, cfg: TrainConfig) -> dict | None:
