@@ -95,6 +95,27 @@ def _overlaps(a: Sequence[int], b: Sequence[int], gap: int) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
+def _free_positions(
+    size: tuple[int, int], width: int, height: int, margin: int, gap: int, others: Sequence[Sequence[int]]
+) -> np.ndarray:
+    """(N, 2) array of every top-left corner (x0, y0), in row-major order, where a box of
+    ``size`` = (w, h) lies ``margin`` pixels inside the image and ``gap`` pixels apart from each
+    box in ``others`` (empty when there is none)."""
+    w, h = size
+    nx, ny = width - 2 * margin - w + 1, height - 2 * margin - h + 1
+    if nx <= 0 or ny <= 0:
+        return np.zeros((0, 2), dtype=int)
+    free = np.ones((ny, nx), dtype=bool)  # free[y0 - margin, x0 - margin]
+    for o in others:
+        # a box at x0 overlaps o (see _overlaps) iff o[0] - w - gap < x0 < o[2] + gap; same in y
+        xa, xb = max(o[0] - w - gap + 1 - margin, 0), min(o[2] + gap - margin, nx)
+        ya, yb = max(o[1] - h - gap + 1 - margin, 0), min(o[3] + gap - margin, ny)
+        if xa < xb and ya < yb:
+            free[ya:yb, xa:xb] = False
+    ys, xs = np.nonzero(free)
+    return np.stack([xs + margin, ys + margin], axis=1)
+
+
 def place_boxes(
     rng: random.Random,
     sizes: Sequence[tuple[int, int]],
@@ -104,23 +125,41 @@ def place_boxes(
     gap: int = 3,
     avoid: Sequence[Sequence[int]] = (),
     tries: int = 200,
+    min_side: int | None = None,
 ) -> list[tuple[int, int, int, int]]:
     """Place boxes of the given (w, h) pixel sizes at random, inside the image with ``margin``
     pixels to spare and ``gap`` pixels apart from each other and from ``avoid`` boxes.
 
-    Raises ValueError if a box cannot be placed in ``tries`` attempts (sizes too large).
+    Each box first gets ``tries`` uniform random positions (rejection sampling).  If all collide,
+    the box is put at a position drawn (with ``rng``) from the exhaustive list of free positions,
+    so a layout that fits is always found.  If no position is free and ``min_side`` is given, the
+    box shrinks (each side to 90%, not below ``min_side``) until one is.  Every choice comes from
+    ``rng``, so the same generator state gives the same layout.
+
+    Returns the boxes (x0, y0, x1, y1), end exclusive, possibly smaller than asked when
+    ``min_side`` is given.  Raises ValueError if a box fits nowhere (and cannot shrink further).
     """
     placed: list[tuple[int, int, int, int]] = []
     for w, h in sizes:
-        for _ in range(tries):
-            x0 = rng.randint(margin, width - margin - w)
-            y0 = rng.randint(margin, height - margin - h)
-            box = (x0, y0, x0 + w, y0 + h)
-            if not any(_overlaps(box, o, gap) for o in [*placed, *avoid]):
-                placed.append(box)
-                break
-        else:
-            raise ValueError(f"cannot place a {w}x{h} box in a {width}x{height} image after {tries} tries")
+        box = None
+        if w + 2 * margin <= width and h + 2 * margin <= height:
+            for _ in range(tries):
+                x0 = rng.randint(margin, width - margin - w)
+                y0 = rng.randint(margin, height - margin - h)
+                cand = (x0, y0, x0 + w, y0 + h)
+                if not any(_overlaps(cand, o, gap) for o in [*placed, *avoid]):
+                    box = cand
+                    break
+        while box is None:
+            free = _free_positions((w, h), width, height, margin, gap, [*placed, *avoid])
+            if len(free):
+                x0, y0 = (int(v) for v in free[rng.randrange(len(free))])
+                box = (x0, y0, x0 + w, y0 + h)
+            elif min_side is not None and (w > min_side or h > min_side):
+                w, h = max(min_side, min(w - 1, round(0.9 * w))), max(min_side, min(h - 1, round(0.9 * h)))
+            else:
+                raise ValueError(f"cannot place a {w}x{h} box in a {width}x{height} image next to {len(placed) + len(avoid)} other boxes")
+        placed.append(box)
     return placed
 
 

@@ -291,7 +291,7 @@ class DetectionTask(GeometricTask):
             kinds = rng.sample([(c, s) for c in syn.COLOURS for s in syn.SHAPES], k)
             lo, hi = max(6, round(0.12 * min(w, h))), max(8, round(0.28 * min(w, h)))
             sizes = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(k)]
-            boxes_px = syn.place_boxes(rng, sizes, w, h)
+            boxes_px = syn.place_boxes(rng, sizes, w, h, min_side=6)  # shrinks a box only if no room
             img, draw = syn.new_canvas((w, h))
             objs = []
             for (colour, shape), box in zip(kinds, boxes_px):

@@ -169,7 +169,8 @@ def _sample_path(rng, w: int, h: int, k: int, obstacle: bool, tries: int = 500):
     a block of side ~14% of the image is centred a little off the segment's midpoint and the
     Bézier control point is placed on the other side so that the curve's midpoint clears it.
     Every path point stays ``margin`` pixels inside the image and (with an obstacle) at least 3
-    pixels away from the block, checked on a dense sampling of the curve."""
+    pixels away from the block, checked on a dense sampling of the curve.  If no obstacle
+    layout is found in ``tries`` draws, the same ``rng`` draws a path without one."""
     side = min(w, h)
     margin = max(4, round(0.06 * side))
     for _ in range(tries):
@@ -207,4 +208,6 @@ def _sample_path(rng, w: int, h: int, k: int, obstacle: bool, tries: int = 500):
             if any(x0 - 8 < p[0] < x1 + 8 and y0 - 8 < p[1] < y1 + 8 for p in (p0, p2)):
                 continue
         return [[float(round(x)), float(round(y))] for x, y in path], block
+    if obstacle:  # no room to bend around a block (tiny image / unlucky draws): a straight path
+        return _sample_path(rng, w, h, k, False, tries)
     raise ValueError(f"could not draw a trajectory in a {w}x{h} image after {tries} tries")

@@ -352,7 +352,7 @@ class VQATask(AnswerTask):
             rng.shuffle(objects)
             lo, hi = max(6, round(0.12 * min(w, h))), max(8, round(0.18 * min(w, h)))
             sizes = [(rng.randint(lo, hi),) * 2 for _ in objects]
-            boxes = syn.place_boxes(rng, sizes, w, h)
+            boxes = syn.place_boxes(rng, sizes, w, h, min_side=6)  # shrinks a box only if no room
             img, draw = syn.new_canvas((w, h))
             seen = []
             for (c, s), box in sorted(zip(objects, boxes), key=lambda ob: (ob[1][1], ob[1][0])):
