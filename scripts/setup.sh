@@ -21,7 +21,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
   fi
 fi
-pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
+# (this machine's pip config names local indexes that do not hold every package: drop those warnings)
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v "^WARNING: Location 'file:" >&2); }
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     pip_install torch
