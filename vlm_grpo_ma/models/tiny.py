@@ -7,7 +7,10 @@ are the real ones) with random weights drawn from a seed, a tokenizer trained he
 format.  They are then loaded through the same ``from_pretrained`` path as a real checkpoint.
 
 Sizes (STACK.md): text hidden 64, 2 layers, 4 heads of head_dim 16 (2 KV heads), MLP 128;
-vision width 32, 2 layers.  ``rope_theta`` is 10, not Qwen's 1e6: with head_dim 16 there are only
+vision width 32, 2 layers (64 for
+Qwen2.5-VL, with initializer range 0.05 and full attention: at width 32 / 0.02 its features varied
+too little across tokens and SFT learned to ignore the image; measured by the loss with the own
+vs a shuffled image).  ``rope_theta`` is 10, not Qwen's 1e6: with head_dim 16 there are only
 8 rotary frequencies, and at 1e6 the height/width ones barely turn across a 4x4 token grid, so
 the model cannot learn where things are.  ``mrope_section`` [2, 3, 3] sums to head_dim / 2.
 Qwen3-VL needs patch size 16 (factor 32) and a perfect-square ``num_position_embeddings``.
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when the build changes in a way the spec below does not capture.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class TinySpec:
         vision_hidden: vision tower width.
         vision_layers: vision tower depth.
         vision_heads: vision attention heads.
+        vision_init_range: ``initializer_range`` of the vision tower (transformers' default 0.02).
+        vision_window: Qwen2.5-VL only: window attention in all but the last vision layer (as
+            the real model); False gives full attention in every layer.
         rope_theta: RoPE base of the text model.
         mrope_section: rotary frequencies given to (t, h, w); sums to head_dim / 2.
         min_tokens, max_tokens: processor bounds in merged vision tokens.
@@ -68,6 +74,8 @@ class TinySpec:
     vision_hidden: int = 32
     vision_layers: int = 2
     vision_heads: int = 2
+    vision_init_range: float = 0.02
+    vision_window: bool = True
     rope_theta: float = 10.0
     mrope_section: tuple[int, int, int] = (2, 3, 3)
     min_tokens: int = 4
@@ -95,7 +103,9 @@ class TinySpec:
 #: tiny model name -> spec
 TINY_MODELS: dict[str, TinySpec] = {
     "tiny-qwen2-vl": TinySpec(model_type="qwen2_vl", patch_size=14),
-    "tiny-qwen2.5-vl": TinySpec(model_type="qwen2_5_vl", patch_size=14),
+    # vision width 64, init range 0.05, full attention: with width 32 / init 0.02 the tower's
+    # output varied too little across tokens (std 0.015) and SFT learned to ignore the image
+    "tiny-qwen2.5-vl": TinySpec(model_type="qwen2_5_vl", patch_size=14, vision_hidden=64, vision_init_range=0.05, vision_window=False),
     "tiny-qwen3-vl": TinySpec(model_type="qwen3_vl", patch_size=16),
 }
 #: family name (``ModelFamily.name``) -> tiny model name, so tests can say ``"qwen2_5_vl"``
@@ -141,18 +151,26 @@ def _text_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]) -> dict[s
 
 
 def _vision_config(spec: TinySpec) -> dict[str, Any]:
-    common = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    common = dict(
+        depth=spec.vision_layers,
+        num_heads=spec.vision_heads,
+        patch_size=spec.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        initializer_range=spec.vision_init_range,
+    )
     if spec.model_type == "qwen2_vl":
         return dict(common, embed_dim=spec.vision_hidden, hidden_size=spec.hidden_size, mlp_ratio=2)
     if spec.model_type == "qwen2_5_vl":
-        # window attention over 2x2 merged tokens, the last layer with full attention
+        # window attention over 2x2 merged tokens, the last layer with full attention (or full
+        # attention everywhere when vision_window is False)
         return dict(
             common,
             hidden_size=spec.vision_hidden,
             intermediate_size=2 * spec.vision_hidden,
             out_hidden_size=spec.hidden_size,
             window_size=2 * spec.factor,
-            fullatt_block_indexes=[spec.vision_layers - 1],
+            fullatt_block_indexes=[spec.vision_layers - 1] if spec.vision_window else list(range(spec.vision_layers)),
         )
     if spec.model_type == "qwen3_vl":
         # num_position_embeddings must be a perfect square (an interpolated grid); deepstack
