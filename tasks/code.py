@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from tasks import _synthetic as syn
 from tasks._answer import AnswerTask, answer_inner
-from tasks.common import format_sft_target
+from tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.sandbox import Sandbox, SandboxLimits, validate_tests
 from vlm_grpo_ma.task import ParseError, Reward
@@ -137,8 +137,7 @@ class CodeTask(AnswerTask):
         return results  # type: ignore[return-value]
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
-        if len(predictions) != len(samples):
-            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        check_aligned(predictions, samples)
         if not samples:
             return {"pass@1": math.nan, "test_pass_rate": math.nan, "parse_rate": math.nan}
         jobs = [(p, self.tests(s)) for p, s in zip(predictions, samples) if p is not None]

@@ -70,3 +70,9 @@ def combine(task_score: float, format_ok: bool, w_task: float = 0.9, w_format: f
         task_score = 0.0
     total = w_task * max(0.0, min(1.0, task_score)) + w_format * (1.0 if format_ok else 0.0)
     return max(0.0, min(1.0, total))
+
+
+def check_aligned(predictions, samples) -> None:
+    """``Task.metrics`` precondition: one prediction (or None) per sample, in order."""
+    if len(predictions) != len(samples):
+        raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")

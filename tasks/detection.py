@@ -49,7 +49,7 @@ from tasks import _synthetic as syn
 from tasks._geometric import GeometricTask, answer_inner
 from tasks._geometry import box_iou, hungarian_match, iou_matrix
 from tasks._parsing import parse_boxes
-from tasks.common import format_sft_target
+from tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 
 __all__ = ["DetectionTask", "coco_ap", "ground_truth", "match_score", "normalise_label"]
@@ -269,8 +269,7 @@ class DetectionTask(GeometricTask):
         return out
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
-        if len(predictions) != len(samples):
-            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        check_aligned(predictions, samples)
         per = [self.sample_metrics(p, s) for p, s in zip(predictions, samples)]
         hits = [m["acc@0.5"] for m in per if "acc@0.5" in m]
         out = coco_ap(predictions, samples)

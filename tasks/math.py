@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 
 from tasks import _synthetic as syn
 from tasks._answer import AnswerTask, answer_inner
-from tasks.common import format_sft_target
+from tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 
@@ -177,8 +177,7 @@ class MathTask(AnswerTask):
         return super().reward(thought, answer, sample, family)
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
-        if len(predictions) != len(samples):
-            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        check_aligned(predictions, samples)
         if not samples:
             return {"accuracy": math.nan, "parse_rate": math.nan}
         correct = [0.0 if p is None else self.score(p, s) for p, s in zip(predictions, samples)]

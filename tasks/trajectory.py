@@ -36,7 +36,7 @@ from tasks import _synthetic as syn
 from tasks._geometric import GeometricTask, answer_inner
 from tasks._geometry import discrete_frechet, hausdorff, rmse_index_matched
 from tasks._parsing import parse_points
-from tasks.common import format_sft_target
+from tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 
@@ -107,8 +107,7 @@ class TrajectoryTask(GeometricTask):
         }
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
-        if len(predictions) != len(samples):
-            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        check_aligned(predictions, samples)
         if not samples:
             return {}
         per = [self.sample_metrics(p, s) for p, s in zip(predictions, samples)]

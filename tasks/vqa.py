@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 
 from tasks import _synthetic as syn
 from tasks._answer import AnswerTask, answer_inner
-from tasks.common import format_sft_target
+from tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 
@@ -293,8 +293,7 @@ class VQATask(AnswerTask):
         return _answer_type([normalize_answer(r) for r in self.references(sample)])
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
-        if len(predictions) != len(samples):
-            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        check_aligned(predictions, samples)
         if not samples:
             return {"accuracy": math.nan, "soft_accuracy": math.nan, "parse_rate": math.nan}
         acc, soft = [], []

@@ -39,6 +39,10 @@ processes or accumulation steps, where their normalisers differ from each other 
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
+
 import copy
 
 import pytest
@@ -71,21 +75,21 @@ CASES = [  # (TRL loss_type, TRL scale_rewards, our loss_agg_mode, our scale_by_
 ]
 
 
+@functools.lru_cache(maxsize=1)
+def _vs_trl():
+    """benchmarks/vs_trl.py as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_trl.py"
+    spec = importlib.util.spec_from_file_location("_vs_trl", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def trl_prompt(messages):
-    """Our task's chat messages as a TRL dataset row: image placeholders in the prompt, the
-    images in the ``image`` column (TRL re-inserts them with ``prepare_multimodal_messages``)."""
-    images, prompt = [], []
-    for m in messages:
-        content = []
-        for item in m["content"]:
-            if item.get("type") == "image":
-                images.append(item["image"])
-                content.append({"type": "image"})
-            else:
-                content.append(dict(item))
-        prompt.append({"role": m["role"], "content": content})
-    assert len(images) == 1
-    return prompt, images[0]
+    """Our chat messages as TRL's (prompt, image), with the benchmark's own row builder
+    (``trl_row``), so the test and the benchmark feed TRL the same rows."""
+    row = _vs_trl().trl_row(messages, "parity")
+    return row["prompt"], row["image"]
 
 
 @pytest.fixture(scope="module")
