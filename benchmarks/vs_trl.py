@@ -12,11 +12,11 @@ Rows of the table (one RL step = rollout + rewards + advantages + loss + backwar
 
 - ``trl``: TRL's GRPOTrainer (G = 16 completions per prompt);
 - ``ours T16A1``: our trainer's ``rl_step`` with K = 16 thoughts x M = 1 answer (plain GRPO);
-- ``ours T4A4``: K = 4 thoughts x M = 4 answers (the same 16 rewards per prompt);
-- ``ours* T16A1``, ``ours* T4A4``: an EXPERIMENT, not the trainer as shipped: the same, with
-  DeepSpeed's ZeRO-3 module hooks taken off the gathered model during rollouts, as TRL does in
-  ``unwrap_model_for_generation`` (the hooks' per-module bookkeeping runs on every decoding
-  forward otherwise; see ``_hookless_rollouts``).
+- ``ours T4A4``: K = 4 thoughts x M = 4 answers (the same 16 rewards per prompt).
+
+Our rollouts run on gathered ZeRO-3 parameters with DeepSpeed's module hooks and its
+memory-efficient ``F.linear`` taken off for the duration (``vlm_grpo_ma.training.engine.
+gathered_parameters``), as the trainer ships.
 
 each in one process (TRL without DeepSpeed, as a single process runs it; ours on its default
 DeepSpeed ZeRO-3 engine, one rank) and on 2 ranks under ZeRO-3 (TRL through ``accelerate launch
@@ -68,13 +68,11 @@ MAX_THOUGHT, MAX_ANSWER = 32, 24  # configs/affordance.tiny.yaml; TRL max_comple
 LR = 1e-4
 SEED = 0
 
-#: (label, side, K, M, hookless): ``ours*`` rows are an experiment, see ``_hookless_rollouts``
+#: (label, side, K, M)
 VARIANTS = [
-    ("trl", "trl", G, 1, False),
-    ("ours T16A1", "ours", 16, 1, False),
-    ("ours T4A4", "ours", 4, 4, False),
-    ("ours* T16A1", "ours", 16, 1, True),
-    ("ours* T4A4", "ours", 4, 4, True),
+    ("trl", "trl", G, 1),
+    ("ours T16A1", "ours", 16, 1),
+    ("ours T4A4", "ours", 4, 4),
 ]
 
 
@@ -293,8 +291,6 @@ def run_ours(a) -> None:
     task = get_task(TASK)
     st = stg.build_stage(cfg, "rl", path, global_batch=a.prompts, micro=0, lr=LR, warmup=0,
                          total_optimizer_steps=total)
-    if a.hookless:
-        _hookless_rollouts(st)
     state = RLState(task)
     stream = SampleStream(task, a.prompts, SEED, "rl")
     st.engine.train()
@@ -319,29 +315,6 @@ def run_ours(a) -> None:
     dist.barrier()
 
 
-def _hookless_rollouts(stage) -> None:
-    """EXPERIMENT (``--hookless``, not our trainer as shipped): during our rollouts, also take
-    DeepSpeed's ZeRO-3 forward/backward hooks off the gathered model, as TRL's
-    ``unwrap_model_for_generation`` does (``trl.models.utils.remove_hooks`` / ``add_hooks``), so that
-    each decoding forward does not pay the hooks' per-module bookkeeping."""
-    import contextlib
-
-    from trl.models.utils import add_hooks, remove_hooks
-
-    gather = stage.gather
-
-    @contextlib.contextmanager
-    def gather_without_hooks():
-        with gather():
-            remove_hooks(stage.engine)
-            try:
-                yield
-            finally:
-                add_hooks(stage.engine)
-
-    stage.gather = gather_without_hooks
-
-
 def _write_result(path: str, obj: dict) -> None:
     Path(path).write_text(json.dumps(obj, indent=1))
 
@@ -358,11 +331,10 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
-def command(side: str, K: int, M: int, world: int, a, out: Path, hookless: bool = False) -> list[str]:
+def command(side: str, K: int, M: int, world: int, a, out: Path) -> list[str]:
     """The exact command line of one run."""
     worker = [str(Path(__file__).resolve()), "--worker", side, "--K", str(K), "--M", str(M),
               "--prompts", str(a.prompts), "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out)]
-    worker += ["--hookless"] if hookless else []
     if world == 1:
         return [sys.executable] + worker
     if side == "trl":
@@ -373,9 +345,9 @@ def command(side: str, K: int, M: int, world: int, a, out: Path, hookless: bool 
     return [_bin("deepspeed"), "--num_accelerators", str(world), "--master_port", str(_free_port())] + worker
 
 
-def launch(label: str, side: str, K: int, M: int, hookless: bool, world: int, a, tmp: Path) -> dict:
+def launch(label: str, side: str, K: int, M: int, world: int, a, tmp: Path) -> dict:
     out = tmp / f"{side}-K{K}M{M}-w{world}-{time.monotonic_ns()}.json"
-    cmd = command(side, K, M, world, a, out, hookless)
+    cmd = command(side, K, M, world, a, out)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false",
                PYTHONWARNINGS="ignore")
     print(f"[{time.strftime('%H:%M:%S')}] {label} on {world} rank(s): {' '.join(cmd)}", flush=True)
@@ -415,8 +387,6 @@ def table(results: dict) -> str:
             if label in targets:
                 ok = ratio <= float(targets[label].split()[1].rstrip("x"))
                 tgt = f"{targets[label]} {'met' if ok else 'NOT met'}"
-            elif label.startswith("ours*"):
-                tgt = "(experiment: no ZeRO-3 hooks in rollouts)"
             lines.append(f"{world:>5}  {label:<12}{r['step_mean']:>9.2f}{r['step_std']:>7.2f}{ratio:>7.2f}x"
                          f"{r['cpu_mean']:>12.2f}{cpu_ratio:>7.2f}x{r['rollout_mean']:>11.2f}"
                          f"{r['completion_len']:>13.1f}   {tgt}")
@@ -429,7 +399,6 @@ def main(argv=None) -> dict:
     p.add_argument("--K", type=int, default=G, help=argparse.SUPPRESS)
     p.add_argument("--M", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--hookless", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ds", help=argparse.SUPPRESS)  # TRL's DeepSpeed config under accelerate
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("--prompts", type=int, default=4, help="prompts per RL step (x16 samples each)")
@@ -459,17 +428,16 @@ def main(argv=None) -> dict:
         order = [(w, v) for w in worlds for v in VARIANTS]
         if rnd % 2:
             order = order[::-1]
-        for world, (label, side, K, M, hookless) in order:
+        for world, (label, side, K, M) in order:
             if a.only and label not in a.only.split(","):
                 continue
-            runs[world].setdefault(label, []).append(launch(label, side, K, M, hookless, world, a, tmp))
+            runs[world].setdefault(label, []).append(launch(label, side, K, M, world, a, tmp))
     results: dict[int, dict[str, dict]] = {}
     for world, by_label in runs.items():
         results[world] = {}
         for label, rs in by_label.items():
             results[world][label] = {
                 **{k: rs[0][k] for k in ("side", "K", "M", "world", "command")},
-                "hookless_rollouts": "--hookless" in rs[0]["command"],
                 "step_mean": mean(r["step_mean"] for r in rs),
                 "step_std": mean(r["step_std"] for r in rs),
                 "cpu_mean": mean(r["cpu_mean"] for r in rs),

@@ -223,7 +223,12 @@ def test_lora_frozen_vision_checkpointing_and_kl_reference(tmp_path):
 
 def test_rollout_without_zero3_hooks_restores_them_and_changes_nothing(tmp_path):
     """Generation inside ``gathered_parameters`` takes ZeRO-3's module hooks off (as TRL does) and
-    puts them back: the greedy rollout is the same with or without them, and training still works."""
+    DeepSpeed's memory-efficient ``F.linear`` with them, and puts both back: the greedy rollout is
+    the same with or without them, and training still works."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as _Init
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
     from vlm_grpo_ma.data.collate import build_generation_inputs
     from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
     from vlm_grpo_ma.training import stage as stg
@@ -237,6 +242,7 @@ def test_rollout_without_zero3_hooks_restores_them_and_changes_nothing(tmp_path)
     assert off is not None, "ZeRO-3 engine expected (configs/deepspeed/zero3.json)"
     n_hooks = len(off.forward_hooks)
     assert n_hooks > 0
+    assert F.linear is zero3_linear_wrap  # zero.Init patched it process-wide
     samples = task.synthetic(2, seed=3)
     inputs = build_generation_inputs(st.processor, [task.messages(s, st.family) for s in samples])
     greedy = SamplingParams(temperature=0.0, max_thought_tokens=8, max_answer_tokens=6)
@@ -251,6 +257,7 @@ def test_rollout_without_zero3_hooks_restores_them_and_changes_nothing(tmp_path)
             def inner():
                 with gathered_parameters(st.engine, remove_hooks=remove):
                     seen.append(len(off.forward_hooks))
+                    assert (F.linear is _Init.linear_bk) == remove
                     yield
             return inner()
 
@@ -259,6 +266,7 @@ def test_rollout_without_zero3_hooks_restores_them_and_changes_nothing(tmp_path)
         texts[remove] = (tree.thought_texts, tree.answer_texts)
         assert seen and all(n == (0 if remove else n_hooks) for n in seen)
         assert len(off.forward_hooks) == n_hooks  # back on after the rollout
+        assert F.linear is zero3_linear_wrap
     assert texts[True] == texts[False]
     out = rl_step(st, cfg, task, RLState(task), samples)  # the engine still trains with the hooks back
     assert math.isfinite(out["loss/policy"]) and out["grad/norm"] > 0
