@@ -270,12 +270,16 @@ def test_sample_next_filters():
     from vlm_grpo_ma.rollout import sample_next
 
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    # top_k=2 / top_p=0.6: only tokens 0 and 1 can be drawn; suppressing 0 leaves 1
+    # top_k=2 / top_p=0.6: only tokens 0 and 1 can be drawn; suppressing 0 (before top-k) and
+    # keeping the top 1 leaves 1
     g = torch.Generator().manual_seed(0)
     for sp in (SamplingParams(top_k=2), SamplingParams(top_p=0.6)):
         draws = {sample_next(logits, sp, generator=g)[0].item() for _ in range(200)}
         assert draws == {0, 1}
-    tok, lp, _ = sample_next(logits, SamplingParams(top_k=2), torch.tensor([0]), g)
+    for _ in range(20):
+        tok, lp, _ = sample_next(logits, SamplingParams(top_k=1, temperature=1.0), torch.tensor([0]), g)
+        assert tok.item() == 1
+    assert {sample_next(logits, SamplingParams(top_k=2), torch.tensor([0]), g)[0].item() for _ in range(200)} == {1, 2}
     assert tok.item() == 1 and lp.item() == pytest.approx(float(torch.log(torch.tensor(0.3))), abs=1e-6)
     tok, lp, _ = sample_next(logits, SamplingParams(temperature=0.0))
     assert tok.item() == 0 and lp.item() == pytest.approx(float(torch.log(torch.tensor(0.5))), abs=1e-6)
@@ -338,3 +342,29 @@ def test_synced_gpus_ranks_stopping_at_different_lengths(tmp_path):
     assert r0["thought_lens"] == [[1, 1], [1, 1]] and r1["thought_lens"] == [[6, 6], [6, 6]]
     # rank 0's answers: </think> (the first answer token comes from the 4-row stage-1 logits), then the end token
     assert r0["answer_lens"] == [[[2, 2]] * 2] * 2 and r1["answer_lens"] == [[[4, 4]] * 2] * 2
+
+
+def test_sample_categorical_matches_the_distribution_and_never_draws_zero_weight():
+    from vlm_grpo_ma.rollout import sample_categorical
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0], [0.0, 0.0, 2.0, 0.0, 2.0]])  # row 2 unnormalised
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    draws = sample_categorical(probs.repeat(n, 1), g).view(n, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).float() / n
+        want = probs[row] / probs[row].sum()
+        sigma = (want * (1 - want) / n).sqrt()
+        assert torch.all((freq - want).abs() <= 5 * sigma + 1e-12), (row, freq, want)
+    assert set(draws[:, 1].tolist()) == {2, 4}
+
+
+@pytest.mark.parametrize("u, expected", [(0.0, [1, 2]), (1.0, [2, 2]), (0.5, [2, 2]), (0.49, [1, 2])])
+def test_sample_categorical_edges_of_the_uniform_draw(monkeypatch, u, expected):
+    """u = 0 must not pick a leading zero-weight index; u rounding up to the total must not pick a
+    trailing zero-weight one (the second row's weight sits in index 2 only)."""
+    from vlm_grpo_ma.rollout import sample_categorical
+
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda n, m, **kw: torch.full((n, m), u, dtype=kw.get("dtype", torch.float32)))
+    assert sample_categorical(probs).tolist() == expected

@@ -5,7 +5,7 @@
 - :mod:`.layout`: the naive and packed training layouts and ``score_tokens``.
 """
 
-from vlm_grpo_ma.rollout.hf import HFRolloutBackend, RolloutTokenIds, sample_next
+from vlm_grpo_ma.rollout.hf import HFRolloutBackend, RolloutTokenIds, sample_categorical, sample_next
 from vlm_grpo_ma.rollout.types import RolloutBackend, SamplingParams, TreeRollout
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "RolloutTokenIds",
     "SamplingParams",
     "TreeRollout",
+    "sample_categorical",
     "sample_next",
 ]

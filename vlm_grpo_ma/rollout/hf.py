@@ -83,6 +83,29 @@ class RolloutTokenIds:
 
 
 # --------------------------------------------------------------------------- sampling
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from unnormalised non-negative weights, by inverse CDF.
+
+    Args:
+        probs: [N, V] float weights, each row with a positive sum (zeros are never drawn).
+    Returns:
+        [N] long indices, index v drawn with probability ``probs[n, v] / probs[n].sum()``.
+
+    Same distribution as ``torch.multinomial(probs, 1)``, but one cumsum and one binary search
+    per row: on CPU ``multinomial`` cost 3.4 ms for [64, 1152] and this 0.13 ms (1 thread), which
+    is most of a tiny model's per-token sampling cost.  ``u`` in [0, total) is looked up with
+    ``right=True`` (the first index whose cumulative weight exceeds ``u``: a zero-weight index
+    never qualifies), and a ``u`` that rounds up to the total falls back to the row's last
+    positive-weight index.
+    """
+    cdf = probs.float().cumsum(-1)  # [N, V]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [N]
+    V = probs.shape[-1]
+    last_positive = V - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)  # [N]
+    return torch.minimum(idx, last_positive)
+
+
 def sample_next(
     logits: torch.Tensor,
     sampling: SamplingParams,
@@ -119,7 +142,7 @@ def sample_next(
             sorted_lp = sorted_lp.masked_fill(drop, -math.inf)
             filtered = torch.full_like(filtered, -math.inf).scatter(-1, order, sorted_lp)
         probs = torch.softmax(filtered, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tokens = sample_categorical(probs, generator)
     logp = logp_all.gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logp, logp_all
 
