@@ -193,9 +193,14 @@ def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, 
     return {k: (v if v >= 0 else math.nan) for k, v in (("AP", ap), ("AP50", ap50), ("AP75", ap75))}
 
 
+#: default size factor of synthetic shapes (sides 0.12-0.28 of the image's shorter side, times this)
+OBJECT_SCALE = 1.0
+
+
 class DetectionTask(GeometricTask):
     """Labelled boxes; see the module docstring.  Options: ``label_weight`` (0.25), ``w_task``,
-    ``w_format``, ``image_size``, ``cache_dir``, ``max_objects`` (3, synthetic)."""
+    ``w_format``, ``image_size``, ``cache_dir``, ``max_objects`` (3, synthetic), ``object_scale``
+    (:data:`OBJECT_SCALE`: synthetic box sides are 0.12-0.28 of the image times this)."""
 
     name = "detection"
     reward_parts = ("format", "iou", "label")
@@ -205,6 +210,9 @@ class DetectionTask(GeometricTask):
         super().__init__(**options)
         self.label_weight = float(self.options.get("label_weight", 0.25))
         self.max_objects = int(self.options.get("max_objects", 3))
+        self.object_scale = float(self.options.get("object_scale", OBJECT_SCALE))
+        if self.object_scale <= 0:
+            raise ValueError(f"detection object_scale must be > 0, got {self.object_scale}")
 
     def variant_for(self, sample: Sample) -> str | None:
         """``prompts/detection.grounding.txt`` for a grounding sample (one object asked for)."""
@@ -288,7 +296,8 @@ class DetectionTask(GeometricTask):
             rng = syn.rng_for(self.name, seed, i)
             k = rng.randint(1, self.max_objects)
             kinds = rng.sample([(c, s) for c in syn.COLOURS for s in syn.SHAPES], k)
-            lo, hi = max(6, round(0.12 * min(w, h))), max(8, round(0.28 * min(w, h)))
+            side = min(w, h) * self.object_scale
+            lo, hi = max(6, round(0.12 * side)), max(8, round(0.28 * side))
             sizes = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in range(k)]
             boxes_px = syn.place_boxes(rng, sizes, w, h, min_side=6)  # shrinks a box only if no room
             img, draw = syn.new_canvas((w, h))

@@ -4,12 +4,13 @@ unknown keys and wrong types, and the resolved config's round trip."""
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import pytest
 
-from vlm_grpo_ma.config import ConfigError, config_to_dict, load_yaml, parse_config, save_config
+from vlm_grpo_ma.config import ConfigError, JsonObject, config_to_dict, load_yaml, parse_config, save_config
 
 
 class Agg(str, enum.Enum):
@@ -140,3 +141,30 @@ def test_yaml_number_for_a_string_field_is_the_string(tmp_path):
     p = yaml_file(tmp_path, "n.yaml", "model: 123\nseed: 3\n")
     m, r = parse_config(TYPES, ["--config", p])
     assert m.model == "123" and r.seed == 3
+
+
+@dataclass
+class WithJson:
+    name: str = field(default="x", metadata={"help": "A name."})
+    opts: Optional[JsonObject] = field(default=None, metadata={"help": "A JSON object."})
+
+
+def test_json_object_field_from_yaml_mapping_and_cli_string(tmp_path):
+    (a,) = parse_config(WithJson, ["--opts", '{"b": 2,  "a": [1, 2]}'])
+    assert json.loads(a.opts) == {"b": 2, "a": [1, 2]} and a.opts == '{"b": 2, "a": [1, 2]}'  # canonical
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("opts:\n  scale: 1.5\n  mode: points\n")
+    (b,) = parse_config(WithJson, ["--config", str(cfg)])
+    assert json.loads(b.opts) == {"scale": 1.5, "mode": "points"}
+    (c,) = parse_config(WithJson, ["--config", str(cfg), "--opts", '{"scale": 2}'])  # the CLI wins whole
+    assert json.loads(c.opts) == {"scale": 2}
+    saved = save_config(b, tmp_path / "resolved.yaml")
+    assert "scale: 1.5" in (tmp_path / "resolved.yaml").read_text()  # a mapping in the file, not a string
+    assert parse_config(WithJson, ["--config", saved]) == (b,)
+    assert parse_config(WithJson, [])[0].opts is None
+
+
+@pytest.mark.parametrize("value, match", [("{nope", "not valid JSON"), ("[1, 2]", "must be a JSON object")])
+def test_json_object_field_errors_name_the_field(value, match):
+    with pytest.raises(ConfigError, match=f"--opts: {match}"):
+        parse_config(WithJson, ["--opts", value])

@@ -203,3 +203,18 @@ def test_help_lists_every_field_with_its_documentation(capsys):
         for name, f in cls.__dataclass_fields__.items():
             assert f"--{name}" in text
             assert f.metadata.get("help"), f"{cls.__name__}.{name} has no documentation"
+
+
+def test_task_options_reach_the_task_and_unknown_ones_are_refused():
+    from vlm_grpo_ma.task import get_task
+
+    cfg = parse_train_config(["--task", "affordance", "--task_options", '{"object_scale": 1.2, "box_reward": "giou"}'])
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
+    assert (task.object_scale, task.box_reward) == (1.2, "giou")
+    assert parse_train_config(["--task", "affordance"]).data.task_kwargs() == {}
+    with pytest.raises(ValueError, match=r"no option\(s\) \['moed'\].*reads: \[.*'mode'"):
+        get_task("affordance", moed="points")
+    # the synthetic objects grow with object_scale
+    small, big = (get_task("affordance", object_scale=s).synthetic(40, seed=1) for s in (1.0, 1.6))
+    area = lambda ss: sum((s.target["box"][2] - s.target["box"][0]) * (s.target["box"][3] - s.target["box"][1]) for s in ss)  # noqa: E731
+    assert area(big) > 2 * area(small)

@@ -25,7 +25,8 @@ are field names of any of the dataclasses (a key no dataclass has is a :class:`C
 naming the key, the file and the closest field names).  Parsing and type conversion are
 transformers' :class:`~transformers.HfArgumentParser` (one ``--field`` per dataclass field; its
 ``help`` is the field's ``metadata["help"]``; ``--flag`` / ``--no_flag`` for booleans; choices for
-``Literal`` and ``Enum`` fields).  YAML values are checked with the same parser's types and
+``Literal`` and ``Enum`` fields).  A field typed ``Optional[JsonObject]`` holds a JSON object: a
+mapping in YAML, ``'{"key": 1}'`` on the command line.  YAML values are checked with the same parser's types and
 choices, so a wrong type in a file is an error naming the file and key, not a crash later.
 :func:`save_config` writes the resolved values as YAML that :func:`parse_config` reads back to
 equal instances.
@@ -37,13 +38,15 @@ import argparse
 import dataclasses
 import difflib
 import enum
+import json
 import os
+import typing
 from pathlib import PurePath
 from typing import Any, Optional, Sequence, Union
 
 import yaml
 
-__all__ = ["ConfigError", "config_to_dict", "load_yaml", "parse_config", "save_config"]
+__all__ = ["ConfigError", "JsonObject", "config_to_dict", "load_yaml", "parse_config", "save_config"]
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,44 @@ def _as_types(dataclass_types: DataclassTypes) -> tuple[type, ...]:
 
 def _field_names(types: Sequence[type]) -> list[str]:
     return [f.name for t in types for f in dataclasses.fields(t) if f.init]
+
+
+class JsonObject(str):
+    """Field type of a string holding a JSON object (``Optional[JsonObject]``): a mapping in a
+    YAML file, ``'{"key": 1}'`` on the command line; checked and stored canonically."""
+
+
+def _is_json_type(hint: Any) -> bool:
+    return hint is JsonObject or JsonObject in typing.get_args(hint)
+
+
+def _json_fields(types: Sequence[type]) -> set[str]:
+    """Names of the :class:`JsonObject` fields of ``types``."""
+    names = set()
+    for t in types:
+        hints = typing.get_type_hints(t)
+        names |= {f.name for f in dataclasses.fields(t) if f.init and _is_json_type(hints.get(f.name))}
+    return names
+
+
+def _normalise_json(instances: Sequence[Any], names: set[str]) -> None:
+    """Check every JSON-object field and rewrite it canonically (``json.dumps``), so that a saved
+    config reads back to an equal instance."""
+    for inst in instances:
+        for f in dataclasses.fields(inst):
+            if f.name not in names:
+                continue
+            value = getattr(inst, f.name)
+            if value is None or value == "":
+                setattr(inst, f.name, None)
+                continue
+            try:
+                obj = json.loads(value) if isinstance(value, str) else value
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--{f.name}: not valid JSON ({e}): {value!r}") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"--{f.name}: must be a JSON object (a mapping), got {type(obj).__name__}: {value!r}")
+            setattr(inst, f.name, json.dumps(obj))
 
 
 def load_yaml(path: str | os.PathLike, types: DataclassTypes) -> dict[str, Any]:
@@ -169,9 +210,12 @@ def parse_config(
     for a in parser._actions:  # the first action of a dest is ``--field`` (``--no_field`` comes later)
         if a.option_strings and a.dest not in ("help", "config"):
             actions.setdefault(a.dest, a)
+    json_fields = _json_fields(types)
     for path in cfg.config:
         for key, value in load_yaml(path, types).items():
             action = actions[key]
+            if key in json_fields and isinstance(value, dict):
+                value = json.dumps(value)
             checked = _check_value(action, value, path)
             parser.set_defaults(**{key: checked})
             action.required = False  # a required field given in a file need not be on the CLI
@@ -179,7 +223,9 @@ def parse_config(
         outputs = parser.parse_args_into_dataclasses(args=list(rest), look_for_args_file=False)
     except ValueError as e:
         raise ConfigError(f"command line: {e}") from None
-    return tuple(outputs[: len(types)])  # drop the extra namespace holding --config
+    outputs = tuple(outputs[: len(types)])  # drop the extra namespace holding --config
+    _normalise_json(outputs, json_fields)
+    return outputs  # drop the extra namespace holding --config
 
 
 def _plain(value: Any) -> Any:
@@ -203,9 +249,13 @@ def config_to_dict(instances: Any) -> dict[str, Any]:
         instances = (instances,)
     out: dict[str, Any] = {}
     for inst in instances:
+        json_fields = _json_fields([type(inst)])
         for f in dataclasses.fields(inst):
             if f.init:
-                out[f.name] = _plain(getattr(inst, f.name))
+                value = getattr(inst, f.name)
+                if f.name in json_fields and isinstance(value, str):
+                    value = json.loads(value)  # a mapping in the YAML file
+                out[f.name] = _plain(value)
     return out
 
 

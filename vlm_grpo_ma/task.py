@@ -48,15 +48,34 @@ class Reward:
     reason: str | None = None
 
 
+class _Options(dict):
+    """A task's options, remembering which keys the task read (``get`` / ``[]``)."""
+
+    def __init__(self, *args: Any, **kw: Any):
+        super().__init__(*args, **kw)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 class Task(abc.ABC):
     """Base class of a task plugin.  Subclasses set ``name`` and ``reward_parts``."""
 
     name: str = ""
     #: fixed keys of ``Reward.parts`` for this task (``"format"`` first)
     reward_parts: tuple[str, ...] = ("format",)
+    #: :func:`get_task` rejects an option the task did not read while it was built (a typo
+    #: would otherwise be ignored silently); a task that reads options later sets this False
+    strict_options: bool = True
 
     def __init__(self, **options: Any):
-        self.options = dict(options)
+        self.options = _Options(options)
 
     # --- prompts -----------------------------------------------------------------
     @abc.abstractmethod
@@ -113,13 +132,26 @@ def available_tasks() -> list[str]:
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """An instance of the task registered as ``name``."""
+    """An instance of the task registered as ``name``, built with ``options``.
+
+    Raises:
+        KeyError: no task of that name.
+        ValueError: an option the task does not know (one it did not read while being built).
+    """
     if name in _LOCAL:
-        return _LOCAL[name](**options)
-    eps = _registry()
-    if name not in eps:
-        raise KeyError(
-            f"unknown task {name!r}; registered: {available_tasks()} "
-            f"(entry-point group {ENTRY_POINT_GROUP!r}; is the package installed?)"
-        )
-    return eps[name].load()(**options)
+        cls = _LOCAL[name]
+    else:
+        eps = _registry()
+        if name not in eps:
+            raise KeyError(
+                f"unknown task {name!r}; registered: {available_tasks()} "
+                f"(entry-point group {ENTRY_POINT_GROUP!r}; is the package installed?)"
+            )
+        cls = eps[name].load()
+    task = cls(**options)
+    read = getattr(task.options, "read", None)
+    if options and task.strict_options and read is not None:
+        unknown = sorted(set(options) - read)
+        if unknown:
+            raise ValueError(f"task {name!r} has no option(s) {unknown}; it reads: {sorted(read)}")
+    return task

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     _seed_everything(cfg.run.seed)
 
     # --- task and data ----------------------------------------------------------------------
-    task = get_task(cfg.data.task)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     train_samples = eval_samples = None
     if cfg.data.train_data or cfg.data.eval_data:
         from vlm_grpo_ma.data.loaders import load_samples

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from vlm_grpo_ma.config import JsonObject
+
 #: repository root (``configs/`` lives there)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEEPSPEED_CONFIG = str(REPO_ROOT / "configs" / "deepspeed" / "zero3.json")
@@ -69,6 +71,11 @@ class DataArgs:
         default="affordance",
         metadata={"help": "Task plugin name (detection, affordance, trajectory, vqa, math, code, or a third-party one)."},
     )
+    task_options: Optional[JsonObject] = field(
+        default=None,
+        metadata={"help": "Options of the task plugin, a JSON object (a mapping in a YAML config), "
+                  "e.g. '{\"mode\": \"points\"}' or '{\"box_reward\": \"giou\"}'; see the task's docstring."},
+    )
     train_data: Optional[str] = field(
         default=None,
         metadata={"help": "Training data (JSONL, COCO JSON or a local HF dataset). None: fresh synthetic "
@@ -91,6 +98,12 @@ class DataArgs:
         default=1024,
         metadata={"help": "Longest SFT sequence (prompt + target) in tokens; longer samples are dropped and counted, image tokens are never truncated."},
     )
+
+    def task_kwargs(self) -> dict:
+        """``task_options`` as keyword arguments of ``get_task``."""
+        import json
+
+        return json.loads(self.task_options) if self.task_options else {}
 
 
 @dataclass
