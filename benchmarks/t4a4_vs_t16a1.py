@@ -1,11 +1,12 @@
 """Learning comparison: GRPO-MA T4A4 against plain GRPO T16A1 at an equal budget of 16 rewards
 per prompt, on synthetic affordance, detection and trajectory (issue 5).
 
-Per task: one SFT warm-start of the tiny model (the trainer's ``--stage sft``), then two RL runs
-from that same SFT model with the same prompts, seed, learning rate and number of steps, one
-T4A4 and one T16A1 (the trainer's ``--stage rl``). Reported per run: the reward curve, the
-held-out metric before and after RL (greedy decoding), wall time per RL step, and GSS@10 (steps
-whose gradient-spike score exceeds 10).
+Per task: one SFT warm-start of the tiny model (the trainer's ``--stage sft`` with the task's
+``configs/<task>.tiny.yaml``), then two RL runs from that same SFT model with the same prompts,
+seed, learning rate and number of steps, one T4A4 and one T16A1 (the trainer's ``--stage rl``).
+Reported per task: the held-out metric (greedy decoding, the same held-out samples throughout)
+before SFT, after SFT, and after RL for each run; per run: the reward curve, wall time per RL
+step, and GSS@10 (steps whose gradient-spike score exceeds 10).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/t4a4_vs_t16a1.py                       # all three tasks
     .venv/bin/python benchmarks/t4a4_vs_t16a1.py --tasks affordance --sft-steps 150 --rl-steps 20
@@ -42,13 +43,17 @@ def run_task(task: str, args, workdir: Path) -> dict:
 
     common = ["--task", task, "--seed", str(args.seed), "--eval_samples", str(args.eval_samples), "--report_to", "none"]
     given = dict(kv.split("=", 1) for kv in args.sft_models.split(",") if kv.strip())
+    sft_evals: dict = {}
     if task in given:  # reuse an SFT model trained before (e.g. the demo's <run>/sft/final)
         sft_model, sft_steps = Path(given[task]), None
     else:
         sft_dir = workdir / task / "sft"
-        train([*common, "--stage", "sft", "--output_dir", str(sft_dir), "--sft_steps", str(args.sft_steps)])
-        sft_model, sft_steps = sft_dir / "sft" / "final", args.sft_steps
-    out: dict = {"sft_model": str(sft_model), "sft_steps": sft_steps, "runs": {}}
+        steps = ["--sft_steps", str(args.sft_steps)] if args.sft_steps else []
+        summary = train([*common, "--stage", "sft", "--output_dir", str(sft_dir), *steps])
+        sft_model, sft_steps = sft_dir / "sft" / "final", summary["sft"]["steps"]
+        for label in ("before_sft", "after_sft"):
+            sft_evals[label] = _metric(summary["evals"].get(label, {}), task)[1]
+    out: dict = {"sft_model": str(sft_model), "sft_steps": sft_steps, "heldout": sft_evals, "runs": {}}
     for name, (K, M) in SETTINGS.items():
         run_dir = workdir / task / name
         summary = train([*common, "--stage", "rl", "--model", str(sft_model), "--output_dir", str(run_dir),
@@ -98,11 +103,11 @@ def plot(results: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="affordance,detection,trajectory")
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--sft-steps", type=int, default=0, help="SFT steps (0: the task's tiny config)")
     ap.add_argument("--rl-steps", type=int, default=40)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
     ap.add_argument("--rl-lr", type=float, default=1e-4)
-    ap.add_argument("--eval-samples", type=int, default=64)
+    ap.add_argument("--eval-samples", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sft-models", default="", help="task=path,...: start RL from these SFT models instead of training one")
     ap.add_argument("--workdir", default="runs/t4a4_vs_t16a1")
@@ -120,13 +125,14 @@ def main(argv=None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
         plot(results, out.with_suffix(".png"))
-        print(f"\n{'task':<12}{'run':<7}{'metric':<10}{'before RL':>10}{'after RL':>10}{'reward first5':>14}"
-              f"{'reward last5':>13}{'s/step':>8}{'GSS@10':>8}")
+        print(f"\n{'task':<12}{'run':<7}{'metric':<10}{'before SFT':>11}{'after SFT':>10}{'after RL':>10}"
+              f"{'reward first5':>14}{'reward last5':>13}{'s/step':>8}{'GSS@10':>8}")
+        fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
         for task, r in results["tasks"].items():
             for name, run in r["runs"].items():
                 c = run["reward_curve"]
-                fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-                print(f"{task:<12}{name:<7}{str(run['metric']):<10}{fmt(run['heldout_before_rl']):>10}"
+                before_sft = r.get("heldout", {}).get("before_sft")
+                print(f"{task:<12}{name:<7}{str(run['metric']):<10}{fmt(before_sft):>11}{fmt(run['heldout_before_rl']):>10}"
                       f"{fmt(run['heldout_after_rl']):>10}{statistics.mean(c[:5]):>14.4f}{statistics.mean(c[-5:]):>13.4f}"
                       f"{run['seconds_per_step']:>8.2f}{run['gss_at_10']:>8d}")
         print(f"written {out} and {out.with_suffix('.png')}")

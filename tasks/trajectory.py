@@ -52,9 +52,15 @@ def frechet_reward(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]
     return 1.0 - min(1.0, discrete_frechet(pred, gt) / d_max)
 
 
+#: default size factor of the synthetic start and goal markers
+OBJECT_SCALE = 1.0
+
+
 class TrajectoryTask(GeometricTask):
     """See the module docstring.  Options: ``max_points`` (10), ``d_max`` (0.5),
-    ``obstacle_prob`` (0.5, synthetic), ``w_task``, ``w_format``, ``image_size``, ``cache_dir``."""
+    ``obstacle_prob`` (0.5, synthetic), ``object_scale`` (:data:`OBJECT_SCALE`, synthetic: the
+    start dot's radius is 4% and the goal square's half-side 5% of the image side, times this),
+    ``w_task``, ``w_format``, ``image_size``, ``cache_dir``."""
 
     name = "trajectory"
     reward_parts = ("format", "frechet")
@@ -65,6 +71,9 @@ class TrajectoryTask(GeometricTask):
         self.max_points = int(self.options.get("max_points", 10))
         self.d_max = float(self.options.get("d_max", 0.5))
         self.obstacle_prob = float(self.options.get("obstacle_prob", 0.5))
+        self.object_scale = float(self.options.get("object_scale", OBJECT_SCALE))
+        if self.object_scale <= 0:
+            raise ValueError(f"trajectory object_scale must be > 0, got {self.object_scale}")
         if self.max_points < 2 or self.d_max <= 0:
             raise ValueError(f"trajectory needs max_points >= 2 and d_max > 0, got {self.max_points}, {self.d_max}")
 
@@ -129,15 +138,15 @@ class TrajectoryTask(GeometricTask):
             rng = syn.rng_for(self.name, seed, i)
             c_start, c_goal = rng.sample([c for c in syn.COLOURS if c != "white"], 2)  # white ~ the grey block
             obstacle = rng.random() < self.obstacle_prob
-            path, block = _sample_path(rng, w, h, self.max_points, obstacle)
+            r = max(2, round(0.04 * min(w, h) * self.object_scale))
+            q = max(3, round(0.05 * min(w, h) * self.object_scale))
+            path, block = _sample_path(rng, w, h, self.max_points, obstacle, min_margin=max(r, q) + 1)
             img, draw = syn.new_canvas((w, h))
             if block is not None:
                 draw.rectangle([block[0], block[1], block[2] - 1, block[3] - 1], fill=_OBSTACLE_COLOUR)
-            r = max(2, round(0.04 * min(w, h)))
             sx, sy = path[0]
             # pixels sx-r .. sx+r-1 (PIL is inclusive): continuous extent [sx-r, sx+r], centred on sx
             draw.ellipse([sx - r, sy - r, sx + r - 1, sy + r - 1], fill=syn.COLOURS[c_start])
-            q = max(3, round(0.05 * min(w, h)))
             gx, gy = path[-1]
             draw.rectangle([gx - q, gy - q, gx + q - 1, gy + q - 1], fill=syn.COLOURS[c_goal])
             traj = [[x / w, y / h] for x, y in path]
@@ -161,17 +170,18 @@ class TrajectoryTask(GeometricTask):
         return out
 
 
-def _sample_path(rng, w: int, h: int, k: int, obstacle: bool, tries: int = 500):
+def _sample_path(rng, w: int, h: int, k: int, obstacle: bool, tries: int = 500, min_margin: int = 0):
     """(path of k pixel points (whole pixels), obstacle box or None).
 
     Start and goal centres are integers at least 45% of the image side apart; with an obstacle,
     a block of side ~14% of the image is centred a little off the segment's midpoint and the
     Bézier control point is placed on the other side so that the curve's midpoint clears it.
     Every path point stays ``margin`` pixels inside the image and (with an obstacle) at least 3
-    pixels away from the block, checked on a dense sampling of the curve.  If no obstacle
-    layout is found in ``tries`` draws, the same ``rng`` draws a path without one."""
+    pixels away from the block, checked on a dense sampling of the curve (``margin`` is at least
+    ``min_margin``, so that the markers drawn at the ends fit).  If no obstacle layout is found
+    in ``tries`` draws, the same ``rng`` draws a path without one."""
     side = min(w, h)
-    margin = max(4, round(0.06 * side))
+    margin = max(4, round(0.06 * side), min_margin)
     for _ in range(tries):
         p0 = np.array([rng.randint(margin, w - margin), rng.randint(margin, h - margin)], dtype=float)
         p2 = np.array([rng.randint(margin, w - margin), rng.randint(margin, h - margin)], dtype=float)
@@ -204,9 +214,10 @@ def _sample_path(rng, w: int, h: int, k: int, obstacle: bool, tries: int = 500):
             if near.any():
                 continue
             # start dot and goal square must not touch the block either
-            if any(x0 - 8 < p[0] < x1 + 8 and y0 - 8 < p[1] < y1 + 8 for p in (p0, p2)):
+            c = max(8, min_margin)
+            if any(x0 - c < p[0] < x1 + c and y0 - c < p[1] < y1 + c for p in (p0, p2)):
                 continue
         return [[float(round(x)), float(round(y))] for x, y in path], block
     if obstacle:  # no room to bend around a block (tiny image / unlucky draws): a straight path
-        return _sample_path(rng, w, h, k, False, tries)
+        return _sample_path(rng, w, h, k, False, tries, min_margin)
     raise ValueError(f"could not draw a trajectory in a {w}x{h} image after {tries} tries")

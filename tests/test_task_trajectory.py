@@ -241,3 +241,25 @@ def test_prompt_template_override():
     assert task.prompt_text(s, QWEN2) == f"Go from {s.prompt['start']} to {s.prompt['goal']}. {QWEN2.coord_hint(112, 112)}"
     task.set_prompt_template(None)
     assert task.prompt_text(s, QWEN2).startswith("Draw a path of at most 10 points")
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_object_scale_grows_the_markers_and_keeps_them_inside(scale):
+    from tasks._synthetic import COLOURS
+
+    t = TrajectoryTask(object_scale=scale)
+    counts = []
+    for s in t.synthetic(12, seed=4):
+        img = np.asarray(s.images[0].convert("RGB")).astype(int)
+        h, w = img.shape[:2]
+        start_colour = COLOURS[s.prompt["start"].split()[0]]
+        mask = (np.abs(img - np.array(start_colour)).sum(-1) == 0)
+        counts.append(int(mask.sum()))
+        x, y = round(s.target["trajectory"][0][0] * w), round(s.target["trajectory"][0][1] * h)
+        assert mask[y, x], "the start dot is drawn at the path's first point"
+        r = max(2, round(0.04 * min(w, h) * scale))
+        q = max(3, round(0.05 * min(w, h) * scale))
+        for px, py in s.target["trajectory"][:: len(s.target["trajectory"]) - 1]:
+            assert max(r, q) < px * w < w - max(r, q) and max(r, q) < py * h < h - max(r, q)
+    expected = math.pi * max(2, round(0.04 * 112 * scale)) ** 2
+    assert 0.6 * expected < np.mean(counts) < 1.4 * expected
