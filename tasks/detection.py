@@ -193,8 +193,10 @@ def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, 
     return {k: (v if v >= 0 else math.nan) for k, v in (("AP", ap), ("AP50", ap50), ("AP75", ap75))}
 
 
-#: default size factor of synthetic shapes (sides 0.12-0.28 of the image's shorter side, times this)
-OBJECT_SCALE = 1.0
+#: default size factor of synthetic shapes (sides 0.12-0.28 of the image's shorter side, times
+#: this).  At 1.5 the tiny demo model reached a held-out mean IoU of 0.17 (AP50 0.012) after 800
+#: SFT steps; at 1.0 and 200 steps it was 0.04 with AP 0.
+OBJECT_SCALE = 1.5
 
 
 class DetectionTask(GeometricTask):
