@@ -83,8 +83,12 @@ def test_two_ranks_match_one_rank(tmp_path):
     base = _weights_of_tiny()
     moved = max((wa[k] - base[k]).abs().max().item() for k in wa if k in base)
     assert moved > 1e-4  # the steps did change the weights ...
-    for k in wa:  # ... and identically on 1 and 2 ranks
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6, msg=k)
+    # ... and identically on 1 and 2 ranks, up to float summation order: Adam moves every weight by
+    # about lr (2e-3) per step whatever its gradient's size, so where a gradient nearly cancels
+    # (the patch embedding's, summed over many patches) the order of that sum shows in m/sqrt(v);
+    # measured up to 1.6e-6 there, 6e-7 elsewhere. atol 1e-5 is 0.2% of 3 steps' movement.
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
 
     # evaluation: before SFT both runs decode the same model greedily (4 samples over 2 ranks)
     import json
