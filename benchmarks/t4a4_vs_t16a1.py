@@ -46,25 +46,20 @@ def run_task(task: str, args, workdir: Path) -> dict:
 
     common = ["--task", task, "--seed", str(args.seed), "--eval_samples", str(args.eval_samples), "--report_to", "none"]
     given = dict(kv.split("=", 1) for kv in args.sft_models.split(",") if kv.strip())
-    sft_evals: dict = {}
-    full_evals: dict = {}
+    sft_summary: dict = {}
     if task in given:  # reuse an SFT model trained before (e.g. the demo's <run>/sft/final)
-        sft_model, sft_steps = Path(given[task]), None
+        sft_model = Path(given[task])
         run_summary = sft_model.parent.parent / "summary.json"  # <run>/sft/final -> <run>/summary.json
-        if run_summary.is_file():  # that run's before/after-SFT evaluations (same held-out set if
-            summary = json.loads(run_summary.read_text())  # it used the same seed and eval_samples)
-            sft_steps = summary.get("sft", {}).get("steps")
-            for label in ("before_sft", "after_sft"):
-                full_evals[label] = summary["evals"].get(label, {})
-                sft_evals[label] = _metric(full_evals[label], task)[1]
+        if run_summary.is_file():  # that run's before/after-SFT evaluations (the same held-out set
+            sft_summary = json.loads(run_summary.read_text())  # if it used the same seed and eval_samples)
     else:
         sft_dir = workdir / task / "sft"
         steps = ["--sft_steps", str(args.sft_steps)] if args.sft_steps else []
-        summary = train([*common, "--stage", "sft", "--output_dir", str(sft_dir), *steps])
-        sft_model, sft_steps = sft_dir / "sft" / "final", summary["sft"]["steps"]
-        for label in ("before_sft", "after_sft"):
-            full_evals[label] = summary["evals"].get(label, {})
-            sft_evals[label] = _metric(full_evals[label], task)[1]
+        sft_summary = train([*common, "--stage", "sft", "--output_dir", str(sft_dir), *steps])
+        sft_model = sft_dir / "sft" / "final"
+    sft_steps = sft_summary.get("sft", {}).get("steps")
+    full_evals = {label: sft_summary["evals"].get(label, {}) for label in ("before_sft", "after_sft")} if sft_summary else {}
+    sft_evals = {label: _metric(ev, task)[1] for label, ev in full_evals.items()}
     out: dict = {"sft_model": str(sft_model), "sft_steps": sft_steps, "heldout": sft_evals, "evals": full_evals, "runs": {}}
     for name, (K, M) in SETTINGS.items():
         run_dir = workdir / task / name

@@ -52,10 +52,13 @@ def answer_inner(text: str) -> str:
 class GeometricTask(Task):
     """Base of the geometric tasks.  Options (all tasks): ``w_task`` (0.9), ``w_format`` (0.1),
     ``image_size`` ((112, 112), synthetic images), ``cache_dir`` (None: synthetic images stay
-    PIL; else PNG files there)."""
+    PIL; else PNG files there), ``object_scale`` (the subclass's ``OBJECT_SCALE``: size factor of
+    the objects its synthetic generator draws)."""
 
     #: prompt file variant (``prompts/<name>.<variant>.txt``), None for ``<name>.txt``
     prompt_variant: str | None = None
+    #: default ``object_scale`` of the synthetic generator
+    OBJECT_SCALE: float = 1.0
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -63,6 +66,9 @@ class GeometricTask(Task):
         self.w_format = float(self.options.get("w_format", 0.1))
         self.image_size = tuple(self.options.get("image_size", (112, 112)))
         self.cache_dir = self.options.get("cache_dir")
+        self.object_scale = float(self.options.get("object_scale", self.OBJECT_SCALE))
+        if self.object_scale <= 0:
+            raise ValueError(f"{self.name} object_scale must be > 0, got {self.object_scale}")
         self._templates: dict[str | None, str] = {}
         #: a template text that replaces the prompt files for every sample (None: use the files);
         #: the benchmark engine sets it from a suite's ``prompt_file``

@@ -59,6 +59,7 @@ class AffordanceTask(GeometricTask):
     """Grasp region as a box or as points; see the module docstring."""
 
     name = "affordance"
+    OBJECT_SCALE = OBJECT_SCALE
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -70,9 +71,6 @@ class AffordanceTask(GeometricTask):
             raise ValueError(f"affordance box_reward must be 'iou' or 'giou', got {self.box_reward!r}")
         self.max_points = int(self.options.get("max_points", 10))
         self.region_format = self.options.get("region_format", "polygon")
-        self.object_scale = float(self.options.get("object_scale", OBJECT_SCALE))
-        if self.object_scale <= 0:
-            raise ValueError(f"affordance object_scale must be > 0, got {self.object_scale}")
         self.reward_parts = ("format", "iou", "giou") if self.mode == "box" else ("format", "inside")
         self.target_keys = ("box", "boxes") if self.mode == "box" else ("region", "regions", "polygon")
         self.prompt_variant = None if self.mode == "box" else "points"

@@ -205,6 +205,7 @@ class DetectionTask(GeometricTask):
     (:data:`OBJECT_SCALE`: synthetic box sides are 0.12-0.28 of the image times this)."""
 
     name = "detection"
+    OBJECT_SCALE = OBJECT_SCALE
     reward_parts = ("format", "iou", "label")
     target_keys = ("boxes", "box")
 
@@ -212,9 +213,6 @@ class DetectionTask(GeometricTask):
         super().__init__(**options)
         self.label_weight = float(self.options.get("label_weight", 0.25))
         self.max_objects = int(self.options.get("max_objects", 3))
-        self.object_scale = float(self.options.get("object_scale", OBJECT_SCALE))
-        if self.object_scale <= 0:
-            raise ValueError(f"detection object_scale must be > 0, got {self.object_scale}")
 
     def variant_for(self, sample: Sample) -> str | None:
         """``prompts/detection.grounding.txt`` for a grounding sample (one object asked for)."""

@@ -52,13 +52,9 @@ def frechet_reward(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]
     return 1.0 - min(1.0, discrete_frechet(pred, gt) / d_max)
 
 
-#: default size factor of the synthetic start and goal markers
-OBJECT_SCALE = 1.0
-
-
 class TrajectoryTask(GeometricTask):
     """See the module docstring.  Options: ``max_points`` (10), ``d_max`` (0.5),
-    ``obstacle_prob`` (0.5, synthetic), ``object_scale`` (:data:`OBJECT_SCALE`, synthetic: the
+    ``obstacle_prob`` (0.5, synthetic), ``object_scale`` (1.0, synthetic: the
     start dot's radius is 4% and the goal square's half-side 5% of the image side, times this),
     ``w_task``, ``w_format``, ``image_size``, ``cache_dir``."""
 
@@ -71,9 +67,6 @@ class TrajectoryTask(GeometricTask):
         self.max_points = int(self.options.get("max_points", 10))
         self.d_max = float(self.options.get("d_max", 0.5))
         self.obstacle_prob = float(self.options.get("obstacle_prob", 0.5))
-        self.object_scale = float(self.options.get("object_scale", OBJECT_SCALE))
-        if self.object_scale <= 0:
-            raise ValueError(f"trajectory object_scale must be > 0, got {self.object_scale}")
         if self.max_points < 2 or self.d_max <= 0:
             raise ValueError(f"trajectory needs max_points >= 2 and d_max > 0, got {self.max_points}, {self.d_max}")
 

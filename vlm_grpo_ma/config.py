@@ -26,8 +26,8 @@ naming the key, the file and the closest field names).  Parsing and type convers
 transformers' :class:`~transformers.HfArgumentParser` (one ``--field`` per dataclass field; its
 ``help`` is the field's ``metadata["help"]``; ``--flag`` / ``--no_flag`` for booleans; choices for
 ``Literal`` and ``Enum`` fields).  A field typed ``Optional[JsonObject]`` holds a JSON object: a
-mapping in YAML, ``'{"key": 1}'`` on the command line.  YAML values are checked with the same parser's types and
-choices, so a wrong type in a file is an error naming the file and key, not a crash later.
+mapping in YAML, ``'{"key": 1}'`` on the command line.  YAML values are checked with the same
+parser's types and choices, so a wrong type in a file is an error naming the file and key, not a crash later.
 :func:`save_config` writes the resolved values as YAML that :func:`parse_config` reads back to
 equal instances.
 """
@@ -225,7 +225,7 @@ def parse_config(
         raise ConfigError(f"command line: {e}") from None
     outputs = tuple(outputs[: len(types)])  # drop the extra namespace holding --config
     _normalise_json(outputs, json_fields)
-    return outputs  # drop the extra namespace holding --config
+    return outputs
 
 
 def _plain(value: Any) -> Any:

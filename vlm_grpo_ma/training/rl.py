@@ -163,7 +163,6 @@ def rollout_backend(stage: Stage, cfg: TrainConfig):
 
 def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence, ref_engine=None) -> dict:
     """One GRPO-MA step on this rank's ``samples``; returns the step's (global) metrics."""
-    from vlm_grpo_ma.data.collate import build_generation_inputs
     from vlm_grpo_ma.algorithms.tis import tis_weights
     from vlm_grpo_ma.rollout import SamplingParams
     from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens, tree_token_values
@@ -178,11 +177,7 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
     backend = rollout_backend(stage, cfg)
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                               max_thought_tokens=rl.max_thought_tokens, max_answer_tokens=rl.max_answer_tokens)
-    messages = [task.messages(s, family) for s in samples]
-    if rl.rollout_backend == "vllm":
-        rollout = backend.generate_tree_from_messages(messages, K, M, sampling)
-    else:
-        rollout = backend.generate_tree(build_generation_inputs(stage.processor, messages), K, M, sampling)
+    rollout = backend.generate_tree_from_messages([task.messages(s, family) for s in samples], K, M, sampling)
     t1 = time.perf_counter()
 
     # 2. rewards
