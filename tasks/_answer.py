@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from tasks._geometric import answer_inner, fill_prompt
-from tasks.common import check_format, combine
+from vlm_grpo_ma.tasks._geometric import answer_inner, fill_prompt
+from vlm_grpo_ma.tasks.common import check_format, combine
 from vlm_grpo_ma.task import ParseError, Reward, Task, load_prompt
 
 log = logging.getLogger(__name__)

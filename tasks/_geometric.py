@@ -14,7 +14,7 @@ import logging
 import re
 from typing import Any
 
-from tasks.common import check_format, combine
+from vlm_grpo_ma.tasks.common import check_format, combine
 from vlm_grpo_ma.task import ParseError, Reward, Task, load_prompt
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ Sample:
     ``target = {"box": [x1, y1, x2, y2]}`` and/or ``{"boxes": [...]}`` (several correct
     regions: the best IoU counts).  Points mode: ``target = {"region": {"polygon": [[x, y], ...]}}``
     (or ``{"rle": <COCO RLE>, "size": [h, w]}``), ``{"regions": [...]}`` (their union) or
-    ``{"polygon": [...]}``; see :func:`tasks._geometry.points_in_region`.  For SFT in points
+    ``{"polygon": [...]}``; see :func:`vlm_grpo_ma.tasks._geometry.points_in_region`.  For SFT in points
     mode, ``target["points"]`` gives the reference points.
 
 Options: ``mode`` = ``"box"`` (default) or ``"points"``; ``box_reward`` = ``"iou"`` (default)
@@ -35,11 +35,11 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tasks import _synthetic as syn
-from tasks._geometric import GeometricTask, answer_inner
-from tasks._geometry import box_giou, box_iou, points_in_region
-from tasks._parsing import parse_boxes, parse_points
-from tasks.common import check_aligned, format_sft_target
+from vlm_grpo_ma.tasks import _synthetic as syn
+from vlm_grpo_ma.tasks._geometric import GeometricTask, answer_inner
+from vlm_grpo_ma.tasks._geometry import box_giou, box_iou, points_in_region
+from vlm_grpo_ma.tasks._parsing import parse_boxes, parse_points
+from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 

@@ -28,9 +28,9 @@ import re
 import threading
 from typing import Any, Sequence
 
-from tasks import _synthetic as syn
-from tasks._answer import AnswerTask, answer_inner
-from tasks.common import check_aligned, format_sft_target
+from vlm_grpo_ma.tasks import _synthetic as syn
+from vlm_grpo_ma.tasks._answer import AnswerTask, answer_inner
+from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.sandbox import Sandbox, SandboxLimits, validate_tests
 from vlm_grpo_ma.task import ParseError, Reward

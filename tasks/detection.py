@@ -13,7 +13,7 @@ Sample:
 
 Answer: ``[{"bbox_2d": [x1, y1, x2, y2], "label": "red circle"}, ...]`` in the family's frame
 (also accepted: a single object, bare ``[x1, y1, x2, y2]``, Qwen2-VL box tokens; see
-:mod:`tasks._parsing`).  ``parse`` returns ``[{"box": [x1, y1, x2, y2], "label": str | None}]``
+:mod:`vlm_grpo_ma.tasks._parsing`).  ``parse`` returns ``[{"box": [x1, y1, x2, y2], "label": str | None}]``
 in canonical coordinates, in the order written.
 
 Reward (parts ``format``, ``iou``, ``label``): the ground truth and the predicted boxes are
@@ -45,11 +45,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tasks import _synthetic as syn
-from tasks._geometric import GeometricTask, answer_inner
-from tasks._geometry import box_iou, hungarian_match, iou_matrix
-from tasks._parsing import parse_boxes
-from tasks.common import check_aligned, format_sft_target
+from vlm_grpo_ma.tasks import _synthetic as syn
+from vlm_grpo_ma.tasks._geometric import GeometricTask, answer_inner
+from vlm_grpo_ma.tasks._geometry import box_iou, hungarian_match, iou_matrix
+from vlm_grpo_ma.tasks._parsing import parse_boxes
+from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 
 __all__ = ["DetectionTask", "coco_ap", "ground_truth", "match_score", "normalise_label"]

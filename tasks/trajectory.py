@@ -11,7 +11,7 @@ an empty list is malformed (``no_points``).
 Distances are Euclidean in canonical [0, 1] image space (ShareRobot's convention: pixel
 coordinates divided by width and height): DFD = discrete Fréchet distance, HD = symmetric
 Hausdorff distance, RMSE over the first min(len) index-matched points
-(:mod:`tasks._geometry`).
+(:mod:`vlm_grpo_ma.tasks._geometry`).
 
 Reward part ``frechet`` = ``1 - min(1, DFD / d_max)``: 1 for the exact path, falling linearly to
 0 at a Fréchet distance of ``d_max`` (option, default 0.5 = half the image side; a path that
@@ -32,11 +32,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tasks import _synthetic as syn
-from tasks._geometric import GeometricTask, answer_inner
-from tasks._geometry import discrete_frechet, hausdorff, rmse_index_matched
-from tasks._parsing import parse_points
-from tasks.common import check_aligned, format_sft_target
+from vlm_grpo_ma.tasks import _synthetic as syn
+from vlm_grpo_ma.tasks._geometric import GeometricTask, answer_inner
+from vlm_grpo_ma.tasks._geometry import discrete_frechet, hausdorff, rmse_index_matched
+from vlm_grpo_ma.tasks._parsing import parse_points
+from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 

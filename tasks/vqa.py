@@ -36,9 +36,9 @@ import unicodedata
 from collections import Counter
 from typing import Any, Callable, Sequence
 
-from tasks import _synthetic as syn
-from tasks._answer import AnswerTask, answer_inner
-from tasks.common import check_aligned, format_sft_target
+from vlm_grpo_ma.tasks import _synthetic as syn
+from vlm_grpo_ma.tasks._answer import AnswerTask, answer_inner
+from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 

@@ -1,4 +1,4 @@
-"""tasks._geometry: hand-computed IoU / GIoU / matching / regions / DFD / HD / RMSE, and
+"""vlm_grpo_ma.tasks._geometry: hand-computed IoU / GIoU / matching / regions / DFD / HD / RMSE, and
 trajectory distances against independent computations (brute force, scipy)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from scipy.spatial.distance import directed_hausdorff
 
-from tasks._geometry import (
+from vlm_grpo_ma.tasks._geometry import (
     box_giou,
     box_iou,
     discrete_frechet,

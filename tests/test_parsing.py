@@ -1,4 +1,4 @@
-"""tasks._parsing: what real models write, what is rejected and why, and a hypothesis fuzz
+"""vlm_grpo_ma.tasks._parsing: what real models write, what is rejected and why, and a hypothesis fuzz
 proving that nothing but ParseError ever leaves the parsers."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks._parsing import MAX_ABS, MAX_ITEMS, ParsedBox, extract_structure, parse_boxes, parse_points
+from vlm_grpo_ma.tasks._parsing import MAX_ABS, MAX_ITEMS, ParsedBox, extract_structure, parse_boxes, parse_points
 from vlm_grpo_ma.task import ParseError
 
 

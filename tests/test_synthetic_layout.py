@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tasks._synthetic import _free_positions, _overlaps, place_boxes
+from vlm_grpo_ma.tasks._synthetic import _free_positions, _overlaps, place_boxes
 from vlm_grpo_ma.task import get_task
 
 GEOMETRIC = ("affordance", "detection", "trajectory", "vqa")

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 
-from tasks._geometry import _decode_rle
-from tasks.affordance import AffordanceTask
-from tasks.common import split_completion
+from vlm_grpo_ma.tasks._geometry import _decode_rle
+from vlm_grpo_ma.tasks.affordance import AffordanceTask
+from vlm_grpo_ma.tasks.common import split_completion
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.models.family import ModelFamily
 from vlm_grpo_ma.task import get_task
@@ -168,7 +168,7 @@ def test_synthetic_ground_truth_is_consistent():
     colour, and the RLE region covers the drawn handle."""
     from shapely import Point, Polygon
 
-    from tasks._synthetic import COLOURS
+    from vlm_grpo_ma.tasks._synthetic import COLOURS
 
     polys = AffordanceTask().synthetic(10, seed=2)
     rles = AffordanceTask(region_format="rle").synthetic(10, seed=2)

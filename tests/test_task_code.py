@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.code import CodeTask, extract_code
+from vlm_grpo_ma.tasks.code import CodeTask, extract_code
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.models.family import ModelFamily
 from vlm_grpo_ma.task import ParseError, get_task

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tasks.common import split_completion
-from tasks.detection import DetectionTask, coco_ap, match_score
+from vlm_grpo_ma.tasks.common import split_completion
+from vlm_grpo_ma.tasks.detection import DetectionTask, coco_ap, match_score
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.models.family import ModelFamily
 from vlm_grpo_ma.task import get_task
@@ -296,7 +296,7 @@ def test_synthetic_deterministic(tmp_path):
 
 def test_synthetic_shapes_drawn_inside_boxes():
     """The labelled colour is found inside its box and nowhere outside all boxes."""
-    from tasks._synthetic import COLOURS
+    from vlm_grpo_ma.tasks._synthetic import COLOURS
 
     for s in DetectionTask().synthetic(5, seed=1):
         arr = np.asarray(s.images[0]).astype(int)
@@ -435,7 +435,7 @@ def test_grounding_prompt_asks_for_one_object():
 
 
 def test_gradient_background():
-    from tasks._synthetic import gradient_background
+    from vlm_grpo_ma.tasks._synthetic import gradient_background
 
     arr = np.asarray(gradient_background(5, 3)).astype(int)
     assert arr.shape == (3, 5, 3)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.math import MathTask, latex_number, math_equal, math_parse
+from vlm_grpo_ma.tasks.math import MathTask, latex_number, math_equal, math_parse
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.models.family import ModelFamily
 from vlm_grpo_ma.task import ParseError, get_task

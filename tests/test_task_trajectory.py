@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import directed_hausdorff
 
-from tasks.common import split_completion
-from tasks.trajectory import FAILED_DISTANCE, TrajectoryTask, frechet_reward
+from vlm_grpo_ma.tasks.common import split_completion
+from vlm_grpo_ma.tasks.trajectory import FAILED_DISTANCE, TrajectoryTask, frechet_reward
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.models.family import ModelFamily
 from vlm_grpo_ma.task import get_task
@@ -153,7 +153,7 @@ def test_sft_target_scores_max_and_perturbed_less(fam):
 
 
 def test_synthetic_geometry():
-    from tasks._synthetic import COLOURS
+    from vlm_grpo_ma.tasks._synthetic import COLOURS
 
     samples = TrajectoryTask().synthetic(30, seed=1)
     assert 5 < sum(s.meta["obstacle"] for s in samples) < 25
@@ -245,7 +245,7 @@ def test_prompt_template_override():
 
 @pytest.mark.parametrize("scale", [1.0, 2.0])
 def test_object_scale_grows_the_markers_and_keeps_them_inside(scale):
-    from tasks._synthetic import COLOURS
+    from vlm_grpo_ma.tasks._synthetic import COLOURS
 
     t = TrajectoryTask(object_scale=scale)
     counts = []

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.vqa import VQATask, answers_match, normalize_answer, parse_choice, to_number, vqa_soft_accuracy
+from vlm_grpo_ma.tasks.vqa import VQATask, answers_match, normalize_answer, parse_choice, to_number, vqa_soft_accuracy
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.models.family import ModelFamily
 from vlm_grpo_ma.task import ParseError, get_task

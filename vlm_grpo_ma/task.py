@@ -110,7 +110,7 @@ class Task(abc.ABC):
 def load_prompt(task_name: str, variant: str | None = None) -> str:
     """The text of ``prompts/<task>[.<variant>].txt`` shipped inside the distribution."""
     fname = f"{task_name}.{variant}.txt" if variant else f"{task_name}.txt"
-    return resources.files("prompts").joinpath(fname).read_text(encoding="utf-8")
+    return resources.files("vlm_grpo_ma.prompts").joinpath(fname).read_text(encoding="utf-8")
 
 
 @functools.lru_cache(maxsize=None)

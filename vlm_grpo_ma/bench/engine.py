@@ -235,7 +235,7 @@ def _answer_text(completion: str, strict: bool) -> str:
     """The text inside ``<answer>`` under the format rule (ParseError otherwise); lenient mode
     (for outputs of systems that do not follow it) takes the last answer block, or the whole
     text without think blocks."""
-    from tasks.common import check_format, split_completion, strip_end_tokens
+    from vlm_grpo_ma.tasks.common import check_format, split_completion, strip_end_tokens
 
     if strict:
         thought, answer = split_completion(completion)
@@ -255,7 +255,7 @@ def _finite(v: Any) -> bool:
 
 
 def _reward(task: Any, completion: str, sample: Sample, family: ModelFamily) -> tuple[float, dict, str | None]:
-    from tasks.common import split_completion
+    from vlm_grpo_ma.tasks.common import split_completion
 
     thought, answer = split_completion(completion)
     try:

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from vlm_grpo_ma.resources import shipped_dir
+
 __all__ = ["DataSpec", "GenerationSpec", "Suite", "SuiteError", "find_suite", "list_suites", "load_suite"]
 
 
@@ -204,9 +206,8 @@ def suite_from_dict(raw: dict[str, Any], source: str | None = None) -> Suite:
 
 
 def suite_dirs() -> list[Path]:
-    """Folders searched for suites by name: ./benchmarks/suites, then the source checkout's."""
-    here = Path(__file__).resolve().parents[2] / "benchmarks" / "suites"
-    dirs = [Path.cwd() / "benchmarks" / "suites", here]
+    """Folders searched for suites by name: ./benchmarks/suites, then the shipped ones."""
+    dirs = [Path.cwd() / "benchmarks" / "suites", shipped_dir("suites")]
     out: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:

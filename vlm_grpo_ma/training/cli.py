@@ -31,7 +31,8 @@ def parse_train_config(argv: Sequence[str] | None = None):
     Without any ``--config`` the task's CPU demo config ``configs/<task>.tiny.yaml`` is read first
     (so ``--task detection`` alone gets detection's token budgets); command-line values win."""
     from vlm_grpo_ma.config import parse_config
-    from vlm_grpo_ma.training.config import ALL_ARGS, REPO_ROOT, TrainConfig
+    from vlm_grpo_ma.resources import shipped_dir
+    from vlm_grpo_ma.training.config import ALL_ARGS, TrainConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
@@ -42,7 +43,7 @@ def parse_train_config(argv: Sequence[str] | None = None):
                 task = argv[i + 1]
             elif a.startswith("--task="):
                 task = a.split("=", 1)[1]
-        demo = REPO_ROOT / "configs" / f"{task}.tiny.yaml"
+        demo = shipped_dir("configs") / f"{task}.tiny.yaml"
         if demo.is_file():
             argv = ["--config", str(demo)] + argv
     parts = parse_config(ALL_ARGS, argv, description="Two-stage trainer: SFT warm-start, then GRPO-MA, on DeepSpeed.")

@@ -17,9 +17,9 @@ from typing import Optional
 
 from vlm_grpo_ma.config import JsonObject
 
-#: repository root (``configs/`` lives there)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DEEPSPEED_CONFIG = str(REPO_ROOT / "configs" / "deepspeed" / "zero3.json")
+#: the shipped default DeepSpeed config (``configs/deepspeed/zero3.json`` in the source tree,
+#: ``vlm_grpo_ma.configs`` once installed: see :mod:`vlm_grpo_ma.resources`)
+DEFAULT_DEEPSPEED_CONFIG = "configs/deepspeed/zero3.json"
 
 
 @dataclass

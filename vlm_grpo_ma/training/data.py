@@ -66,7 +66,7 @@ class SampleStream:
 
 def synthetic_batch(task, n: int, seed: int) -> list:
     """``task.synthetic(n, seed)`` as a list (the task generators never fail on a seed: a layout
-    that does not fit at random is placed deterministically, ``tasks._synthetic.place_boxes``)."""
+    that does not fit at random is placed deterministically, ``vlm_grpo_ma.tasks._synthetic.place_boxes``)."""
     return list(task.synthetic(n, seed=seed))
 
 

@@ -19,7 +19,8 @@ from typing import Any, Iterator
 import torch
 
 from vlm_grpo_ma.training import distributed as dist
-from vlm_grpo_ma.training.config import REPO_ROOT, ModelArgs
+from vlm_grpo_ma.resources import resolve_file
+from vlm_grpo_ma.training.config import ModelArgs
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,10 @@ def resolve_ds_config(
 
     ``train_batch_size = micro_batch_size * grad_accum_steps * world_size`` (DeepSpeed checks it).
     """
-    path = Path(path)
-    if not path.is_file() and not path.is_absolute() and (REPO_ROOT / path).is_file():
-        path = REPO_ROOT / path  # shipped configs work from any working directory
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found (see configs/deepspeed/)")
+    try:  # the user's own file first, else the shipped one (works from any working directory)
+        path = resolve_file(path, "configs")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"DeepSpeed config: {e}") from None
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:

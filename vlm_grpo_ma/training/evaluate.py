@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def parse_completion(task, completion: str, sample, family) -> tuple[Any, str | None]:
     """(prediction, None) for a well-formed completion, (None, reason) otherwise; never raises."""
-    from tasks.common import check_format, split_completion
+    from vlm_grpo_ma.tasks.common import check_format, split_completion
 
     thought, answer = split_completion(completion)
     try:

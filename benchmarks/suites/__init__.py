@@ -1,0 +1,1 @@
+"""Bundled benchmark suites (installed as ``vlm_grpo_ma.suites``; data only)."""

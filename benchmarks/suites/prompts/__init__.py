@@ -1,0 +1,1 @@
+"""Prompt files of the bundled suites (data only)."""

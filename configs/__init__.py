@@ -1,0 +1,1 @@
+"""Shipped task and DeepSpeed configs (installed as ``vlm_grpo_ma.configs``; data only)."""

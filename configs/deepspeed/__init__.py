@@ -1,0 +1,1 @@
+"""Shipped DeepSpeed configs (data only)."""
