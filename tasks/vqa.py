@@ -17,14 +17,27 @@ normalised strings; numbers also match within ``abs_tol + rel_tol * |ref|`` (opt
 default: ``"3.50"`` matches ``"3.5"``).  Never substring matching: ``"red ball"`` does not match
 ``"red"``.
 
-Reward (parts ``format``, ``accuracy``): multiple choice: 1 for the right option; open with at
-least ``soft_min_refs`` (3) references: VQAv2 soft accuracy (:func:`vqa_soft_accuracy`); with
-fewer: 1 when the answer matches any reference.
+Reward (parts ``format``, ``accuracy``), option ``reward_match``:
 
-Metrics: ``accuracy`` (the answer matches the primary reference: the most frequent normalised
-reference, or the right option), ``soft_accuracy`` (the reward's task score), ``accuracy/<type>``
-(soft accuracy per answer type: ``yes/no``, ``number``, ``other``, ``multiple_choice``) and
-``parse_rate``.
+- ``"lenient"`` (default; a reward is not a metric): multiple choice: 1 for the right option;
+  open with at least ``soft_min_refs`` (3) references: VQAv2 soft accuracy over the lenient
+  normalisation above (:func:`vqa_soft_accuracy`); with fewer: 1 when the answer matches any
+  reference.  It forgives what the official script does not (``"eleven"`` = ``"11"``,
+  ``"it's"`` = ``"its"``, ``"50%"`` = ``"50"``, ``"3.50"`` = ``"3.5"``).
+- ``"official"``: the per-sample metric below.
+
+Metrics (the official VQAv2 evaluation, GT-Vision-Lab/VQA
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, re-implemented in :func:`vqa_accuracy`):
+``accuracy`` = the mean over samples of: open questions with several references: the official
+VQAv2 accuracy (its normalisation, leave-one-out over the references); open questions with ONE
+reference (where the official formula is always 0): exact match after the official
+normalisation of both (a project convention, not VQAv2's); multiple choice: the right option.
+For VQAv2 data, ``100 * accuracy`` rounded to 2 decimals is the official script's overall figure.
+``accuracy/<answer_type>`` (VQAv2's ``answer_type`` field: ``yes/no``, ``number``, ``other``; or
+inferred from the references; ``multiple_choice``) and ``accuracy/question_type/<question_type>``
+(samples whose target has VQAv2's ``question_type``, e.g. ``what color is the``) are the same
+mean over those samples (the official ``perAnswerType`` / ``perQuestionType``); ``parse_rate``.
+An unparsable answer scores 0.
 """
 
 from __future__ import annotations
@@ -48,6 +61,10 @@ __all__ = [
     "normalize_answer",
     "parse_choice",
     "to_number",
+    "vqa_accuracy",
+    "vqa_normalize_prediction",
+    "vqa_process_digit_article",
+    "vqa_process_punctuation",
     "vqa_soft_accuracy",
 ]
 
@@ -140,6 +157,110 @@ def vqa_soft_accuracy(
     return sum(min(1.0, (k - h) / 3) for h in hits) / len(refs)
 
 
+# ----------------------------------------------------------------------------------------------
+# The official VQAv2 evaluation, re-implemented: GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py (master).  Its quirks are kept on purpose, so
+# that a number reported here is the number that script prints (divided by 100, unrounded).
+# ----------------------------------------------------------------------------------------------
+#: contractions the official script restores, word by word, after stripping punctuation
+VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're",
+    "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
+    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
+    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+#: number words the official script maps to digits (only up to ten)
+VQA_DIGITS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+#: punctuation the official script deletes or turns into a space (master: no ':', no "'")
+VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+             "?", "!")
+# "(?!<=\d)" in the official pattern is a lookahead (a typo for a lookbehind) that always holds:
+# every period not followed by a digit is deleted
+_VQA_PERIOD = re.compile(r"\.(?!\d)")
+_VQA_COMMA_IN_NUMBER = re.compile(r"\d,\d")
+
+
+def vqa_process_punctuation(text: str) -> str:
+    """The official ``processPunctuation``: each punctuation mark of :data:`VQA_PUNCT` is deleted
+    when it touches a space somewhere in the text, or when the text has a comma between two
+    digits (then EVERY mark is deleted: ``"1,000 red-blue"`` -> ``"1000 redblue"``), and
+    otherwise becomes a space; then every period not followed by a digit is deleted.  Case,
+    apostrophes and colons are kept."""
+    out = text
+    has_number_comma = _VQA_COMMA_IN_NUMBER.search(text) is not None
+    for p in VQA_PUNCT:
+        if p + " " in text or " " + p in text or has_number_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _VQA_PERIOD.sub("", out)
+
+
+def vqa_process_digit_article(text: str) -> str:
+    """The official ``processDigitArticle``: lowercase, split on whitespace, number words
+    ``none``/``zero``..``ten`` to digits, articles dropped, contractions restored
+    (``dont`` -> ``don't``), joined by single spaces."""
+    words = [VQA_DIGITS.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in ARTICLES]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words)
+
+
+def vqa_normalize_prediction(text: str) -> str:
+    """A predicted answer as the official script compares it: newlines and tabs to spaces,
+    stripped, :func:`vqa_process_punctuation`, :func:`vqa_process_digit_article`."""
+    t = str(text).replace("\n", " ").replace("\t", " ").strip()
+    return vqa_process_digit_article(vqa_process_punctuation(t))
+
+
+def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
+    """VQAv2 accuracy of one RAW predicted answer against the RAW human answers, exactly as the
+    official script computes it: the prediction is normalised (:func:`vqa_normalize_prediction`);
+    the references only go through :func:`vqa_process_punctuation`, and only when they are not
+    all identical (the official annotations are already normalised: ``"yes"`` against ten
+    ``"Yes."`` scores 0, and the case of a reference is never changed); then the mean over the references ``i`` of
+    ``min(1, #(other references equal to the prediction) / 3)``.  With a single reference this
+    is always 0 (no other reference is left), as in the official script.
+
+    >>> vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7)
+    0.9
+    """
+    pred = vqa_normalize_prediction(prediction)
+    refs = [str(r) for r in references]
+    if not refs:
+        return 0.0
+    if len(set(refs)) > 1:
+        refs = [vqa_process_punctuation(r) for r in refs]
+    hits = [r == pred for r in refs]
+    k = sum(hits)
+    return sum(min(1.0, (k - h) / 3) for h in hits) / len(refs)
+
+
 _LETTER_RE = re.compile(r"^(?:option|answer|choice)?\s*[:\-]?\s*\(?([A-Za-z])\)?\s*[.):]?$", re.IGNORECASE)
 _LETTER_TEXT_RE = re.compile(r"^\(?([A-Za-z])\)?\s*[.):]\s*(.+)$", re.DOTALL)
 
@@ -193,8 +314,9 @@ def _answer_type(refs_norm: Sequence[str]) -> str:
 class VQATask(AnswerTask):
     """Open and multiple-choice VQA (see the module docstring).
 
-    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``rel_tol`` (0), ``abs_tol`` (0),
-    ``soft_min_refs`` (3), ``soft_formula`` (``"official"`` or ``"simple"``),
+    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``reward_match`` (``"lenient"`` or
+    ``"official"``), ``rel_tol`` (0), ``abs_tol`` (0), ``soft_min_refs`` (3), ``soft_formula``
+    (``"official"`` or ``"simple"``) (the last four: lenient reward only),
     ``image_size`` ((112, 112), synthetic), ``cache_dir`` (None: synthetic images stay PIL).
     """
 
@@ -209,6 +331,9 @@ class VQATask(AnswerTask):
         self.soft_formula = str(self.options.get("soft_formula", "official"))
         if self.soft_formula not in ("official", "simple"):
             raise ValueError(f"vqa option soft_formula must be 'official' or 'simple', got {self.soft_formula!r}")
+        self.reward_match = str(self.options.get("reward_match", "lenient"))
+        if self.reward_match not in ("lenient", "official"):
+            raise ValueError(f"vqa option reward_match must be 'lenient' or 'official', got {self.reward_match!r}")
         self.image_size = tuple(self.options.get("image_size", (112, 112)))
         self.cache_dir = self.options.get("cache_dir")
 
@@ -266,23 +391,38 @@ class VQATask(AnswerTask):
 
     # --- scoring -------------------------------------------------------------------------
     def parse(self, answer_text: str, sample: Sample, family) -> int | str:
-        """Multiple choice: the option index; open: the normalised answer (ParseError
-        ``empty`` when nothing is left after normalisation)."""
+        """Multiple choice: the option index; open: the answer text as written, stripped (the
+        metric normalises it the official way, the lenient reward its own way; ParseError
+        ``empty`` when nothing is left after either normalisation)."""
         text = answer_inner(answer_text) if isinstance(answer_text, str) else ""
         if self.is_mc(sample):
             return parse_choice(text, sample.prompt["choices"])
-        norm = normalize_answer(text)
-        if not norm:
+        if not normalize_answer(text) and not vqa_normalize_prediction(text):
             raise ParseError("empty", "empty answer after normalisation")
-        return norm
+        return text.strip()
 
     def score(self, prediction: Any, sample: Sample) -> float:
-        if self.is_mc(sample):
-            return float(prediction == sample.target["choice"])
+        """The reward's task score (option ``reward_match``)."""
+        if self.reward_match == "official" or self.is_mc(sample):
+            return self.metric_score(prediction, sample)
+        pred = normalize_answer(prediction)
         refs = [normalize_answer(r) for r in self.references(sample)]
         if len(refs) >= self.soft_min_refs:
-            return vqa_soft_accuracy(prediction, refs, self.match, self.soft_formula)
-        return float(any(self.match(prediction, r) for r in refs))
+            return vqa_soft_accuracy(pred, refs, self.match, self.soft_formula)
+        return float(any(self.match(pred, r) for r in refs))
+
+    def metric_score(self, prediction: Any, sample: Sample) -> float:
+        """One sample's ``accuracy`` (module docstring): official VQAv2 accuracy with several
+        references, official-normalised exact match with one, the right option for multiple
+        choice; 0 for an unparsable answer (None)."""
+        if prediction is None:
+            return 0.0
+        if self.is_mc(sample):
+            return float(prediction == sample.target["choice"])
+        refs = self.references(sample)
+        if len(refs) == 1:
+            return float(vqa_normalize_prediction(prediction) == vqa_normalize_prediction(refs[0]))
+        return vqa_accuracy(prediction, refs)
 
     def answer_type(self, sample: Sample) -> str:
         if self.is_mc(sample):
@@ -293,30 +433,26 @@ class VQATask(AnswerTask):
         return _answer_type([normalize_answer(r) for r in self.references(sample)])
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
+        """``accuracy``, ``accuracy/<answer_type>``, ``accuracy/question_type/<type>`` and
+        ``parse_rate`` (module docstring)."""
         check_aligned(predictions, samples)
         if not samples:
-            return {"accuracy": math.nan, "soft_accuracy": math.nan, "parse_rate": math.nan}
-        acc, soft = [], []
-        by_type: dict[str, list[float]] = {}
+            return {"accuracy": math.nan, "parse_rate": math.nan}
+        acc = []
+        groups: dict[str, list[float]] = {}
         for pred, s in zip(predictions, samples):
-            if pred is None:
-                a = sc = 0.0
-            elif self.is_mc(s):
-                a = sc = float(pred == s.target["choice"])
-            else:
-                norms = [normalize_answer(r) for r in self.references(s)]
-                a = float(self.match(pred, Counter(norms).most_common(1)[0][0]))
-                sc = self.score(pred, s)
+            a = self.metric_score(pred, s)
             acc.append(a)
-            soft.append(sc)
-            by_type.setdefault(self.answer_type(s), []).append(sc)
+            groups.setdefault(f"accuracy/{self.answer_type(s)}", []).append(a)
+            qtype = s.target.get("question_type")
+            if isinstance(qtype, str) and qtype:
+                groups.setdefault(f"accuracy/question_type/{qtype}", []).append(a)
         out = {
             "accuracy": sum(acc) / len(acc),
-            "soft_accuracy": sum(soft) / len(soft),
             "parse_rate": sum(p is not None for p in predictions) / len(predictions),
         }
-        for t, v in sorted(by_type.items()):
-            out[f"accuracy/{t}"] = sum(v) / len(v)
+        for key, v in sorted(groups.items()):
+            out[key] = sum(v) / len(v)
         return out
 
     # --- data ----------------------------------------------------------------------------

@@ -165,22 +165,37 @@ def test_bad_data_raises_naming_the_sample():
 def test_metrics_hand_computed():
     t = VQATask()
     samples = [
-        open_sample(["2"] * 3 + ["3"] * 7),  # number; primary answer "3"
+        open_sample(["2"] * 3 + ["3"] * 7, question_type="how many"),  # number
         open_sample(["red"], answer_type="other"),
         mc_sample(choice=1),
         open_sample(["yes"]),
+        open_sample(["11"], answer_type="other"),
     ]
-    preds = ["2", "red", 1, None]
+    preds = ["2", "Red.", 1, None, "eleven"]
     m = t.metrics(preds, samples)
-    assert m["accuracy"] == pytest.approx((0 + 1 + 1 + 0) / 4)
-    assert m["soft_accuracy"] == pytest.approx((0.9 + 1 + 1 + 0) / 4)
+    # official VQAv2 accuracy 0.9; single reference: official-normalised exact match ("eleven"
+    # is not mapped to "11" by the official script); the right option; unparsable
+    assert m["accuracy"] == pytest.approx((0.9 + 1 + 1 + 0 + 0) / 5)
     assert m["accuracy/number"] == pytest.approx(0.9)
-    assert m["accuracy/other"] == 1.0 and m["accuracy/multiple_choice"] == 1.0
+    assert m["accuracy/question_type/how many"] == pytest.approx(0.9)
+    assert m["accuracy/other"] == 0.5 and m["accuracy/multiple_choice"] == 1.0
     assert m["accuracy/yes/no"] == 0.0
-    assert m["parse_rate"] == 0.75
+    assert m["parse_rate"] == 0.8 and "soft_accuracy" not in m
     assert math.isnan(t.metrics([], [])["accuracy"])
     with pytest.raises(ValueError):
         t.metrics([None], [])
+
+
+def test_reward_match_option():
+    """The lenient reward forgives what the official metric does not; ``reward_match:
+    official`` makes the reward the metric."""
+    s = open_sample(["11"])
+    lenient, official = VQATask(w_task=1.0, w_format=0.0), VQATask(w_task=1.0, w_format=0.0, reward_match="official")
+    assert lenient.reward(THINK, ans("eleven"), s, FAM).total == 1.0
+    assert official.reward(THINK, ans("eleven"), s, FAM).total == 0.0
+    assert official.reward(THINK, ans("11."), s, FAM).total == 1.0
+    with pytest.raises(ValueError):
+        VQATask(reward_match="strict")
 
 
 # ---- fuzz -------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ format                     task             what the files look like
                                             ``category``) and ``masks/<line:02d>.jpg``
 ``roborefit``              affordance       RoboRefIt (VL-Grasp): JSON list with ``text``,
                                             ``rgb_path``, ``mask_path``, ``bbox`` xyxy pixels
+``vqav2``                  vqa              VQAv2 questions + annotations JSON (ten human
+                                            answers, ``answer_type``, ``question_type``)
 =========================  ===============  ==================================================
 
 Canonical targets (the keys the task plugins read):
@@ -403,6 +405,85 @@ def load_roborefit(path: str | os.PathLike, image_root: str | None = None, split
 
 
 # ---------------------------------------------------------------------------------------------
+# VQAv2 (questions + annotations JSON, as GT-Vision-Lab/VQA ships them)
+# ---------------------------------------------------------------------------------------------
+def _read_json_object(path: Path, key: str) -> tuple[list, str | None]:
+    """(the ``key`` list, ``data_subtype``) of a VQAv2 JSON file."""
+    if not path.is_file():
+        raise FormatError(path, "", None, "file does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise FormatError(path, f"line {e.lineno}", None, f"invalid JSON: {e.msg}") from e
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise FormatError(path, "", key, f"expected an object with a {key!r} list")
+    subtype = data.get("data_subtype")
+    return data[key], subtype if isinstance(subtype, str) else None
+
+
+def load_vqav2(path: str | os.PathLike, image_root: str | None = None, split: str = "val",
+               questions: str | None = None, limit: int | None = None, **_: Any) -> list[Sample]:
+    """VQAv2 in its official files (GT-Vision-Lab/VQA): ``path`` is the annotations JSON
+    (``{"annotations": [{"question_id", "image_id", "question_type", "answer_type",
+    "multiple_choice_answer", "answers": [{"answer", "answer_confidence", "answer_id"}, ...]}]}``)
+    and ``questions`` the questions JSON (``{"data_subtype": "val2014", "questions":
+    [{"question_id", "image_id", "question"}]}``; default: the file next to ``path`` whose name
+    has ``questions`` in place of ``annotations``).  Images are ``COCO_<data_subtype>_<image_id
+    as 12 digits>.jpg`` under ``image_root``.  The target keeps the ten answers as written (the
+    official evaluation compares against them), the answer type and the question type."""
+    path = Path(path)
+    if questions:
+        qpath = Path(questions)
+    else:  # v2_mscoco_val2014_annotations.json -> v2_OpenEnded_mscoco_val2014_questions.json
+        stem = path.name.replace("annotations", "questions")
+        found = [p for p in path.parent.glob("*questions*.json") if p.name.endswith(stem.split("mscoco")[-1])]
+        if len(found) != 1:
+            raise FormatError(path, "", "questions", "cannot tell which questions JSON goes with it: set data.options.questions")
+        qpath = found[0]
+    qs, subtype = _read_json_object(qpath, "questions")
+    subtype = subtype or split
+    by_qid: dict[Any, tuple[str, dict]] = {}
+    for i, q in enumerate(qs):
+        where = f"questions[{i}]"
+        if not isinstance(q, dict):
+            raise FormatError(qpath, where, None, f"expected an object, got {type(q).__name__}")
+        by_qid[_field(q, ("question_id",), qpath, where)] = (where, q)
+    root = Path(image_root) if image_root else path.parent
+    out: list[Sample] = []
+    for i, ann in enumerate(_read_json_object(path, "annotations")[0]):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise FormatError(path, where, None, f"expected an object, got {type(ann).__name__}")
+        qid = _field(ann, ("question_id",), path, where)
+        if qid not in by_qid:
+            raise FormatError(path, where, "question_id", f"{qid!r} is not in {qpath}")
+        qwhere, q = by_qid[qid]
+        question = _field(q, ("question",), qpath, qwhere)
+        answers = _field(ann, ("answers",), path, where)
+        if not isinstance(answers, list) or not answers or not all(
+                isinstance(a, dict) and isinstance(a.get("answer"), str) for a in answers):
+            raise FormatError(path, where, "answers", "expected a non-empty list of {'answer': str, ...}")
+        image_id = _field(ann, ("image_id",), path, where)
+        img, size = _resolve_image(f"COCO_{subtype}_{int(image_id):012d}.jpg", root, path, where, "image_id")
+        target = {"answers": [a["answer"] for a in answers]}
+        for key in ("answer_type", "question_type"):
+            if isinstance(ann.get(key), str):
+                target[key] = ann[key]
+        out.append(
+            Sample(
+                id=f"vqav2-{qid}",
+                task="vqa",
+                images=[img],
+                image_sizes=[size],
+                prompt={"question": str(question)},
+                target=target,
+                meta={"source": str(path), "record": where, "split": split, "format": "vqav2"},
+            )
+        )
+    return _limit(out, limit)
+
+
+# ---------------------------------------------------------------------------------------------
 # COCO instances and plain JSONL: through the data package's loaders
 # ---------------------------------------------------------------------------------------------
 def load_coco(path: str | os.PathLike, image_root: str | None = None, split: str = "val",
@@ -439,6 +520,7 @@ FORMATS: dict[str, tuple[Callable[..., list[Sample]], str | None]] = {
     "sharerobot_affordance": (load_sharerobot_affordance, "affordance"),
     "where2place": (load_where2place, "affordance"),
     "roborefit": (load_roborefit, "affordance"),
+    "vqav2": (load_vqav2, "vqa"),
     "jsonl": (load_jsonl, None),
 }
 
