@@ -29,6 +29,8 @@ __all__ = [
     "hausdorff",
     "hungarian_match",
     "iou_matrix",
+    "mask_pixels",
+    "mask_values",
     "points_in_polygon",
     "points_in_region",
     "points_in_rle",
@@ -68,8 +70,11 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
 def box_giou(a: Sequence[float], b: Sequence[float]) -> float:
     """Generalised IoU (Rezatofighi et al., 2019) of two boxes, in [-1, 1]:
     ``IoU - (|C| - |A u B|) / |C|`` with C the smallest box enclosing both.
-    Two degenerate boxes (empty enclosing box) give 1 if they coincide, else -1."""
+    Two degenerate boxes (empty enclosing box) give 1 if they coincide, else -1; a box with
+    inverted corners (x1 > x2 or y1 > y2) is no box: -1."""
     a, b = _boxes(a)[0], _boxes(b)[0]
+    if a[0] > a[2] or a[1] > a[3] or b[0] > b[2] or b[1] > b[3]:
+        return -1.0
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
@@ -135,24 +140,40 @@ def _decode_rle(rle: dict) -> np.ndarray:
         return np.asarray(mask_utils.decode(rle), dtype=bool)
 
 
+def mask_pixels(points: Sequence[Sequence[float]], width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixel each canonical point (N, 2) reads in a ``height`` x ``width`` mask, the way
+    RoboPoint's ``summarize_vqa.py`` (wentaoyuan/RoboPoint) and FlagEvalMM's Where2Place
+    evaluator do it: ``col = int(x * width)``, ``row = int(y * height)`` (truncation toward
+    zero, so x in (-1/width, 0) still reads column 0, and x = 1 reads column ``width``, outside).
+    Returns ``(rows, cols, in_range)``: (N,) int64 arrays (0 where out of range) and the (N,)
+    bool ``0 <= col < width and 0 <= row < height``."""
+    pts = _points(points)
+    finite = np.isfinite(pts).all(axis=1)
+    safe = np.where(finite[:, None], pts, -2.0) * np.array([width, height], dtype=np.float64)
+    safe = np.clip(safe, -2.0, 2.0 * max(width, height) + 2)  # huge values: out of range, no overflow
+    cols, rows = np.trunc(safe[:, 0]).astype(np.int64), np.trunc(safe[:, 1]).astype(np.int64)
+    ok = finite & (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
+    return np.where(ok, rows, 0), np.where(ok, cols, 0), ok
+
+
+def mask_values(points: Sequence[Sequence[float]], mask: np.ndarray) -> np.ndarray:
+    """(N,) float: the value of ``mask`` (H, W) at each point's pixel (:func:`mask_pixels`), 0 for
+    a point outside the image."""
+    mask = np.asarray(mask)
+    h, w = mask.shape[:2]
+    rows, cols, ok = mask_pixels(points, w, h)
+    return np.where(ok, mask[rows, cols].astype(np.float64), 0.0)
+
+
 def points_in_rle(points: Sequence[Sequence[float]], rle: dict) -> np.ndarray:
     """(N,) bool: which points (N, 2) fall on a foreground pixel of a COCO RLE mask.
 
     The mask has ``rle["size"] == [H, W]`` over the whole image; point (x, y) reads pixel
-    ``(row, col) = (floor(y * H), floor(x * W))`` (x = 1 or y = 1 read the last pixel).
-    Points outside [0, 1]^2 are misses.  Compressed (``counts`` bytes/str) and uncompressed
-    (``counts`` list) RLE are accepted.
+    ``(row, col) = (int(y * H), int(x * W))`` (:func:`mask_pixels`: RoboPoint's convention;
+    x = 1 or y = 1 is outside, as is anything outside the pixel grid).  Compressed
+    (``counts`` bytes/str) and uncompressed (``counts`` list) RLE are accepted.
     """
-    pts = _points(points)
-    mask = _decode_rle(rle)
-    h, w = mask.shape[:2]
-    ok = _in_image(pts)
-    out = np.zeros(len(pts), dtype=bool)
-    if ok.any():
-        col = np.minimum(np.floor(pts[ok, 0] * w).astype(np.int64), w - 1)
-        row = np.minimum(np.floor(pts[ok, 1] * h).astype(np.int64), h - 1)
-        out[ok] = mask[row, col]
-    return out
+    return mask_values(points, _decode_rle(rle)) > 0
 
 
 def points_in_region(points: Sequence[Sequence[float]], region: dict) -> np.ndarray:

@@ -77,10 +77,23 @@ _CLOSE = {v: k for k, v in _OPEN.items()}
 @dataclass(frozen=True)
 class ParsedBox:
     """One box as written by the model: ``box`` = (x1, y1, x2, y2) in the model's frame with
-    x1 <= x2 and y1 <= y2 (corners given in the other order are swapped), and its label."""
+    x1 <= x2 and y1 <= y2 (corners given in the other order are swapped), its label, and
+    ``written``: the four numbers in the order the model wrote them (None when that is
+    ``box``).  Metrics that follow the official evaluators score ``written`` (an inverted box
+    is a miss there); rewards may forgive it."""
 
     box: tuple[float, float, float, float]
     label: str | None = None
+    written: tuple[float, float, float, float] | None = None
+
+    @property
+    def inverted(self) -> bool:
+        """Whether the model wrote x1 > x2 or y1 > y2."""
+        return self.written is not None
+
+    @property
+    def as_written(self) -> tuple[float, float, float, float]:
+        return self.written if self.written is not None else self.box
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,14 +276,20 @@ def _label(d: dict) -> str | None:
 
 
 def _coords4(v: Any) -> tuple[float, float, float, float]:
-    """4 numbers from ``[x1, y1, x2, y2]`` or ``[[x1, y1], [x2, y2]]``, corners ordered."""
+    """4 numbers from ``[x1, y1, x2, y2]`` or ``[[x1, y1], [x2, y2]]``, as written."""
     if _is_seq(v) and len(v) == 4 and all(_is_num(c) for c in v):
         x1, y1, x2, y2 = (_num(c) for c in v)
     elif _is_seq(v) and len(v) == 2 and all(_is_seq(p) and len(p) == 2 for p in v):
         (x1, y1), (x2, y2) = ((_num(p[0]), _num(p[1])) for p in v)
     else:
         raise ParseError("bad_shape", "a box needs [x1, y1, x2, y2]")
-    return min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)
+    return x1, y1, x2, y2
+
+
+def _parsed_box(coords: tuple[float, float, float, float], label: str | None = None) -> ParsedBox:
+    x1, y1, x2, y2 = coords
+    ordered = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+    return ParsedBox(ordered, label, None if ordered == tuple(coords) else tuple(coords))
 
 
 def _box_item(v: Any) -> ParsedBox:
@@ -278,8 +297,8 @@ def _box_item(v: Any) -> ParsedBox:
         coords = _pick(v, _BOX_KEYS)
         if coords is None:
             raise ParseError("bad_shape", "object without a bbox_2d key")
-        return ParsedBox(_coords4(coords), _label(v))
-    return ParsedBox(_coords4(v))
+        return _parsed_box(_coords4(coords), _label(v))
+    return _parsed_box(_coords4(v))
 
 
 def _unwrap(value: Any) -> Any:
@@ -305,7 +324,7 @@ def boxes_from_structure(value: Any) -> list[ParsedBox]:
     if not _is_seq(value):
         raise ParseError("bad_shape", f"expected a list of boxes, got {type(value).__name__}")
     if len(value) == 4 and all(_is_num(c) for c in value):
-        return [ParsedBox(_coords4(value))]
+        return [_parsed_box(_coords4(value))]
     _check_count(value)
     return [_box_item(v) for v in value]
 
@@ -327,7 +346,7 @@ def parse_boxes(text: Any) -> list[ParsedBox]:
             except (ValueError, OverflowError):
                 raise ParseError("bad_number", "unreadable number in box tokens") from None
             label = m.group("label")
-            out.append(ParsedBox(_coords4(coords), label.strip()[:200] if label is not None else None))
+            out.append(_parsed_box(_coords4(coords), label.strip()[:200] if label is not None else None))
         return out
     return boxes_from_structure(extract_structure(text))
 

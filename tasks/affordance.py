@@ -11,25 +11,42 @@ Sample:
 
 Options: ``mode`` = ``"box"`` (default) or ``"points"``; ``box_reward`` = ``"iou"`` (default)
 or ``"giou"`` (the task part is then (GIoU + 1) / 2, which still rewards moving a
-non-overlapping box closer); ``max_points`` = 10 (points mode: only the first ``max_points``
-points written are scored); plus the common ``w_task``, ``w_format``, ``image_size``,
-``cache_dir``, ``region_format`` = ``"polygon"`` or ``"rle"`` for synthetic regions, and
-``object_scale`` (:data:`OBJECT_SCALE`) for the size of synthetic objects.
+non-overlapping box closer); the reward-only leniencies ``max_points`` = 10 (points mode: the
+REWARD scores only the first ``max_points`` points written; the metrics score all of them) and
+``swap_inverted`` = True (box mode: the REWARD reads a box written with x1 > x2 or y1 > y2 as
+the box with its corners swapped; the metrics score it as written, IoU 0, as FlagEvalMM does);
+plus the common ``w_task``, ``w_format``, ``image_size``, ``cache_dir``, ``region_format`` =
+``"polygon"`` or ``"rle"`` for synthetic regions, and ``object_scale`` (:data:`OBJECT_SCALE`)
+for the size of synthetic objects.
 
 Box mode: answer ``[x1, y1, x2, y2]`` (or ``{"bbox_2d": ...}``; of several boxes the first is
 scored).  Reward parts ``format``, ``iou``, ``giou`` (the latter as (GIoU + 1) / 2); metrics
-``mean_iou`` and the shares ``iou>=0.5``, ``iou>=0.75``, ``iou>=0.9`` (an unparsable answer
-counts as IoU 0), ``parse_rate``.
+(FlagEvalMM ``tasks/affordance/evaluate.py``): ``mean_iou`` and the shares ``iou>=0.5``,
+``iou>=0.75``, ``iou>=0.9`` (>=, as there; an unparsable answer counts as IoU 0, where
+FlagEvalMM skips the item), ``parse_rate``.
 
 Points mode: answer ``[[x, y], ...]`` (or ``{"point_2d": ...}`` objects, or ``(x, y)`` tuples).
-Reward part ``inside`` = the fraction of predicted points inside the ground-truth region; points
-outside the image are misses.  Metric ``accuracy`` = its mean over samples (0 for an unparsable
-answer), ``parse_rate``.  An empty list is malformed (``no_points``).
+Reward part ``inside`` = the fraction of the first ``max_points`` predicted points inside the
+ground-truth region; points outside the image are misses.  An empty list is malformed
+(``no_points``).  Metrics, over ALL the points written (pixel of a point: ``int(x * W)``,
+``int(y * H)``, as in :func:`~vlm_grpo_ma.tasks._geometry.mask_pixels`):
+
+- ``accuracy``: per sample, the mean over its points of the mask's value there, then the mean
+  over samples (0 for an unparsable answer): RoboPoint's ``robopoint/eval/summarize_vqa.py`` and
+  FlagEvalMM's ``tasks/where2place/evaluate.py``.  Where the sample names its mask image
+  (``meta["mask"]``: the where2place and roborefit loaders) the value is the grey level / 255,
+  as those scripts read the JPEG; otherwise membership in the region (0 or 1).
+- ``accuracy_points_weighted``: points whose mask value is > 0 over all points of all samples
+  (an unparsable answer adds no point): Embodied-R1's ``eval/hf_inference_where2place.py``.
+- with a ground-truth box (RoboRefIt): ``box_accuracy`` and ``box_accuracy_points_weighted``,
+  the same two with "inside" meaning ``x1 <= x <= x2 and y1 <= y <= y2``: Embodied-R1's
+  ``eval/hf_inference_roborefit.py``.
 """
 
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -37,13 +54,13 @@ from PIL import Image, ImageDraw
 
 from vlm_grpo_ma.tasks import _synthetic as syn
 from vlm_grpo_ma.tasks._geometric import GeometricTask, answer_inner
-from vlm_grpo_ma.tasks._geometry import box_giou, box_iou, points_in_region
+from vlm_grpo_ma.tasks._geometry import box_giou, box_iou, mask_values, points_in_region
 from vlm_grpo_ma.tasks._parsing import parse_boxes, parse_points
 from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 
-__all__ = ["AffordanceTask", "gt_boxes", "gt_region"]
+__all__ = ["AffordanceTask", "gt_boxes", "gt_region", "points_in_box"]
 
 _OBJECTS = ("mug", "pan")
 #: default size of the synthetic objects, relative to their base size on a 112-px image (a mug
@@ -70,6 +87,7 @@ class AffordanceTask(GeometricTask):
         if self.box_reward not in ("iou", "giou"):
             raise ValueError(f"affordance box_reward must be 'iou' or 'giou', got {self.box_reward!r}")
         self.max_points = int(self.options.get("max_points", 10))
+        self.swap_inverted = bool(self.options.get("swap_inverted", True))
         self.region_format = self.options.get("region_format", "polygon")
         self.reward_parts = ("format", "iou", "giou") if self.mode == "box" else ("format", "inside")
         self.target_keys = ("box", "boxes") if self.mode == "box" else ("region", "regions", "polygon")
@@ -91,37 +109,56 @@ class AffordanceTask(GeometricTask):
 
     # --- scoring --------------------------------------------------------------------------
     def parse(self, answer_text: str, sample: Sample, family) -> Any:
-        """Box mode: the first box, canonical ``[x1, y1, x2, y2]``; points mode: canonical
-        ``[[x, y], ...]`` (at most ``max_points``)."""
+        """Box mode: the first box, canonical ``[x1, y1, x2, y2]`` in the order written (an
+        inverted box stays inverted); points mode: every point written, canonical
+        ``[[x, y], ...]``."""
         size = sample.image_size
         text = answer_inner(answer_text)
         if self.mode == "box":
             boxes = parse_boxes(text)
             if not boxes:
                 raise ParseError("no_box", "empty box list")
-            return family.decode_box(boxes[0].box, size)
+            return family.decode_box(boxes[0].as_written, size)
         points = parse_points(text)
         if not points:
             raise ParseError("no_points", "empty point list")
-        return family.decode_points(points[: self.max_points], size)
+        return family.decode_points(points, size)
 
     def score(self, prediction: Any, sample: Sample) -> tuple[float, dict[str, float]]:
+        """The reward's task score and parts (with the reward-only options ``swap_inverted``
+        and ``max_points``)."""
         if self.mode == "box":
-            iou = max(box_iou(gt, prediction) for gt in gt_boxes(sample))
-            giou01 = max((box_giou(gt, prediction) + 1.0) / 2.0 for gt in gt_boxes(sample))
+            box = list(prediction)
+            if self.swap_inverted:
+                box = [min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])]
+            iou = max(box_iou(gt, box) for gt in gt_boxes(sample))
+            giou01 = max((box_giou(gt, box) + 1.0) / 2.0 for gt in gt_boxes(sample))
             return (iou if self.box_reward == "iou" else giou01), {"iou": iou, "giou": giou01}
-        inside = float(np.mean(points_in_region(prediction, gt_region(sample))))
+        inside = float(np.mean(points_in_region(prediction[: self.max_points], gt_region(sample))))
         return inside, {"inside": inside}
 
+    def point_values(self, prediction: Any, sample: Sample) -> np.ndarray:
+        """(N,) the mask's value in [0, 1] at each of the N predicted points (grey level / 255
+        when the sample names its mask image, else region membership)."""
+        path = sample.meta.get("mask") if isinstance(sample.meta, dict) else None
+        if isinstance(path, str) and path:
+            return mask_values(prediction, _grey_mask(path)) / 255.0
+        return points_in_region(prediction, gt_region(sample)).astype(np.float64)
+
     def sample_metrics(self, prediction: Any, sample: Sample) -> dict[str, float]:
-        """One sample's figure: ``iou`` (box mode, best over the correct boxes) or ``accuracy``
-        (points mode, the fraction of points inside); 0 for an unparsable answer."""
+        """One sample's figures (0 for an unparsable answer): box mode ``iou`` (best over the
+        correct boxes, the box as written); points mode ``accuracy`` (mean mask value at the
+        points) and, with a ground-truth box, ``box_accuracy`` (share of points in the box)."""
         self.check_sample(sample)
         if self.mode == "box":
             return {"iou": 0.0 if prediction is None else max(box_iou(g, prediction) for g in gt_boxes(sample))}
+        has_box = "box" in sample.target
         if not prediction:
-            return {"accuracy": 0.0}
-        return {"accuracy": float(np.mean(points_in_region(prediction, gt_region(sample))))}
+            return {"accuracy": 0.0, **({"box_accuracy": 0.0} if has_box else {})}
+        out = {"accuracy": float(np.mean(self.point_values(prediction, sample)))}
+        if has_box:
+            out["box_accuracy"] = float(np.mean(points_in_box(prediction, sample.target["box"])))
+        return out
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
         check_aligned(predictions, samples)
@@ -138,7 +175,18 @@ class AffordanceTask(GeometricTask):
                 "iou>=0.9": float((ious >= 0.9).mean()),
                 "parse_rate": parse_rate,
             }
-        return {"accuracy": float(np.mean([m["accuracy"] for m in per])), "parse_rate": parse_rate}
+        out = {"accuracy": float(np.mean([m["accuracy"] for m in per]))}
+        n_points = sum(len(p) for p in predictions if p)
+        inside = sum(int((self.point_values(p, s) > 0).sum()) for p, s in zip(predictions, samples) if p)
+        out["accuracy_points_weighted"] = inside / n_points if n_points else 0.0
+        boxed = [(p, s) for p, s in zip(predictions, samples) if "box" in s.target]
+        if boxed:
+            out["box_accuracy"] = float(np.mean([m["box_accuracy"] for m in per if "box_accuracy" in m]))
+            n_boxed = sum(len(p) for p, _ in boxed if p)
+            in_box = sum(int(points_in_box(p, s.target["box"]).sum()) for p, s in boxed if p)
+            out["box_accuracy_points_weighted"] = in_box / n_boxed if n_boxed else 0.0
+        out["parse_rate"] = parse_rate
+        return out
 
     # --- data -----------------------------------------------------------------------------
     def synthetic(self, n: int, seed: int = 0) -> list[Sample]:
@@ -187,6 +235,25 @@ class AffordanceTask(GeometricTask):
                 )
             )
         return out
+
+
+def points_in_box(points: Sequence[Sequence[float]], box: Sequence[float]) -> np.ndarray:
+    """(N,) bool: ``x1 <= x <= x2 and y1 <= y <= y2`` for canonical points (N, 2) and a box (4,)
+    (edges inclusive, as Embodied-R1's RoboRefIt evaluation counts them)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (pts[:, 0] >= x1) & (pts[:, 0] <= x2) & (pts[:, 1] >= y1) & (pts[:, 1] <= y2)
+
+
+@lru_cache(maxsize=64)
+def _grey_mask(path: str) -> np.ndarray:
+    """A mask image as an (H, W) uint8 array of grey levels (as ``np.array(Image.open(path))``
+    reads a greyscale JPEG; colour images are converted to greyscale first)."""
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+        if arr.ndim != 2:
+            arr = np.asarray(im.convert("L"))
+    return arr
 
 
 def gt_boxes(sample: Sample) -> list:

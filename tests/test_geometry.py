@@ -120,17 +120,23 @@ def test_points_in_rle_hand():
     mask[0, 2] = 1
     mask[1, 3] = 1
     rle = _rle(mask)
-    pts = [[0.6, 0.3], [0.4, 0.3], [1.0, 1.0], [0.74, 0.99], [1.01, 0.9], [0.6, -0.2]]
-    # (0.6,0.3)->row 0,col 2 on; (0.4,0.3)->col 1 off; (1,1)->last pixel (1,3) on;
-    # (0.74,0.99)->row 1,col 2 off; outside the image -> miss (twice)
-    assert points_in_rle(pts, rle).tolist() == [True, False, True, False, False, False]
+    pts = [[0.6, 0.3], [0.4, 0.3], [1.0, 1.0], [0.74, 0.99], [1.01, 0.9], [0.6, -0.6], [0.99, 0.99], [-0.1, 0.2]]
+    # RoboPoint's pixel rule int(x * W): (0.6,0.3)->row 0,col 2 on; (0.4,0.3)->col 1 off;
+    # (1,1)->col 4 / row 2: outside; (0.74,0.99)->row 1,col 2 off; (1.01,0.9),
+    # (0.6,-0.6) outside; (0.99,0.99)->(1,3) on; (-0.1, 0.2) -> int(-0.4) = 0: column 0 (off here)
+    expect = [True, False, False, False, False, False, True, False]
+    assert points_in_rle(pts, rle).tolist() == expect
     # bytes counts and an uncompressed RLE (column-major run lengths) read the same
     raw = mask_utils.encode(np.asfortranarray(mask))
-    assert points_in_rle(pts, raw).tolist() == [True, False, True, False, False, False]
+    assert points_in_rle(pts, raw).tolist() == expect
     flat = mask.flatten(order="F").tolist()  # 0,0,0,0,1,0,0,1
     uncompressed = {"size": [2, 4], "counts": [4, 1, 2, 1]}
     assert flat == [0, 0, 0, 0, 1, 0, 0, 1]
-    assert points_in_rle(pts, uncompressed).tolist() == [True, False, True, False, False, False]
+    assert points_in_rle(pts, uncompressed).tolist() == expect
+    # slightly negative coordinates still read pixel 0 (truncation toward zero), as RoboPoint
+    left = np.zeros((2, 4), dtype=np.uint8)
+    left[:, 0] = 1
+    assert points_in_rle([[-0.2, 0.5], [-0.26, 0.5], [float("nan"), 0.5]], _rle(left)).tolist() == [True, False, False]
 
 
 def test_points_in_region_dispatch():
@@ -209,3 +215,13 @@ def test_frechet_and_hausdorff_against_independent_computations():
         assert rmse_index_matched(p, q) == pytest.approx(np.sqrt(np.mean(np.sum((p[:k] - q[:k]) ** 2, axis=1))))
         # Frechet bounds Hausdorff from above
         assert discrete_frechet(p, q) >= hausdorff(p, q) - 1e-12
+
+
+def test_giou_of_an_inverted_box_is_the_worst_value():
+    """An inverted box used to give GIoU 20.25; now -1 (no box), and every value in [-1, 1]."""
+    assert box_giou([0.6, 0.6, 0.2, 0.2], [0.2, 0.2, 0.6, 0.6]) == -1.0
+    assert box_giou([0.2, 0.2, 0.6, 0.6], [0.5, 0.1, 0.4, 0.9]) == -1.0
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        a, b = rng.uniform(-0.5, 1.5, 4), rng.uniform(-0.5, 1.5, 4)
+        assert -1.0 <= box_giou(a, b) <= 1.0

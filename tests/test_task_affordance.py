@@ -132,7 +132,9 @@ def test_points_metrics_hand():
     task = AffordanceTask(mode="points")
     samples = [sample(region={"polygon": TRI}, sid=str(i)) for i in range(3)]
     preds = [[[0.1, 0.1], [0.9, 0.9]], [[0.2, 0.2]], None]
-    assert task.metrics(preds, samples) == pytest.approx({"accuracy": 0.5, "parse_rate": 2 / 3})
+    # per sample (RoboPoint): (0.5 + 1 + 0) / 3; points-weighted (Embodied-R1): 2 of 3 points
+    assert task.metrics(preds, samples) == pytest.approx(
+        {"accuracy": 0.5, "accuracy_points_weighted": 2 / 3, "parse_rate": 2 / 3})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,4 +267,26 @@ def test_sample_metrics():
     s = sample(box=[0, 0, 0.5, 0.5], region={"polygon": TRI})
     assert AffordanceTask().sample_metrics([0.25, 0.25, 0.75, 0.75], s) == pytest.approx({"iou": 1 / 7})
     assert AffordanceTask().sample_metrics(None, s) == {"iou": 0.0}
-    assert AffordanceTask(mode="points").sample_metrics([[0.1, 0.1], [0.9, 0.9]], s) == {"accuracy": 0.5}
+    # the sample has a box too: the share of points inside it (edges inclusive) is reported
+    assert AffordanceTask(mode="points").sample_metrics([[0.1, 0.1], [0.9, 0.9]], s) == {"accuracy": 0.5, "box_accuracy": 0.5}
+    assert AffordanceTask(mode="points").sample_metrics([[0.5, 0.5], [0.5, 0.51]], s)["box_accuracy"] == 0.5
+
+
+def test_reward_leniencies_are_options_and_metrics_ignore_them():
+    """The reward may swap inverted corners and cap the points; the metrics never do."""
+    s = sample(box=[0.2, 0.2, 0.6, 0.6], region={"polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]})
+    inverted = "[600, 600, 200, 200]"
+    box = AffordanceTask(w_task=1.0, w_format=0.0)
+    pred = box.parse(inverted, s, QWEN2)
+    assert pred == pytest.approx([0.6, 0.6, 0.2, 0.2])  # kept as written
+    assert box.reward(*completion(inverted), s, QWEN2).total == pytest.approx(1.0)
+    assert box.sample_metrics(pred, s) == {"iou": 0.0}  # FlagEvalMM: an inverted box is a miss
+    strict = AffordanceTask(w_task=1.0, w_format=0.0, swap_inverted=False)
+    r = strict.reward(*completion(inverted), s, QWEN2)
+    assert r.parts["iou"] == 0.0 and r.parts["giou"] == 0.0
+    # points: 10 inside then 2 outside -> reward (first 10) 1.0, metric (all 12) 10/12
+    pts = AffordanceTask(mode="points", w_task=1.0, w_format=0.0)
+    text = json.dumps([[100, 100]] * 10 + [[900, 900]] * 2)
+    assert pts.reward(*completion(text), s, QWEN2).total == 1.0
+    m = pts.metrics([pts.parse(text, s, QWEN2)], [s])
+    assert m["accuracy"] == pytest.approx(10 / 12) and m["accuracy_points_weighted"] == pytest.approx(10 / 12)
