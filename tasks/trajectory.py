@@ -5,8 +5,9 @@ Sample:
     ``target = {"trajectory": [[x, y], ...]}`` (canonical [0, 1] points, in order).
 
 Answer: ``[[x1, y1], [x2, y2], ...]`` in the family's frame (also ``{"point_2d": ...}`` objects or
-``(x, y)`` tuples).  Only the first ``max_points`` points written are used (option, default 10);
-an empty list is malformed (``no_points``).
+``(x, y)`` tuples); an empty list is malformed (``no_points``).  The prompt asks for at most
+``max_points`` points (option, default 10) and the REWARD scores only the first ``max_points``
+written (a reward-only cap); the metrics score every point written.
 
 Distances are Euclidean in canonical [0, 1] image space (ShareRobot's convention: pixel
 coordinates divided by width and height): DFD = discrete Fréchet distance, HD = symmetric
@@ -19,9 +20,12 @@ far off has nothing left worth rewarding, while a smaller ``d_max`` gives no sig
 beginner's paths).  Fréchet respects the order of the points, so a path drawn backwards scores
 low even though its Hausdorff distance is 0.
 
-Metrics (lower is better): ``dfd``, ``hd``, ``rmse`` averaged over samples, an unparsable answer
-counting as ``sqrt(2)`` (the largest distance between two points of the image) so that failing
-to answer never looks better than a bad answer; ``parse_rate``.
+Metrics (lower is better): ``dfd``, ``hd``, ``rmse`` averaged over samples, computed as FlagEvalMM's
+``tasks/trajectory/evaluate.py`` computes them (the evaluator RoboBrain 2.0 names) on the whole
+predicted path; ``parse_rate``.  One documented difference: an unparsable answer counts as
+``sqrt(2)`` (the largest distance between two points of the image) so that failing to answer
+never looks better than a bad answer, where FlagEvalMM scores an answer without points as the
+single point (0, 0) and leaves out an item whose scoring raises.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def frechet_reward(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]
 
 
 class TrajectoryTask(GeometricTask):
-    """See the module docstring.  Options: ``max_points`` (10), ``d_max`` (0.5),
+    """See the module docstring.  Options: ``max_points`` (10: asked for, and scored by the
+    reward), ``d_max`` (0.5),
     ``obstacle_prob`` (0.5, synthetic), ``object_scale`` (1.0, synthetic: the
     start dot's radius is 4% and the goal square's half-side 5% of the image side, times this),
     ``w_task``, ``w_format``, ``image_size``, ``cache_dir``."""
@@ -86,14 +91,15 @@ class TrajectoryTask(GeometricTask):
 
     # --- scoring --------------------------------------------------------------------------
     def parse(self, answer_text: str, sample: Sample, family) -> list[list[float]]:
-        """Canonical ``[[x, y], ...]``, the first ``max_points`` points written."""
+        """Canonical ``[[x, y], ...]``: every point written."""
         points = parse_points(answer_inner(answer_text))
         if not points:
             raise ParseError("no_points", "empty trajectory")
-        return family.decode_points(points[: self.max_points], sample.image_size)
+        return family.decode_points(points, sample.image_size)
 
     def score(self, prediction: list[list[float]], sample: Sample) -> tuple[float, dict[str, float]]:
-        r = frechet_reward(prediction, sample.target["trajectory"], self.d_max)
+        """The reward: :func:`frechet_reward` of the first ``max_points`` points."""
+        r = frechet_reward(prediction[: self.max_points], sample.target["trajectory"], self.d_max)
         return r, {"frechet": r}
 
     def sample_metrics(self, prediction: Any, sample: Sample) -> dict[str, float]:

@@ -175,3 +175,269 @@ def test_vqa_randomized_references_match_official():
                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j} for j, a in enumerate(refs)]}}
         s = Sample(id="x", task="vqa", prompt={"question": "?"}, target={"answers": refs})
         assert task.metric_score(pred, s) == official.evaluate(gts, {1: pred})[0], (pred, refs)
+
+
+# =============================================================================================
+# Trajectory: FlagEvalMM tasks/trajectory/evaluate.py (the evaluator RoboBrain 2.0 names)
+# =============================================================================================
+def official_trajectory_metrics(pairs):
+    """``calculate_metrics`` of FlagEvalMM on [(pred points, gt points)] already in [0, 1]:
+    memoised recursive DFD over ``cdist``, HD from ``directed_hausdorff`` both ways, RMSE over
+    the first min(len) index-matched points; a prediction without points is [(0, 0)]."""
+    from scipy.spatial.distance import cdist, directed_hausdorff
+
+    def dfd(P, Q):
+        ca = np.full((len(P), len(Q)), -1.0)
+        d = cdist(P, Q, "euclidean")
+
+        def c(i, j):
+            if ca[i, j] > -1.0:
+                return ca[i, j]
+            if i == 0 and j == 0:
+                ca[i, j] = d[0, 0]
+            elif i == 0:
+                ca[i, j] = max(c(0, j - 1), d[i, j])
+            elif j == 0:
+                ca[i, j] = max(c(i - 1, 0), d[i, j])
+            else:
+                ca[i, j] = max(min(c(i - 1, j), c(i - 1, j - 1), c(i, j - 1)), d[i, j])
+            return ca[i, j]
+
+        return c(len(P) - 1, len(Q) - 1)
+
+    def rmse(P, Q):
+        n = min(len(P), len(Q))
+        return np.sqrt(np.mean([np.sum((np.array(P[i]) - np.array(Q[i])) ** 2) for i in range(n)]))
+
+    out = {"dfd": [], "hd": [], "rmse": []}
+    for pred, gt in pairs:
+        pred = pred or [(0, 0)]
+        P, Q = np.array(pred), np.array(gt)
+        out["dfd"].append(dfd(P, Q))
+        out["hd"].append(max(directed_hausdorff(P, Q)[0], directed_hausdorff(Q, P)[0]))
+        out["rmse"].append(rmse(pred, gt))
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def _sharerobot_trajectories():
+    d = FIX / "sharerobot"
+    return load_format("sharerobot_trajectory", d / "trajectory_test.json", image_root=str(d / "images"))
+
+
+def _compare_trajectory(samples, preds):
+    from vlm_grpo_ma.tasks.trajectory import TrajectoryTask
+
+    ours = TrajectoryTask().metrics(preds, samples)
+    official = official_trajectory_metrics([(p, s.target["trajectory"]) for p, s in zip(preds, samples)])
+    for k in ("dfd", "hd", "rmse"):
+        assert ours[k] == pytest.approx(official[k], rel=1e-12, abs=1e-15), k
+
+
+def test_trajectory_adversarial_paths_match_official():
+    samples = _sharerobot_trajectories()
+    gts = [s.target["trajectory"] for s in samples]
+    cases = [
+        [g + [[1.0, 0.0], [0.0, 1.0]] for g in gts],  # the ground truth plus two far points
+        [g[::-1] for g in gts],  # backwards: HD 0, DFD large
+        [[g[0]] for g in gts],  # one point
+        [[p for p in g for _ in range(7)] for g in gts],  # every point repeated: 21-28 points
+        [[[0.5, 0.5]] * 15 for _ in gts],
+    ]
+    for preds in cases:
+        _compare_trajectory(samples, preds)
+    # the issue's case: 10 ground-truth points plus two far ones scores DFD > 0 now
+    from vlm_grpo_ma.data.sample import Sample
+    from vlm_grpo_ma.tasks.trajectory import TrajectoryTask
+
+    gt = [[0.1 * i, 0.05 * i] for i in range(10)]
+    s = Sample(id="t", task="trajectory", images=["x"], image_sizes=[(64, 48)], target={"trajectory": gt})
+    pred = gt + [[1.0, 1.0], [0.0, 1.0]]
+    assert TrajectoryTask().sample_metrics(pred, s)["dfd"] == pytest.approx(official_trajectory_metrics([(pred, gt)])["dfd"])
+    assert TrajectoryTask().sample_metrics(pred, s)["dfd"] > 0.5
+
+
+def test_trajectory_randomized_paths_match_official():
+    samples = _sharerobot_trajectories()
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        preds = [rng.uniform(0, 1, (int(rng.integers(1, 25)), 2)).tolist() for _ in samples]
+        _compare_trajectory(samples, preds)
+
+
+# =============================================================================================
+# Points in a mask: RoboPoint robopoint/eval/summarize_vqa.py (= FlagEvalMM
+# tasks/where2place/evaluate.py), Embodied-R1 eval/hf_inference_where2place.py and
+# eval/hf_inference_roborefit.py
+# =============================================================================================
+def official_robopoint_accuracy(texts, mask_files, width, height):
+    """summarize_vqa.py: points parsed from "(x, y)" text, floats scaled by ``int(x * width)``;
+    the JPEG mask read as grey / 255; a point outside the image scores 0; mean per question then
+    over questions."""
+    from PIL import Image
+
+    accuracy = []
+    for text, mask_file in zip(texts, mask_files):
+        pattern = r"\(([-+]?\d+\.?\d*(?:,\s*[-+]?\d+\.?\d*)*?)\)"
+        points = []
+        for match in re.findall(pattern, text):
+            vector = [float(num) if "." in num else int(num) for num in match.split(",")]
+            if len(vector) == 2:
+                x, y = vector
+                if isinstance(x, float) or isinstance(y, float):
+                    x, y = int(x * width), int(y * height)
+                points.append((x, y))
+        points = np.array(points)
+        mask = np.array(Image.open(mask_file)) / 255.0
+        acc = 0
+        if len(points) > 0:
+            in_range = (points[:, 0] >= 0) & (points[:, 0] < mask.shape[1]) & (points[:, 1] >= 0) & (points[:, 1] < mask.shape[0])
+            acc = np.concatenate([mask[points[in_range, 1], points[in_range, 0]], np.zeros(points.shape[0] - in_range.sum())]).mean()
+        accuracy.append(acc)
+    return float(np.mean(accuracy))
+
+
+def official_embodied_r1_weighted(point_lists, mask_files):
+    """hf_inference_where2place.py: ``int(x * width)`` for x <= 1, the mask converted to L and
+    > 0; points in mask over all points of all samples."""
+    from PIL import Image
+
+    total, inside = 0, 0
+    for points, mask_file in zip(point_lists, mask_files):
+        if not points:
+            continue
+        mask_image = Image.open(mask_file)
+        width, height = mask_image.size
+        arr = np.array(mask_image.convert("L"))
+        for x, y in points:
+            xp = int(x * width) if x <= 1 else int(x)
+            yp = int(y * height) if y <= 1 else int(y)
+            if 0 <= xp < width and 0 <= yp < height and arr[yp, xp] > 0:
+                inside += 1
+        total += len(points)
+    return inside / total if total > 0 else 0
+
+
+def official_embodied_r1_box(point_lists, boxes):
+    """hf_inference_roborefit.py: ``x1 <= x <= x2 and y1 <= y <= y2``; per-sample mean (0 without
+    points) and points-weighted."""
+    scores, total, inside = [], 0, 0
+    for points, (x1, y1, x2, y2) in zip(point_lists, boxes):
+        k = sum(1 for x, y in points if x1 <= x <= x2 and y1 <= y <= y2) if points else 0
+        scores.append(k / len(points) if points else 0)
+        total += len(points or [])
+        inside += k
+    return sum(scores) / len(scores), (inside / total if total else 0)
+
+
+def _fmt(v: float) -> str:
+    r = repr(float(v))
+    return "0.0" if "e" in r else r
+
+
+def _random_points(rng, n_max=14, lo=-0.06, hi=1.0):
+    edge = [0.0, 1.0, -0.01, 0.999, 0.5]
+    pts = []
+    for _ in range(int(rng.integers(1, n_max))):
+        x = float(rng.choice(edge)) if rng.random() < 0.2 else float(rng.uniform(lo, hi))
+        y = float(rng.choice(edge)) if rng.random() < 0.2 else float(rng.uniform(lo, hi))
+        pts.append([x, y])
+    return pts
+
+
+def test_where2place_masks_match_robopoint_and_embodied_r1():
+    from vlm_grpo_ma.tasks.affordance import AffordanceTask
+
+    d = FIX / "where2place"
+    samples = load_format("where2place", d)
+    task = AffordanceTask(mode="points")
+    masks = [s.meta["mask"] for s in samples]
+    (w, h), = {s.image_size for s in samples}
+    rng = np.random.default_rng(0)
+    cases = [
+        [[[0.1, 0.1]] * 10 + [[0.9, 0.9]] * 2, [[0.75, 0.75]] * 10 + [[0.1, 0.1]] * 2],  # 10 in + 2 out
+        [[[1.0, 0.2], [-0.001, 0.2]], [[1.0, 1.0], [0.999, 0.999]]],  # edges: x = 1, slightly negative
+        [[[0.49, 0.49], [0.5, 0.5], [0.51, 0.51]], [[0.5, 0.5], [0.49, 0.49]]],  # JPEG-blurred mask edge
+    ] + [[_random_points(rng) for _ in samples] for _ in range(150)]
+    for preds in cases:
+        texts = ["[" + ", ".join(f"({_fmt(x)}, {_fmt(y)})" for x, y in p) + "]" for p in preds]
+        ours = task.metrics(preds, samples)
+        assert ours["accuracy"] == official_robopoint_accuracy(texts, masks, w, h)
+        assert ours["accuracy_points_weighted"] == official_embodied_r1_weighted(preds, masks)
+    m = task.metrics(cases[0], samples)
+    assert m["accuracy"] == pytest.approx(10 / 12, abs=0.02)  # not 1.0: all 12 points count
+
+
+def test_roborefit_box_variant_matches_embodied_r1():
+    from vlm_grpo_ma.tasks.affordance import AffordanceTask
+
+    d = FIX / "roborefit"
+    samples = load_format("roborefit", d / "roborefit_testA.json")
+    task = AffordanceTask(mode="points")
+    boxes = [s.target["box"] for s in samples]
+    rng = np.random.default_rng(1)
+    cases = [[[b[:2], b[2:], [b[0], b[3] + 1e-9]] for b in boxes]]  # corners: inclusive edges
+    cases += [[_random_points(rng, lo=-0.1, hi=1.1) for _ in samples] for _ in range(150)]
+    for preds in cases:
+        ours = task.metrics(preds, samples)
+        per_sample, weighted = official_embodied_r1_box(preds, boxes)
+        assert ours["box_accuracy"] == pytest.approx(per_sample, abs=1e-15)
+        assert ours["box_accuracy_points_weighted"] == weighted
+
+
+# =============================================================================================
+# Boxes: FlagEvalMM tasks/affordance/evaluate.py (ShareRobot affordance)
+# =============================================================================================
+def official_affordance_metrics(pairs, thresholds=(0.5, 0.75, 0.9)):
+    def calculate_iou(box1, box2):
+        x1_1, y1_1, x2_1, y2_1 = box1
+        x1_2, y1_2, x2_2, y2_2 = box2
+        x_left, y_top = max(x1_1, x1_2), max(y1_1, y1_2)
+        x_right, y_bottom = min(x2_1, x2_2), min(y2_1, y2_2)
+        if x_right < x_left or y_bottom < y_top:
+            return 0.0
+        intersection = (x_right - x_left) * (y_bottom - y_top)
+        union = (x2_1 - x1_1) * (y2_1 - y1_1) + (x2_2 - x1_2) * (y2_2 - y1_2) - intersection
+        return intersection / union
+
+    ious = [calculate_iou(p, g) for p, g in pairs]
+    return {"mean_iou": sum(ious) / len(ious),
+            **{f"iou>={t}": sum(i >= t for i in ious) / len(ious) for t in thresholds}}
+
+
+def test_affordance_boxes_match_flagevalmm():
+    from vlm_grpo_ma.models.family import ModelFamily
+    from vlm_grpo_ma.tasks.affordance import AffordanceTask
+
+    d = FIX / "sharerobot"
+    samples = load_format("sharerobot_affordance", d / "affordance_test.json", image_root=str(d / "images"))
+    task = AffordanceTask()
+    fam = ModelFamily.from_model_type("qwen2_vl")
+    rng = np.random.default_rng(2)
+    n_inverted = 0
+    for k in range(400):
+        preds = []
+        for s in samples:
+            g = s.target["box"]
+            if k % 4 == 0:  # the ground truth with its corners swapped (IoU 1.0 if forgiven)
+                b = [g[2], g[3], g[0], g[1]]
+            elif k % 4 == 1:  # about half the box: IoU near the 0.5 threshold
+                b = [g[0], g[1], (g[0] + g[2]) / 2, g[3]]
+            else:
+                b = sorted(rng.uniform(0, 1, 2).tolist()) + sorted(rng.uniform(0, 1, 2).tolist())
+                b = [b[0], b[2], b[1], b[3]]
+                if rng.random() < 0.3:
+                    b = [b[2], b[1], b[0], b[3]]
+            # through the parser, as a model writes it (Qwen2-VL's 0..1000 integers)
+            text = "[" + ", ".join(str(round(v * 1000)) for v in b) + "]"
+            n_inverted += b[0] > b[2] or b[1] > b[3]
+            preds.append(task.parse(text, s, fam))
+        ours = task.metrics(preds, samples)
+        official = official_affordance_metrics([(p, s.target["box"]) for p, s in zip(preds, samples)])
+        for key, v in official.items():
+            assert ours[key] == pytest.approx(v, abs=1e-12), (key, preds)
+    assert n_inverted > 100
+    # IoU exactly 0.5 is a hit (>=, as FlagEvalMM and this suite's thresholds)
+    from vlm_grpo_ma.data.sample import Sample
+
+    half = Sample(id="h", task="affordance", images=["x"], image_sizes=[(100, 100)], target={"box": [0.0, 0.0, 0.5, 1.0]})
+    assert task.metrics([[0.0, 0.0, 0.25, 1.0]], [half])["iou>=0.5"] == 1.0

@@ -75,8 +75,11 @@ def test_max_points_keeps_the_first():
     task = TrajectoryTask(max_points=3)
     s = sample([[0.0, 0.0], [0.1, 0.0], [0.2, 0.0]])
     ans = json.dumps([[0, 0], [100, 0], [200, 0], [900, 900], [1000, 1000]])
-    assert task.parse(ans, s, QWEN2) == [[0.0, 0.0], [0.1, 0.0], [0.2, 0.0]]
-    assert task.reward(*completion(ans), s, QWEN2).total == 1.0
+    pred = task.parse(ans, s, QWEN2)
+    assert pred == [[0.0, 0.0], [0.1, 0.0], [0.2, 0.0], [0.9, 0.9], [1.0, 1.0]]  # all kept
+    assert task.reward(*completion(ans), s, QWEN2).total == 1.0  # the reward reads the first 3
+    # the metrics read every point: the far extra points cost (DFD to (1, 1) from (0.2, 0))
+    assert task.sample_metrics(pred, s)["dfd"] == pytest.approx(math.hypot(0.8, 1.0))
     r = task.reward(*completion("[]"), s, QWEN2)
     assert r.total == 0.0 and r.reason == "no_points"
 
