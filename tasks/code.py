@@ -7,17 +7,27 @@ Sample: ``prompt = {"problem": str}``; ``target = {"tests": [...], "solution": s
 mixed.  ``solution`` (optional) is a reference solution, used by the SFT target.
 Images are optional (``sample.images`` may be empty).
 
-Answer (inside ``<answer>``): the code in a ```` ```python ```` fence (a plain ```` ``` ````
-fence, or bare code, is accepted too; with several fences the first ``python`` one, else the
-first one, is taken).  Parse failures: ``empty``, ``too_long`` (over ``max_code_chars``),
-``syntax_error`` (the code does not compile: checked in-process with ``compile``, nothing runs).
+Answer (inside ``<answer>``): the code in a closed ```` ```python ```` fence (:func:`extract_code`).
+Option ``code_block`` = ``"last"`` (default, as huggingface/open-r1 ``src/open_r1/rewards.py``
+``extract_code`` and most peers: a draft followed by the final version runs the final one) or
+``"first"``: which ``python``/``py``/``python3`` block runs (without one: the same choice among
+fences with no language tag; fences of other languages never run).  Option ``bare_code`` =
+False (default, as open-r1: an answer without a closed fence holds no code, ``no_code``) or True
+(the whole answer is the code).  The same rule feeds the reward and the metrics.  Parse
+failures: ``no_code``, ``empty``, ``too_long`` (over ``max_code_chars``), ``syntax_error`` (the
+code does not compile: checked in-process with ``compile``, nothing runs).
 
 Reward (parts ``format``, ``tests``): the fraction of tests passed in the sandbox.
 Metrics: ``pass@1`` (share of samples whose solution passes every test), ``test_pass_rate``
-(mean fraction of tests passed) and ``parse_rate``.
+(mean fraction of tests passed) and ``parse_rate``.  When the benchmark draws n > 1 completions
+per problem, ``pass@k`` for k in ``pass_k`` (option, default (1, 10, 100): human-eval's, each k
+reported only when every problem has n >= k) is openai/human-eval's unbiased estimator
+(:func:`estimate_pass_at_k`, ``human_eval/evaluation.py``), and the first completion's share is
+kept as ``pass@1_first_completion``.
 
 The sandbox's protections and limits are documented in docs/SANDBOX.md; options
-``timeout_s`` (wall clock per process, 5), ``memory_mb`` (512), ``max_workers`` (4, the pool of
+``timeout_s`` (wall clock per process, default 3.0: human-eval's ``check_correctness`` limit;
+set it per suite with ``task_options``), ``memory_mb`` (512), ``max_workers`` (4, the pool of
 :meth:`CodeTask.reward_batch` and :meth:`CodeTask.metrics`) and ``isolation`` (``"auto"``) set it up.
 """
 
@@ -35,28 +45,52 @@ from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.sandbox import Sandbox, SandboxLimits, validate_tests
 from vlm_grpo_ma.task import ParseError, Reward
 
-__all__ = ["CodeTask", "extract_code"]
+__all__ = ["CodeTask", "estimate_pass_at_k", "extract_code"]
 
-_FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+#: a closed fence tagged python / py / python3 (open-r1's pattern is ```python\n(.*?)```)
+_PY_FENCE_RE = re.compile(r"```(?:python3|python|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+#: any closed fence, paired in order: (language tag, body)
+_ANY_FENCE_RE = re.compile(r"```([^\n`]*)\n(.*?)```", re.DOTALL)
 
 
-def extract_code(text: str) -> str:
-    """The code of an answer: the first ```` ```python ```` (or ``py``/``python3``) fenced
-    block, else the first fenced block of any language, else the whole text; an unterminated
-    fence runs to the end.  Surrounding blank lines are stripped."""
-    blocks = _FENCE_RE.findall(text)
-    if blocks:
-        for lang, body in blocks:
-            if lang.lower() in ("python", "py", "python3"):
-                return body.strip("\n")
-        return blocks[0][1].strip("\n")
-    return text.strip("\n")
+def extract_code(text: str, block: str = "last", bare: bool = False) -> str:
+    """The code of an answer: among the closed fenced blocks tagged ``python``, ``py`` or
+    ``python3`` (any case) the ``block`` = ``"last"`` or ``"first"`` one; without such a
+    block the same choice among untagged fences; without either, the whole text if ``bare``
+    else ``""``.  Surrounding blank lines are stripped.
+
+    With the defaults this runs what huggingface/open-r1's ``extract_code``
+    (``src/open_r1/rewards.py``: the last ```` ```python\\n...``` ```` match, else ``""``) runs,
+    and also accepts the other python tags and untagged fences."""
+    if block not in ("last", "first"):
+        raise ValueError(f"code block must be 'last' or 'first', got {block!r}")
+    bodies = _PY_FENCE_RE.findall(text)
+    if not bodies:
+        bodies = [body for tag, body in _ANY_FENCE_RE.findall(text) if not tag.strip()]
+    if bodies:
+        return (bodies[-1] if block == "last" else bodies[0]).strip("\n")
+    return text.strip("\n") if bare else ""
+
+
+def estimate_pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with ``c`` correct among ``n`` samples (Chen et al., 2021;
+    openai/human-eval ``human_eval/evaluation.py``): ``1 - C(n - c, k) / C(n, k)``, computed as
+    ``1 - prod_{i = n - c + 1}^{n} (1 - k / i)``; 1.0 when ``n - c < k``.  Needs ``n >= k``."""
+    if not 0 <= c <= n or k < 1 or n < k:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
 
 
 class CodeTask(AnswerTask):
     """Code generation scored in the sandbox (see the module docstring).
 
-    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``timeout_s`` (5), ``cpu_s`` (= timeout_s),
+    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``code_block`` (``"last"``), ``bare_code``
+    (False), ``pass_k`` ((1, 10, 100)), ``timeout_s`` (3.0), ``cpu_s`` (= timeout_s),
     ``memory_mb`` (512), ``max_processes`` (16), ``output_kb`` (1024), ``max_workers`` (4),
     ``isolation`` (``"auto"``), ``max_code_chars`` (20000).
     """
@@ -66,7 +100,7 @@ class CodeTask(AnswerTask):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        timeout = float(self.options.get("timeout_s", 5.0))
+        timeout = float(self.options.get("timeout_s", 3.0))
         self.limits = SandboxLimits(
             wall_timeout_s=timeout,
             cpu_time_s=float(self.options.get("cpu_s", timeout)),
@@ -77,6 +111,11 @@ class CodeTask(AnswerTask):
         self.max_workers = int(self.options.get("max_workers", 4))
         self.isolation = str(self.options.get("isolation", "auto"))
         self.max_code_chars = int(self.options.get("max_code_chars", 20_000))
+        self.code_block = str(self.options.get("code_block", "last"))
+        if self.code_block not in ("last", "first"):
+            raise ValueError(f"code option code_block must be 'last' or 'first', got {self.code_block!r}")
+        self.bare_code = bool(self.options.get("bare_code", False))
+        self.pass_k = tuple(int(k) for k in self.options.get("pass_k", (1, 10, 100)))
         self._sandbox: Sandbox | None = None
         self._lock = threading.Lock()
 
@@ -103,8 +142,12 @@ class CodeTask(AnswerTask):
 
     def parse(self, answer_text: str, sample: Sample, family) -> str:
         text = answer_inner(answer_text) if isinstance(answer_text, str) else ""
-        code = extract_code(text)
+        if not text.strip():
+            raise ParseError("empty", "empty answer")
+        code = extract_code(text, self.code_block, self.bare_code)
         if not code.strip():
+            if not self.bare_code and "```" not in text:
+                raise ParseError("no_code", "no closed ```python fenced block (option bare_code: true runs bare code)")
             raise ParseError("empty", "no code")
         if len(code) > self.max_code_chars:
             raise ParseError("too_long", f"{len(code)} characters > {self.max_code_chars}")
@@ -156,6 +199,20 @@ class CodeTask(AnswerTask):
             "test_pass_rate": sum(fractions) / len(fractions),
             "parse_rate": sum(p is not None for p in predictions) / len(predictions),
         }
+
+    # --- pass@k over several completions (used by the benchmark engine) -------------------
+    @staticmethod
+    def completion_passed(parts: dict[str, float]) -> bool:
+        """Whether a completion's reward parts say it passed every test."""
+        return float(parts.get("tests", 0.0)) >= 1.0
+
+    def pass_at_k_metrics(self, n: Sequence[int], c: Sequence[int]) -> dict[str, float]:
+        """``pass@k`` (mean over problems of :func:`estimate_pass_at_k`) for each k of
+        ``pass_k`` with ``k <= min(n)``; ``n[i]`` completions of problem i, ``c[i]`` correct."""
+        if not n:
+            return {}
+        return {f"pass@{k}": sum(estimate_pass_at_k(ni, ci, k) for ni, ci in zip(n, c)) / len(n)
+                for k in self.pass_k if min(n) >= k}
 
     # --- data ----------------------------------------------------------------------------
     def synthetic(self, n: int, seed: int = 0) -> list[Sample]:

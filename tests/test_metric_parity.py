@@ -441,3 +441,69 @@ def test_affordance_boxes_match_flagevalmm():
 
     half = Sample(id="h", task="affordance", images=["x"], image_sizes=[(100, 100)], target={"box": [0.0, 0.0, 0.5, 1.0]})
     assert task.metrics([[0.0, 0.0, 0.25, 1.0]], [half])["iou>=0.5"] == 1.0
+
+
+# =============================================================================================
+# Code: huggingface/open-r1 src/open_r1/rewards.py (extract_code) and openai/human-eval
+# human_eval/evaluation.py (estimate_pass_at_k)
+# =============================================================================================
+def official_open_r1_extract_code(completion: str, language: str = "python") -> str:
+    matches = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).findall(completion)
+    return matches[-1] if len(matches) >= 1 else ""
+
+
+def official_estimate_pass_at_k(n: int, c: int, k: int) -> float:
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def test_code_block_selection_matches_open_r1():
+    from vlm_grpo_ma.tasks.code import extract_code
+
+    pieces = ["```python\ndef f(x):\n    return x\n```", "```python\ndef f(x):\n    return 2 * x\n```",
+              "some text\n", "```cpp\nint f(int x);\n```", "```python\nunterminated = 1\n", "x = 3\n", "\n"]
+    rng = random.Random(3)
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 5)))
+        official = official_open_r1_extract_code(text)
+        # where open-r1 finds a python block we run the same code; where it finds none, we run
+        # nothing either (these pieces hold no untagged or py-tagged fence)
+        assert extract_code(text) == official.strip("\n"), text
+
+
+def test_pass_at_k_matches_human_eval():
+    from vlm_grpo_ma.tasks.code import CodeTask, estimate_pass_at_k
+
+    for n in range(1, 40):
+        for c in range(0, n + 1):
+            for k in (1, 2, 5, 10, n):
+                if k <= n:
+                    assert estimate_pass_at_k(n, c, k) == pytest.approx(official_estimate_pass_at_k(n, c, k), abs=1e-12)
+    assert estimate_pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c / n
+    assert estimate_pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    # human-eval reports a k only when every problem has n >= k
+    assert CodeTask().pass_at_k_metrics([10, 10], [3, 0]) == {"pass@1": pytest.approx(0.15), "pass@10": 0.5}
+    assert CodeTask().pass_at_k_metrics([4, 10], [1, 0]) == {"pass@1": pytest.approx(0.125)}
+
+
+def test_benchmark_reports_pass_at_k_over_drawn_completions(tmp_path):
+    """Scoring several completions per problem gives human-eval's unbiased pass@k."""
+    import json
+
+    from vlm_grpo_ma.bench import load_suite
+    from vlm_grpo_ma.bench.engine import make_task, score_predictions
+
+    suite = load_suite("synthetic-code", limit=2)
+    samples = make_task(suite).synthetic(2, seed=1000)
+    think = "<think>plan</think>"
+    good = [f"{think}<answer>```python\n{s.target['solution']}\n```</answer>" for s in samples]
+    bad = f"{think}<answer>```python\nraise SystemExit(1)\n```</answer>"
+    rows = [{"id": samples[0].id, "completions": [bad, good[0], good[0], bad]},  # c = 2 of 4
+            {"id": samples[1].id, "completions": [good[1], bad, bad, bad]}]  # c = 1 of 4
+    path = tmp_path / "outputs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = score_predictions(suite, path, tmp_path / "scored", family="qwen2_vl", report=False)["metrics"]
+    assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert m["pass@1_first_completion"] == 0.5  # the first completion: bad, good
+    assert "pass@10" not in m

@@ -44,13 +44,23 @@ def fenced(code: str) -> str:
         ("Here:\n```py\nx = 1\n```\nDone.", "x = 1"),
         ("```\nx = 1\n```", "x = 1"),
         ("```text\nnotes\n```\n```python\nx = 2\n```", "x = 2"),
-        ("```python\nx = 1\n", "x = 1"),  # unterminated fence
-        ("x = 3", "x = 3"),  # bare code
-        ("\n\nx = 3\n\n", "x = 3"),
+        ("```python\nx = 1\n```\nbetter:\n```python\nx = 2\n```", "x = 2"),  # the last block runs
+        ("```python\nx = 1\n```\n```\nx = 2\n```", "x = 1"),  # a python block beats an untagged one
+        ("```python\nx = 1\n", ""),  # unterminated fence: no code (as open-r1)
+        ("x = 3", ""),  # bare code: no code by default
+        ("```cpp\nint x;\n```", ""),  # another language never runs
     ],
 )
 def test_extract_code(text, code):
     assert extract_code(text) == code
+
+
+def test_extract_code_options():
+    text = "```python\nx = 1\n```\nbetter:\n```python\nx = 2\n```"
+    assert extract_code(text, "first") == "x = 1"
+    assert extract_code("\n\nx = 3\n\n", bare=True) == "x = 3"
+    with pytest.raises(ValueError):
+        extract_code(text, "middle")
 
 
 @pytest.mark.parametrize(
@@ -58,7 +68,7 @@ def test_extract_code(text, code):
     [("<answer>```python\n\n```</answer>", "empty"), ("<answer>   </answer>", "empty"),
      (fenced("def f(x) return x"), "syntax_error"), (fenced("x = '\0'"), "syntax_error"),
      (fenced("(" * 5000 + ")" * 5000), "syntax_error"), (fenced("x = 1\n" * 5000), "too_long"),
-     ("<answer>def f(x): return 2*x", "no_answer")],
+     ("<answer>def f(x): return 2*x", "no_answer"), ("<answer>def f(x):\n    return 2 * x</answer>", "no_code")],
 )
 def test_malformed_answers_score_zero_with_reason(task, answer, reason):
     r = task.reward(THINK, answer, sample(), FAM)

@@ -309,10 +309,34 @@ def score_completions(task: Any, sample: Sample, family: ModelFamily, completion
         totals = [r[0] for r in rewards]
         metrics["reward_best_of_n"] = max(totals)
         metrics["reward_mean_of_n"] = sum(totals) / len(totals)
+        if hasattr(task, "completion_passed"):  # pass@k: how many of the n completions pass
+            metrics["n_completions"] = float(len(completions))
+            metrics["n_passed"] = float(sum(bool(task.completion_passed(r[1])) for r in rewards))
     row = {"id": sample.id, "raw": raw, "prediction": jsonable(pred), "parse_error": reason, "metrics": metrics}
     if len(completions) > 1:
         row["completions"] = list(completions)
     return row
+
+
+def _pass_at_k(task: Any, suite: Suite, samples: Sequence[Sample], by_id: dict, summary: dict) -> dict:
+    """Unbiased pass@k (the task's ``pass_at_k_metrics``) when n > 1 completions per sample
+    were drawn; a sample without a row counts as n completions, none passing.  The task's
+    first-completion ``pass@1`` is kept as ``pass@1_first_completion``."""
+    if not hasattr(task, "pass_at_k_metrics") or not samples:
+        return {}
+    drawn = [((by_id.get(s.id) or {}).get("metrics") or {}).get("n_completions", 1) for s in samples]
+    n_draw = max([suite.generation.num_samples] + [int(v) for v in drawn if _finite(v)])
+    if n_draw < 2:
+        return {}
+    ns, cs = [], []
+    for s in samples:
+        m = (by_id.get(s.id) or {}).get("metrics") or {}
+        ns.append(int(m.get("n_completions", n_draw)))
+        cs.append(int(m.get("n_passed", 0)))
+    out = dict(task.pass_at_k_metrics(ns, cs))
+    if "pass@1" in out and "pass@1" in summary:
+        out["pass@1_first_completion"] = summary["pass@1"]
+    return out
 
 
 def _row_completions(row: dict) -> list[str]:
@@ -351,6 +375,7 @@ def finalize(out_dir: str | os.PathLike, suite: Suite, task: Any, samples: Seque
         vals = [v for v in vals if _finite(v)]
         if vals:
             summary[f"{key}_mean"] = sum(vals) / len(vals)
+    summary.update(_pass_at_k(task, suite, samples, by_id, summary))
     gen = dataclasses.asdict(suite.generation)
     result = {
         "suite": suite.name,
