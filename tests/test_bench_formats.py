@@ -29,6 +29,8 @@ SUITE_ENV = {
     "WHERE2PLACE_ROOT": FIX / "where2place",
     "ROBOREFIT_TESTA_JSON": FIX / "roborefit" / "roborefit_testA.json",
     "ROBOREFIT_ROOT": FIX / "roborefit",
+    "VQAV2_ANNOTATIONS": FIX / "vqav2" / "v2_mscoco_val2014_annotations.json",
+    "VQAV2_IMAGES": FIX / "vqav2" / "images",
 }
 
 
@@ -165,7 +167,8 @@ def test_every_bundled_suite_parses_and_public_ones_load_fixtures(monkeypatch):
         monkeypatch.setenv(k, str(v))
     suites = list_suites()
     for name in ("synthetic-detection", "synthetic-affordance", "synthetic-trajectory", "refcoco-grounding",
-                 "coco-detection", "sharerobot-trajectory", "sharerobot-affordance", "where2place", "roborefit"):
+                 "coco-detection", "sharerobot-trajectory", "sharerobot-affordance", "where2place", "roborefit",
+                 "vqav2"):
         assert name in suites
     from vlm_grpo_ma.bench.engine import load_samples
 
@@ -174,7 +177,7 @@ def test_every_bundled_suite_parses_and_public_ones_load_fixtures(monkeypatch):
         assert suite.name == name
         if suite.data.format != "synthetic":
             samples = load_samples(suite)
-            assert len(samples) == 2, name
+            assert len(samples) == (4 if name == "vqav2" else 2), name
             assert all(s.task == suite.task for s in samples), name
 
 
@@ -220,3 +223,18 @@ def test_public_suite_prompts_carry_the_instruction(monkeypatch):
         sample = load_samples(suite, task)[0]
         text = [c["text"] for c in task.messages(sample, fam)[0]["content"] if c["type"] == "text"][0]
         assert expect in text and "0 to 1000" in text, (name, text)
+
+
+def test_vqav2_errors_name_file_record_and_field(tmp_path):
+    import json
+
+    ann = {"annotations": [{"question_id": 7, "image_id": 1, "answers": "yes"}]}
+    q = {"data_subtype": "val2014", "questions": [{"question_id": 7, "image_id": 1, "question": "?"}]}
+    (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(ann))
+    (tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(q))
+    with pytest.raises(F.FormatError, match=r"annotations\[0\].*answers"):
+        F.load_format("vqav2", tmp_path / "v2_mscoco_val2014_annotations.json")
+    ann["annotations"][0]["question_id"] = 8
+    (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(ann))
+    with pytest.raises(F.FormatError, match=r"question_id.*8"):
+        F.load_format("vqav2", tmp_path / "v2_mscoco_val2014_annotations.json")

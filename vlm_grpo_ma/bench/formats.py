@@ -329,9 +329,9 @@ def load_where2place(path: str | os.PathLike, image_root: str | None = None, spl
     question file).  Each line of ``point_questions.jsonl`` is ``{"question_id": 0, "image":
     "images/00.jpg", "text": "Please point out the free space ...", "category": "seen"}``;
     the mask of line ``i`` (0-based) is ``masks/<i:02d>.jpg`` (white = a correct place), as
-    RoboPoint's ``summarize_vqa.py`` reads it.  The mask is thresholded at 128 (RoboPoint
-    averages the JPEG's grey values / 255 instead; the two differ only on the few boundary
-    pixels that JPEG blurs).  The answer-format sentence RoboPoint appends
+    RoboPoint's ``summarize_vqa.py`` reads it.  The target region is the mask thresholded at
+    128 (for the reward and the drawings); the metrics read the mask file itself
+    (``meta["mask"]``), grey level / 255, as RoboPoint does.  The answer-format sentence RoboPoint appends
     to ``text`` is dropped: the task's prompt says how to answer."""
     path = Path(path)
     qfile = path / question_file if path.is_dir() else path
