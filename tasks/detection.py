@@ -31,8 +31,9 @@ ground truth has no label); predictions carry no confidence, so each box gets th
 ``1 / (1 + rank)`` of its position in the answer (the first box written is taken as the most
 confident); ``mean_iou`` (the reward's ``iou`` part, 0 for an unparsable answer);
 ``acc@0.5`` over single-object samples (grounding samples and samples with one ground-truth
-box: the FIRST predicted box has IoU >= 0.5 with a correct box, RefCOCO's Acc@0.5);
-``parse_rate``.
+box): RefCOCO's Acc@0.5 as VLM-R1's ``src/eval/test_rec_r1.py`` counts it: the FIRST predicted
+box, as written, in pixels of the original image, has :func:`vlm_r1_iou` > 0.5 (strictly) with a
+correct box; a box written with inverted corners is a miss; ``parse_rate``.
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ import numpy as np
 
 from vlm_grpo_ma.tasks import _synthetic as syn
 from vlm_grpo_ma.tasks._geometric import GeometricTask, answer_inner
-from vlm_grpo_ma.tasks._geometry import box_iou, hungarian_match, iou_matrix
+from vlm_grpo_ma.tasks._geometry import hungarian_match, iou_matrix
 from vlm_grpo_ma.tasks._parsing import parse_boxes
 from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 
-__all__ = ["DetectionTask", "coco_ap", "ground_truth", "match_score", "normalise_label"]
+__all__ = ["DetectionTask", "coco_ap", "ground_truth", "match_score", "normalise_label", "vlm_r1_iou"]
 
 
 def ground_truth(sample: Sample) -> tuple[list, list | None, list | None]:
@@ -199,6 +200,18 @@ def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, 
 OBJECT_SCALE = 1.5
 
 
+def vlm_r1_iou(box1: Sequence[float], box2: Sequence[float]) -> float:
+    """IoU of two pixel boxes (4,) as VLM-R1's REC evaluation (``src/eval/test_rec_r1.py``)
+    computes it: the intersection counts inclusive pixels (``x2 - 1``, ``+ 1``), the union uses
+    the plain areas; 0 when the intersection is empty (so for an inverted box too), and 0 when
+    the union is not positive (the original divides by zero there)."""
+    ix1, iy1 = max(box1[0], box2[0]), max(box1[1], box2[1])
+    ix2, iy2 = min(box1[2] - 1, box2[2] - 1), min(box1[3] - 1, box2[3] - 1)
+    inter = (ix2 - ix1 + 1) * (iy2 - iy1 + 1) if ix1 < ix2 and iy1 < iy2 else 0.0
+    union = (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] - box2[1]) - inter
+    return float(inter) / union if union > 0 else 0.0
+
+
 class DetectionTask(GeometricTask):
     """Labelled boxes; see the module docstring.  Options: ``label_weight`` (0.25), ``w_task``,
     ``w_format``, ``image_size``, ``cache_dir``, ``max_objects`` (3, synthetic), ``object_scale``
@@ -242,11 +255,16 @@ class DetectionTask(GeometricTask):
 
     # --- scoring --------------------------------------------------------------------------
     def parse(self, answer_text: str, sample: Sample, family) -> list[dict]:
+        """``[{"box": [x1, y1, x2, y2], "label": str | None}, ...]`` canonical, corners ordered;
+        a box written with inverted corners also carries ``"written"`` (canonical, as written)."""
         size = sample.image_size
-        return [
-            {"box": family.decode_box(p.box, size), "label": p.label}
-            for p in parse_boxes(answer_inner(answer_text))
-        ]
+        out = []
+        for p in parse_boxes(answer_inner(answer_text)):
+            item = {"box": family.decode_box(p.box, size), "label": p.label}
+            if p.inverted:
+                item["written"] = family.decode_box(p.as_written, size)
+            out.append(item)
+        return out
 
     def score(self, prediction: list[dict], sample: Sample) -> tuple[float, dict[str, float]]:
         boxes, labels, acceptable = ground_truth(sample)
@@ -272,7 +290,12 @@ class DetectionTask(GeometricTask):
             iou = max(match_score([b], pred_boxes)[0] for b in acceptable)
         out = {"iou": float(iou)}
         if acceptable is not None or len(gt) == 1:
-            hit = bool(pred_boxes) and max(box_iou(b, pred_boxes[0]) for b in acceptable or gt) >= 0.5
+            hit = False
+            if prediction:
+                first = prediction[0].get("written", prediction[0]["box"])
+                w, h = sample.image_size
+                px = lambda b: [b[0] * w, b[1] * h, b[2] * w, b[3] * h]  # noqa: E731
+                hit = max(vlm_r1_iou(px(first), px(b)) for b in acceptable or gt) > 0.5
             out["acc@0.5"] = float(hit)
         return out
 

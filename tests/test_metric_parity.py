@@ -507,3 +507,68 @@ def test_benchmark_reports_pass_at_k_over_drawn_completions(tmp_path):
     assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert m["pass@1_first_completion"] == 0.5  # the first completion: bad, good
     assert "pass@10" not in m
+
+
+# =============================================================================================
+# RefCOCO Acc@0.5: VLM-R1 src/eval/test_rec_r1.py
+# =============================================================================================
+def official_vlm_r1_correct(model_answer, ground_truth) -> int:
+    def iou(box1, box2):
+        inter_x1 = max(box1[0], box2[0])
+        inter_y1 = max(box1[1], box2[1])
+        inter_x2 = min(box1[2] - 1, box2[2] - 1)
+        inter_y2 = min(box1[3] - 1, box2[3] - 1)
+        if inter_x1 < inter_x2 and inter_y1 < inter_y2:
+            inter = (inter_x2 - inter_x1 + 1) * (inter_y2 - inter_y1 + 1)
+        else:
+            inter = 0
+        union = (box1[2] - box1[0]) * (box1[3] - box1[1]) + (box2[2] - box2[0]) * (box2[3] - box2[1]) - inter
+        return float(inter) / union
+
+    try:
+        return int(iou(model_answer, ground_truth) > 0.5)
+    except ZeroDivisionError:  # the original would crash; counted as a miss here
+        return 0
+
+
+def test_refcoco_acc_at_05_matches_vlm_r1():
+    from vlm_grpo_ma.models.family import ModelFamily
+    from vlm_grpo_ma.tasks.detection import DetectionTask
+
+    d = FIX / "refcoco"
+    samples = load_format("refcoco", d / "refcoco_val.jsonl", image_root=str(d / "images"))
+    # the model writes Qwen2-VL's 0..1000 integers; VLM-R1's script receives the same box in
+    # pixels of the original image (value / 1000 * size), against the pixel ground truth
+    fam = ModelFamily.from_model_type("qwen2_vl")
+    task = DetectionTask()
+    rng = random.Random(4)
+    hits = {0: 0, 1: 0}
+    for k in range(300):
+        preds, expected = [], []
+        for s in samples:
+            w, h = s.image_size
+            size = (w, h, w, h)
+            gt_px = [v * m for v, m in zip(s.target["box"], size)]
+            if k % 3 == 0:  # the ground truth shifted: IoU around 0.5
+                dx = rng.randint(-200, 200)
+                box = [round(v * 1000) + dx * (i % 2 == 0) for i, v in enumerate(s.target["box"])]
+            else:  # random, often inverted
+                box = [rng.randint(0, 1000) for _ in range(4)]
+            preds.append(task.parse(json_dumps([{"bbox_2d": box, "label": "x"}]), s, fam))
+            expected.append(official_vlm_r1_correct([v / 1000 * m for v, m in zip(box, size)], gt_px))
+            hits[expected[-1]] += 1
+        ours = [task.sample_metrics(p, s)["acc@0.5"] for p, s in zip(preds, samples)]
+        assert ours == expected, (preds, expected)
+    assert hits[0] > 50 and hits[1] > 20
+    # exactly IoU 0.5 is a miss (VLM-R1 counts > 0.5): the left half of a 40 x 40 box
+    s = samples[0]
+    assert [v * m for v, m in zip(s.target["box"], (100, 80, 100, 80))] == [10, 20, 50, 60]
+    half = [{"box": [0.1, 0.25, 0.3, 0.75], "label": None}]
+    assert official_vlm_r1_correct([10, 20, 30, 60], [10, 20, 50, 60]) == 0
+    assert task.sample_metrics(half, s)["acc@0.5"] == 0.0
+
+
+def json_dumps(value) -> str:
+    import json
+
+    return json.dumps(value)
