@@ -240,22 +240,27 @@ def vqa_normalize_prediction(text: str) -> str:
 
 def vqa_accuracy(prediction: str, references: Sequence[str]) -> float:
     """VQAv2 accuracy of one RAW predicted answer against the RAW human answers, exactly as the
-    official script computes it: the prediction is normalised (:func:`vqa_normalize_prediction`);
-    the references only go through :func:`vqa_process_punctuation`, and only when they are not
-    all identical (the official annotations are already normalised: ``"yes"`` against ten
-    ``"Yes."`` scores 0, and the case of a reference is never changed); then the mean over the references ``i`` of
+    official script (master, "Fixed processing answers bug", 2021) computes it: newlines and
+    tabs become spaces and both sides are stripped; then, ONLY when the references are not all
+    identical, the references and the prediction are normalised
+    (:func:`vqa_process_punctuation` then :func:`vqa_process_digit_article`; the official
+    annotations are already normalised, so with ten identical references nothing is: ``"Yes."``
+    against ten ``"yes"`` scores 0); then the mean over the references ``i`` of
     ``min(1, #(other references equal to the prediction) / 3)``.  With a single reference this
     is always 0 (no other reference is left), as in the official script.
 
     >>> vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7)
     0.9
     """
-    pred = vqa_normalize_prediction(prediction)
-    refs = [str(r) for r in references]
+    def clean(t: str) -> str:
+        return str(t).replace("\n", " ").replace("\t", " ").strip()
+
+    pred, refs = clean(prediction), [clean(r) for r in references]
     if not refs:
         return 0.0
     if len(set(refs)) > 1:
-        refs = [vqa_process_punctuation(r) for r in refs]
+        refs = [vqa_process_digit_article(vqa_process_punctuation(r)) for r in refs]
+        pred = vqa_process_digit_article(vqa_process_punctuation(pred))
     hits = [r == pred for r in refs]
     k = sum(hits)
     return sum(min(1.0, (k - h) / 3) for h in hits) / len(refs)

@@ -21,7 +21,8 @@ FIX = Path(__file__).parent / "fixtures" / "bench"
 
 
 # =============================================================================================
-# VQAv2: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py (master)
+# VQAv2: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py (master, a013f00,
+# "Fixed processing answers bug", 2021)
 # =============================================================================================
 class OfficialVQAEval:
     """``VQAEval.evaluate`` on in-memory ``{question_id: annotation}`` and ``{question_id:
@@ -60,12 +61,14 @@ class OfficialVQAEval:
     def evaluate(self, gts, res):
         accQA, accQuesType, accAnsType, evalQA = [], {}, {}, {}
         for quesId in gts:
-            resAns = res[quesId].replace("\n", " ").replace("\t", " ").strip()
-            resAns = self.processDigitArticle(self.processPunctuation(resAns))
             answers = [dict(a) for a in gts[quesId]["answers"]]
+            for ansDic in answers:
+                ansDic["answer"] = ansDic["answer"].replace("\n", " ").replace("\t", " ").strip()
+            resAns = res[quesId].replace("\n", " ").replace("\t", " ").strip()
             if len(set(a["answer"] for a in answers)) > 1:
                 for ansDic in answers:
-                    ansDic["answer"] = self.processPunctuation(ansDic["answer"])
+                    ansDic["answer"] = self.processDigitArticle(self.processPunctuation(ansDic["answer"]))
+                resAns = self.processDigitArticle(self.processPunctuation(resAns))
             gtAcc = []
             for gtAnsDatum in answers:
                 otherGTAns = [item for item in answers if item != gtAnsDatum]
@@ -144,8 +147,11 @@ def test_vqa_adversarial_cases_match_official():
         _compare_vqa(gts, samples, preds)
     # hand values of the official script on the first row
     task = VQATask()
-    assert task.metric_score("two", samples[0]) == pytest.approx(0.9)  # "two" -> "2": 3 matches
-    assert task.metric_score("Yes.", samples[1]) == 0.0  # ten identical "Yes." stay as written
+    # "two" -> "2", and the reference "two" -> "2" too: 4 matches
+    assert task.metric_score("two", samples[0]) == 1.0
+    # ten identical references: nothing is normalised, on either side
+    assert task.metric_score("Yes.", samples[1]) == 1.0
+    assert task.metric_score("yes", samples[1]) == 0.0
     # "1,000 red-blue" -> "1000 redblue" (a comma between digits deletes every mark), and so
     # does the reference written that way: one match; "1000 red blue" matches two references
     assert task.metric_score("1,000 red-blue", samples[2]) == pytest.approx(0.3)
