@@ -25,8 +25,9 @@ task = ``(1 - label_weight) * iou + label_weight * label`` (option ``label_weigh
 a sample whose ground truth has no labels scores on ``iou`` alone and reports ``label`` = 1.
 An image with no objects and an empty answer list scores iou = label = 1.
 
-Metrics: ``AP``, ``AP50``, ``AP75`` from pycocotools' COCOeval (boxes converted to pixels of the
-original image, one category per distinct ground-truth label, or one category for all when some
+Metrics: ``AP``, ``AP50``, ``AP75`` from pycocotools' COCOeval (boxes, as written, converted to
+pixels of the original image: an inverted box goes to COCOeval with a negative width or height
+and matches nothing; one category per distinct ground-truth label, or one category for all when some
 ground truth has no label); predictions carry no confidence, so each box gets the score
 ``1 / (1 + rank)`` of its position in the answer (the first box written is taken as the most
 confident); ``mean_iou`` (the reward's ``iou`` part, 0 for an unparsable answer);
@@ -162,7 +163,7 @@ def coco_ap(predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, 
                 }
             )
         for rank, obj in enumerate(pred or []):
-            x1, y1, x2, y2 = obj["box"]
+            x1, y1, x2, y2 = obj.get("written", obj["box"])  # as written: pycocotools scores an inverted box
             dets.append(
                 {
                     "image_id": k,

@@ -578,3 +578,21 @@ def json_dumps(value) -> str:
     import json
 
     return json.dumps(value)
+
+
+def test_coco_ap_scores_boxes_as_written():
+    """A box written with inverted corners reaches pycocotools as written (negative width or
+    height) and matches nothing; the same box written in order is a perfect detection."""
+    from vlm_grpo_ma.data.sample import Sample
+    from vlm_grpo_ma.models.family import ModelFamily
+    from vlm_grpo_ma.tasks.detection import DetectionTask
+
+    fam = ModelFamily.from_model_type("qwen2_vl")
+    s = Sample(id="c", task="detection", images=["x"], image_sizes=[(100, 100)],
+               target={"boxes": [[0.2, 0.2, 0.6, 0.6]], "labels": ["cube"]})
+    task = DetectionTask()
+    for text, ap in [('[{"bbox_2d": [200, 200, 600, 600], "label": "cube"}]', 1.0),
+                     ('[{"bbox_2d": [600, 600, 200, 200], "label": "cube"}]', 0.0),
+                     ('[{"bbox_2d": [600, 200, 200, 600], "label": "cube"}]', 0.0)]:
+        pred = task.parse(text, s, fam)
+        assert task.metrics([pred], [s])["AP50"] == pytest.approx(ap), text
