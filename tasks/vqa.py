@@ -159,8 +159,9 @@ def vqa_soft_accuracy(
 
 # ----------------------------------------------------------------------------------------------
 # The official VQAv2 evaluation, re-implemented: GT-Vision-Lab/VQA,
-# PythonEvaluationTools/vqaEvaluation/vqaEval.py (master).  Its quirks are kept on purpose, so
-# that a number reported here is the number that script prints (divided by 100, unrounded).
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py (master, a013f00, 2021).  Its quirks are kept
+# on purpose, so that a number reported here is the number that script prints (divided by 100,
+# unrounded).
 # ----------------------------------------------------------------------------------------------
 #: contractions the official script restores, word by word, after stripping punctuation
 VQA_CONTRACTIONS = {
@@ -232,8 +233,9 @@ def vqa_process_digit_article(text: str) -> str:
 
 
 def vqa_normalize_prediction(text: str) -> str:
-    """A predicted answer as the official script compares it: newlines and tabs to spaces,
-    stripped, :func:`vqa_process_punctuation`, :func:`vqa_process_digit_article`."""
+    """An answer as the official script normalises it (when the references differ): newlines
+    and tabs to spaces, stripped, :func:`vqa_process_punctuation`,
+    :func:`vqa_process_digit_article`."""
     t = str(text).replace("\n", " ").replace("\t", " ").strip()
     return vqa_process_digit_article(vqa_process_punctuation(t))
 
