@@ -388,11 +388,10 @@ class VQATask(AnswerTask):
         self.check_sample(sample)
         if self.is_mc(sample):
             answer = string.ascii_uppercase[sample.target["choice"]]
-        else:
+        else:  # the reference the metric scores highest (the first of equals)
             refs = self.references(sample)
-            norms = [normalize_answer(r) for r in refs]
-            top = Counter(norms).most_common(1)[0][0]
-            answer = refs[norms.index(top)]
+            scores = [self.metric_score(r, sample) for r in refs]
+            answer = refs[scores.index(max(scores))]
         reasoning = sample.meta.get("reasoning") or "I look at the image and answer the question."
         return format_sft_target(reasoning, answer)
 
