@@ -63,6 +63,29 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
         parse_train_config(["--num_thoughts", "1", "--answers_per_thought", "1"])
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--loss_agg_mode", "token_mean"], "loss_agg_mode must be one of token-mean, seq-mean-token-mean"),
+    (["--adv_estimator", "gae"], "adv_estimator must be one of grpo, grpo_ma, got 'gae'"),
+    (["--policy_loss", "gspo"], "policy_loss must be one of clipped"),
+    (["--kl_estimator", "k4"], "kl_estimator must be one of k1, k2, k3"),
+    (["--adv_estimator", "grpo", "--answers_per_thought", "4"], "grpo needs answers_per_thought = 1"),
+])
+def test_algorithm_names_are_checked_before_any_training(args, match):
+    with pytest.raises(ValueError, match=match):
+        parse_train_config(args)
+
+
+def test_every_loss_agg_mode_and_registered_name_is_accepted():
+    from vlm_grpo_ma.algorithms import AGGREGATION_MODES
+
+    for mode in AGGREGATION_MODES:
+        assert parse_train_config(["--loss_agg_mode", mode]).rl.loss_agg_mode == mode
+    for k in ("k1", "k2", "k3"):
+        assert parse_train_config(["--kl_estimator", k]).rl.kl_estimator == k
+    cfg = parse_train_config(["--adv_estimator", "grpo", "--num_thoughts", "4", "--answers_per_thought", "1"])
+    assert cfg.rl.adv_estimator == "grpo"
+
+
 def test_every_shipped_config_parses():
     from pathlib import Path
 
