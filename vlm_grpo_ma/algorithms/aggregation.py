@@ -147,7 +147,7 @@ def cross_rank_scale(mode: str, local_tokens: float, global_tokens: float, world
         return float(grad_accum)
     if global_tokens <= 0:
         return 0.0
-    return float(grad_accum) * world_size * float(local_tokens) / float(global_tokens)
+    return world_size * float(local_tokens) / float(global_tokens) * grad_accum
 
 
 def expand_to_tokens(

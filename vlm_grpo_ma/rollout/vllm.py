@@ -81,7 +81,6 @@ __all__ = [
     "finish_answer",
     "finish_thought",
     "import_vllm",
-    "make_bench_backend",
     "merge_split_outputs",
     "pixel_bounds",
     "sampled_logprobs",
@@ -875,43 +874,3 @@ def _request_stats(outs: Sequence[Any]) -> dict[str, float]:
         cached += int(getattr(o, "num_cached_tokens", 0) or 0)
     return {"tokens_prompt": float(prompt), "tokens_prefix_cached": float(cached),
             "tokens_prefilled": float(prompt - cached)}
-
-
-# --------------------------------------------------------------------------- benchmarks
-class VLLMBenchBackend:
-    """The benchmark runner's ``--backend vllm``: ``complete(samples, messages_batch, gen, seed)``
-    with the same semantics as :class:`vlm_grpo_ma.bench.backends.HFBackend` (greedy unless
-    sampling; best-of-K x M samples a real tree)."""
-
-    name = "vllm"
-
-    def __init__(self, backend: VLLMBackend):
-        self.backend = backend
-        self.family = backend.family
-        self.model_path = backend.model_path
-
-    def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: Any, seed: int) -> list[list[str]]:
-        from vlm_grpo_ma.bench.backends import _sampling
-
-        sampling = _sampling(gen, seed)
-        if not gen.do_sample:
-            return self.backend.generate(messages_batch, n=1, sampling=sampling, max_new_tokens=gen.max_new_tokens)
-        K, M = max(1, gen.num_thoughts), max(1, gen.num_answers)
-        if M == 1:
-            return self.backend.generate(messages_batch, n=K, sampling=sampling, max_new_tokens=gen.max_new_tokens)
-        tree = self.backend.generate_tree_from_messages(messages_batch, K, M, sampling)
-        return [[tree.thought_texts[b][k] + tree.answer_texts[b][k][m] for k in range(K) for m in range(M)]
-                for b in range(tree.B)]
-
-
-def make_bench_backend(
-    model: str, *, min_pixels: int | None = None, max_pixels: int | None = None, device: Any = None,
-    dtype: Any = None, attn_implementation: str | None = None, **kw: Any,
-) -> VLLMBenchBackend:
-    """Factory used by ``vlm_grpo_ma.bench.backends.load_backend("vllm", ...)``.  ``device`` and
-    ``attn_implementation`` are transformers options (ignored: vLLM picks its own);
-    ``gpu_memory_utilization`` defaults to 0.85 (nothing else on the GPU)."""
-    kw.setdefault("gpu_memory_utilization", 0.85)
-    if dtype is not None:
-        kw["dtype"] = str(dtype).replace("torch.", "")
-    return VLLMBenchBackend(VLLMBackend(model, min_pixels=min_pixels, max_pixels=max_pixels, **kw))
