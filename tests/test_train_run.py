@@ -310,6 +310,7 @@ def test_rl_step_with_the_vllm_backend_against_an_engine_double(tmp_path, monkey
     out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=5))
     assert math.isfinite(out["loss/policy"]) and math.isfinite(out["grad/norm"])
     assert out["rollout/thought_truncated"] > 0  # the double truncates odd thoughts: NaN log-probs went through TIS
+    assert 0.0 < out["tis/mean"] <= 2.0 and 0.0 <= out["tis/capped"] <= 1.0  # logged, as docs/VLLM.md says
     assert len(llm.loaded) == 2 * n_params and llm.events.count("reset") == 2  # synced again after the update
     stg.release(st)
 

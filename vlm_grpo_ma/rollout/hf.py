@@ -8,7 +8,7 @@ until the end token.  Nothing is ever prefilled twice: the prompt and the though
 computed once, whatever K and M (the way nanochat's engine prefills once and clones its cache).
 
 The decode loop is written here rather than delegated to ``model.generate`` so that every
-position is explicit (STACK.md's traps do not apply):
+position is explicit (no ``generate`` state such as a cached ``rope_deltas`` is relied on):
 
 - mRoPE positions: the prompt's come from the model's ``get_rope_index`` (3 rows: temporal,
   height, width); a generated token gets the text position ``max(prompt positions) + 1 + i`` on

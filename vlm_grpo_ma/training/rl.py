@@ -202,11 +202,12 @@ def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list
 
 def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatch], ref_engine=None) -> UpdateStats:
     """``ppo_epochs`` optimizer steps on the micro-batches (gradient accumulation over them)."""
-    from vlm_grpo_ma.algorithms.tis import tis_weights
+    from vlm_grpo_ma.algorithms.tis import tis_metrics, tis_weights
     from vlm_grpo_ma.rollout.layout import score_tokens
 
     rl, engine, gas = cfg.rl, stage.engine, stage.grad_accum
     loss_fn = get_policy_loss(rl.policy_loss)
+    stats = UpdateStats(Counter(), [], [])
     with torch.no_grad():
         # old log-probs from the trainer itself: needed for several epochs, and with vLLM rollouts
         # (whose sampling log-probs come from other kernels, TIS below)
@@ -214,10 +215,13 @@ def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatc
         old = [score_tokens(engine.module, b, rl.temperature).detach() for b in micro] if need_old else None
         if rl.tis_cap > 0:
             for b, o in zip(micro, old):
-                b.weights = b.weights * tis_weights(o, b.old_logp, rl.tis_cap).to(b.weights.device)
+                w = tis_weights(o, b.old_logp, rl.tis_cap).to(b.weights.device)
+                b.weights = b.weights * w
+                for key, v in tis_metrics(w, rl.tis_cap).items():  # token-weighted, averaged in step_metrics
+                    stats.sums[key] += v * w.numel()
+                stats.sums["tis_tokens"] += w.numel()
         ref = [score_tokens(ref_engine.module, b, rl.temperature) for b in micro] if ref_engine is not None else None
 
-    stats = UpdateStats(Counter(), [], [])
     for _ in range(rl.ppo_epochs):
         for i, b in enumerate(micro):
             logp = score_tokens(engine.module, b, rl.temperature)
@@ -273,6 +277,9 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     out["loss/kl"] = tot["loss/kl"] / world / rl.ppo_epochs
     for key in ("clip/low", "clip/high", "kl/mean", "ratio/mean"):
         out[key] = tot[key] / max(tot["tokens"], 1)
+    if rl.tis_cap > 0:  # tis/mean, tis/capped over every trained token of the step
+        for key in ("tis/mean", "tis/capped"):
+            out[key] = tot[key] / max(tot["tis_tokens"], 1)
     out["grad/norm"] = upd.norms[-1]
     out.update(state.gss.metrics())  # grad/gss (this step), grad/gss_max, grad/gss_spikes (GSS@10 so far)
     out["grad/gss"] = upd.gss[-1]
