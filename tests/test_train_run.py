@@ -1,5 +1,10 @@
 """The trainer in one process on the tiny model: the whole pipeline, the RL update, skipping a
-non-finite step, atomic checkpoints and exact in-process resume, and the exported model."""
+non-finite step, atomic checkpoints and exact in-process resume, and the exported model.
+
+Every test here builds real DeepSpeed ZeRO-3 engines in this process (CPU accelerator, gloo).
+Measured on a shared 2-core machine (``pytest tests/test_train_run.py --durations=0``): the
+end-to-end pipeline about 35 s (marked ``slow``), each other test 3-6 s.  A per-test timeout
+turns a hang (a collective waiting forever) into a failure long before the suite's 600 s."""
 
 from __future__ import annotations
 
@@ -15,6 +20,9 @@ dist.prepare_environment()
 
 TINY = ["--eval_samples", "4", "--eval_batch_size", "4", "--max_thought_tokens", "12", "--max_answer_tokens", "10",
         "--report_to", "tensorboard", "--log_every", "1"]
+
+
+pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,6 +47,7 @@ def _same(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_and_final_model_loads(tmp_path):
     from transformers import AutoConfig
 
