@@ -49,7 +49,6 @@ clear errors.  Engine arguments, the pixel-bounds checks and the weight receiver
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -65,16 +64,14 @@ from vlm_grpo_ma.rollout.vllm_engine import (  # noqa: F401  (re-exported: the p
     _engine_mm_kwargs,
     _supported_engine_args,
     build_engine_kwargs,
-    collapse_image_pads,
-    count_image_runs,
     check_pixel_bounds,
     check_prompt_expansion,
+    collapse_image_pads,
+    count_image_runs,
     engine_mm_processor_kwargs,
     pixel_bounds,
 )
 from vlm_grpo_ma.rollout.vllm_weights import DEFAULT_BUCKET_BYTES, SyncStats, sync_weights
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "INSTALL_HINT",
