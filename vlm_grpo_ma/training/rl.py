@@ -43,9 +43,11 @@ from vlm_grpo_ma.algorithms import (
     get_policy_loss,
     zero_spread_fraction,
 )
+from vlm_grpo_ma.algorithms.tis import tis_metrics, tis_weights
 from vlm_grpo_ma.reward_guard import RewardGuard
-from vlm_grpo_ma.rollout.layout import TrainBatch
-from vlm_grpo_ma.rollout.types import TreeRollout
+from vlm_grpo_ma.rollout.hf import HFRolloutBackend
+from vlm_grpo_ma.rollout.layout import TrainBatch, build_train_batch, score_tokens
+from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
 from vlm_grpo_ma.training.config import TrainConfig
@@ -139,8 +141,6 @@ def rollout_backend(stage: Stage, cfg: TrainConfig):
     colocated engine once per stage (every rank its own), pushes the current weights into it, and
     keeps it in ``stage.vllm_backend``; :func:`update` syncs the weights again after every update.
     """
-    from vlm_grpo_ma.rollout import HFRolloutBackend
-
     if cfg.rl.rollout_backend == "hf":
         return HFRolloutBackend(stage.engine.module, processor=stage.processor, gather_context=stage.gather)
     if stage.vllm_backend is None:
@@ -159,8 +159,6 @@ def rollout_backend(stage: Stage, cfg: TrainConfig):
 def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence) -> ScoredRollout:
     """Sample the tree of this rank's ``samples``, score every pair, and compute the advantages
     (per prompt, so rank-local)."""
-    from vlm_grpo_ma.rollout import SamplingParams
-
     rl = cfg.rl
     t0 = time.perf_counter()
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
@@ -181,8 +179,6 @@ def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list
     The weights are those of the whole local batch (``aggregation_weights`` over all its prompts),
     times ``cross_rank_scale`` so that DeepSpeed's averaging over accumulation steps and ranks
     gives the aggregation of the global batch (one all-reduce of the token count)."""
-    from vlm_grpo_ma.rollout.layout import build_train_batch
-
     rl, rollout = cfg.rl, scored.rollout
     T_lens, A_lens = rollout.thought_lengths(), rollout.answer_lengths()
     w_t, w_a = aggregation_weights(rl.loss_agg_mode, T_lens, A_lens, max_len=rl.max_thought_tokens + rl.max_answer_tokens)
@@ -202,9 +198,6 @@ def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list
 
 def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatch], ref_engine=None) -> UpdateStats:
     """``ppo_epochs`` optimizer steps on the micro-batches (gradient accumulation over them)."""
-    from vlm_grpo_ma.algorithms.tis import tis_metrics, tis_weights
-    from vlm_grpo_ma.rollout.layout import score_tokens
-
     rl, engine, gas = cfg.rl, stage.engine, stage.grad_accum
     loss_fn = get_policy_loss(rl.policy_loss)
     stats = UpdateStats(Counter(), [], [])
