@@ -1,5 +1,5 @@
-"""Unit tests of the trainer's plumbing (no engine): config, data positions, DeepSpeed config
-filling, LoRA merging, loss normalisation over ranks."""
+"""Unit tests of the trainer's plumbing (no engine): config and its up-front checks, data
+positions, DeepSpeed config filling, LoRA merging, metrics logging."""
 
 from __future__ import annotations
 
