@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-r"""Monte-Carlo check of GRPO-MA's variance argument (../shared/PAPER.md, "Theory").
+r"""Monte-Carlo check of GRPO-MA's variance argument (GRPO-MA, arXiv 2509.24494, its variance analysis).
 
 Model: a prompt's K thoughts have success probabilities p_k ~ Beta(2, 2); an answer to thought k
 succeeds with probability p_k, so r_km ~ Bernoulli(p_k) and the thought value estimate is

@@ -21,7 +21,7 @@ gathered_parameters``), as the trainer ships.
 each in one process (TRL without DeepSpeed, as a single process runs it; ours on its default
 DeepSpeed ZeRO-3 engine, one rank) and on 2 ranks under ZeRO-3 (TRL through ``accelerate launch
 --num_processes 2`` with a ZeRO-3 DeepSpeed config; ours through the DeepSpeed launcher), with
-``DS_ACCELERATOR=cpu`` and the shared-memory allreduce op build skipped (STACK.md).  The ZeRO-3
+``DS_ACCELERATOR=cpu`` and the shared-memory allreduce op build skipped (``vlm_grpo_ma.training.distributed``).  The ZeRO-3
 settings are the same file for both sides (``configs/deepspeed/zero3.json``).
 
 Time per step is wall time between the ends of consecutive optimizer steps (TRL: a

@@ -4,7 +4,7 @@ Images are small (112 x 112 by default: a 4 x 4 grid of merged vision tokens for
 so that a tiny model trains on them on a CPU.  The background is a faint fixed colour gradient
 (red falls with x, blue falls with y, up to :data:`GRADIENT_LEVEL` / 255 on black): Qwen2.5-VL's
 vision tower has no absolute position embedding, and on a flat background it cannot tell where a
-shape is (../shared/STACK.md measured a clearly faster start with the gradient).
+shape is (RL on the tiny model started clearly faster with the gradient).
 
 Every random choice comes from :func:`rng_for` (``random.Random`` seeded with the string
 ``"<task>:<seed>:<index>"``, which Python hashes with SHA-512), so sample ``i`` of a seed is the

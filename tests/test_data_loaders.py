@@ -466,9 +466,8 @@ def test_load_samples_dispatch(datadir):
 
 def test_load_samples_synthetic():
     from vlm_grpo_ma.data.sample import Sample
-    from vlm_grpo_ma.task import Task, register_task
+    from vlm_grpo_ma.task import Task
 
-    @register_task
     class _LoaderProbe(Task):
         name = "_loader_probe"
 
@@ -477,9 +476,12 @@ def test_load_samples_synthetic():
 
         messages = sft_target = parse = reward = metrics = lambda *a, **k: None
 
-    got = load_samples("synthetic:3", "_loader_probe", seed=5)
+    gen = _LoaderProbe().synthetic
+    got = load_samples("synthetic:3", "_loader_probe", synthesize=gen, seed=5)
     assert [s.id for s in got] == ["5-0", "5-1", "5-2"] and got.summary.loaded == 3
-    assert len(load_samples({"format": "synthetic", "n": 2}, "_loader_probe")) == 2
+    assert len(load_samples({"format": "synthetic", "n": 2}, "_loader_probe", synthesize=gen)) == 2
+    with pytest.raises(ValueError, match="synthesize=task.synthetic"):
+        load_samples("synthetic:3", "_loader_probe")  # the data layer never looks a task up
 
 
 def test_jsonl_byte_order_mark_and_blank_lines(datadir):

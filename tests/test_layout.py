@@ -10,6 +10,7 @@ import torch
 
 from vlm_grpo_ma.algorithms import (
     AGGREGATION_MODES,
+    aggregation_weights,
     clipped_policy_loss,
     grpo_advantages,
     grpo_ma_advantages,
@@ -25,6 +26,11 @@ from vlm_grpo_ma.rollout.layout import (
 )
 
 from tests.test_rollout import FAMILIES, _messages, prompt_inputs
+
+
+def _weights(tree, mode="token-mean", max_len=None):
+    """The per-segment loss weights of ``tree`` under ``mode`` (what the trainer passes in)."""
+    return aggregation_weights(mode, tree.thought_lengths(), tree.answer_lengths(), max_len)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -59,8 +65,8 @@ def test_packed_equals_naive(policy, tree, mode):
     rewards = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(1))
     t_adv, a_adv = grpo_ma_advantages(rewards)
     pad = policy.tokenizer.pad_token_id
-    naive = build_train_batch(policy.model, tree, t_adv, a_adv, layout="naive", loss_agg_mode=mode, pad_id=pad)
-    packed = build_train_batch(policy.model, tree, t_adv, a_adv, layout="packed", loss_agg_mode=mode, pad_id=pad)
+    naive = build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree, mode), layout="naive", pad_id=pad)
+    packed = build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree, mode), layout="packed", pad_id=pad)
     assert naive.input_ids.shape[0] == 2 * 3 * 3 and packed.input_ids.shape[0] == 2 * 3
     assert packed.attention_mask.shape == (6, 1, packed.input_ids.shape[1], packed.input_ids.shape[1])
     # same trained tokens, same order, same per-token values
@@ -92,8 +98,8 @@ def test_all_aggregation_modes_packed_equals_naive():
                                sampling=SamplingParams(max_thought_tokens=7, max_answer_tokens=4, seed=4))
     t_adv, a_adv = grpo_ma_advantages(torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(3)))
     for mode in AGGREGATION_MODES:
-        n = build_train_batch(policy.model, tr, t_adv, a_adv, layout="naive", loss_agg_mode=mode)
-        p = build_train_batch(policy.model, tr, t_adv, a_adv, layout="packed", loss_agg_mode=mode)
+        n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout="naive")
+        p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout="packed")
         old = _perturbed_old(n)
         _, loss_n, g_n = _loss_and_grads(policy.model, n, old)
         _, loss_p, g_p = _loss_and_grads(policy.model, p, old)
@@ -108,8 +114,8 @@ def test_packed_equals_naive_eager_attention():
     tr = backend.generate_tree(prompt_inputs(policy, _messages()), K=2, M=2,
                                sampling=SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=9))
     t_adv, a_adv = grpo_ma_advantages(torch.rand(2, 2, 2, generator=torch.Generator().manual_seed(5)))
-    n = build_train_batch(policy.model, tr, t_adv, a_adv, layout="naive")
-    p = build_train_batch(policy.model, tr, t_adv, a_adv, layout="packed")
+    n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="naive")
+    p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="packed")
     with torch.no_grad():
         torch.testing.assert_close(score_tokens(policy.model, p), score_tokens(policy.model, n), atol=1e-5, rtol=0)
         torch.testing.assert_close(score_tokens(policy.model, p), p.old_logp, atol=1e-4, rtol=0)
@@ -127,7 +133,7 @@ def test_m1_equals_plain_grpo(policy):
     adv = grpo_advantages(rewards)  # [B, G]
     torch.testing.assert_close(t_adv, adv)
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        batch = build_train_batch(policy.model, tr, t_adv, a_adv, layout="packed", loss_agg_mode=mode)
+        batch = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout="packed")
         old = _perturbed_old(batch)
         _, loss_tree, g_tree = _loss_and_grads(policy.model, batch, old)
 
@@ -175,7 +181,7 @@ def _text_tree() -> TreeRollout:
 def test_packed_positions_and_targets_by_hand():
     policy = load_policy("tiny-qwen2-vl")
     tr = _text_tree()
-    p = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), pad_id=0)
+    p = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), *_weights(tr), pad_id=0)
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
     # positions restart for each answer at the thought's end (text: the same on all 3 rows)
     assert p.position_ids[:, 0].tolist() == [[0, 1, 2, 3, 4, 5, 6, 5]] * 3
@@ -186,7 +192,7 @@ def test_packed_positions_and_targets_by_hand():
     assert p.old_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0]
     assert p.advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0]
     assert p.weights.tolist() == pytest.approx([0.2] * 5)
-    n = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), layout="naive", pad_id=0)
+    n = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), *_weights(tr), layout="naive", pad_id=0)
     assert n.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 12, 0]]
     assert n.attention_mask.tolist() == [[1] * 7, [1] * 6 + [0]]
     assert n.logit_rows.tolist() == [0, 0, 0, 0, 1] and n.logit_cols.tolist() == [2, 3, 4, 5, 4]
@@ -211,9 +217,11 @@ def test_bad_inputs_and_unsupported_attention():
     policy = load_policy("tiny-qwen2-vl")
     tr = _text_tree()
     with pytest.raises(ValueError, match="thought_adv"):
-        build_train_batch(policy.model, tr, torch.zeros(2, 1), torch.zeros(1, 1, 2))
+        build_train_batch(policy.model, tr, torch.zeros(2, 1), torch.zeros(1, 1, 2), *_weights(tr))
     with pytest.raises(ValueError, match="layout"):
-        build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), layout="tree")
+        build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), *_weights(tr), layout="tree")
+    with pytest.raises(ValueError, match="thought_weights"):
+        build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), torch.zeros(1, 2), torch.zeros(1, 1, 2))
 
     class Cfg:
         _attn_implementation = "flash_attention_2"

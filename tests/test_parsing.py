@@ -212,15 +212,25 @@ def test_fuzz_parsers_raise_only_parse_error(text):
             check(out)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 199, 200, 201, 1000, 4000])
+@pytest.mark.parametrize("depth", [1, 2, 16, 17, 199, 200, 201, 1000, 4000])
 @pytest.mark.parametrize("bracket", "[{(")
 def test_deep_nesting(depth, bracket):
+    """Nesting is read as far as a box can be (a list, or a list of one list), a deeper
+    structure is the wrong shape, one past the scanner's depth limit is no structure at all,
+    and parentheses never open one: always that ParseError, never a RecursionError or a box."""
     text = bracket * depth + "1, 2, 3, 4" + {"[": "]", "{": "}", "(": ")"}[bracket] * depth
-    for parse in (parse_boxes, parse_points):
-        try:
-            parse(text)
-        except ParseError:
-            pass
+    if bracket == "[" and depth <= 2:
+        assert boxes(text) == [((1, 2, 3, 4), None)]
+        expected_points = "bad_shape"  # four numbers are not a point
+    else:
+        expected = "no_json" if bracket == "(" or depth >= 199 else "bad_shape"
+        with pytest.raises(ParseError) as e:
+            parse_boxes(text)
+        assert e.value.reason == expected
+        expected_points = expected
+    with pytest.raises(ParseError) as e:
+        parse_points(text)
+    assert e.value.reason == expected_points
 
 
 def test_objects_one_after_another():

@@ -162,8 +162,8 @@ def trl_loss(policy, messages, rollout, old, loss_type, scale_rewards):
 def our_loss(policy, rollout, old, mode, scale_by_std):
     """Our loss on the same samples: the trainer's own pieces."""
     t_adv, a_adv = grpo_tree_advantages(REWARDS.unsqueeze(-1), scale_by_std=scale_by_std, eps=1e-4, unbiased=True)
-    batch = build_train_batch(policy.model, rollout, t_adv, a_adv, layout="packed", loss_agg_mode=mode, max_len=BUDGET)
     w_t, w_a = aggregation_weights(mode, rollout.thought_lengths(), rollout.answer_lengths(), max_len=BUDGET)
+    batch = build_train_batch(policy.model, rollout, t_adv, a_adv, w_t, w_a, layout="packed")
     assert torch.allclose(batch.weights, torch.repeat_interleave(
         torch.stack([w_t, w_a[..., 0]], -1).reshape(-1),
         torch.stack([rollout.thought_lengths(), rollout.answer_lengths()[..., 0]], -1).reshape(-1)))

@@ -778,14 +778,14 @@ def test_backend_refuses_an_engine_with_other_pixel_bounds(fake_vllm, tiny_model
 def test_bench_factory_against_engine_double(fake_vllm, tiny_model_dir):
     from vlm_grpo_ma.bench.suite import GenerationSpec
     from vlm_grpo_ma.models import load_policy
-    from vlm_grpo_ma.rollout.vllm import make_bench_backend
+    from vlm_grpo_ma.bench.backends import load_backend
 
     policy = load_policy(tiny_model_dir("qwen3_vl"))
     pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     fake_vllm.LLM = lambda **kw: _FakeVLLM.LLM(policy.family, pad, **kw)
-    bb = make_bench_backend(tiny_model_dir("qwen3_vl"), min_pixels=None, max_pixels=None, device="cuda:0")
+    bb = load_backend("vllm", tiny_model_dir("qwen3_vl"), min_pixels=None, max_pixels=None, device="cuda:0")
     assert bb.name == "vllm" and bb.family == policy.family
-    assert bb.backend.llm.kw["mm_processor_kwargs"] == {"size": {"shortest_edge": policy.family.min_pixels,
+    assert bb.rollout.llm.kw["mm_processor_kwargs"] == {"size": {"shortest_edge": policy.family.min_pixels,
                                                                  "longest_edge": policy.family.max_pixels}}
     greedy = bb.complete([None, None], _messages(), GenerationSpec(max_new_tokens=6), seed=0)
     assert [len(x) for x in greedy] == [1, 1]

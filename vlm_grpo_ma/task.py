@@ -7,7 +7,10 @@ as the six shipped ones.  ``get_task(name)`` returns an instance.
 Format rule shared by all tasks: exactly one ``<think>...</think>`` followed by exactly one
 ``<answer>...</answer>``.  An empty answer scores 0; answers are never substring-matched.
 Model output NEVER raises out of ``parse`` or ``reward``: malformed output scores 0 and the
-reason is reported in ``Reward.reason`` so that callers can count it.
+reason is reported in ``Reward.reason`` so that callers can count it.  A task need not guard
+against its own bugs: the trainer and the benchmark call rewards only through
+:class:`vlm_grpo_ma.reward_guard.RewardGuard`, which scores any other exception (or a total
+outside [0, 1]) 0 with the reason ``reward_error`` and counts it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 - ``advantages``: GRPO and GRPO-MA (thought / answer) group-relative advantages;
 - ``aggregation``: per-token loss weights for ``token-mean``, ``seq-mean-token-mean``,
-  ``seq-mean-token-sum``, ``seq-mean-token-sum-norm`` over a K x M tree, each unique token once;
+  ``seq-mean-token-sum``, ``seq-mean-token-sum-norm`` over a K x M tree, each unique token once,
+  and the factor that keeps them exact over data-parallel ranks (``cross_rank_scale``);
 - ``policy_loss``: the clipped surrogate (separate low / high clip) with an optional KL penalty;
 - ``kl``: k1 / k2 / k3 KL estimators;
 - ``logprob``: chunked selective log-softmax and entropy (no float32 [B, T, V] intermediate);
@@ -11,7 +12,7 @@
 """
 
 from .advantages import grpo_advantages, grpo_ma_advantages, grpo_tree_advantages, standardize_groups, zero_spread_fraction
-from .aggregation import AGGREGATION_MODES, aggregation_weights, expand_to_paths, expand_to_tokens
+from .aggregation import AGGREGATION_MODES, aggregation_weights, cross_rank_scale, expand_to_paths, expand_to_tokens
 from .gss import GradientSpikeTracker, gradient_spike_scores
 from .kl import kl_k1, kl_k2, kl_k3
 from .logprob import entropy_from_logits, naive_log_softmax_gather, selective_log_softmax
@@ -30,6 +31,7 @@ __all__ = [
     "GradientSpikeTracker",
     "aggregation_weights",
     "clipped_policy_loss",
+    "cross_rank_scale",
     "entropy_from_logits",
     "expand_to_paths",
     "expand_to_tokens",

@@ -33,6 +33,12 @@ over the P sequences.
 
 A path whose thought and answer are both empty weighs nothing but still counts in P (verl would
 divide by zero there).
+
+Data parallelism (:func:`cross_rank_scale`): each rank computes the weights above over its OWN
+batch, and DeepSpeed divides every micro-batch loss by the accumulation steps G and averages the
+gradients over the W ranks. Multiplying a rank's weights by ``cross_rank_scale`` makes that average
+the weights of the whole global batch computed on one rank, so W ranks take the step 1 rank takes
+on the same rollouts.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["AGGREGATION_MODES", "aggregation_weights", "expand_to_tokens", "expand_to_paths"]
+__all__ = ["AGGREGATION_MODES", "aggregation_weights", "cross_rank_scale", "expand_to_tokens", "expand_to_paths"]
 
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -107,6 +113,41 @@ def aggregation_weights(
     else:
         raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGGREGATION_MODES}")
     return w_t.to(dtype), w_a.to(dtype)
+
+
+def cross_rank_scale(mode: str, local_tokens: float, global_tokens: float, world_size: int, grad_accum: int = 1) -> float:
+    r"""Factor on one rank's :func:`aggregation_weights` so that DeepSpeed's averaging gives the
+    global aggregation.
+
+    DeepSpeed applies ``1/(W G) * sum_{ranks r, micro-batches} grad(loss)``: every micro-batch
+    loss is divided by the G accumulation steps and the gradients are averaged over the W ranks.
+    A rank's weights (computed over its whole local batch, all micro-batches together) times
+
+    * ``G * W * n_r / N`` for ``token-mean`` (``n_r`` this rank's trained tokens, ``N`` all ranks'):
+      a token then weighs ``1/(W G) * G W n_r / N * 1/n_r = 1/N``, the global token mean;
+    * ``G`` for the path modes: every rank holds the same number of paths ``P/W``, so the average
+      over ranks of per-rank path means is the global path mean (and the Dr.GRPO ``L_max`` is the
+      constant budget, the same on every rank).
+
+    Args:
+        mode: one of ``AGGREGATION_MODES``.
+        local_tokens: ``n_r``, the trained tokens of this rank (thought tokens once).
+        global_tokens: ``N``, their sum over the ranks (an all-reduce); 0 gives a factor of 0.
+        world_size: W, the number of data-parallel ranks.
+        grad_accum: G, the gradient-accumulation steps per optimizer step.
+
+    Returns:
+        a float; multiply both ``w_thought`` and ``w_answer`` by it.
+    """
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGGREGATION_MODES}")
+    if world_size < 1 or grad_accum < 1:
+        raise ValueError(f"world_size and grad_accum must be >= 1, got {world_size} and {grad_accum}")
+    if mode != "token-mean":
+        return float(grad_accum)
+    if global_tokens <= 0:
+        return 0.0
+    return world_size * float(local_tokens) / float(global_tokens) * grad_accum
 
 
 def expand_to_tokens(

@@ -3,10 +3,9 @@
 - ``hf`` (default): transformers, through the rollout package's :class:`HFRolloutBackend`
   (batched left-padded decoding, vision tokens suppressed, greedy unless sampling is asked for;
   best-of-K x M samples a real tree: K thoughts, M answers continuing each).
-- ``vllm``: imported lazily from :mod:`vlm_grpo_ma.rollout.vllm` (an optional extra), whose
-  ``make_bench_backend(model, min_pixels=..., max_pixels=...)`` returns a rollout backend of the
-  same protocol as the transformers one, with a ``family`` attribute; a clear error says what is
-  missing when vLLM or that module is not installed.
+- ``vllm``: :class:`vlm_grpo_ma.rollout.vllm.VLLMBackend` (an optional extra, imported lazily),
+  a rollout backend of the same protocol as the transformers one, behind the same adapter
+  (:func:`complete_with_rollout`); a clear error says what is missing when vLLM is not installed.
 
 - ``reference``: no model; every completion is the task's SFT target for the sample (its
   reference answer in the suite's coordinate family).  A sanity check of a suite: its data,
@@ -19,7 +18,6 @@ completions, the k-th thought's m-th answer at index ``k * M + m``).
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Protocol, Sequence
 
@@ -142,28 +140,28 @@ class ReferenceBackend:
         return [[self.task.sft_target(s, self.family)] * gen.num_samples for s in samples]
 
 
-def _vllm_backend(model: str, **kw: Any) -> Backend:
+def _vllm_backend(model: str, *, min_pixels: int | None = None, max_pixels: int | None = None, device: Any = None,
+                  dtype: Any = None, attn_implementation: str | None = None, **kw: Any) -> Backend:
+    """``--backend vllm``: the project's vLLM rollout backend (:class:`vlm_grpo_ma.rollout.vllm.VLLMBackend`)
+    behind :class:`RolloutAdapter`.  ``device`` and ``attn_implementation`` are transformers
+    options (ignored: vLLM picks its own); ``gpu_memory_utilization`` defaults to 0.85 (nothing
+    else on the GPU)."""
     try:
-        mod = importlib.import_module("vlm_grpo_ma.rollout.vllm")
+        from vlm_grpo_ma.rollout.vllm import VLLMBackend
     except ModuleNotFoundError as e:
         raise BackendUnavailable(
             "--backend vllm needs vLLM and the project's vLLM rollout backend "
             f"(vlm_grpo_ma/rollout/vllm.py): {e}. Install it with `pip install 'vlm-grpo-ma[vllm]'` "
             "on a CUDA machine, or use --backend hf."
         ) from e
-    factory = getattr(mod, "make_bench_backend", None)
-    if factory is None:
-        raise BackendUnavailable(
-            "vlm_grpo_ma.rollout.vllm offers no `make_bench_backend(model, min_pixels=, max_pixels=)` "
-            "(returning a rollout backend with `.family`); use --backend hf"
-        )
+    kw.setdefault("gpu_memory_utilization", 0.85)
+    if dtype is not None:
+        kw["dtype"] = str(dtype).replace("torch.", "")
     try:
-        be = factory(model, **kw)
+        be = VLLMBackend(model, min_pixels=min_pixels, max_pixels=max_pixels, **kw)
     except ImportError as e:
         raise BackendUnavailable(f"--backend vllm: vLLM is not importable here ({e}); use --backend hf") from e
-    if hasattr(be, "complete"):
-        return be
-    return RolloutAdapter(be, be.family, "vllm", model)
+    return RolloutAdapter(be, be.family, "vllm", getattr(be, "model_path", model))
 
 
 def load_backend(kind: str, model: str, task: Any = None, **kw: Any) -> Backend:

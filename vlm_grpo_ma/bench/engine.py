@@ -53,6 +53,7 @@ from typing import Any, Iterable, Sequence
 from vlm_grpo_ma.bench.suite import Suite
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.models.family import ModelFamily
+from vlm_grpo_ma.reward_guard import RewardGuard
 
 __all__ = [
     "BenchError",
@@ -254,16 +255,14 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _reward(task: Any, completion: str, sample: Sample, family: ModelFamily) -> tuple[float, dict, str | None]:
+def _rewards(guard: RewardGuard, completions: Sequence[str], sample: Sample,
+             family: ModelFamily) -> list[tuple[float, dict, str | None]]:
+    """(total, finite parts, reason) of each completion, through the core's reward guard (the
+    task's ``reward_batch`` where it has one)."""
     from vlm_grpo_ma.tasks.common import split_completion
 
-    thought, answer = split_completion(completion)
-    try:
-        r = task.reward(thought, answer, sample, family)
-    except Exception as e:  # the contract says never; a bench run still must not die of it
-        return 0.0, {}, f"reward_exception:{type(e).__name__}"
-    total = float(r.total) if _finite(r.total) else 0.0
-    return total, {k: float(v) for k, v in (r.parts or {}).items() if _finite(v)}, r.reason
+    rs = guard.batch([(*split_completion(c), sample, family) for c in completions])
+    return [(float(r.total), {k: float(v) for k, v in (r.parts or {}).items() if _finite(v)}, r.reason) for r in rs]
 
 
 def parse_completion(task: Any, completion: str, sample: Sample, family: ModelFamily,
@@ -294,13 +293,14 @@ def sample_metrics(task: Any, prediction: Any, sample: Sample) -> dict[str, floa
 
 
 def score_completions(task: Any, sample: Sample, family: ModelFamily, completions: Sequence[str],
-                      strict: bool = True) -> dict:
+                      strict: bool = True, guard: RewardGuard | None = None) -> dict:
     """One prediction row from a sample's completions (the first is the prediction; all are
-    rewarded for best-of-n).  Never raises on model output."""
+    rewarded for best-of-n).  Never raises on model output.  ``guard``: the run's
+    :class:`~vlm_grpo_ma.reward_guard.RewardGuard` (it counts reward errors over the run)."""
     completions = [c if isinstance(c, str) else "" for c in completions] or [""]
     raw = completions[0]
     pred, reason = parse_completion(task, raw, sample, family, strict)
-    rewards = [_reward(task, c, sample, family) for c in completions]
+    rewards = _rewards(guard or RewardGuard(task), completions, sample, family)
     total, parts, _ = rewards[0]
     metrics: dict[str, float] = {"reward": total}
     metrics.update({f"reward/{k}": v for k, v in parts.items()})
@@ -515,6 +515,7 @@ def run_suite(
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         task = make_task(suite)
+        guard = RewardGuard(task)
         samples = load_samples(suite, task, limit)
         gen = dataclasses.replace(suite.generation, **({"batch_size": batch_size} if batch_size else {}))
         merged = out / PREDICTIONS
@@ -567,7 +568,7 @@ def run_suite(
                     messages = [task.messages(s, family) for s in batch]
                     texts = be.complete(batch, messages, gen, _batch_seed(gen.seed, index[batch[0].id]))
                     for s, comps in zip(batch, texts):
-                        row = score_completions(task, s, family, comps, strict)
+                        row = score_completions(task, s, family, comps, strict, guard)
                         f.write(json.dumps(jsonable(row), ensure_ascii=False) + "\n")
                         rewards.append(row["metrics"]["reward"])
                     f.flush()
@@ -649,7 +650,9 @@ def score_predictions(
     else:
         fam = resolve_family(suite.family, None, suite.min_pixels, suite.max_pixels)
     by_id = {str(r["id"]): r for r in rows_in}
-    rows = [score_completions(task, s, fam, _row_completions(by_id[s.id]), strict) for s in samples if s.id in by_id]
+    guard = RewardGuard(task)
+    rows = [score_completions(task, s, fam, _row_completions(by_id[s.id]), strict, guard)
+            for s in samples if s.id in by_id]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() != pred_path.parent.resolve() or pred_path.name != PREDICTIONS:

@@ -780,7 +780,8 @@ def coco_results(
 # ----------------------------------------------------------------------------------------------
 # the front door
 # ----------------------------------------------------------------------------------------------
-def load_samples(source: str | os.PathLike | dict, task: Optional[str] = None, **opts: Any) -> LoadedSamples:
+def load_samples(source: str | os.PathLike | dict, task: Optional[str] = None, *,
+                 synthesize: Optional[Callable[..., list[Sample]]] = None, **opts: Any) -> LoadedSamples:
     """Load samples from any supported source, chosen by format or extension.
 
     ``source`` is one of:
@@ -789,7 +790,8 @@ def load_samples(source: str | os.PathLike | dict, task: Optional[str] = None, *
       instances file (an object with ``images`` and ``annotations``), else :func:`load_json`;
       ``.parquet`` / ``.csv`` / ``.arrow`` or a folder saved with ``save_to_disk`` ->
       :func:`vlm_grpo_ma.data.hf.load_hf`;
-    - ``"synthetic:N"``: the task's ``synthetic(N, seed=opts.get("seed", 0))`` samples;
+    - ``"synthetic:N"``: ``synthesize(N, seed=opts.get("seed", 0))``, the task's ``synthetic``
+      passed in by the caller (the data layer does not look tasks up);
     - a dict (from a config or a benchmark suite): ``{"path": ..., "format": "jsonl" | "json" |
       "coco" | "hf" | "synthetic", "n": ..., <options>}``; keyword ``opts`` override its options.
 
@@ -810,7 +812,7 @@ def load_samples(source: str | os.PathLike | dict, task: Optional[str] = None, *
         source = path
     source = os.fspath(source)
     if fmt == "synthetic" or (fmt is None and source.startswith("synthetic:")):
-        return _load_synthetic(source, task, **opts)
+        return _load_synthetic(source, task, synthesize, **opts)
     ext = os.path.splitext(source)[1].lower()
     if fmt is None:
         if os.path.isdir(source) or ext in _HF_EXTENSIONS:
@@ -839,14 +841,13 @@ def load_samples(source: str | os.PathLike | dict, task: Optional[str] = None, *
     raise ValueError(f"unknown data format {fmt!r} (expected jsonl, json, coco, hf or synthetic)")
 
 
-def _load_synthetic(source: str, task: Optional[str], seed: int = 0, **opts: Any) -> LoadedSamples:
-    from vlm_grpo_ma.task import get_task
-
-    if not task:
-        raise ValueError("synthetic data needs a task")
+def _load_synthetic(source: str, task: Optional[str], synthesize: Optional[Callable[..., list[Sample]]],
+                    seed: int = 0, **opts: Any) -> LoadedSamples:
+    if synthesize is None:
+        raise ValueError(f"{source!r}: synthetic data needs the task's generator (load_samples(..., synthesize=task.synthetic))")
     try:
         n = int(source.split(":", 1)[1])
     except (IndexError, ValueError):
         raise ValueError(f"synthetic source must be 'synthetic:N' with N an integer, got {source!r}") from None
-    samples = get_task(task).synthetic(n, seed=seed)
+    samples = synthesize(n, seed=seed)
     return LoadedSamples(samples, LoadSummary(source=f"synthetic {task} (seed {seed})", loaded=len(samples)))

@@ -12,7 +12,7 @@ Public API:
 """
 
 from .family import ModelFamily, smart_resize
-from .loading import MODEL_CLASSES, Policy, load_policy, resolve_model_path
+from .loading import MODEL_CLASSES, Policy, load_policy, resolve_model_path, unwrap_model
 from .tiny import TINY_MODELS, ensure_tiny, resolve_tiny_name
 from .tokenizer import vision_token_ids
 
@@ -26,5 +26,6 @@ __all__ = [
     "resolve_model_path",
     "resolve_tiny_name",
     "smart_resize",
+    "unwrap_model",
     "vision_token_ids",
 ]

@@ -48,6 +48,15 @@ class Policy:
     path: str = ""
 
 
+def unwrap_model(model: Any) -> Any:
+    """The ``*ForConditionalGeneration`` module under PEFT / DeepSpeed wrappers."""
+    if hasattr(model, "module") and not hasattr(model, "lm_head"):  # DeepSpeed engine / DDP
+        model = model.module
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return model
+
+
 def resolve_model_path(name_or_path: str, seed: int = 0) -> str:
     """A tiny model name -> its cached folder (built on first use); anything else unchanged."""
     tiny = resolve_tiny_name(str(name_or_path))

@@ -1,7 +1,7 @@
 """Building and loading Qwen-VL processors, with or without torchvision.
 
 transformers 5 gives every Qwen-VL processor a video processor, and the video processors need
-torchvision, which cannot be installed beside a CPU build of torch (STACK.md):
+torchvision, which a CPU-only torch install may lack (its wheels pin one torch build):
 ``AutoProcessor.from_pretrained`` then fails with "Can't load video processor".  Where torchvision
 is missing we use an *image-only* variant of the family's processor class: its ``__init__`` takes
 no video processor and passes ``video_processor=None`` itself, so it loads the image processor

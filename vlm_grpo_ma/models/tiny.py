@@ -6,7 +6,7 @@ are the real ones) with random weights drawn from a seed, a tokenizer trained he
 (:mod:`vlm_grpo_ma.models.tokenizer`) and each family's chat template, and saved in Hugging Face
 format.  They are then loaded through the same ``from_pretrained`` path as a real checkpoint.
 
-Sizes (STACK.md): text hidden 64, 2 layers, 4 heads of head_dim 16 (2 KV heads), MLP 128;
+Sizes: text hidden 64, 2 layers, 4 heads of head_dim 16 (2 KV heads), MLP 128;
 vision width 32, 2 layers (64 for
 Qwen2.5-VL, with initializer range 0.05 and full attention: at width 32 / 0.02 its features varied
 too little across tokens and SFT learned to ignore the image; measured by the loss with the own

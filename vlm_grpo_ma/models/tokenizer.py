@@ -43,7 +43,8 @@ QWEN_SPECIAL_TOKENS = [
 ]
 #: The reasoning / answer tags of the task format (plain added tokens, not special).
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-#: Tokens a policy must never sample: they break the next forward pass (STACK.md).
+#: Tokens a policy must never sample: they break the next forward pass (a sampled
+#: ``<|image_pad|>`` makes the Qwen-VL forward look for image features that do not exist).
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 DEFAULT_BPE_VOCAB = 1024

@@ -8,7 +8,7 @@ until the end token.  Nothing is ever prefilled twice: the prompt and the though
 computed once, whatever K and M (the way nanochat's engine prefills once and clones its cache).
 
 The decode loop is written here rather than delegated to ``model.generate`` so that every
-position is explicit (STACK.md's traps do not apply):
+position is explicit (no ``generate`` state such as a cached ``rope_deltas`` is relied on):
 
 - mRoPE positions: the prompt's come from the model's ``get_rope_index`` (3 rows: temporal,
   height, width); a generated token gets the text position ``max(prompt positions) + 1 + i`` on
@@ -36,6 +36,7 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from vlm_grpo_ma.models.loading import unwrap_model
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 
 @dataclass(frozen=True)
@@ -150,19 +151,10 @@ def sample_next(
     return tokens, logp, logp_all
 
 
-def _unwrap(model: Any) -> Any:
-    """The ``*ForConditionalGeneration`` module under PEFT / DeepSpeed wrappers."""
-    if hasattr(model, "module") and not hasattr(model, "lm_head"):  # DeepSpeed engine / DDP
-        model = model.module
-    if hasattr(model, "get_base_model"):  # PEFT
-        model = model.get_base_model()
-    return model
-
-
 def prompt_position_ids(model: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
     """mRoPE position ids [3, B, P] of a left-padded prompt batch (padding positions 0), from
     the model's own ``get_rope_index`` (all three families)."""
-    core = _unwrap(model).model
+    core = unwrap_model(model).model
     input_ids = inputs["input_ids"]
     mm = inputs.get("mm_token_type_ids")
     if mm is None:
@@ -275,7 +267,7 @@ class HFRolloutBackend:
     # ------------------------------------------------------------------ internals
     @property
     def _device(self) -> torch.device:
-        return next(_unwrap(self.model).parameters()).device
+        return next(unwrap_model(self.model).parameters()).device
 
     def _context(self) -> ContextManager:
         return self.gather_context() if self.gather_context is not None else contextlib.nullcontext()
@@ -421,7 +413,7 @@ class HFRolloutBackend:
         """
         if K < 1 or M < 1:
             raise ValueError(f"K and M must be >= 1, got K={K}, M={M}")
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         was_training = model.training
         model.eval()
         gen = self._generator(sampling.seed)
@@ -515,7 +507,7 @@ class HFRolloutBackend:
         Returns tokens [B*n, T] (row ``b * n + j``), logp [B*n, T], lengths [B*n]."""
         sampling = sampling or SamplingParams(temperature=0.0)
         max_new = max_new_tokens or (sampling.max_thought_tokens + sampling.max_answer_tokens)
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         was_training = model.training
         model.eval()
         try:

@@ -41,8 +41,8 @@ from typing import Any, Optional
 
 import torch
 
-from vlm_grpo_ma.algorithms import aggregation_weights, expand_to_tokens, selective_log_softmax
-from vlm_grpo_ma.rollout.hf import _unwrap
+from vlm_grpo_ma.algorithms import expand_to_tokens, selective_log_softmax
+from vlm_grpo_ma.models.loading import unwrap_model
 from vlm_grpo_ma.rollout.types import TreeRollout
 
 LAYOUTS = ("packed", "naive")
@@ -105,7 +105,7 @@ class TrainBatch:
 
 def prompt_mrope_positions(model: Any, rollout: TreeRollout, b: int) -> torch.Tensor:
     """Position ids [3, P_b] of prompt b (no padding) from the model's ``get_rope_index``."""
-    core = _unwrap(model).model
+    core = unwrap_model(model).model
     ids = rollout.prompt_ids[b][None]
     pos, _ = core.get_rope_index(
         ids,
@@ -154,10 +154,10 @@ def build_train_batch(
     rollout: TreeRollout,
     thought_adv: torch.Tensor,
     answer_adv: torch.Tensor,
+    thought_weights: torch.Tensor,
+    answer_weights: torch.Tensor,
     *,
     layout: str = "packed",
-    loss_agg_mode: str = "token-mean",
-    max_len: Optional[int] = None,
     pad_id: int = 0,
 ) -> TrainBatch:
     """Lay out a tree rollout for the training forward.
@@ -166,8 +166,9 @@ def build_train_batch(
         model: the policy (``get_rope_index`` gives the prompt's mRoPE positions).
         rollout: the sampled tree (B prompts, K thoughts, M answers).
         thought_adv: [B, K] thought advantages A^T; answer_adv: [B, K, M] answer advantages A^A.
+        thought_weights: [B, K], answer_weights: [B, K, M]: the loss weight of each token of a
+            segment (``aggregation_weights``, times ``cross_rank_scale`` in training).
         layout: ``"packed"`` (one row per thought, 4D mask) or ``"naive"`` (K*M rows).
-        loss_agg_mode, max_len: passed to ``aggregation_weights`` (max_len: Dr.GRPO's L_max).
         pad_id: the padding token id (never trained, masked).
     Returns:
         a :class:`TrainBatch` on the CPU (``.to(device)`` it).
@@ -175,11 +176,12 @@ def build_train_batch(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     B, K, M = rollout.B, rollout.K, rollout.M
-    if tuple(thought_adv.shape) != (B, K) or tuple(answer_adv.shape) != (B, K, M):
-        raise ValueError(
-            f"expected thought_adv [{B}, {K}] and answer_adv [{B}, {K}, {M}], got "
-            f"{tuple(thought_adv.shape)} and {tuple(answer_adv.shape)}"
-        )
+    for name, t, a in (("adv", thought_adv, answer_adv), ("weights", thought_weights, answer_weights)):
+        if tuple(t.shape) != (B, K) or tuple(a.shape) != (B, K, M):
+            raise ValueError(
+                f"expected thought_{name} [{B}, {K}] and answer_{name} [{B}, {K}, {M}], got "
+                f"{tuple(t.shape)} and {tuple(a.shape)}"
+            )
     T_lens, A_lens = rollout.thought_lengths(), rollout.answer_lengths()
     prompt_pos = [prompt_mrope_positions(model, rollout, b) for b in range(B)]
 
@@ -237,7 +239,6 @@ def build_train_batch(
                 lcols.append(cols)
                 targets.append(ids)
                 is_thought.append(torch.full((len(ids),), s == 0))
-    w_t, w_a = aggregation_weights(loss_agg_mode, T_lens, A_lens, max_len)
     return TrainBatch(
         layout=layout,
         input_ids=input_ids,
@@ -252,7 +253,7 @@ def build_train_batch(
         is_thought=torch.cat(is_thought),
         old_logp=tree_old_logp(rollout),
         advantages=tree_token_values(rollout, thought_adv.float(), answer_adv.float()),
-        weights=tree_token_values(rollout, w_t, w_a),
+        weights=tree_token_values(rollout, thought_weights.float(), answer_weights.float()),
         thought_lens=T_lens,
         answer_lens=A_lens,
     )
@@ -277,7 +278,7 @@ def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
 def _mask_for_attention(model: Any, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dim() != 4:
         return mask
-    impl = getattr(_unwrap(model).config, "_attn_implementation", "sdpa") or "sdpa"
+    impl = getattr(unwrap_model(model).config, "_attn_implementation", "sdpa") or "sdpa"
     if impl == "sdpa":
         return mask
     if impl == "eager":
@@ -295,7 +296,7 @@ def score_tokens(model: Any, batch: TrainBatch, temperature: float = 1.0) -> tor
     predict a trained token, then ``selective_log_softmax``. ``temperature`` divides the logits
     (use the sampling temperature, so that the scores match the rollout's log-probs).
     """
-    m = _unwrap(model)
+    m = unwrap_model(model)
     dev = next(m.parameters()).device
     batch = batch.to(dev)
     dtype = next(m.parameters()).dtype

@@ -18,7 +18,7 @@ layout, :meth:`TreeRollout.index`) is prompt-major: ``row = (b * K + k) * M + m`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -28,8 +28,8 @@ class SamplingParams:
     """How tokens are drawn.
 
     ``temperature`` 0 means greedy (argmax).  ``top_k`` 0 and ``top_p`` 1.0 mean off: plain
-    sampling from the temperature-scaled distribution (transformers' ``generate`` default of
-    top_k=50 is *not* plain sampling, STACK.md).  Vision special tokens are always suppressed.
+    sampling from the temperature-scaled distribution (the ``top_k=50`` default of transformers'
+    ``GenerationConfig`` is *not* plain sampling).  Vision special tokens are always suppressed.
     The log-probs a rollout returns are those of the full temperature-scaled distribution
     ``log_softmax(logits / temperature)`` (temperature 1 when greedy), before top-k / top-p
     filtering and suppression: the distribution the training forward scores.
@@ -136,11 +136,31 @@ class TreeRollout:
 
 @runtime_checkable
 class RolloutBackend(Protocol):
-    """What samples a tree.  ``prompts_inputs`` are the left-padded generation inputs of B
-    prompts as the processor returns them (``input_ids`` [B, P], ``attention_mask`` [B, P],
-    ``mm_token_type_ids`` [B, P], and for images the flat ``pixel_values`` and
-    ``image_grid_thw``), e.g. from ``vlm_grpo_ma.data.collate.build_generation_inputs``."""
+    """What samples completions: the transformers backend (``rollout.hf.HFRolloutBackend``) and
+    the vLLM one (``rollout.vllm.VLLMBackend``).  The trainer calls
+    ``generate_tree_from_messages`` (RL) and ``generate`` (greedy evaluation); the benchmark runner
+    both, through ``bench.backends.complete_with_rollout``.
+
+    ``prompts_inputs`` are the left-padded generation inputs of B prompts as the processor returns
+    them (``input_ids`` [B, P], ``attention_mask`` [B, P], ``mm_token_type_ids`` [B, P], and for
+    images the flat ``pixel_values`` and ``image_grid_thw``), e.g. from
+    ``vlm_grpo_ma.data.collate.build_generation_inputs``."""
 
     def generate_tree(
         self, prompts_inputs: Mapping[str, Any], K: int, M: int, sampling: SamplingParams
-    ) -> TreeRollout: ...
+    ) -> TreeRollout:
+        """K thoughts per prompt (stopped at ``</think>``), M answers continuing each."""
+        ...
+
+    def generate_tree_from_messages(
+        self, messages_batch: Sequence[list[dict]], K: int, M: int, sampling: SamplingParams
+    ) -> TreeRollout:
+        """:meth:`generate_tree` on chat messages, collated with the backend's processor."""
+        ...
+
+    def generate(
+        self, messages_batch: Sequence[list[dict]], n: int = 1, sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[list[str]]:
+        """Completion texts [B][n] in one stage (no stop at ``</think>``), greedy by default."""
+        ...

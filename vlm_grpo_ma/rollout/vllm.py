@@ -41,14 +41,14 @@ mode does), and with ``enable_sleep_mode=True`` it releases its memory between r
 (``llm.sleep(level)``; ``wake_up`` before the next sync / rollout).  After every optimizer step
 the trainer calls :meth:`VLLMBackend.sync_weights` (see :mod:`.vllm_weights`).
 
-Version differences are kept behind small adapters (``_supported_engine_args``,
-``_local_vllm_model``, ``_wake_up``, ``sampled_logprobs``) that raise clear errors.
+Version differences are kept behind small adapters (``_supported_engine_args`` and
+``_local_vllm_model`` in :mod:`.vllm_engine`, ``_wake_up``, ``sampled_logprobs``) that raise
+clear errors.  Engine arguments, the pixel-bounds checks and the weight receiver live in
+:mod:`.vllm_engine`; the names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -58,9 +58,20 @@ import torch
 
 from vlm_grpo_ma.rollout.hf import RolloutTokenIds, split_vision
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
+from vlm_grpo_ma.rollout.vllm_engine import (  # noqa: F401  (re-exported: the public names of the backend)
+    PixelBoundsMismatch,
+    VLLMWeightReceiver,
+    _engine_mm_kwargs,
+    _supported_engine_args,
+    build_engine_kwargs,
+    check_pixel_bounds,
+    check_prompt_expansion,
+    collapse_image_pads,
+    count_image_runs,
+    engine_mm_processor_kwargs,
+    pixel_bounds,
+)
 from vlm_grpo_ma.rollout.vllm_weights import DEFAULT_BUCKET_BYTES, SyncStats, sync_weights
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "INSTALL_HINT",
@@ -81,7 +92,6 @@ __all__ = [
     "finish_answer",
     "finish_thought",
     "import_vllm",
-    "make_bench_backend",
     "merge_split_outputs",
     "pixel_bounds",
     "sampled_logprobs",
@@ -105,101 +115,6 @@ def import_vllm():
     return vllm
 
 
-# --------------------------------------------------------------------------- pixel bounds
-class PixelBoundsMismatch(ValueError):
-    """The rollout engine would resize images differently from the training processor."""
-
-
-def pixel_bounds(obj: Any) -> tuple[int | None, int | None]:
-    """(min_pixels, max_pixels) of a ModelFamily, a processor / image processor, or a
-    ``mm_processor_kwargs`` dict (``min_pixels``/``max_pixels`` keys, or
-    ``size={"shortest_edge", "longest_edge"}``).  Missing values are None."""
-    def from_size(size: Any, key: str) -> Any:  # a dict, or transformers' SizeDict
-        if size is None:
-            return None
-        return size.get(key) if isinstance(size, Mapping) else getattr(size, key, None)
-
-    def as_ints(lo: Any, hi: Any) -> tuple[int | None, int | None]:
-        return (int(lo) if lo is not None else None, int(hi) if hi is not None else None)
-
-    if isinstance(obj, Mapping):
-        size = obj.get("size")
-        lo = obj["min_pixels"] if obj.get("min_pixels") is not None else from_size(size, "shortest_edge")
-        hi = obj["max_pixels"] if obj.get("max_pixels") is not None else from_size(size, "longest_edge")
-        return as_ints(lo, hi)
-    if hasattr(obj, "min_pixels") and hasattr(obj, "frame"):  # ModelFamily
-        return int(obj.min_pixels), int(obj.max_pixels)
-    ip = getattr(obj, "image_processor", obj)
-    size = getattr(ip, "size", None)
-    lo = getattr(ip, "min_pixels", None) or from_size(size, "shortest_edge")
-    hi = getattr(ip, "max_pixels", None) or from_size(size, "longest_edge")
-    return as_ints(lo, hi)
-
-
-def check_pixel_bounds(training: Any, engine_mm_kwargs: Mapping[str, Any] | None) -> None:
-    """Assert that the engine resizes images with the training processor's bounds.
-
-    Args:
-        training: the training side: a :class:`~vlm_grpo_ma.models.family.ModelFamily`, a
-            processor or an image processor.
-        engine_mm_kwargs: the ``mm_processor_kwargs`` the vLLM engine is (to be) built with.
-    Raises:
-        PixelBoundsMismatch: a bound differs, or the engine's is not set (vLLM would then use the
-            checkpoint's ``preprocessor_config.json``, which a run's overrides do not change).
-    """
-    t_lo, t_hi = pixel_bounds(training)
-    if t_lo is None or t_hi is None:
-        raise PixelBoundsMismatch(f"cannot read min_pixels / max_pixels from the training side ({type(training).__name__})")
-    e_lo, e_hi = pixel_bounds(engine_mm_kwargs or {})
-    problems = []
-    for what, t, e in (("min_pixels", t_lo, e_lo), ("max_pixels", t_hi, e_hi)):
-        if e is None:
-            problems.append(f"{what}: training {t}, engine not set "
-                            "(it would fall back to the checkpoint's preprocessor_config)")
-        elif e != t:
-            problems.append(f"{what}: training {t}, engine {e}")
-    if problems:
-        raise PixelBoundsMismatch(
-            "the vLLM engine and the training processor resize images differently ("
-            + "; ".join(problems)
-            + "). Images would get other token grids in rollouts than in training, and Qwen2.5-VL's "
-            "absolute-pixel coordinates another frame. Build the engine with "
-            "mm_processor_kwargs=engine_mm_processor_kwargs(family)."
-        )
-
-
-def engine_mm_processor_kwargs(family: Any) -> dict[str, Any]:
-    """The ``mm_processor_kwargs`` that make vLLM's HF processor resize like the training one.
-
-    Qwen2-VL / Qwen2.5-VL take ``min_pixels`` / ``max_pixels`` (vLLM's documented form); Qwen3-VL's
-    image processor takes ``size={"shortest_edge", "longest_edge"}``."""
-    lo, hi = pixel_bounds(family)
-    if getattr(family, "name", None) == "qwen3_vl":
-        return {"size": {"shortest_edge": lo, "longest_edge": hi}}
-    return {"min_pixels": lo, "max_pixels": hi}
-
-
-def check_prompt_expansion(expected: Sequence[int], got: Sequence[int], image_pad: int, where: str = "") -> bool:
-    """Compare vLLM's expanded prompt with the transformers processor's.
-
-    Returns True when equal, False when vLLM reported no expansion to compare (``got`` has no
-    more image pads than one per image).  Raises :class:`PixelBoundsMismatch` when the image token
-    counts differ, ValueError when the text differs."""
-    expected, got = list(expected), list(got)
-    if expected == got:
-        return True
-    n_exp = sum(1 for t in expected if t == image_pad)
-    n_got = sum(1 for t in got if t == image_pad)
-    if got == collapse_image_pads(expected, image_pad):
-        return False
-    if n_exp != n_got:
-        raise PixelBoundsMismatch(
-            f"{where}vLLM expanded the prompt's images to {n_got} image tokens, the training processor to {n_exp}: "
-            "the two resize images differently (check min_pixels / max_pixels on both sides)."
-        )
-    raise ValueError(f"{where}vLLM's prompt tokens differ from the training processor's (same image token count)")
-
-
 # --------------------------------------------------------------------------- requests (pure)
 @dataclass(frozen=True)
 class VLLMRequest:
@@ -209,24 +124,6 @@ class VLLMRequest:
 
     prompt: dict
     sampling: dict
-
-
-def collapse_image_pads(ids: Sequence[int], image_pad: int) -> list[int]:
-    """Replace every run of ``image_pad`` by a single one: the unexpanded prompt that vLLM's
-    Qwen-VL processor expands itself (verl passes the same ``raw_prompt_ids``)."""
-    out: list[int] = []
-    for t in ids:
-        t = int(t)
-        if t == image_pad and out and out[-1] == image_pad:
-            continue
-        out.append(t)
-    return out
-
-
-def count_image_runs(ids: Sequence[int], image_pad: int) -> int:
-    """Number of runs of ``image_pad`` in ``ids`` (one per image)."""
-    ids = [int(t) for t in ids]
-    return sum(1 for i, t in enumerate(ids) if t == image_pad and (i == 0 or ids[i - 1] != image_pad))
 
 
 def derive_seed(seed: int | None, stage: int, index: int) -> int | None:
@@ -437,151 +334,6 @@ def sampled_logprobs(token_ids: Sequence[int], logprobs: Any) -> list[float]:
             lp = getattr(entry, "logprob", entry)
         out.append(float(lp) if lp is not None else math.nan)
     return out
-
-
-# --------------------------------------------------------------------------- engine (adapters)
-def build_engine_kwargs(
-    model_path: str,
-    family: Any,
-    *,
-    gpu_memory_utilization: float = 0.3,
-    enable_sleep_mode: bool = False,
-    dtype: str = "auto",
-    max_model_len: int | None = None,
-    max_images_per_prompt: int = 1,
-    seed: int = 0,
-    enforce_eager: bool = False,
-    colocate_ranks: int | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> dict:
-    """Keyword arguments of ``vllm.LLM`` for a colocated rollout engine (pure).
-
-    Prefix caching is on; images per prompt are limited to ``max_images_per_prompt``; the pixel
-    bounds are the family's; ``generation_config="vllm"`` keeps the checkpoint's sampling
-    defaults out (every request sets its own); ``logprobs_mode="processed_logprobs"`` asks for
-    log-probs after temperature (dropped on versions without it).  With ``colocate_ranks`` > 1
-    (one engine per training rank) the executor is ``external_launcher``.  ``extra`` overrides."""
-    kw: dict[str, Any] = dict(
-        model=str(model_path),
-        tokenizer=str(model_path),
-        enable_prefix_caching=True,
-        gpu_memory_utilization=float(gpu_memory_utilization),
-        enable_sleep_mode=bool(enable_sleep_mode),
-        dtype=dtype,
-        seed=int(seed),
-        enforce_eager=bool(enforce_eager),
-        limit_mm_per_prompt={"image": int(max_images_per_prompt)},
-        mm_processor_kwargs=engine_mm_processor_kwargs(family),
-        generation_config="vllm",
-        logprobs_mode="processed_logprobs",
-    )
-    if max_model_len is not None:
-        kw["max_model_len"] = int(max_model_len)
-    if colocate_ranks is not None and colocate_ranks > 1:
-        kw["distributed_executor_backend"] = "external_launcher"
-    kw.update(dict(extra or {}))
-    return kw
-
-
-#: engine arguments that may be dropped (with a log line) on vLLM versions that lack them
-_OPTIONAL_ENGINE_ARGS = ("generation_config", "logprobs_mode")
-
-
-def _supported_engine_args(vllm: Any, kwargs: dict) -> dict:
-    """``kwargs`` minus the optional ones this vLLM's ``EngineArgs`` does not know."""
-    try:
-        fields = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
-    except Exception:  # noqa: BLE001  (not a dataclass in this version: pass everything)
-        return kwargs
-    out = dict(kwargs)
-    for k in _OPTIONAL_ENGINE_ARGS:
-        if k in out and k not in fields:
-            log.info("vLLM %s has no engine argument %r; left out", getattr(vllm, "__version__", "?"), k)
-            out.pop(k)
-    if out.get("enable_sleep_mode") and "enable_sleep_mode" not in fields:
-        raise RuntimeError(f"vLLM {getattr(vllm, '__version__', '?')} has no sleep mode; set enable_sleep_mode=False")
-    return out
-
-
-def _engine_mm_kwargs(llm: Any) -> Mapping[str, Any] | None:
-    """The ``mm_processor_kwargs`` a running engine reports, where it exposes them."""
-    for path in ("llm_engine.model_config.mm_processor_kwargs",
-                 "llm_engine.model_config.multimodal_config.mm_processor_kwargs"):
-        obj: Any = llm
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, Mapping):
-            return obj
-    return None
-
-
-def _local_vllm_model(llm: Any) -> Any:
-    """The engine's ``torch.nn.Module`` when the engine runs in this process, else None."""
-    chains = (
-        "llm_engine.model_executor.driver_worker.worker.model_runner",  # V1 in-process
-        "llm_engine.model_executor.driver_worker.model_runner",  # V0 (and wrappers forwarding .worker)
-        "llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner",
-    )
-    for chain in chains:
-        obj: Any = llm
-        try:
-            for part in chain.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        model = _runner_model(obj)
-        if model is not None:
-            return model
-    return None
-
-
-def _runner_model(runner: Any) -> Any:
-    """A model runner's model, unwrapped (``get_model()`` skips CUDA-graph / compile wrappers)."""
-    model = runner.get_model() if callable(getattr(runner, "get_model", None)) else getattr(runner, "model", None)
-    return model if hasattr(model, "load_weights") else None
-
-
-def _worker_load_weights(worker: Any, weights: list) -> None:
-    """Run on each vLLM worker by ``collective_rpc`` (engine in another process)."""
-    model = _runner_model(worker.model_runner)
-    if model is None:
-        raise RuntimeError("the vLLM worker's model has no load_weights()")
-    model.load_weights(weights=weights)
-
-
-class VLLMWeightReceiver:
-    """Loads synced weights into a ``vllm.LLM`` (the receiver of
-    :func:`vlm_grpo_ma.rollout.vllm_weights.sync_weights`).
-
-    In-process engines (the colocated default) get ``model.load_weights(weights)`` directly, the
-    way TRL's colocate mode does; an engine in another process gets them through
-    ``llm.collective_rpc`` (the tensors are serialised: slow, but correct)."""
-
-    def __init__(self, llm: Any):
-        self.llm = llm
-
-    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        model = _local_vllm_model(self.llm)
-        if model is not None:
-            model.load_weights(weights=weights)
-            return
-        if hasattr(self.llm, "collective_rpc"):
-            self.llm.collective_rpc(_worker_load_weights, args=([(n, t.detach().cpu()) for n, t in weights],))
-            return
-        raise RuntimeError(
-            "cannot reach the vLLM model to load weights: no in-process model and no LLM.collective_rpc "
-            "(set VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating the engine, or upgrade vLLM)"
-        )
-
-    def reset_prefix_cache(self) -> None:
-        if not hasattr(self.llm, "reset_prefix_cache"):
-            raise RuntimeError("this vLLM has no LLM.reset_prefix_cache(): stale KV would be reused after a weight sync")
-        ok = self.llm.reset_prefix_cache()
-        if ok is False:  # V1 refuses while requests are running
-            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?)")
 
 
 # --------------------------------------------------------------------------- the backend
@@ -875,43 +627,3 @@ def _request_stats(outs: Sequence[Any]) -> dict[str, float]:
         cached += int(getattr(o, "num_cached_tokens", 0) or 0)
     return {"tokens_prompt": float(prompt), "tokens_prefix_cached": float(cached),
             "tokens_prefilled": float(prompt - cached)}
-
-
-# --------------------------------------------------------------------------- benchmarks
-class VLLMBenchBackend:
-    """The benchmark runner's ``--backend vllm``: ``complete(samples, messages_batch, gen, seed)``
-    with the same semantics as :class:`vlm_grpo_ma.bench.backends.HFBackend` (greedy unless
-    sampling; best-of-K x M samples a real tree)."""
-
-    name = "vllm"
-
-    def __init__(self, backend: VLLMBackend):
-        self.backend = backend
-        self.family = backend.family
-        self.model_path = backend.model_path
-
-    def complete(self, samples: Sequence[Any], messages_batch: Sequence[list[dict]], gen: Any, seed: int) -> list[list[str]]:
-        from vlm_grpo_ma.bench.backends import _sampling
-
-        sampling = _sampling(gen, seed)
-        if not gen.do_sample:
-            return self.backend.generate(messages_batch, n=1, sampling=sampling, max_new_tokens=gen.max_new_tokens)
-        K, M = max(1, gen.num_thoughts), max(1, gen.num_answers)
-        if M == 1:
-            return self.backend.generate(messages_batch, n=K, sampling=sampling, max_new_tokens=gen.max_new_tokens)
-        tree = self.backend.generate_tree_from_messages(messages_batch, K, M, sampling)
-        return [[tree.thought_texts[b][k] + tree.answer_texts[b][k][m] for k in range(K) for m in range(M)]
-                for b in range(tree.B)]
-
-
-def make_bench_backend(
-    model: str, *, min_pixels: int | None = None, max_pixels: int | None = None, device: Any = None,
-    dtype: Any = None, attn_implementation: str | None = None, **kw: Any,
-) -> VLLMBenchBackend:
-    """Factory used by ``vlm_grpo_ma.bench.backends.load_backend("vllm", ...)``.  ``device`` and
-    ``attn_implementation`` are transformers options (ignored: vLLM picks its own);
-    ``gpu_memory_utilization`` defaults to 0.85 (nothing else on the GPU)."""
-    kw.setdefault("gpu_memory_utilization", 0.85)
-    if dtype is not None:
-        kw["dtype"] = str(dtype).replace("torch.", "")
-    return VLLMBenchBackend(VLLMBackend(model, min_pixels=min_pixels, max_pixels=max_pixels, **kw))

@@ -109,11 +109,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from vlm_grpo_ma.data.loaders import load_samples
 
         if cfg.data.train_data:
-            train_samples = load_samples(cfg.data.train_data, task.name, skip_invalid=cfg.data.skip_invalid)
+            train_samples = load_samples(cfg.data.train_data, task.name, synthesize=task.synthetic,
+                                         skip_invalid=cfg.data.skip_invalid)
             if dist.is_main() and getattr(train_samples, "summary", None) is not None:
                 log.info("train data %s: %s", cfg.data.train_data, train_samples.summary)
         if cfg.data.eval_data:
-            eval_samples = load_samples(cfg.data.eval_data, task.name, skip_invalid=cfg.data.skip_invalid)
+            eval_samples = load_samples(cfg.data.eval_data, task.name, synthesize=task.synthetic,
+                                        skip_invalid=cfg.data.skip_invalid)
     heldout = heldout_samples(task, cfg.data.eval_samples, cfg.run.seed, eval_samples) if cfg.data.eval_samples else []
     logger = MetricsLogger(out, cfg.run.report_to, cfg.flat())
     summary_path = out / "summary.json"
@@ -170,9 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             st = stg.build_stage(cfg, "rl", model_path, global_batch=cfg.rl.prompts_per_step,
                                  micro=cfg.rl.rl_micro_batch_size, lr=cfg.rl.rl_lr, warmup=cfg.rl.rl_warmup_steps,
                                  total_optimizer_steps=cfg.rl.rl_steps * cfg.rl.ppo_epochs)
-            ref = None
             if cfg.rl.kl_coef > 0:
-                ref, st.extra["ref_hf_ds"] = build_reference(cfg.model, model_path, st.ds_config)
+                st.reference = build_reference(cfg.model, model_path, st.ds_config)
             state = RLState(task)
             resumed = stg.maybe_resume(st, cfg)
             start = resumed["step"] if resumed else 0
@@ -182,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if start == 0 and cfg.run.stage == "rl" and "before_rl" not in summary["evals"]:
                 held_out_eval(st, "before_rl")
             t0 = time.perf_counter()
-            last = run_rl(st, cfg, task, logger, state, start, ref, train_samples)
+            last = run_rl(st, cfg, task, logger, state, start, train_samples)
             summary["rl"] = {"steps": cfg.rl.rl_steps, "tree": f"T{cfg.rl.num_thoughts}A{cfg.rl.answers_per_thought}",
                              "last": last, "seconds": time.perf_counter() - t0, "skipped_steps": st.skipped_steps}
             stg.save_final(st, cfg)

@@ -3,7 +3,7 @@
 Read from ``--config FILE.yaml`` and overridden from the command line (``--key value``) by
 :func:`vlm_grpo_ma.config.parse_config` (transformers' ``HfArgumentParser``).  Field names are
 unique across the five classes, so a YAML file is one flat mapping.  Names follow the paper
-(PAPER.md): ``num_thoughts`` is K, ``answers_per_thought`` is M; T16A1 (K=16, M=1) is plain GRPO.
+(GRPO-MA, arXiv 2509.24494): ``num_thoughts`` is K, ``answers_per_thought`` is M; T16A1 (K=16, M=1) is plain GRPO.
 
 The defaults are the CPU demo (the embedded tiny model on synthetic data); the shipped
 ``configs/<task>.qwen2_5_vl_3b.yaml`` files hold the paper's setting.
@@ -121,7 +121,7 @@ class SFTArgs:
 
 @dataclass
 class RLArgs:
-    """Stage 2: GRPO-MA from the SFT checkpoint (PAPER.md)."""
+    """Stage 2: GRPO-MA from the SFT checkpoint (arXiv 2509.24494)."""
 
     rl_steps: int = field(default=30, metadata={"help": "Rollout batches (one rollout + ppo_epochs optimizer steps each)."})
     prompts_per_step: int = field(default=8, metadata={"help": "Global number of prompts B per rollout batch (over all ranks)."})
@@ -146,11 +146,24 @@ class RLArgs:
     clip_low: float = field(default=0.2, metadata={"help": "eps_low: the ratio is clipped below at 1 - clip_low."})
     clip_high: float = field(default=0.2, metadata={"help": "eps_high: the ratio is clipped above at 1 + clip_high (DAPO's clip-higher uses 0.28)."})
     kl_coef: float = field(
-        default=0.0, metadata={"help": "beta: weight of the k3 KL to a frozen reference (the starting policy); 0 loads no reference model."}
+        default=0.0, metadata={"help": "beta: weight of the KL (kl_estimator) to a frozen reference (the starting policy); 0 loads no reference model."}
     )
     loss_agg_mode: str = field(
         default="token-mean",
-        metadata={"help": "Loss aggregation: token-mean (default), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr.GRPO)."},
+        metadata={"help": "Loss aggregation over the unique trained tokens (each thought once): token-mean (default; "
+                  "DAPO, verl), seq-mean-token-mean (original GRPO), seq-mean-token-sum, seq-mean-token-sum-norm "
+                  "(Dr.GRPO, L_max = max_thought_tokens + max_answer_tokens)."},
+    )
+    adv_estimator: str = field(
+        default="grpo_ma",
+        metadata={"help": "Advantage estimator: grpo_ma (thought and answer advantages; the paper's) or grpo "
+                  "(plain GRPO, answers_per_thought = 1 only; the same numbers as grpo_ma there)."},
+    )
+    policy_loss: str = field(
+        default="clipped", metadata={"help": "Policy loss: clipped (the PPO/GRPO clipped surrogate, clip_low/clip_high)."}
+    )
+    kl_estimator: str = field(
+        default="k3", metadata={"help": "Per-token KL estimator of the kl_coef penalty: k1, k2 or k3 (Schulman's)."}
     )
     scale_adv_by_std: bool = field(
         default=True, metadata={"help": "Divide advantages by the group std (GRPO); False is Dr.GRPO's unscaled advantage."}
@@ -229,6 +242,7 @@ class TrainConfig:
             raise ValueError("num_thoughts * answers_per_thought must be >= 2 (a group of one has no advantage)")
         if self.rl.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
+        self._validate_algorithms()
         if self.rl.train_layout not in ("packed", "naive"):
             raise ValueError(f"train_layout must be packed or naive, got {self.rl.train_layout!r}")
         if self.rl.rollout_backend not in ("hf", "vllm"):
@@ -237,3 +251,21 @@ class TrainConfig:
             raise ValueError(f"tis_cap must be 0 (off) or > 0 with rollout_backend vllm, got {self.rl.tis_cap}")
         if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
             raise ValueError("sft_batch_size and prompts_per_step must be >= 1")
+
+    def _validate_algorithms(self) -> None:
+        """The algorithm names (aggregation, advantage estimator, policy loss, KL estimator): a
+        typo fails here, before SFT, not in the first RL step."""
+        from vlm_grpo_ma.algorithms import AGGREGATION_MODES
+        from vlm_grpo_ma.algorithms.registry import ADV_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES
+
+        rl = self.rl
+        if rl.loss_agg_mode not in AGGREGATION_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {', '.join(AGGREGATION_MODES)}, got {rl.loss_agg_mode!r}")
+        for name, value, table in (("adv_estimator", rl.adv_estimator, ADV_ESTIMATORS),
+                                   ("policy_loss", rl.policy_loss, POLICY_LOSSES),
+                                   ("kl_estimator", rl.kl_estimator, KL_ESTIMATORS)):
+            if value not in table:
+                raise ValueError(f"{name} must be one of {', '.join(table.names())}, got {value!r}")
+        if rl.adv_estimator == "grpo" and rl.answers_per_thought != 1:
+            raise ValueError(f"adv_estimator grpo needs answers_per_thought = 1 (got {rl.answers_per_thought}); "
+                             "use grpo_ma for a tree")

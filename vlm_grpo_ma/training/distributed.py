@@ -1,7 +1,8 @@
 """Process-group plumbing: one code path for the deepspeed launcher, torchrun and plain python.
 
 - No CUDA: ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported, the shared-memory
-  allreduce op (a ~40 s JIT build on first use) is skipped, and the backend is gloo (STACK.md).
+  allreduce op (a ~40 s JIT build on first use) is skipped, and the backend is gloo
+  (DeepSpeed's CPU accelerator; NCCL needs CUDA).
 - No launcher (plain ``python scripts/train.py``): a one-process group on a free local port.
 """
 

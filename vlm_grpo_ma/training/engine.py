@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 
@@ -164,7 +164,18 @@ def build_engine(
     return engine
 
 
-def build_reference(margs: ModelArgs, model_path: str, ds_config: dict):
+class ReferencePolicy(NamedTuple):
+    """The frozen reference of the KL term and the ``HfDeepSpeedConfig`` it was loaded under.
+
+    transformers reads "is ZeRO-3 on" through a weak reference to the NEWEST ``HfDeepSpeedConfig``
+    (``integrations.deepspeed.is_deepspeed_zero3_enabled``): the reference's is newer than the
+    policy's, so it must live as long as the stage, or transformers would see ZeRO-3 as off."""
+
+    engine: Any
+    hf_ds_config: Any
+
+
+def build_reference(margs: ModelArgs, model_path: str, ds_config: dict) -> ReferencePolicy:
     """A frozen copy of the starting policy for the KL term, wrapped by DeepSpeed for inference
     (partitioned like the policy under ZeRO-3, no optimizer)."""
     import deepspeed
@@ -183,7 +194,7 @@ def build_reference(margs: ModelArgs, model_path: str, ds_config: dict):
         p.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=loaded.model, config=ref_cfg)
     engine.eval()
-    return engine, loaded.hf_ds_config
+    return ReferencePolicy(engine, loaded.hf_ds_config)
 
 
 def _zero3_offload(engine) -> Any:

@@ -1,8 +1,8 @@
 """Metrics sinks: JSONL (always), TensorBoard and wandb (optional), on rank 0 only.
 
 One record per step: ``{"stage": "rl", "step": 12, "reward/mean": 0.41, ...}`` in
-``<run>/metrics.jsonl``; TensorBoard event files under ``<run>/tensorboard/<stage>``.  Names are
-DESIGN.md's: ``reward/<task>/<part>``, ``reward/mean``, ``rollout/thought_len``, ``adv/thought_std``,
+``<run>/metrics.jsonl``; TensorBoard event files under ``<run>/tensorboard/<stage>``.  Names:
+``reward/<task>/<part>``, ``reward/mean``, ``rollout/thought_len``, ``adv/thought_std``,
 ``loss/policy``, ``loss/kl``, ``clip/low|high``, ``grad/norm``, ``grad/gss``, ``time/*``,
 ``parse/<reason>``.
 """

@@ -10,7 +10,7 @@ engine from a Hugging Face folder (the base model, or the SFT stage's ``final/``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from vlm_grpo_ma.training import distributed as dist
 from vlm_grpo_ma.training.config import TrainConfig
 from vlm_grpo_ma.training.engine import (
     LoadedPolicy,
+    ReferencePolicy,
     bf16_available,
     build_engine,
     gathered_parameters,
@@ -61,8 +62,13 @@ class Stage:
     local_batch: int
     micro_batch: int
     grad_accum: int
+    #: the Hugging Face folder the engine was built from (a colocated vLLM engine loads it)
+    model_path: str = ""
     skipped_steps: int = 0
-    extra: dict = field(default_factory=dict)
+    #: RL with ``rollout_backend vllm``: the colocated engine, built on the first rollout
+    vllm_backend: Any = None
+    #: RL with ``kl_coef > 0``: the frozen reference policy
+    reference: ReferencePolicy | None = None
 
     @property
     def processor(self):
@@ -102,9 +108,7 @@ def build_stage(
     if dist.is_main():
         stage_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    st = Stage(name, stage_dir, engine, loaded, ds_config, local, micro, gas)
-    st.extra["model_path"] = model_path
-    return st
+    return Stage(name, stage_dir, engine, loaded, ds_config, local, micro, gas, model_path=str(model_path))
 
 
 def maybe_resume(stage: Stage, cfg: TrainConfig) -> dict | None:
@@ -156,6 +160,8 @@ def release(stage: Stage) -> None:
     """Free the engine (before the next stage builds its own)."""
     stage.engine.destroy() if hasattr(stage.engine, "destroy") else None
     stage.engine = None
+    stage.reference = None
+    stage.vllm_backend = None
     stage.loaded.model = None
     stage.loaded.hf_ds_config = None
     import gc
