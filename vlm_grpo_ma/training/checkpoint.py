@@ -151,10 +151,17 @@ def merge_lora_state_dict(sd: dict[str, torch.Tensor], scale: float) -> dict[str
     return clean
 
 
-def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float | None = None) -> Path:
+#: written beside a stage's final model: what the stage completed (``{"stage", "steps", ...}``)
+STAGE_RECORD = "stage_record.json"
+
+
+def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float | None = None,
+                  record: dict | None = None) -> Path:
     """Save the trained policy in Hugging Face format (safetensors + config + processor),
     loadable by ``vlm_grpo_ma.models.load_policy`` and ``transformers``.  LoRA adapters are
-    merged into the weights.  Collective; rank 0 writes (atomically, like checkpoints)."""
+    merged into the weights.  ``record`` (e.g. the number of steps trained) is written as
+    ``stage_record.json`` in the same atomic rename.  Collective; rank 0 writes (atomically,
+    like checkpoints)."""
     out_dir = Path(out_dir)
     sd = consolidated_state_dict(engine)
     if dist.is_main():
@@ -167,6 +174,8 @@ def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        if record is not None:
+            (tmp / STAGE_RECORD).write_text(json.dumps(record, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

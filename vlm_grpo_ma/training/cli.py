@@ -80,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dist.prepare_environment()  # DS_ACCELERATOR=cpu without CUDA, before DeepSpeed is imported
     from vlm_grpo_ma.config import save_config
     from vlm_grpo_ma.task import get_task
+    from vlm_grpo_ma.training import lock as run_lock
     from vlm_grpo_ma.training import stage as stg
     from vlm_grpo_ma.training.data import heldout_samples
     from vlm_grpo_ma.training.engine import build_reference
@@ -98,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(cfg.run.output_dir)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    run_lock.acquire(out)  # one live run per folder: refuses, naming the holder's pid
+    if dist.is_main():
         save_config((cfg.model, cfg.data, cfg.sft, cfg.rl, cfg.run), out / "config.yaml")
         log.info("run directory: %s (%d rank%s)", out.resolve(), dist.world_size(), "s" if dist.world_size() > 1 else "")
     _seed_everything(cfg.run.seed)
@@ -141,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # --- stage 1: SFT -------------------------------------------------------------------------
     if cfg.run.stage in ("sft", "all"):
         if cfg.run.resume and stg.final_exists(sft_dir):
+            stg.check_finished_budget(sft_dir, "sft", cfg.sft.sft_steps)  # refuses another budget, naming why
             log.info("SFT already complete in %s: skipped", sft_dir / stg.FINAL)
         else:
             st = stg.build_stage(cfg, "sft", model_path, global_batch=cfg.sft.sft_batch_size,
@@ -165,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # --- stage 2: RL (GRPO-MA) ----------------------------------------------------------------
     if cfg.run.stage in ("rl", "all") and cfg.rl.rl_steps > 0:
         if cfg.run.resume and stg.final_exists(rl_dir):
+            stg.check_finished_budget(rl_dir, "rl", cfg.rl.rl_steps)
             log.info("RL already complete in %s: skipped", rl_dir / stg.FINAL)
         else:
             st = stg.build_stage(cfg, "rl", model_path, global_batch=cfg.rl.prompts_per_step,
@@ -203,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         _write_json(summary_path, summary)
         print(format_summary(task.name, summary), flush=True)
     dist.barrier()
+    run_lock.release(out)
     return summary
 
 
