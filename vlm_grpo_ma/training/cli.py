@@ -76,11 +76,26 @@ def _write_json(path: Path, obj) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the trainer; returns the summary (rank 0 prints it)."""
+    """Run the trainer; returns the summary (rank 0 prints it).
+
+    A rank that raises announces its exception to the others (``distributed.announce_failure``),
+    whose watcher threads then stop them with that cause in their log: no rank waits forever in
+    a collective for a rank that is gone."""
+    try:
+        return _run(argv)
+    except BaseException as e:
+        dist.announce_failure(e)
+        raise
+    finally:
+        dist.stop_failure_watch()
+
+
+def _run(argv: Sequence[str] | None = None) -> dict:
     dist.prepare_environment()  # DS_ACCELERATOR=cpu without CUDA, before DeepSpeed is imported
     from vlm_grpo_ma.config import save_config
     from vlm_grpo_ma.task import get_task
     from vlm_grpo_ma.training import lock as run_lock
+    from vlm_grpo_ma.training import memory_plan
     from vlm_grpo_ma.training import stage as stg
     from vlm_grpo_ma.training.data import heldout_samples
     from vlm_grpo_ma.training.engine import build_reference
@@ -92,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # --- config and processes ---------------------------------------------------------------
     cfg = parse_train_config(argv)
     dist.init_distributed()
+    dist.start_failure_watch()
     _setup_logging()
     if cfg.run.output_dir is None:
         stamp = dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
@@ -104,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if dist.is_main():
         save_config((cfg.model, cfg.data, cfg.sft, cfg.rl, cfg.run), out / "config.yaml")
         log.info("run directory: %s (%d rank%s)", out.resolve(), dist.world_size(), "s" if dist.world_size() > 1 else "")
+    memory_plan.check_run(cfg)  # printed before anything is loaded; refuses a run that cannot fit
     _seed_everything(cfg.run.seed)
 
     # --- task and data ----------------------------------------------------------------------
