@@ -17,12 +17,14 @@ rollout with its token limits and the micro-batches, per rank:
 - peak = max(rollout, SFT step, RL step) + a fixed allowance on GPUs (CUDA context and allocator
   fragmentation: 1.5 GiB + 10 %).
 
-Activation bytes per token and decoder layer are counted from the Qwen2 layer's saved tensors
-(norm inputs/outputs, q/k/v and rotary outputs, attention output, gate/up/act/product of the
-SwiGLU MLP: 6h + 4 kv + 4 I elements; fused SDPA attention keeps no T x T scores), as in
-Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (2022),
-section 4.1.  All figures are estimates: ``tests/test_memory_plan.py`` checks them against
-measured peaks of the tiny model.
+Activation bytes per token and decoder layer are counted from the tensors transformers' Qwen2-VL
+decoder layer saves for its backward, the method of Korthikanti et al., "Reducing Activation
+Recomputation in Large Transformer Models" (2022), section 4.1: two RMSNorms (input, normalised
+and scaled copies: 3h each), q/k/v and their rotary halves, the key and value repeated to all
+heads for SDPA and the attention output (7h + 2kv), the SwiGLU MLP's gate, up, activation and
+product (4I): 13h + 2kv + 4I elements (fused SDPA keeps no T x T scores); a vision block likewise
+15 h_v + 4 I_v.  All figures are estimates: ``tests/test_memory_plan.py`` checks them against
+what the tiny model really holds.
 """
 
 from __future__ import annotations
@@ -75,9 +77,16 @@ def shape_from_config(config, *, lora_r: int = 0, lora_target_modules: str = "",
 
     from vlm_grpo_ma.models import MODEL_CLASSES
 
+    from transformers.integrations import deepspeed as hf_ds
+
     cls = getattr(transformers, MODEL_CLASSES[config.model_type])
-    with torch.device("meta"):
-        model = cls._from_config(config)
+    live = hf_ds._hf_deepspeed_config_weak_ref  # a ZeRO-3 engine alive in this process would make
+    hf_ds._hf_deepspeed_config_weak_ref = None  # transformers partition this meta model: not here
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = live
     params = {id(p): p for p in model.parameters()}  # tied weights once
     total = sum(p.numel() for p in params.values())
     vision = {id(p) for n, p in model.named_parameters() if "visual" in n}
@@ -89,13 +98,15 @@ def shape_from_config(config, *, lora_r: int = 0, lora_target_modules: str = "",
     else:
         trainable = total - (sum(params[i].numel() for i in vision if i in params) if freeze_vision else 0)
     t, v = config.text_config, config.vision_config
+    v_hidden = getattr(v, "embed_dim", None) or v.hidden_size  # Qwen2-VL names its width embed_dim
+    v_mlp = getattr(v, "intermediate_size", None) or int(v_hidden * v.mlp_ratio)
     head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
     return ModelShape(
         total_params=total, trainable_params=trainable, largest_layer_params=largest,
         layers=t.num_hidden_layers, hidden=t.hidden_size, intermediate=t.intermediate_size,
         kv_dim=t.num_key_value_heads * head_dim, vocab=t.vocab_size,
         vision_depth=getattr(v, "depth", None) or v.num_hidden_layers,
-        vision_hidden=v.hidden_size, vision_intermediate=v.intermediate_size,
+        vision_hidden=v_hidden, vision_intermediate=v_mlp,
         vision_trainable=not freeze_vision and lora_r == 0, patch=v.patch_size, merge=v.spatial_merge_size,
     )
 
@@ -184,6 +195,36 @@ def image_tokens(shape: ModelShape, pixels: int) -> tuple[int, int]:
     return patches, max(1, patches // (shape.merge * shape.merge))
 
 
+def kv_bytes_per_token(shape: ModelShape, elem: int) -> int:
+    """Bytes of the KV cache per token of one sequence: keys and values of every layer."""
+    return 2 * shape.layers * shape.kv_dim * elem
+
+
+def activation_bytes(shape: ModelShape, *, tokens: int, scored: int, patches: int, elem: int,
+                     checkpointing: bool) -> dict[str, float]:
+    """Bytes autograd keeps for the backward of one training forward: ``tokens`` through the
+    language model, ``scored`` of them through the LM head, ``patches`` vision patches (counted
+    only when the vision tower trains).
+
+    Per token and decoder layer 13h + 2kv + 4I elements (see the module docstring); with gradient
+    checkpointing the layer inputs (h per layer) and one layer's recomputed activations."""
+    e = elem
+    per_layer = e * (13 * shape.hidden + 2 * shape.kv_dim + 4 * shape.intermediate)
+    if checkpointing:
+        lm = tokens * (shape.layers * e * shape.hidden + per_layer)
+    else:
+        lm = tokens * shape.layers * per_layer
+    vis = 0.0
+    if shape.vision_trainable:
+        v_layer = e * (15 * shape.vision_hidden + 4 * shape.vision_intermediate)
+        if checkpointing:
+            vis = patches * (shape.vision_depth * e * shape.vision_hidden + v_layer)
+        else:
+            vis = patches * shape.vision_depth * v_layer
+    head = scored * shape.vocab * (e + 4)  # the logits and their fp32 log-softmax
+    return {"activations": float(lm + vis), "lm_head": float(head)}
+
+
 def plan_memory(shape: ModelShape, s: Setting) -> Plan:
     """Per-rank memory of the run ``s`` with the model ``shape``.  Pure arithmetic."""
     n = max(1, s.world_size)
@@ -215,30 +256,19 @@ def plan_memory(shape: ModelShape, s: Setting) -> Plan:
     K, M, T, A = s.num_thoughts, s.answers_per_thought, s.max_thought_tokens, s.max_answer_tokens
 
     def act_bytes(tokens: int, scored: int, images: int) -> dict[str, float]:
-        """Saved activations of one training forward: ``tokens`` in, ``scored`` through the LM
-        head, ``images`` through the vision tower."""
-        per_layer = e * (6 * shape.hidden + 4 * shape.kv_dim + 4 * shape.intermediate)
-        if s.gradient_checkpointing:  # the layer inputs, and one layer recomputed at a time
-            lm = tokens * (shape.layers * e * shape.hidden + per_layer)
-        else:
-            lm = tokens * shape.layers * per_layer
-        vis = 0.0
-        if shape.vision_trainable:
-            v_layer = e * (6 * shape.vision_hidden + 4 * shape.vision_intermediate)
-            depth = 1 if s.gradient_checkpointing else shape.vision_depth
-            vis = images * patches * (depth * v_layer + (shape.vision_depth * e * shape.vision_hidden
-                                                        if s.gradient_checkpointing else 0))
-        head = scored * shape.vocab * (e + 4)  # logits and their fp32 log-softmax
-        return {"activations": lm + vis, "lm_head": head}
+        return activation_bytes(shape, tokens=tokens, scored=scored, patches=images * patches, elem=e,
+                                checkpointing=s.gradient_checkpointing)
 
     if s.run_rl:
         local = max(1, s.prompts_per_step // n)
         # rollout: the K thoughts' cache, then the K*M answers' cache over prompt + thought + answer
-        kv_tok = 2 * shape.layers * shape.kv_dim * e
+        kv_tok = kv_bytes_per_token(shape, e)
         # (the hf backend prefills each prompt once and repeats its cache: K*M rows at the end,
         # the K-row cache alive while it is repeated)
         kv = local * K * (prompt + T) * kv_tok + local * K * M * (prompt + T + A) * kv_tok
-        gathered = P * e - params if s.zero_stage >= 3 else 0.0
+        # ZeRO-3 generation on gathered parameters: the full model is materialised beside the
+        # rank's partition (also on 1 rank)
+        gathered = P * e if s.zero_stage >= 3 else 0.0
         # the prefill (once per prompt, no autograd): one layer's transient tensors at a time
         prefill = max(local * patches * e * (4 * shape.vision_hidden + 3 * shape.vision_intermediate),
                       local * prompt * e * (4 * shape.hidden + 3 * shape.intermediate))
@@ -281,6 +311,30 @@ def deepspeed_estimate(shape: ModelShape, s: Setting, gpus_per_node: int = 1) ->
     else:
         return {}
     return {"per GPU": float(gpu), "host per node": float(cpu)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The released Qwen2.5-VL models, for the docs table (their config.json on the Hugging Face hub:
+# Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen2.5-VL-7B-Instruct)
+
+
+def _qwen25_vl(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int, vocab: int, tied: bool):
+    def make():
+        from transformers import Qwen2_5_VLConfig
+
+        text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                    num_key_value_heads=kv_heads, intermediate_size=mlp, vocab_size=vocab, tie_word_embeddings=tied)
+        vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=hidden,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+
+    return make
+
+
+QWEN25_VL = {
+    "3B": _qwen25_vl(2048, 36, 16, 2, 11008, 151936, True),
+    "7B": _qwen25_vl(3584, 28, 28, 4, 18944, 152064, False),
+}
 
 
 # ---------------------------------------------------------------------------------------------
