@@ -48,13 +48,15 @@ def main(argv=None) -> dict:
             s = setting_from_config(cfg, ds, n)
             plan = plan_memory(shape, s)
             plan.allowance = 1.5 * GiB + 0.1 * plan.phase_total(plan.peak_phase)  # as on a GPU (check_before_launch)
-            plan.capacity = GPU_GB * 1e9
+            plan.capacity, plan.device = GPU_GB * 1e9, f"{GPU_GB} GB GPU"
+            plan.deepspeed_estimate = deepspeed_estimate(shape, s, min(n, 8))
             rows.append({
                 "model": f"Qwen2.5-VL-{name}", "gpus": n, "params": shape.total_params,
                 "trainable": shape.trainable_params,
                 **{f"{ph}_gib": round(plan.phase_total(ph) / GiB, 2) for ph in plan.components},
                 "peak_gib": round(plan.peak / GiB, 2), "peak_phase": plan.peak_phase, "fits_80gb": plan.fits,
                 "deepspeed_model_states_gib": round(deepspeed_estimate(shape, s, min(n, 8)).get("per GPU", 0) / GiB, 2),
+                "plan": plan.format(),
                 "components": {ph: {k: round(v / GiB, 2) for k, v in c.items()} for ph, c in plan.components.items()},
             })
     head = f"{'model':<16}{'GPUs':>5}{'rollout':>9}{'RL step':>9}{'SFT step':>9}{'peak':>8}  fits 80 GB  (GiB per GPU, estimates)"
@@ -62,6 +64,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['model']:<16}{r['gpus']:>5}{r['rollout_gib']:>9.1f}{r['rl_step_gib']:>9.1f}{r['sft_step_gib']:>9.1f}"
               f"{r['peak_gib']:>8.1f}  {'yes' if r['fits_80gb'] else 'NO'}")
+    print("\nQwen2.5-VL-3B on 8 GPUs, as the trainer prints it:\n" + next(r["plan"] for r in rows if r["gpus"] == 8))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"what": "memory plan estimates (not measurements), per GPU", "config": base, "overrides": overrides,

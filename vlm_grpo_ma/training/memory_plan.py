@@ -179,7 +179,7 @@ class Plan:
         if self.allowance:
             lines.append(f"  allowance{g(self.allowance)}   (CUDA context + allocator fragmentation)")
         lines.append(f"  peak     {g(self.peak)}   ({self.peak_phase})"
-                     + (f" of {self.capacity / GiB:.2f} GiB on this {self.device}" if self.capacity else ""))
+                     + (f" of {self.capacity / GiB:.2f} GiB ({self.device})" if self.capacity else ""))
         if any(self.host.values()):
             lines.append("  host RAM " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in self.host.items() if v))
         if self.deepspeed_estimate:
@@ -379,13 +379,13 @@ def device_capacity(on_cpu: bool, local_world_size: int) -> tuple[float, str]:
     if not on_cpu:
         import torch
 
-        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory), "GPU"
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory), "this GPU"
     avail = 0.0
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
                 avail = float(line.split()[1]) * 1024
-    return avail / max(1, local_world_size), "host (per rank)"
+    return avail / max(1, local_world_size), "available host RAM / local ranks"
 
 
 class DoesNotFit(RuntimeError):
@@ -409,7 +409,7 @@ def check_before_launch(cfg, ds_config: dict, world_size: int, on_cpu: bool, mod
         plan.deepspeed_estimate = deepspeed_estimate(shape, s, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if capacity_gb > 0:
-        plan.capacity, plan.device = capacity_gb * GiB, "device (--memory_capacity_gb)"
+        plan.capacity, plan.device = capacity_gb * GiB, "--memory_capacity_gb"
     else:
         plan.capacity, plan.device = device_capacity(on_cpu, local_ranks)
     if not on_cpu:
@@ -418,8 +418,8 @@ def check_before_launch(cfg, ds_config: dict, world_size: int, on_cpu: bool, mod
         phase = plan.peak_phase
         top = sorted(plan.components[phase].items(), key=lambda kv: -kv[1])[:3]
         raise DoesNotFit(
-            f"the run does not fit: {phase} needs about {plan.peak / GiB:.1f} GiB per rank, the {plan.device} has "
-            f"{plan.capacity / GiB:.1f} GiB (largest: " + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in top)
+            f"the run does not fit: {phase} needs about {plan.peak / GiB:.1f} GiB per rank, and there are "
+            f"{plan.capacity / GiB:.1f} GiB ({plan.device}; largest parts: " + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in top)
             + "). Options: more ranks (ZeRO-3 splits the model states), gradient_checkpointing, a smaller "
               "rl_micro_batch_size / sft_micro_batch_size or max_pixels, fewer prompts_per_step per rank, "
               "LoRA (lora_r), configs/deepspeed/zero3_offload.json; --memory_plan warn launches anyway.\n"
@@ -458,5 +458,5 @@ def check_run(cfg) -> Plan | None:
     if plan is not None and dist.is_main():
         log.info("%s", plan.format())
         if not plan.fits:
-            log.warning("the memory plan's peak exceeds the %s (--memory_plan warn): launching anyway", plan.device)
+            log.warning("the memory plan's peak exceeds what there is (%s; --memory_plan warn): launching anyway", plan.device)
     return plan
