@@ -29,7 +29,6 @@ what the tiny model really holds.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -393,17 +392,15 @@ class DoesNotFit(RuntimeError):
 
 
 def check_before_launch(cfg, ds_config: dict, world_size: int, on_cpu: bool, mode: str = "check",
-                        capacity_gb: float = 0.0) -> Plan | None:
+                        capacity_gb: float = 0.0, config=None) -> Plan | None:
     """Build, print (returned) and enforce the plan: ``mode`` ``check`` raises :class:`DoesNotFit`
     naming the biggest components and what to change; ``warn`` only prints; ``off`` does nothing."""
     if mode == "off":
         return None
     m = cfg.model
-    shape = shape_from_config(model_config(m.model), lora_r=m.lora_r, lora_target_modules=m.lora_target_modules,
+    shape = shape_from_config(config or model_config(m.model), lora_r=m.lora_r, lora_target_modules=m.lora_target_modules,
                               freeze_vision=m.freeze_vision)
     s = setting_from_config(cfg, ds_config, world_size)
-    if on_cpu:
-        s.bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     plan = plan_memory(shape, s)
     if s.zero_stage >= 1 and s.bf16:
         plan.deepspeed_estimate = deepspeed_estimate(shape, s, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -427,10 +424,6 @@ def check_before_launch(cfg, ds_config: dict, world_size: int, on_cpu: bool, mod
     return plan
 
 
-def gib(x: float) -> float:
-    return math.floor(x / GiB * 100 + 0.5) / 100
-
-
 def check_run(cfg) -> Plan | None:
     """The trainer's hook: the plan of ``cfg`` on this job's ranks, logged by rank 0; raises
     :class:`DoesNotFit` (``--memory_plan check``) when the peak exceeds the device.  A model whose
@@ -452,9 +445,8 @@ def check_run(cfg) -> Plan | None:
         if dist.is_main():
             log.warning("memory plan skipped: the config of %s cannot be read here (%s)", cfg.model.model, e)
         return None
-    del config
     plan = check_before_launch(cfg, ds, dist.world_size(), dist.on_cpu(), cfg.run.memory_plan,
-                               cfg.run.memory_capacity_gb)
+                               cfg.run.memory_capacity_gb, config)
     if plan is not None and dist.is_main():
         log.info("%s", plan.format())
         if not plan.fits:
