@@ -154,9 +154,11 @@ def test_one_rank_checkpoint_resumes_on_two_deepspeed_no_ssh_nodes(tmp_path):
     _run([sys.executable, SCRIPT, *SFT3, "--stage", "sft", "--output_dir", str(one)])
     shutil.copytree(one, run)
     shutil.rmtree(run / "sft" / "final")
-    res = _nodes(_deepspeed_nodes(tmp_path, [*SFT3, "--stage", "sft", "--output_dir", str(run)]))
+    res = _nodes(_deepspeed_nodes(tmp_path, [*SFT3, "--rl_steps", "1", "--output_dir", str(run)]))
     assert "universal checkpoint" in res[0][2] and "resumed sft" in res[0][2]
     _same_sft(one, run, [3])
+    assert [r["step"] for r in _metrics(run, "rl")] == [1]  # and RL after it, to the end
+    assert (run / "rl" / "final" / "model.safetensors").is_file()
 
 
 _FAILING = """
@@ -193,3 +195,15 @@ def test_a_failing_rank_stops_the_other_node_with_the_cause(tmp_path):
     # ... and says why it stopped
     assert "stopping because another rank failed: rank 1" in err0 and "bad sample in this shard" in err0, err0[-3000:]
     assert time.time() - t0 < 300
+
+
+def test_node_local_output_folders_are_refused_at_start(tmp_path):
+    """Each "node" given its own folder (as if --output_dir were on a local disk): refused before
+    any model is loaded, naming the rank that cannot see rank 0's files."""
+    cmds = _torchrun_nodes([*COMMON, "--sft_steps", "1", "--rl_steps", "0", "--eval_samples", "0"])
+    for i, c in enumerate(cmds):
+        c += ["--output_dir", str(tmp_path / f"node{i}")]
+    (rc0, _, err0), (rc1, _, _) = _nodes(cmds, timeout=300, check=False)
+    assert rc0 != 0 and rc1 != 0
+    assert "is not shared by all ranks (rank 1 on " in err0, err0[-3000:]
+    assert not (tmp_path / "node0" / "sft").exists()
