@@ -351,6 +351,26 @@ def model_config(model: str):
     return AutoConfig.from_pretrained(model)
 
 
+def checkpoint_max_pixels(model: str) -> int | None:
+    """The processor's largest image area saved with a local checkpoint (``size.longest_edge``
+    or ``max_pixels`` of its image processor), None when there is none to read."""
+    import json
+    from pathlib import Path
+
+    from vlm_grpo_ma.models import ensure_tiny, resolve_tiny_name
+
+    folder = Path(str(ensure_tiny(model)) if resolve_tiny_name(model) is not None else model)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = folder / name
+        if f.is_file():
+            d = json.loads(f.read_text())
+            d = d.get("image_processor", d)
+            px = (d.get("size") or {}).get("longest_edge") or d.get("max_pixels")
+            if px:
+                return int(px)
+    return None
+
+
 def setting_from_config(cfg, ds_config: dict, world_size: int) -> Setting:
     """:class:`Setting` of a TrainConfig and its resolved DeepSpeed config."""
     zero = ds_config.get("zero_optimization", {})
@@ -366,7 +386,7 @@ def setting_from_config(cfg, ds_config: dict, world_size: int) -> Setting:
         max_thought_tokens=cfg.rl.max_thought_tokens, max_answer_tokens=cfg.rl.max_answer_tokens,
         layout=cfg.rl.train_layout, kl_reference=cfg.rl.kl_coef > 0,
         sft_micro_batch=cfg.sft.sft_micro_batch_size or local_sft, max_length=cfg.data.max_length,
-        image_pixels=cfg.model.max_pixels or 448 * 448,
+        image_pixels=cfg.model.max_pixels or checkpoint_max_pixels(cfg.model.model) or 448 * 448,
         run_sft=cfg.run.stage in ("sft", "all") and cfg.sft.sft_steps > 0,
         run_rl=cfg.run.stage in ("rl", "all") and cfg.rl.rl_steps > 0,
     )
@@ -402,6 +422,9 @@ def check_before_launch(cfg, ds_config: dict, world_size: int, on_cpu: bool, mod
                               freeze_vision=m.freeze_vision)
     s = setting_from_config(cfg, ds_config, world_size)
     plan = plan_memory(shape, s)
+    if s.run_rl and cfg.rl.rollout_backend == "vllm":
+        plan.notes.append("rollout_backend vllm: the rollout line counts the hf backend; the colocated vLLM engine "
+                          f"takes vllm_gpu_memory_utilization={cfg.rl.vllm_gpu_memory_utilization} of the GPU instead")
     if s.zero_stage >= 1 and s.bf16:
         plan.deepspeed_estimate = deepspeed_estimate(shape, s, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
