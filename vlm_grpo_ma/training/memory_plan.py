@@ -121,6 +121,7 @@ class Setting:
     bf16: bool = True
     gradient_checkpointing: bool = False
     prefetch_bucket: int = 50_000_000  # stage3_prefetch_bucket_size (elements)
+    reduce_bucket: int = 50_000_000  # reduce_bucket_size (elements): the gradient bucket of ZeRO-2/3
     # RL
     prompts_per_step: int = 8  # global
     rl_micro_batch: int = 0  # prompts per training forward on one rank (0: all local prompts)
@@ -248,6 +249,7 @@ def plan_memory(shape: ModelShape, s: Setting) -> Plan:
     if ref:
         states["reference"] = ref
     gathered_layer = (4 * shape.largest_layer_params + s.prefetch_bucket * e) if s.zero_stage >= 3 else 0.0
+    grad_bucket = s.reduce_bucket * e if s.zero_stage >= 2 else 0.0  # gradients gathered before reduce-scatter
 
     # --- prompt lengths -------------------------------------------------------------------------
     patches, img_tok = image_tokens(shape, s.image_pixels)
@@ -278,14 +280,15 @@ def plan_memory(shape: ModelShape, s: Setting) -> Plan:
             seqs, length, scored = micro * K, prompt + T + M * A, micro * K * (T + M * A)
         else:
             seqs, length, scored = micro * K * M, prompt + T + A, micro * K * M * (T + A)
-        plan.components["rl_step"] = dict(states, gathered_layer=gathered_layer, **act_bytes(seqs * length, scored, seqs))
+        plan.components["rl_step"] = dict(states, gathered_layer=gathered_layer, grad_bucket=grad_bucket,
+                                          **act_bytes(seqs * length, scored, seqs))
     if s.run_sft:
         sft_states = {k: v for k, v in states.items() if k != "reference"}
         # an SFT sample is the prompt and its reference thought + answer (max_length caps it);
         # the LM head runs on the target tokens only (sft.assistant_token_nll)
         target = min(T + A, s.max_length)
         length = min(prompt + T + A, s.max_length)
-        plan.components["sft_step"] = dict(sft_states, gathered_layer=gathered_layer,
+        plan.components["sft_step"] = dict(sft_states, gathered_layer=gathered_layer, grad_bucket=grad_bucket,
                                            **act_bytes(s.sft_micro_batch * length, s.sft_micro_batch * target,
                                                        s.sft_micro_batch))
     return plan
@@ -381,6 +384,7 @@ def setting_from_config(cfg, ds_config: dict, world_size: int) -> Setting:
         world_size=world_size, zero_stage=int(zero.get("stage", 0)), offload_optimizer=off_opt, offload_params=off_par,
         bf16=bool(ds_config.get("bf16", {}).get("enabled", False)), gradient_checkpointing=cfg.model.gradient_checkpointing,
         prefetch_bucket=int(float(zero.get("stage3_prefetch_bucket_size", 5e7))) if zero.get("stage", 0) == 3 else 0,
+        reduce_bucket=int(float(zero.get("reduce_bucket_size", 5e8))),  # DeepSpeed's default 5e8
         prompts_per_step=cfg.rl.prompts_per_step, rl_micro_batch=cfg.rl.rl_micro_batch_size,
         num_thoughts=cfg.rl.num_thoughts, answers_per_thought=cfg.rl.answers_per_thought,
         max_thought_tokens=cfg.rl.max_thought_tokens, max_answer_tokens=cfg.rl.max_answer_tokens,
