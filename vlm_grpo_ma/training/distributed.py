@@ -215,7 +215,15 @@ def announce_failure(exc: BaseException) -> None:
     cause = f"rank {rank()} (pid {os.getpid()} on {_socket.gethostname()}) raised {type(exc).__name__}: {exc}{where}"
     try:
         store = _watch.store if _watch is not None else _store_client()
-        store.compare_set(FAILURE_KEY, "", cause)  # only if no rank announced before
-        time.sleep(4 * POLL_S)
+        first = store.compare_set(FAILURE_KEY, "", cause).decode(errors="replace")  # set unless a rank was first
     except Exception:  # noqa: BLE001 - the store may be gone: the cause is still in this rank's log
-        pass
+        return
+    if first != cause:  # this rank's error is a consequence (e.g. a collective broken by the first failure)
+        import logging
+        import sys
+
+        msg = f"rank {rank()}: stopping because another rank failed: {first}"
+        logging.getLogger(__name__).error(msg)
+        print(msg, file=sys.stderr, flush=True)
+        return
+    time.sleep(4 * POLL_S)  # let the other ranks read the cause before this process (maybe the store's host) ends
