@@ -106,5 +106,8 @@ def test_rerun_with_a_larger_budget_refuses_and_the_same_budget_skips(tmp_path):
     assert json.loads((tmp_path / "sft" / "final" / "stage_record.json").read_text())["steps"] == 2
     with pytest.raises(BudgetChanged, match="already complete .* after 2 steps, and --sft_steps 3 asks for more"):
         main(args + ["--sft_steps", "3"])
-    again = main(args + ["--sft_steps", "2"])  # the lock of the refused run was not left behind
+    from vlm_grpo_ma.training import lock
+
+    assert not lock._HELD  # the refused run gave its lock up
+    again = main(args + ["--sft_steps", "2"])
     assert again["sft"]["steps"] == 2

@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     A rank that raises announces its exception to the others (``distributed.announce_failure``),
     whose watcher threads then stop them with that cause in their log: no rank waits forever in
     a collective for a rank that is gone."""
+    from vlm_grpo_ma.training import lock as run_lock
+
     try:
         return _run(argv)
     except BaseException as e:
@@ -88,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise
     finally:
         dist.stop_failure_watch()
+        run_lock.release_all()  # also after an error: a later run from this process (a notebook) may proceed
 
 
 def _run(argv: Sequence[str] | None = None) -> dict:
@@ -226,7 +229,6 @@ def _run(argv: Sequence[str] | None = None) -> dict:
         _write_json(summary_path, summary)
         print(format_summary(task.name, summary), flush=True)
     dist.barrier()
-    run_lock.release(out)
     return summary
 
 

@@ -121,3 +121,9 @@ def release(folder: str | Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def release_all() -> None:
+    """Give up every lock this process holds (the trainer's entry point, when a run ends)."""
+    for key in list(_HELD):
+        release(Path(key).parent)
