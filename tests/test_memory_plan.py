@@ -247,3 +247,30 @@ def test_rl_stage_peak_rss_is_within_1_5x_of_the_plan(tmp_path):
     print(f"plan {plan.peak / 2**20:.0f} MiB ({plan.peak_phase}), measured peak RSS growth {measured / 2**20:.0f} MiB "
           f"(after building {(m['built'] - m['baseline']) / 2**20:.0f} MiB), ratio {ratio:.2f}")
     assert 1 / 1.5 <= ratio <= 1.5, (plan.format(), measured)
+
+
+def test_plan_arithmetic_by_hand():
+    from vlm_grpo_ma.training.memory_plan import ModelShape, Setting, plan_memory
+
+    shape = ModelShape(total_params=1000, trainable_params=600, largest_layer_params=100, layers=2, hidden=8,
+                       intermediate=16, kv_dim=4, vocab=50, vision_depth=1, vision_hidden=8, vision_intermediate=8,
+                       vision_trainable=False, patch=14, merge=2)
+    base = dict(world_size=4, bf16=True, prefetch_bucket=0, reduce_bucket=10, prompts_per_step=8, num_thoughts=2,
+                answers_per_thought=3, max_thought_tokens=5, max_answer_tokens=2, image_pixels=14 * 14 * 4,
+                text_prompt_tokens=9, run_sft=False)
+    z3 = plan_memory(shape, Setting(zero_stage=3, **base)).components
+    # bf16: weights 2 B / 4 ranks; grads 2 B x 600 / 4; optimizer (4 + 8 + 4) B x 600 / 4
+    assert (z3["rl_step"]["params"], z3["rl_step"]["grads"], z3["rl_step"]["optimizer"]) == (500, 300, 2400)
+    assert z3["rl_step"]["gathered_layer"] == 4 * 100 and z3["rl_step"]["grad_bucket"] == 20
+    # rollout: 2 local prompts, prompt = 1 image token + 9 = 10; KV per token 2 x 2 layers x 4 x 2 B = 32
+    assert z3["rollout"]["kv_cache"] == 2 * 2 * (10 + 5) * 32 + 2 * 2 * 3 * (10 + 5 + 2) * 32
+    assert z3["rollout"]["gathered_model"] == 2000
+    # packed RL step, micro = 2 local prompts: 4 rows of 10 + 5 + 3 x 2 tokens, 4 x (5 + 6) scored
+    per_layer = 2 * (13 * 8 + 2 * 4 + 4 * 16)
+    assert z3["rl_step"]["activations"] == 4 * 21 * 2 * per_layer
+    assert z3["rl_step"]["lm_head"] == 4 * 11 * 50 * (2 + 4)
+    z2 = plan_memory(shape, Setting(zero_stage=2, **base)).components["rl_step"]
+    assert (z2["params"], z2["grads"], z2["optimizer"]) == (2000, 300, 2400)
+    off = plan_memory(shape, Setting(zero_stage=3, offload_optimizer=True, offload_params=True, **base))
+    assert off.components["rl_step"]["optimizer"] == off.components["rl_step"]["params"] == 0
+    assert off.host == {"optimizer states": 2400, "parameters": 500}
