@@ -97,15 +97,67 @@ def save_checkpoint(engine, stage_dir: str | Path, step: int, trainer_state: dic
     return final
 
 
+def to_universal(ckpt: str | Path) -> Path:
+    """``<ckpt>/universal``: the DeepSpeed checkpoint ``<ckpt>/ds`` converted to DeepSpeed's
+    *universal checkpoint* format, which any number of ranks can load (one folder per parameter
+    holding its full fp32 value and Adam moments; ``deepspeed/checkpoint/ds_to_universal.py``,
+    https://www.deepspeed.ai/tutorials/universal-checkpointing/).
+
+    Rank 0 converts once (in a subprocess, ``python -m deepspeed.checkpoint.ds_to_universal``)
+    into a temporary folder renamed when complete; later resumes reuse it.  Collective; the
+    folder must be shared by all ranks."""
+    import subprocess
+    import sys
+
+    ckpt = Path(ckpt)
+    out = ckpt / "universal"
+    error = None
+    if dist.is_main() and not (out / "zero").is_dir():
+        tmp = ckpt / ".tmp-universal"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / "ds"),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        log.info("converting %s to a universal checkpoint", ckpt / "ds")
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        (ckpt / "latest_universal").unlink(missing_ok=True)  # the converter's pointer to its output: unused
+        if p.returncode != 0:
+            error = f"converting {ckpt / 'ds'} to a universal checkpoint failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+        else:
+            os.replace(tmp, out)
+    error = dist.broadcast_object(error)
+    if error:
+        raise RuntimeError(error)
+    return out
+
+
 def load_checkpoint(engine, ckpt: str | Path) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from ``ckpt``; returns the
-    trainer state saved with it."""
+    trainer state saved with it.
+
+    On another number of ranks than the checkpoint was written with, the checkpoint is first
+    converted to DeepSpeed's universal format (:func:`to_universal`) and loaded from there: the
+    fp32 weights, Adam moments and step, and the LR schedule are restored exactly, and the data
+    position is the step (a step's global batch does not depend on the number of ranks,
+    ``training/data.py``).  Only the per-rank RNG streams cannot carry over (ranks that had
+    none keep their seeded ones), which changes RL sampling but not SFT."""
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    if state.get("world_size", dist.world_size()) != dist.world_size():
-        log.warning("checkpoint %s was written by %s ranks, resuming on %s: RNG streams will differ",
-                    ckpt, state.get("world_size"), dist.world_size())
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True, load_lr_scheduler_states=True)
+    saved_world = int(state.get("world_size", dist.world_size()))
+    if saved_world == dist.world_size():
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    else:
+        if dist.is_main():
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: loading it through DeepSpeed's "
+                        "universal checkpoint (RL sampling streams will differ)", ckpt, saved_world, dist.world_size())
+        universal = to_universal(ckpt)
+        # the engine reads this switch from its config at load time; it is a load-only setting
+        engine._config.load_universal_checkpoint = True
+        try:
+            load_path, _ = engine.load_checkpoint(str(ckpt), tag=universal.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {ckpt / 'ds'}")
     rng_file = ckpt / f"rng-rank{dist.rank()}.pt"
@@ -151,10 +203,17 @@ def merge_lora_state_dict(sd: dict[str, torch.Tensor], scale: float) -> dict[str
     return clean
 
 
-def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float | None = None) -> Path:
+#: written beside a stage's final model: what the stage completed (``{"stage", "steps", ...}``)
+STAGE_RECORD = "stage_record.json"
+
+
+def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float | None = None,
+                  record: dict | None = None) -> Path:
     """Save the trained policy in Hugging Face format (safetensors + config + processor),
     loadable by ``vlm_grpo_ma.models.load_policy`` and ``transformers``.  LoRA adapters are
-    merged into the weights.  Collective; rank 0 writes (atomically, like checkpoints)."""
+    merged into the weights.  ``record`` (e.g. the number of steps trained) is written as
+    ``stage_record.json`` in the same atomic rename.  Collective; rank 0 writes (atomically,
+    like checkpoints)."""
     out_dir = Path(out_dir)
     sd = consolidated_state_dict(engine)
     if dist.is_main():
@@ -167,6 +226,8 @@ def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
         processor.save_pretrained(str(tmp))
+        if record is not None:
+            (tmp / STAGE_RECORD).write_text(json.dumps(record, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

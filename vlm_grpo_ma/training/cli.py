@@ -76,10 +76,29 @@ def _write_json(path: Path, obj) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the trainer; returns the summary (rank 0 prints it)."""
+    """Run the trainer; returns the summary (rank 0 prints it).
+
+    A rank that raises announces its exception to the others (``distributed.announce_failure``),
+    whose watcher threads then stop them with that cause in their log: no rank waits forever in
+    a collective for a rank that is gone."""
+    from vlm_grpo_ma.training import lock as run_lock
+
+    try:
+        return _run(argv)
+    except BaseException as e:
+        dist.announce_failure(e)
+        raise
+    finally:
+        dist.stop_failure_watch()
+        run_lock.release_all()  # also after an error: a later run from this process (a notebook) may proceed
+
+
+def _run(argv: Sequence[str] | None = None) -> dict:
     dist.prepare_environment()  # DS_ACCELERATOR=cpu without CUDA, before DeepSpeed is imported
     from vlm_grpo_ma.config import save_config
     from vlm_grpo_ma.task import get_task
+    from vlm_grpo_ma.training import lock as run_lock
+    from vlm_grpo_ma.training import memory_plan
     from vlm_grpo_ma.training import stage as stg
     from vlm_grpo_ma.training.data import heldout_samples
     from vlm_grpo_ma.training.engine import build_reference
@@ -91,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # --- config and processes ---------------------------------------------------------------
     cfg = parse_train_config(argv)
     dist.init_distributed()
+    dist.start_failure_watch()
     _setup_logging()
     if cfg.run.output_dir is None:
         stamp = dist.broadcast_object(time.strftime("%Y%m%d-%H%M%S", time.gmtime()))
@@ -98,8 +118,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = Path(cfg.run.output_dir)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    run_lock.acquire(out)  # one live run per folder: refuses, naming the holder's pid
+    if dist.is_main():
         save_config((cfg.model, cfg.data, cfg.sft, cfg.rl, cfg.run), out / "config.yaml")
         log.info("run directory: %s (%d rank%s)", out.resolve(), dist.world_size(), "s" if dist.world_size() > 1 else "")
+    memory_plan.check_run(cfg)  # printed before anything is loaded; refuses a run that cannot fit
     _seed_everything(cfg.run.seed)
 
     # --- task and data ----------------------------------------------------------------------
@@ -143,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # --- stage 1: SFT -------------------------------------------------------------------------
     if cfg.run.stage in ("sft", "all"):
         if cfg.run.resume and stg.final_exists(sft_dir):
+            stg.check_finished_budget(sft_dir, "sft", cfg.sft.sft_steps)  # refuses another budget, naming why
             log.info("SFT already complete in %s: skipped", sft_dir / stg.FINAL)
         else:
             st = stg.build_stage(cfg, "sft", model_path, global_batch=cfg.sft.sft_batch_size,
@@ -167,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # --- stage 2: RL (GRPO-MA) ----------------------------------------------------------------
     if cfg.run.stage in ("rl", "all") and cfg.rl.rl_steps > 0:
         if cfg.run.resume and stg.final_exists(rl_dir):
+            stg.check_finished_budget(rl_dir, "rl", cfg.rl.rl_steps)
             log.info("RL already complete in %s: skipped", rl_dir / stg.FINAL)
         else:
             st = stg.build_stage(cfg, "rl", model_path, global_batch=cfg.rl.prompts_per_step,

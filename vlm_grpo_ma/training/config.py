@@ -209,6 +209,14 @@ class RunArgs:
     resume: bool = field(default=True, metadata={"help": "Continue from the latest checkpoint in output_dir when there is one."})
     log_every: int = field(default=50, metadata={"help": "Print a metrics line every N steps, 0 never (JSONL and TensorBoard get every step)."})
     report_to: str = field(default="tensorboard", metadata={"help": "Comma-separated extra loggers: tensorboard, wandb, or none (JSONL is always written)."})
+    memory_plan: str = field(
+        default="check",
+        metadata={"help": "Memory plan printed before launch (per-rank estimate of model states, rollout KV cache and "
+                  "activations; docs/MEMORY.md): check refuses a run that cannot fit, warn only prints, off skips it."},
+    )
+    memory_capacity_gb: float = field(
+        default=0.0, metadata={"help": "Memory one rank may use, for the memory plan; 0: the GPU's total memory (on CPU: available RAM / local ranks)."}
+    )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; ignore."})
 
 
@@ -249,6 +257,8 @@ class TrainConfig:
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rl.rollout_backend!r}")
         if self.rl.tis_cap < 0 or (self.rl.tis_cap > 0 and self.rl.rollout_backend != "vllm"):
             raise ValueError(f"tis_cap must be 0 (off) or > 0 with rollout_backend vllm, got {self.rl.tis_cap}")
+        if self.run.memory_plan not in ("check", "warn", "off"):
+            raise ValueError(f"memory_plan must be check, warn or off, got {self.run.memory_plan!r}")
         if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
             raise ValueError("sft_batch_size and prompts_per_step must be >= 1")
 

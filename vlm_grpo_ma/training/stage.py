@@ -147,13 +147,51 @@ def lr_of(stage: Stage) -> float:
     return float(stage.engine.get_lr()[0])
 
 
+def stage_steps(cfg: TrainConfig, name: str) -> int:
+    """The step budget of stage ``name``: ``sft_steps`` or ``rl_steps``."""
+    return cfg.sft.sft_steps if name == "sft" else cfg.rl.rl_steps
+
+
 def save_final(stage: Stage, cfg: TrainConfig) -> Path:
-    """The stage's model in Hugging Face format, with its processor, under ``<stage>/final``."""
-    return ckpt.save_hf_model(stage.engine, stage.dir / FINAL, stage.processor, lora_scale=stage.lora_scale(cfg))
+    """The stage's model in Hugging Face format, with its processor, under ``<stage>/final``,
+    and the number of steps it was trained for (``stage_record.json``)."""
+    record = {"stage": stage.name, "steps": stage_steps(cfg, stage.name), "world_size": dist.world_size()}
+    return ckpt.save_hf_model(stage.engine, stage.dir / FINAL, stage.processor, lora_scale=stage.lora_scale(cfg),
+                              record=record)
 
 
 def final_exists(stage_dir: Path) -> bool:
     return (Path(stage_dir) / FINAL / "config.json").is_file()
+
+
+class BudgetChanged(ValueError):
+    """A finished stage is asked for another number of steps."""
+
+
+def completed_steps(stage_dir: Path) -> int | None:
+    """The steps a finished stage was trained for (None: no record, e.g. an older run)."""
+    import json
+
+    path = Path(stage_dir) / FINAL / ckpt.STAGE_RECORD
+    return int(json.loads(path.read_text())["steps"]) if path.is_file() else None
+
+
+def check_finished_budget(stage_dir: Path, name: str, requested: int) -> int | None:
+    """For a stage whose final model exists: its completed steps when they equal ``requested``
+    (so skipping it is what was asked), else raise :class:`BudgetChanged` with the reason.
+
+    A finished stage is not continued to a larger budget: its learning rate was scheduled to
+    decay to 0 over the old budget, and no resumable checkpoint of its last step is kept."""
+    done = completed_steps(stage_dir)
+    flag = "--sft_steps" if name == "sft" else "--rl_steps"
+    if done is not None and done != requested:
+        raise BudgetChanged(
+            f"{name.upper()} already complete in {Path(stage_dir) / FINAL} after {done} steps, and {flag} {requested} "
+            f"asks for {'more' if requested > done else 'fewer'}: a finished stage is not continued (its learning "
+            f"rate schedule ended at step {done}). Use a new --output_dir, pass {flag} {done} to reuse it"
+            + (", or train RL from it: --stage rl --model " + str(Path(stage_dir) / FINAL) if name == "sft" else "")
+            + ".")
+    return done
 
 
 def release(stage: Stage) -> None:

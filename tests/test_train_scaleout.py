@@ -1,0 +1,209 @@
+"""Scale-out as users run it (slow: each test starts launcher processes on loopback).
+
+- Two "nodes" on this machine, each its own launcher with one rank (torchrun --nnodes 2, and the
+  deepspeed launcher's --no_ssh with --node_rank), train like one node with two ranks.
+- A checkpoint written on 2 ranks resumes on 1, and one written on 1 resumes on 2 (through
+  DeepSpeed's universal checkpoint): the steps after the resume and the final weights are those
+  of the uninterrupted run.
+- A rank that raises stops the other node's rank too, with the cause named, instead of a hang.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "scripts" / "train.py")
+# launchers as modules of this interpreter: a venv's console scripts may name another one
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+COMMON = ["--task", "affordance", "--sft_batch_size", "4", "--sft_warmup_steps", "0", "--prompts_per_step", "2",
+          "--num_thoughts", "2", "--answers_per_thought", "2", "--max_thought_tokens", "8", "--max_answer_tokens", "8",
+          "--eval_batch_size", "2", "--report_to", "none", "--log_every", "0"]
+# 3 SFT steps with a checkpoint after step 2: a resume from it takes step 3 on another world size
+SFT3 = COMMON + ["--sft_steps", "3", "--save_every", "2", "--eval_samples", "0"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fail(cmd, p, out="", err="") -> str:
+    return f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
+
+
+def _run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, _fail(cmd, p, p.stdout, p.stderr)
+    return p
+
+
+def _nodes(cmds: list[list[str]], timeout: int = 400, check: bool = True) -> list[tuple[int, str, str]]:
+    """Run the launcher commands of all nodes at once; (returncode, stdout, stderr) of each."""
+    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    out = []
+    try:
+        for c, p in zip(cmds, procs):
+            o, e = p.communicate(timeout=timeout)
+            assert not check or p.returncode == 0, _fail(c, p, o, e)
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def _torchrun_nodes(script_args: list[str], script: str = SCRIPT) -> list[list[str]]:
+    port = _free_port()
+    return [[*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i), "--master_addr",
+             "127.0.0.1", "--master_port", str(port), script, *script_args] for i in range(2)]
+
+
+def _deepspeed_nodes(tmp_path: Path, script_args: list[str]) -> list[list[str]]:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # names only: --no_ssh never contacts them
+    port = _free_port()
+    return [[*DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
+             "--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT, *script_args] for i in range(2)]
+
+
+def _metrics(run: Path, stage: str) -> list[dict]:
+    from vlm_grpo_ma.training.metrics import read_metrics
+
+    return read_metrics(run / "metrics.jsonl", stage)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _same_sft(a: Path, b: Path, steps: list[int]) -> None:
+    """Same SFT losses at ``steps`` and same final weights, within the float tolerance of
+    summing over 1 vs 2 ranks (test_train_distributed.py measures and explains it)."""
+    ma = {r["step"]: r for r in _metrics(a, "sft")}
+    mb = {r["step"]: r for r in _metrics(b, "sft")}
+    for s in steps:
+        assert ma[s]["data/tokens"] == mb[s]["data/tokens"], s
+        assert math.isclose(ma[s]["loss/sft"], mb[s]["loss/sft"], rel_tol=1e-5), (s, ma[s]["loss/sft"], mb[s]["loss/sft"])
+    wa, wb = _weights(a / "sft" / "final"), _weights(b / "sft" / "final")
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory) -> Path:
+    """1 node x 2 ranks (the deepspeed launcher): SFT 3 steps (checkpoint at 2), then RL 1 step."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    _run([*DEEPSPEED, "--num_accelerators", "2", "--master_port", str(_free_port()), SCRIPT, *SFT3,
+          "--rl_steps", "1", "--output_dir", str(run)])
+    return run
+
+
+def test_torchrun_two_loopback_nodes_match_one_node_two_ranks(two_rank_run, tmp_path):
+    run = tmp_path / "run"
+    res = _nodes(_torchrun_nodes([*SFT3, "--rl_steps", "1", "--output_dir", str(run)]))
+    _same_sft(two_rank_run, run, [1, 2, 3])
+    rl = _metrics(run, "rl")
+    # global rank 0 alone logs (one row per step, not one per node) and writes the summary
+    assert [r["step"] for r in rl] == [1] and all(math.isfinite(r["loss/policy"]) for r in rl)
+    assert (run / "rl" / "final" / "model.safetensors").is_file() and (run / "summary.json").is_file()
+    assert "== affordance" in res[0][1] and "== affordance" not in res[1][1]  # the summary: global rank 0 only
+    # each rank wrote its own RNG file into the one shared checkpoint (global ranks 0 and 1)
+    assert list((run / "sft" / "checkpoints").glob("step-*/rng-rank1.pt"))
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run, run)
+    shutil.rmtree(run / "sft" / "final")  # as if stopped after the step-2 checkpoint
+    shutil.rmtree(run / "rl")
+    p = _run([sys.executable, SCRIPT, *SFT3, "--stage", "sft", "--output_dir", str(run)])
+    assert "universal checkpoint" in p.stderr and "resumed sft" in p.stderr
+    assert (run / "sft" / "checkpoints" / "step-0000002" / "universal" / "zero").is_dir()
+    _same_sft(two_rank_run, run, [3])
+
+
+def test_one_rank_checkpoint_resumes_on_two_deepspeed_no_ssh_nodes(tmp_path):
+    one, run = tmp_path / "one", tmp_path / "run"
+    _run([sys.executable, SCRIPT, *SFT3, "--stage", "sft", "--output_dir", str(one)])
+    shutil.copytree(one, run)
+    shutil.rmtree(run / "sft" / "final")
+    res = _nodes(_deepspeed_nodes(tmp_path, [*SFT3, "--rl_steps", "1", "--output_dir", str(run)]))
+    assert "universal checkpoint" in res[0][2] and "resumed sft" in res[0][2]
+    _same_sft(one, run, [3])
+    assert [r["step"] for r in _metrics(run, "rl")] == [1]  # and RL after it, to the end
+    assert (run / "rl" / "final" / "model.safetensors").is_file()
+
+
+_FAILING = """
+import os
+from vlm_grpo_ma.task import register_task
+from vlm_grpo_ma.tasks.affordance import AffordanceTask
+
+
+@register_task
+class FailingOnRank1(AffordanceTask):  # registered in-process: replaces the shipped "affordance"
+    name = "affordance"
+
+    def messages(self, sample, family):  # a data error on rank 1's shard (rewards that raise score 0 instead)
+        if os.environ["RANK"] == "1":
+            raise ValueError("bad sample in this shard")
+        return super().messages(sample, family)
+
+
+from vlm_grpo_ma.training.cli import main
+
+main()
+"""
+
+
+def test_a_failing_rank_stops_the_other_node_with_the_cause(tmp_path):
+    script = tmp_path / "failing_train.py"
+    script.write_text(_FAILING)
+    args = [*COMMON, "--stage", "rl", "--rl_steps", "1",
+            "--eval_samples", "0", "--output_dir", str(tmp_path / "run")]
+    t0 = time.time()
+    (rc0, _, err0), (rc1, _, err1) = _nodes(_torchrun_nodes(args, str(script)), timeout=300, check=False)
+    assert rc1 != 0 and "bad sample in this shard" in err1, err1[-3000:]
+    assert rc0 != 0, err0  # node 0's rank did not wait in a collective for a peer that is gone ...
+    # ... and says why it stopped
+    assert "stopping because another rank failed: rank 1" in err0 and "bad sample in this shard" in err0, err0[-3000:]
+    assert time.time() - t0 < 300
+
+
+def test_node_local_output_folders_are_refused_at_start(tmp_path):
+    """Each "node" given its own folder (as if --output_dir were on a local disk): refused before
+    any model is loaded, naming the rank that cannot see rank 0's files."""
+    cmds = _torchrun_nodes([*COMMON, "--sft_steps", "1", "--rl_steps", "0", "--eval_samples", "0"])
+    for i, c in enumerate(cmds):
+        c += ["--output_dir", str(tmp_path / f"node{i}")]
+    (rc0, _, err0), (rc1, _, _) = _nodes(cmds, timeout=300, check=False)
+    assert rc0 != 0 and rc1 != 0
+    assert "is not shared by all ranks (rank 1 on " in err0, err0[-3000:]
+    assert not (tmp_path / "node0" / "sft").exists()
