@@ -96,8 +96,8 @@ def test_mixed_tests_and_all_pass(sandbox):
 def test_solution_error_fails_every_assert(sandbox):
     rep = sandbox.run_tests("raise ValueError('boom')\n", ["assert True", "assert True"])
     assert rep.passed == [False, False] and rep.reason == "solution_error"
-    rep = sandbox.run_tests("def f(:\n", ["assert True"])
-    assert rep.passed == [False] and rep.reason == "solution_error"
+    rep = sandbox.run_tests("def f(:\n", ["assert True", {"input": "", "output": ""}])
+    assert rep.passed == [False, False] and rep.reason == "syntax_error"  # compiled in the sandbox
 
 
 def test_exit_in_solution_and_nonzero_program_exit(sandbox):
