@@ -133,11 +133,11 @@ class MathTask(AnswerTask):
 
     name = "math"
     reward_parts = ("format", "correct")
+    MAX_ANSWER_CHARS = 500
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.timeout_s = self.options.get("timeout_s", 3)
-        self.max_answer_chars = int(self.options.get("max_answer_chars", 500))
         self.max_exponent = int(self.options.get("max_exponent", 10_000))
         self.with_images = bool(self.options.get("with_images", False))
         self.image_size = tuple(self.options.get("image_size", (224, 112)))

@@ -580,6 +580,7 @@ class Sandbox:
             if mode in ("root", "uid"):
                 claims = _uid_claims(self._uid_base, self._uid_count, self._uid_lock_dir)
                 uid, lock_fd = claims.acquire(self._sweep_uid)
+                t0 = time.monotonic()  # waiting for a free uid is not the code's wall-clock time
             workdir = tempfile.mkdtemp(prefix="vlm-grpo-ma-sandbox-")
             report_r, report_w = os.pipe()
             fds = {"r": report_r, "w": report_w}  # _spawn closes "w" once the child has it
