@@ -159,6 +159,17 @@ def test_pathological_code_costs_the_sandbox_not_the_caller(task):
     assert r.total == 0.0 and r.reason == "syntax_error"
 
 
+def test_text_that_does_not_compile_in_time_costs_one_process(root_sandbox):
+    """Program tests run one process each; a text whose compilation alone hits the limits is not
+    compiled again for every test (the harness reports when it has compiled the code)."""
+    sb = Sandbox(limits=SandboxLimits(wall_timeout_s=1.0, cpu_time_s=1.0))
+    code = "f = " + "lambda:" * 2850 + " 1\n"
+    t0 = time.monotonic()
+    rep = sb.run_tests(code, [{"input": "", "output": ""}] * 4)
+    assert rep.passed == [False] * 4 and rep.reason in ("timeout", "exit")
+    assert time.monotonic() - t0 < 2 * 1.0 + 1.5
+
+
 # ---- escapes and leftovers ---------------------------------------------------------------------
 def test_no_new_privs_is_set(root_sandbox):
     code = "def nnp():\n    return [l for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0].split()[1]\n"

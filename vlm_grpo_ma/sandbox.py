@@ -308,6 +308,7 @@ def _main():
         report(event="syntax_error", error=type(e).__name__)
         sys.exit(1)
     del src
+    report(event="compiled")
     if cfg["mode"] == "program":
         exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
         return
@@ -731,11 +732,13 @@ class Sandbox:
         tests = list(tests)
         passed = [False] * len(tests)
         details: list[str] = []
+        uncompilable = False  # the text did not compile within the limits: no further process
         asserts = [i for i, t in enumerate(tests) if isinstance(t, str)]
         programs = [i for i, t in enumerate(tests) if isinstance(t, dict)]
         if asserts:
             plan = [split_test(tests[i]) for i in asserts]
             res = self.run(code, tests=[tests[i] for i in asserts])
+            uncompilable = _never_compiled(res)
             seen = set()
             for ev in _events(res.report):
                 i = ev.get("i")
@@ -760,10 +763,11 @@ class Sandbox:
             elif len(seen) < len(asserts) and not details:
                 details.append("exit")
         for i in programs:
-            if details and details[0].startswith("syntax_error"):
+            if uncompilable:
                 break  # the same text will not compile for the next test either
             t = tests[i]
             res = self.run(code, stdin=t.get("input", ""))
+            uncompilable = _never_compiled(res)
             if any(ev.get("event") == "syntax_error" for ev in _events(res.report)):
                 details.insert(0, "syntax_error")
             elif res.status == "ok":
@@ -879,6 +883,12 @@ def _value_equals(data: Any, expected: Any) -> bool:
         return bool(_decode_value(data) == expected)
     except (ValueError, TypeError, IndexError, AttributeError, RecursionError, OverflowError):
         return False
+
+
+def _never_compiled(res: RunResult) -> bool:
+    """Whether a run ended before the harness had compiled the code (a syntax error, or a text
+    whose compilation alone hit a limit): running it again for the next test would only repeat that."""
+    return res.status != "sandbox_error" and not any(ev.get("event") == "compiled" for ev in _events(res.report))
 
 
 def _events(report: bytes) -> list[dict]:
