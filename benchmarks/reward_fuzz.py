@@ -57,10 +57,20 @@ SLOW_INPUTS = [
 ]
 
 
+ALPHABETS = [string.printable, "[](){},.0123456789-e ", "\\{}^_$frac binom 0123456789", "<>/answerthink "]
+_POOLS: dict[tuple[int, int], list[str]] = {}
+
+
 def _random_text(rng: random.Random, max_chars: int) -> str:
+    """Random text of log-uniform length up to ``max_chars``: a random slice of a random pool
+    (drawing a megabyte character by character per call would dominate the run)."""
+    key = (max_chars, id(rng))
+    if key not in _POOLS:
+        _POOLS[key] = ["".join(rng.choices(a, k=2 * max_chars)) for a in ALPHABETS]
+    pool = rng.choice(_POOLS[key])
     n = int(min(max_chars, 2 ** rng.uniform(0, 20)))
-    alphabet = rng.choice([string.printable, "[](){},.0123456789-e ", "\\{}^_$frac binom 0123456789", "<>/answerthink "])
-    return "".join(rng.choices(alphabet, k=n))
+    start = rng.randrange(0, len(pool) - n + 1)
+    return pool[start:start + n]
 
 
 def completions(rng: random.Random, n: int, max_chars: int):

@@ -50,7 +50,11 @@ class _Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, text=True, encoding="utf-8", errors="surrogateescape",
         )
-        self.request({"op": "ping"}, STARTUP_TIMEOUT_S)
+        try:
+            self.request({"op": "ping"}, STARTUP_TIMEOUT_S)
+        except BaseException:
+            self.kill()
+            raise
 
     def request(self, req: dict, deadline_s: float) -> dict:
         try:
