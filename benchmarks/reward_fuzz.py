@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import string
 import sys
@@ -89,19 +90,34 @@ def completions(rng: random.Random, n: int, max_chars: int):
             yield f"<think>{body}</think>", f"<answer>{body}</answer><|im_end|>"
 
 
+class _Collect(logging.Handler):
+    """Keeps the WARNING+ records logged while a task is fuzzed (a caught bug, a sandbox failure)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(f"log {record.name}: {record.getMessage()}"[:200])
+
+
 def fuzz_task(name: str, n: int, max_chars: int, seed: int) -> dict:
+    from vlm_grpo_ma.models.family import ModelFamily
     from vlm_grpo_ma.task import get_task
 
+    family = ModelFamily.from_model_type("qwen2_5_vl", patch_size=14, merge_size=2, min_pixels=3136, max_pixels=12845056)
     task = get_task(name)
     samples = task.synthetic(8, seed=seed)
     rng = random.Random(seed)
     times, reasons, errors = [], Counter(), []
+    handler = _Collect()
+    logging.getLogger().addHandler(handler)  # a guard or the sandbox that logs a failure is an error too
     worst = (0.0, "")
     for i, (thought, answer) in enumerate(completions(rng, n, max_chars)):
         s = samples[i % len(samples)]
         t0 = time.perf_counter()
         try:
-            r = task.reward(thought, answer, s, None)
+            r = task.reward(thought, answer, s, family)
         except Exception as e:  # a failure of the guarantee: recorded, never hidden
             errors.append(f"{type(e).__name__}: {e}"[:200])
             continue
@@ -112,6 +128,10 @@ def fuzz_task(name: str, n: int, max_chars: int, seed: int) -> dict:
         reasons[r.reason or "scored"] += 1
         if not 0.0 <= r.total <= 1.0 or (r.parts.get("format", 1.0) == 0.0 and r.total != 0.0):
             errors.append(f"reward {r} out of its rules")
+        if r.reason in ("reward_error", "parse_error"):  # a bug caught by the guard, not a model error
+            errors.append(f"{r.reason} on {answer[:80]!r}")
+    logging.getLogger().removeHandler(handler)
+    errors.extend(handler.messages)
     times.sort()
     return {
         "task": name,
@@ -136,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", default="reward_fuzz", help="results file name (without .json)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.CRITICAL)  # warnings are collected and counted as errors, not printed
     results = []
     for name in args.tasks:
         n = args.n_code if name == "code" else args.n

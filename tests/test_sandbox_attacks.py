@@ -157,6 +157,8 @@ def test_pathological_code_costs_the_sandbox_not_the_caller(task):
     assert r.total <= task.w_format + 1e-9
     r = task.reward("<think>t</think>", "<answer>```python\ndef f(:\n```</answer>", _sample(TESTS), None)
     assert r.total == 0.0 and r.reason == "syntax_error"
+    r = task.reward("<think>t</think>", "<answer>```python\nx = '\ud800'\n```</answer>", _sample(TESTS), None)
+    assert r.total == 0.0 and r.reason == "syntax_error"  # a lone surrogate: no sandbox_error
 
 
 def test_text_that_does_not_compile_in_time_costs_one_process(root_sandbox):
@@ -218,6 +220,7 @@ def test_setsid_double_fork_setuid_survivor_is_killed(root_sandbox, setuid_sleep
         time.sleep(0.2)
         assert not _processes_running(setuid_sleep)
         assert not _left_on_host()
+        assert not os.path.exists("/dev/shm/held")  # it wrote the run's private /dev/shm only
     finally:
         for pid in _processes_running(setuid_sleep):
             os.kill(pid, signal.SIGKILL)

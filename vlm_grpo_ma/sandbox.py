@@ -742,6 +742,10 @@ class Sandbox:
         tests = list(tests)
         passed = [False] * len(tests)
         details: list[str] = []
+        try:
+            code.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no source file can hold it, nothing to run
+            return TestReport(passed, "syntax_error", ["syntax_error:UnicodeEncodeError"])
         uncompilable = False  # the text did not compile within the limits: no further process
         asserts = [i for i, t in enumerate(tests) if isinstance(t, str)]
         programs = [i for i, t in enumerate(tests) if isinstance(t, dict)]
