@@ -162,7 +162,7 @@ def _serve() -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the trainer is the trainer's
     from vlm_grpo_ma.task import ParseError
-    from vlm_grpo_ma.tasks.math import math_equal, math_parse
+    from vlm_grpo_ma.tasks.math import math_compare, math_parse
 
     @functools.lru_cache(maxsize=4096)
     def parsed(text: str, timeout_s: float, max_exponent: int) -> tuple[Any, str | None]:
@@ -187,7 +187,8 @@ def _serve() -> None:
                 if why or why_pred:
                     reply = {"equal": False, "reason": f"gold_{why}" if why else why_pred}
                 else:
-                    reply = {"equal": bool(math_equal(gold, pred, t)), "reason": None}
+                    equal, why = math_compare(gold, pred, t)
+                    reply = {"equal": equal, "reason": why}
             else:
                 reply = {"error": f"unknown op {op!r}"}
         except Exception as e:  # never die on one request

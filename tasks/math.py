@@ -50,7 +50,7 @@ from vlm_grpo_ma.task import ParseError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MathTask", "latex_number", "math_parse", "math_equal"]
+__all__ = ["MathTask", "latex_number", "math_compare", "math_equal", "math_parse"]
 
 
 def _in_main_thread() -> bool:
@@ -109,14 +109,29 @@ _GOLD_CHECKED: dict[tuple, str | None] = {}
 
 def math_equal(gold: Sequence, pred: Sequence, timeout_s: float | None = 3) -> bool:
     """``math_verify.verify(gold, pred)`` under the timeout policy; errors count as False."""
+    return math_compare(gold, pred, timeout_s)[0]
+
+
+def math_compare(gold: Sequence, pred: Sequence, timeout_s: float | None = 3) -> tuple[bool, str | None]:
+    """``(equal, reason)``: ``math_verify.verify`` over every (gold, prediction) pair, as
+    ``verify(gold, pred)`` does, but with a comparison that timed out told apart from one that
+    said no: ``reason`` is ``"timeout"`` when nothing matched and some comparison timed out
+    (math-verify itself only logs that and returns False), else None.  Errors count as False."""
     from math_verify import verify
+    from math_verify.errors import TimeoutException
 
     timeout = int(math.ceil(timeout_s)) if timeout_s and _in_main_thread() else None
-    try:
-        return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
-    except Exception as e:
-        log.debug("math-verify raised %r", e)
-        return False
+    timed_out = False
+    for g in gold:
+        for p in pred:
+            try:
+                if verify(g, p, timeout_seconds=timeout, raise_on_error=True):
+                    return True, None
+            except TimeoutException:
+                timed_out = True
+            except Exception as e:
+                log.debug("math-verify raised %r", e)
+    return False, ("timeout" if timed_out else None)
 
 
 def latex_number(x: Fraction) -> str:
@@ -205,6 +220,8 @@ class MathTask(AnswerTask):
         """1.0 when math-verify accepts ``prediction`` (the answer text); ParseError
         ``timeout`` when the worker had to be stopped."""
         reply = self._ask({"op": "equal", "gold": self.gold(sample), "pred": str(prediction)})
+        if reply.get("equal") is not True and reply.get("reason") == "timeout":
+            raise ParseError("timeout", "math-verify timed out comparing the answer")
         return float(reply.get("equal") is True)
 
     def reward(self, thought, answer, sample, family):
