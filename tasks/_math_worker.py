@@ -8,6 +8,9 @@ reply until a deadline; past it the worker is killed (and replaced on the next c
 check fails with reason ``timeout``.  In the worker math-verify runs in the main thread, so its
 own timeouts are on as well (a worker usually answers ``timeout`` itself and survives).
 
+A worker reads requests from the caller's pipe and stops at its end, so it ends with the caller;
+one busy when the caller is killed ends when its current computation does.
+
 Protocol: one JSON object per line on stdin, one JSON reply per line on stdout.
 ``{"op": "parse", "text": str}`` -> ``{"reason": None | str}`` (a ParseError reason of
 :func:`~vlm_grpo_ma.tasks.math.math_parse`); ``{"op": "equal", "gold": str, "pred": str}`` ->
@@ -96,8 +99,11 @@ class MathWorkers:
         with self._cond:
             while not self._idle and self._started >= self.size:
                 self._cond.wait()
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.proc.poll() is None:
+                    return worker
+                self._started -= 1  # died while idle (killed from outside, out of memory): replace it
             self._started += 1
         try:
             return _Worker()

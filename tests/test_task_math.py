@@ -187,3 +187,14 @@ def test_time_is_bounded_off_the_main_thread(answer):
     assert out["bad"].total == 0.0 and out["bad"].reason == "timeout"
     assert out["seconds"] < 1.5 + 2.0
     assert out["good"].total == pytest.approx(1.0)
+
+
+def test_a_worker_that_died_is_replaced():
+    from vlm_grpo_ma.tasks import _math_worker
+
+    t, s = MathTask(), sample("3")
+    assert t.reward(THINK, "<answer>3</answer>", s, FAM).total == pytest.approx(1.0)
+    for w in list(_math_worker.pool()._idle):
+        w.proc.kill()
+        w.proc.wait()
+    assert t.reward(THINK, "<answer>3</answer>", s, FAM).total == pytest.approx(1.0)
