@@ -56,7 +56,7 @@ Tests (``target["tests"]`` of a code sample) are a list whose items are either
   whitespace of every line and trailing blank lines are ignored).
 
 Public API: :class:`SandboxLimits`, :class:`RunResult`, :class:`TestReport`, :class:`Sandbox`
-(``run``, ``run_tests``, ``run_many``), :func:`normalise_output`, :func:`validate_tests`.
+(``run``, ``run_tests``, ``run_many``), :func:`normalise_output`, :func:`split_test`, :func:`validate_tests`.
 """
 
 from __future__ import annotations
