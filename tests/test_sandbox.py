@@ -29,9 +29,14 @@ FAST = SandboxLimits(wall_timeout_s=2.0, cpu_time_s=2.0, memory_bytes=256 * 2**2
                      max_processes=16, output_bytes=64 * 1024)
 
 
+#: a uid range of these tests' own, outside the default 64000..64511, so other scorers on a shared
+#: machine cannot make the "no process left" checks fail
+UIDS = dict(uid_base=64700, uid_count=64)
+
+
 @pytest.fixture(scope="module")
 def sandbox() -> Sandbox:
-    return Sandbox(limits=FAST)
+    return Sandbox(limits=FAST, **UIDS)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def root_sandbox(sandbox: Sandbox) -> Sandbox:
 @pytest.fixture(scope="module")
 def raw_root_sandbox(root_sandbox: Sandbox) -> Sandbox:
     """Root mode WITHOUT the audit hook, so the OS-level barriers alone are tested."""
-    sb = Sandbox(limits=FAST, block_network_hook=False)
+    sb = Sandbox(limits=FAST, block_network_hook=False, **UIDS)
     assert sb.isolation == "root"
     return sb
 
@@ -53,7 +58,7 @@ NOT_ROOT_GUARD = "import os\nif os.getuid() == 0:\n    raise SystemExit('refusin
 
 
 def _no_sandbox_processes_left() -> bool:
-    return all(not _processes_of(uid) for uid in range(64000, 64000 + 512))
+    return all(not _processes_of(uid) for uid in range(UIDS["uid_base"], UIDS["uid_base"] + UIDS["uid_count"]))
 
 
 # ---- plain behaviour ---------------------------------------------------------------------
@@ -152,7 +157,7 @@ def test_user_mode_scores_the_same():
 
 def test_uid_mode_without_namespaces(root_sandbox):
     """The fallback for root without namespaces still isolates by uid and limits."""
-    sb = Sandbox(limits=FAST, isolation="uid")
+    sb = Sandbox(limits=FAST, isolation="uid", **UIDS)
     assert sb.isolation == "uid"
     bomb = NOT_ROOT_GUARD + "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     assert sb.run_tests(bomb, ["assert True"]).passed == [False]

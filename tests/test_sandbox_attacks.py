@@ -26,12 +26,15 @@ from vlm_grpo_ma.data.sample import Sample
 FAST = SandboxLimits(wall_timeout_s=3.0, cpu_time_s=3.0, memory_bytes=256 * 2**20,
                      max_processes=16, output_bytes=64 * 1024)
 NOT_ROOT_GUARD = "import os\nif os.getuid() == 0:\n    raise SystemExit('refusing to attack as root')\n"
-SANDBOX_UIDS = range(64000, 64000 + 512)
+#: a uid range of these tests' own, outside the default 64000..64511: other scorers on a shared
+#: machine (older code without machine-wide claims, other test runs) cannot touch or fake it
+UID_BASE, UID_COUNT = 64600, 64
+SANDBOX_UIDS = range(UID_BASE, UID_BASE + UID_COUNT)
 
 
 @pytest.fixture(scope="module")
 def root_sandbox() -> Sandbox:
-    sb = Sandbox(limits=FAST, block_network_hook=False)
+    sb = Sandbox(limits=FAST, block_network_hook=False, uid_base=UID_BASE, uid_count=UID_COUNT)
     if sb.isolation != "root":
         pytest.skip(f"root-mode sandbox unavailable here (isolation={sb.isolation})")
     return sb
@@ -40,6 +43,7 @@ def root_sandbox() -> Sandbox:
 @pytest.fixture(scope="module")
 def task(root_sandbox) -> CodeTask:
     t = CodeTask(timeout_s=3.0, memory_mb=256, max_workers=2)
+    t._sandbox = Sandbox(t.limits, max_workers=2, uid_base=UID_BASE, uid_count=UID_COUNT)
     assert t.sandbox.isolation == "root"
     return t
 
@@ -164,7 +168,7 @@ def test_pathological_code_costs_the_sandbox_not_the_caller(task):
 def test_text_that_does_not_compile_in_time_costs_one_process(root_sandbox):
     """Program tests run one process each; a text whose compilation alone hits the limits is not
     compiled again for every test (the harness reports when it has compiled the code)."""
-    sb = Sandbox(limits=SandboxLimits(wall_timeout_s=1.0, cpu_time_s=1.0))
+    sb = Sandbox(limits=SandboxLimits(wall_timeout_s=1.0, cpu_time_s=1.0), uid_base=UID_BASE, uid_count=UID_COUNT)
     code = "f = " + "lambda:" * 2850 + " 1\n"
     t0 = time.monotonic()
     rep = sb.run_tests(code, [{"input": "", "output": "never printed"}] * 4)
@@ -228,7 +232,7 @@ def test_setsid_double_fork_setuid_survivor_is_killed(root_sandbox, setuid_sleep
 
 def test_sweep_finds_a_process_by_its_real_uid(root_sandbox):
     """A process whose effective uid changed (what a setuid exec does) is still found and killed."""
-    uid = 64000 + 511
+    uid = UID_BASE + UID_COUNT - 1
     proc = subprocess.Popen([sys.executable, "-I", "-S", "-c",
                              f"import os, time\nos.setresuid({uid}, 0, 0)\nprint(1, flush=True)\ntime.sleep(60)"],
                             stdout=subprocess.PIPE)
@@ -281,7 +285,7 @@ def test_concurrent_scorers_in_two_processes_never_share_a_uid(tmp_path):
         pytest.skip("root-mode sandbox unavailable")
     script = textwrap.dedent("""
         from vlm_grpo_ma.sandbox import Sandbox, SandboxLimits
-        sb = Sandbox(SandboxLimits(wall_timeout_s=10, cpu_time_s=10), uid_base=64000 + 500, uid_count=1)
+        sb = Sandbox(SandboxLimits(wall_timeout_s=10, cpu_time_s=10), uid_base=64599, uid_count=1)
         code = "import time\\ntime.sleep(1.5)\\ndef f():\\n    return 1\\n"
         reps = sb.run_many([(code, ["assert f() == 1"])] * 2, max_workers=2)
         print([r.passed for r in reps])
