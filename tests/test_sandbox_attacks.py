@@ -77,11 +77,14 @@ def test_split_test_value_and_statement_forms():
     assert split_test("assert f(2) == 4") == ("value", "f(2)", 4)
     assert split_test("assert (1, 'a') == g()") == ("value", "g()", (1, "a"))
     assert split_test("assert f(x=[1, 2]) == {'a': {1, 2}}") == ("value", "f(x=[1, 2])", {"a": {1, 2}})
-    assert split_test("assert f(2) == g(3)")[0] == "statement"
-    assert split_test("assert f(2) == 4, 'msg'")[0] == "statement"
-    assert split_test("assert is_prime(7)")[0] == "statement"
-    assert split_test("x = f(1)\nassert x == 2")[0] == "statement"
-    assert split_test("assert f(1) == 2 == 2")[0] == "statement"
+    assert split_test("assert f(2) != 4") == ("compare", "f(2)", ("NotEq", 4, True))
+    assert split_test("assert 3 in f()") == ("compare", "f()", ("In", 3, False))
+    assert split_test("assert f() is None") == ("compare", "f()", ("Is", None, True))
+    assert split_test("assert is_prime(7)") == ("truth", "is_prime(7)", True)
+    assert split_test("assert not is_prime(9)") == ("truth", "is_prime(9)", False)
+    for statement in ("assert f(2) == g(3)", "assert f(2) == 4, 'msg'", "x = f(1)\nassert x == 2",
+                      "assert f(1) == 2 == 2", "assert f() is 5", "assert f(1) and f(2)", "assert f(1) < g(2)"):
+        assert split_test(statement)[0] == "statement", statement
 
 
 def test_value_tests_keep_python_equality(root_sandbox):
@@ -95,6 +98,25 @@ def test_value_tests_keep_python_equality(root_sandbox):
              "assert f(5) == 0.0", "assert f(6) == b'x'", "assert f(7) == 1j", "assert f(8) == None"]
     rep = root_sandbox.run_tests(code, tests)
     assert rep.passed == [True, True, True, False, True, True, False, True, True, True]
+
+
+def test_compare_and_truth_tests_keep_python_semantics(root_sandbox):
+    code = "def f(x):\n    return [x, x * 2]\ndef ok(x):\n    return x > 0\ndef none():\n    pass\n"
+    tests = ["assert f(1) != [1, 2]", "assert f(1) != [1, 3]", "assert 2 in f(1)", "assert 5 in f(1)",
+             "assert len(f(1)) <= 2", "assert abs(f(1)[1] - 2.0) < 1e-9", "assert none() is None",
+             "assert ok(1)", "assert ok(-1)", "assert not ok(-1)", "assert not ok(1)", "assert f(None) < 3"]
+    rep = root_sandbox.run_tests(code, tests)
+    assert rep.passed == [False, True, True, False, True, True, True, True, False, True, False, False]
+
+
+def test_truth_polarity_never_enters_the_sandbox(root_sandbox):
+    """A solution that forges "true" for every test (from the harness's frames) passes the
+    positive truth tests and fails the negative ones: exactly what ``return True`` earns."""
+    forge = (FORGERIES["nonce from the harness's frames"]
+             .replace("['i', '0x0']", "['B', True]").replace("range(2)", "range(4)"))
+    tests = ["assert is_even(2)", "assert not is_even(3)", "assert is_even(4)", "assert not is_even(5)"]
+    assert root_sandbox.run_tests(forge, tests).passed == [True, False, True, False]
+    assert root_sandbox.run_tests("def is_even(n):\n    return True\n", tests).passed == [True, False, True, False]
 
 
 # ---- reward forgery: each scores at most the format part ----------------------------------

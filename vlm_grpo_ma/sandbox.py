@@ -43,11 +43,12 @@ Tests (``target["tests"]`` of a code sample) are a list whose items are either
 
 - a string: Python statements (usually ``assert f(2) == 4``) executed in the namespace of the
   solution after the solution module ran (``__name__ == "solution"``).  A single
-  ``assert <expr> == <literal>`` is a *value test* (:func:`split_test`): only ``<expr>`` is
-  evaluated in the sandbox, its value comes back as plain data and the caller compares it with
-  the literal, so the expected value never enters the sandbox and the solution cannot forge a
-  pass.  Any other string is a *statement test* that passes when it raises nothing (its verdict
-  is reported from inside the sandbox and can be forged by hostile code: docs/SANDBOX.md).  All
+  ``assert <expr> <op> <literal>`` (``==``, ``<``, ``in``, ...) or ``assert [not] <call>`` is
+  judged by the caller (:func:`split_test`): only ``<expr>`` is evaluated in the sandbox, its
+  value (or truth) comes back as plain data and the caller applies the comparison, so the
+  expected value never enters the sandbox and the solution cannot forge a pass.  Any other
+  string is a *statement test* that passes when it raises nothing (its verdict is reported from
+  inside the sandbox and can be forged by hostile code: docs/SANDBOX.md).  All
   string tests of a sample share one process; each reports as soon as it finishes, so a test
   that hangs costs only itself and the ones after it.
 - a dict ``{"input": str, "output": str}``: the solution runs as a program
@@ -67,6 +68,7 @@ import fcntl
 import functools
 import json
 import logging
+import operator
 import os
 import secrets
 import selectors
@@ -333,6 +335,9 @@ def _main():
             if kind == "value":
                 value = eval(compile(text, "test_%d" % i, "eval"), ns)
                 report(event="value", i=i, v=_encode(value))
+            elif kind == "truth":  # whether the caller wants it true or false is not sent
+                value = eval(compile(text, "test_%d" % i, "eval"), ns)
+                report(event="value", i=i, v=["B", bool(value)])
             else:
                 exec(compile(text, "test_%d" % i, "exec"), ns)
                 report(event="test", i=i, ok=True)
@@ -564,7 +569,7 @@ class Sandbox:
         """Run ``code`` once: as a program with ``stdin`` (``tests`` None) or, with a list of
         assert-style ``tests``, as a module followed by the tests, whose outcomes come back in
         ``RunResult.report`` (JSON lines; a value test reports the value, never a verdict)."""
-        plan = None if tests is None else [split_test(t)[:2] for t in tests]
+        plan = None if tests is None else [_harness_kind(*split_test(t)[:2]) for t in tests]
         return self._run_mode(self.isolation, code, stdin=stdin, tests=plan,
                               mode_name="program" if tests is None else "asserts")
 
@@ -762,8 +767,8 @@ class Sandbox:
                 if not (type(i) is int and 0 <= i < len(asserts)) or i in seen:
                     continue
                 kind, _, expected = plan[i]
-                if ev.get("event") == "value" and kind == "value":
-                    ok = _value_equals(ev.get("v"), expected)
+                if ev.get("event") == "value" and kind != "statement":
+                    ok = _judge(kind, ev.get("v"), expected)
                 elif ev.get("event") == "test" and (kind == "statement" or ev.get("ok") is False):
                     ok = ev.get("ok") is True
                 else:
@@ -828,38 +833,91 @@ def _filter_report(report: bytes, nonce: str) -> bytes:
 
 
 # ---- assert tests judged by value --------------------------------------------------------------
+#: comparisons judged in the caller: ast operator name -> function of (left, right)
+_COMPARE_OPS = {
+    "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt, "GtE": operator.ge,
+    "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b, "Is": operator.is_, "IsNot": operator.is_not,
+}
+_LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
+
+
 @functools.lru_cache(maxsize=65536)
 def split_test(test: str) -> tuple[str, str, Any]:
-    """How an assert-string test is judged: ``("value", expr, expected)`` for a single
-    ``assert <expr> == <literal>`` (or ``<literal> == <expr>``), else ``("statement", test, None)``.
+    """How an assert-string test is judged: ``(kind, text, expected)``.
 
-    A value test's ``expr`` is evaluated in the sandbox and its value comes back as plain data
-    (built-in types only; see the harness), which the caller compares with ``expected`` here:
-    the expected value never enters the sandbox, and nothing the solution does there (patching
-    ``exec`` or ``json``, an object whose ``__eq__`` is always true, forging report lines) can
-    make a wrong value pass.  A statement test (anything else: ``assert is_prime(7)``,
-    ``assert abs(f(2) - 1.5) < 1e-9``, several statements) runs inside the sandbox and reports
-    its own verdict, which a hostile solution CAN forge (docs/SANDBOX.md).
+    - ``("value", expr, literal)``: ``assert <expr> == <literal>`` (either side);
+    - ``("compare", expr, (op, literal, expr_first))``: ``assert <expr> <op> <literal>`` (either
+      side) for ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``not in``, and ``is`` /
+      ``is not`` with ``None``, ``True`` or ``False``;
+    - ``("truth", expr, polarity)``: ``assert <expr>`` (polarity True) or ``assert not <expr>``
+      (False) where ``<expr>`` is a call, name, attribute or subscript;
+    - ``("statement", test, None)``: anything else (several statements, a message, a
+      comparison between two computed values such as ``assert f(2) == g(3)``).
+
+    For the first three only ``expr`` is evaluated in the sandbox.  A value or compare test's
+    value comes back as plain data (built-in types only; see the harness) and the caller
+    applies the comparison here: the literal never enters the sandbox, and nothing the solution
+    does there (patching ``exec`` or ``json``, an object whose ``__eq__`` is always true,
+    forging report lines) makes a wrong value pass.  A truth test reports ``bool(<expr>)``; the
+    polarity stays in the caller, so a forged report is a guess, no better than a solution that
+    returns a constant.  A statement test runs inside the sandbox and reports its own verdict,
+    which a hostile solution CAN forge (docs/SANDBOX.md).
 
     >>> split_test("assert f(2) == [4, 5]")
     ('value', 'f(2)', [4, 5])
-    >>> split_test("assert f(2) > 3")[0]
-    'statement'
+    >>> split_test("assert abs(f(2) - 1.5) < 1e-9")
+    ('compare', 'abs(f(2) - 1.5)', ('Lt', 1e-09, True))
+    >>> split_test("assert not is_prime(9)")
+    ('truth', 'is_prime(9)', False)
     """
     try:
         tree = ast.parse(test)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return "statement", test, None
-    if len(tree.body) == 1 and isinstance(tree.body[0], ast.Assert) and tree.body[0].msg is None:
-        cmp = tree.body[0].test
-        if isinstance(cmp, ast.Compare) and len(cmp.ops) == 1 and isinstance(cmp.ops[0], ast.Eq):
-            for expr, lit in ((cmp.left, cmp.comparators[0]), (cmp.comparators[0], cmp.left)):
-                try:
-                    expected = ast.literal_eval(lit)
-                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                    continue
-                return "value", ast.unparse(expr), expected
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or tree.body[0].msg is not None:
+        return "statement", test, None
+    node = tree.body[0].test
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        op = type(node.ops[0]).__name__
+        for expr, lit, expr_first in ((node.left, node.comparators[0], True), (node.comparators[0], node.left, False)):
+            try:
+                literal = ast.literal_eval(lit)
+            except _LITERAL_ERRORS:
+                continue
+            if op == "Eq":
+                return "value", ast.unparse(expr), literal
+            if op in ("Is", "IsNot") and not any(literal is c for c in (None, True, False)):
+                break
+            if op in _COMPARE_OPS:
+                return "compare", ast.unparse(expr), (op, literal, expr_first)
+        return "statement", test, None
+    polarity = True
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        node, polarity = node.operand, False
+    if isinstance(node, (ast.Call, ast.Name, ast.Attribute, ast.Subscript)):
+        return "truth", ast.unparse(node), polarity
     return "statement", test, None
+
+
+def _harness_kind(kind: str, text: str) -> tuple[str, str]:
+    """What the harness is told: ``value`` (report the value) for value and compare tests."""
+    return ("value" if kind == "compare" else kind), text
+
+
+def _judge(kind: str, data: Any, expected: Any) -> bool:
+    """Whether a reported value passes a value / compare / truth test (plain built-in objects
+    only; anything malformed fails)."""
+    try:
+        value = _decode_value(data)
+        if kind == "value":
+            return bool(value == expected)
+        if kind == "truth":
+            return type(value) is bool and value is expected
+        op, literal, expr_first = expected
+        left, right = (value, literal) if expr_first else (literal, value)
+        return bool(_COMPARE_OPS[op](left, right))
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError, RecursionError, OverflowError):
+        return False
 
 
 _TAGS_SEQ = {"l": list, "t": tuple, "S": set, "F": frozenset}
@@ -889,14 +947,6 @@ def _decode_value(data: Any, depth: int = 0) -> Any:
     if tag == "d" and args and isinstance(args[0], list):
         return {_decode_value(k, depth + 1): _decode_value(v, depth + 1) for k, v in args[0]}
     raise ValueError(f"malformed value tag {tag!r}")
-
-
-def _value_equals(data: Any, expected: Any) -> bool:
-    """Whether the reported value equals ``expected`` (both plain built-in objects)."""
-    try:
-        return bool(_decode_value(data) == expected)
-    except (ValueError, TypeError, IndexError, AttributeError, RecursionError, OverflowError):
-        return False
 
 
 def _never_compiled(res: RunResult) -> bool:
