@@ -117,3 +117,17 @@ def test_task_sample_checks_run_at_load(tmp_path, name):
     got = load_samples(path, task_name, check_sample=task.check_sample, skip_invalid=True)
     assert len(got) == 0 and got.summary.skipped == {"bad_value": 1}
     assert len(load_samples(path, task_name)) == 1  # without the task's check it loads (and fails later)
+
+
+def test_benchmark_suites_run_the_task_check_at_load(tmp_path):
+    from vlm_grpo_ma.bench.engine import BenchError, load_samples as load_suite_samples, make_task
+    from vlm_grpo_ma.bench.suite import load_suite
+
+    path = _jsonl(tmp_path / "c.jsonl", [json.dumps({"id": "c1", "task": "code", "prompt": {"problem": "p"},
+                                                      "target": {"tests": "assert f(1) == 2"}})])
+    suite_file = tmp_path / "bad-code.yaml"
+    suite_file.write_text(f"name: bad-code\ntask: code\ndata:\n  format: jsonl\n  path: {path}\n"
+                          "generation:\n  max_new_tokens: 8\nmetrics: [pass@1]\n")
+    suite = load_suite(str(suite_file))
+    with pytest.raises(BenchError, match=r"record 0 .*c\.jsonl.*non-empty list of tests"):
+        load_suite_samples(suite, make_task(suite))
