@@ -14,7 +14,7 @@ import logging
 from typing import Any, Sequence
 
 from vlm_grpo_ma.tasks._geometric import answer_inner, fill_prompt
-from vlm_grpo_ma.tasks.common import check_format, combine
+from vlm_grpo_ma.tasks.common import ANSWER_SLACK, check_format, combine
 from vlm_grpo_ma.task import ParseError, Reward, Task, load_prompt
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,19 @@ __all__ = ["AnswerTask", "answer_inner", "fill_prompt"]
 
 
 class AnswerTask(Task):
-    """Base of the answer-checking tasks.  Options: ``w_task`` (0.9), ``w_format`` (0.1)."""
+    """Base of the answer-checking tasks.  Options: ``w_task`` (0.9), ``w_format`` (0.1),
+    ``max_answer_chars`` (the class's ``MAX_ANSWER_CHARS``: longest answer text read; a longer
+    answer segment is refused as ``too_long`` before any parsing)."""
+
+    #: default of the ``max_answer_chars`` option (None: the subclass overrides ``answer_cap``)
+    MAX_ANSWER_CHARS: int | None = 1000
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.w_task = float(self.options.get("w_task", 0.9))
         self.w_format = float(self.options.get("w_format", 0.1))
+        if self.MAX_ANSWER_CHARS is not None:
+            self.max_answer_chars = int(self.options.get("max_answer_chars", self.MAX_ANSWER_CHARS))
         self._templates: dict[str | None, str] = {}
 
     # --- prompts -------------------------------------------------------------------------
@@ -63,6 +70,16 @@ class AnswerTask(Task):
         """Raise ValueError naming the sample when its ground truth is unusable (bad data, not
         the model's fault: this is called before the model-output guard)."""
 
+    def answer_cap(self) -> int:
+        """Longest answer segment (the text after ``</think>``) read at all, in characters."""
+        return self.max_answer_chars + ANSWER_SLACK
+
+    def check_length(self, answer_text: Any) -> None:
+        """ParseError ``too_long`` when ``answer_text`` is over :meth:`answer_cap`: called first
+        by ``parse`` too, for callers that parse without :func:`check_format` (benchmarks)."""
+        if isinstance(answer_text, str) and len(answer_text) > self.answer_cap():
+            raise ParseError("too_long", f"{len(answer_text)} characters > {self.answer_cap()}")
+
     def zero_parts(self) -> dict[str, float]:
         return {k: 0.0 for k in self.reward_parts}
 
@@ -73,7 +90,7 @@ class AnswerTask(Task):
     def parse_completion(self, thought: str, answer: str, sample, family) -> tuple[Any, Reward | None]:
         """(prediction, None) for a well-formed completion, else (None, zero Reward with reason)."""
         try:
-            inner = check_format(thought, answer)
+            inner = check_format(thought, answer, max_chars=self.answer_cap())
             return self.parse(inner, sample, family), None
         except ParseError as e:
             return None, Reward(0.0, self.zero_parts(), reason=e.reason)

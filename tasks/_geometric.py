@@ -13,7 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vlm_grpo_ma.tasks.common import check_format, combine
+from vlm_grpo_ma.tasks._parsing import MAX_TEXT
+from vlm_grpo_ma.tasks.common import ANSWER_SLACK, check_format, combine
 from vlm_grpo_ma.task import ParseError, Reward, Task, load_prompt
 
 
@@ -141,7 +142,7 @@ class GeometricTask(Task):
     def reward(self, thought: str, answer: str, sample, family) -> Reward:
         self.check_sample(sample)  # bad data raises here, before the model-output guard
         try:
-            inner = check_format(thought, answer)
+            inner = check_format(thought, answer, max_chars=MAX_TEXT + ANSWER_SLACK)
             prediction = self.parse(inner, sample, family)
             task_score, parts = self.score(prediction, sample)
         except ParseError as e:

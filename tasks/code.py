@@ -14,8 +14,11 @@ Option ``code_block`` = ``"last"`` (default, as huggingface/open-r1 ``src/open_r
 fences with no language tag; fences of other languages never run).  Option ``bare_code`` =
 False (default, as open-r1: an answer without a closed fence holds no code, ``no_code``) or True
 (the whole answer is the code).  The same rule feeds the reward and the metrics.  Parse
-failures: ``no_code``, ``empty``, ``too_long`` (over ``max_code_chars``), ``syntax_error`` (the
-code does not compile: checked in-process with ``compile``, nothing runs).
+failures: ``no_code``, ``empty``, ``too_long`` (the answer segment is over ``max_code_chars`` +
+1000 characters, refused before any parsing; or the code is over ``max_code_chars``),
+``syntax_error``.  The model's text is never compiled in the caller (``"lambda:" * 2850`` takes
+seconds to compile): the sandbox compiles it under its own limits and reports a syntax error,
+which scores like a parse failure.
 
 Reward (parts ``format``, ``tests``): the fraction of tests passed in the sandbox.
 Metrics: ``pass@1`` (share of samples whose solution passes every test), ``test_pass_rate``
@@ -97,6 +100,7 @@ class CodeTask(AnswerTask):
 
     name = "code"
     reward_parts = ("format", "tests")
+    MAX_ANSWER_CHARS = None  # the cap follows max_code_chars (answer_cap)
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -141,6 +145,7 @@ class CodeTask(AnswerTask):
         return format_sft_target(reasoning, f"```python\n{sol.strip()}\n```")
 
     def parse(self, answer_text: str, sample: Sample, family) -> str:
+        self.check_length(answer_text)
         text = answer_inner(answer_text) if isinstance(answer_text, str) else ""
         if not text.strip():
             raise ParseError("empty", "empty answer")
@@ -151,16 +156,24 @@ class CodeTask(AnswerTask):
             raise ParseError("empty", "no code")
         if len(code) > self.max_code_chars:
             raise ParseError("too_long", f"{len(code)} characters > {self.max_code_chars}")
-        try:
-            compile(code, "solution.py", "exec", dont_inherit=True)
-        except (SyntaxError, ValueError) as e:  # ValueError: null bytes
-            raise ParseError("syntax_error", f"{type(e).__name__}: {e}") from e
-        except (RecursionError, MemoryError) as e:  # absurdly nested code
-            raise ParseError("syntax_error", type(e).__name__) from e
-        return code
+        return code  # compiled in the sandbox (see score)
+
+    # --- the sandbox call and the length cap (kept apart from answer parsing) -------------
+    def answer_cap(self) -> int:
+        """Longest answer segment read at all (characters): the code cap plus room for the
+        tags and the fence."""
+        return self.max_code_chars + 1000
+
+    @staticmethod
+    def judged(report) -> float:
+        """The task score of a sandbox report; ParseError ``syntax_error`` when the sandbox
+        found that the code does not compile (scored like any parse failure)."""
+        if report.reason == "syntax_error":
+            raise ParseError("syntax_error", "the code does not compile")
+        return report.fraction
 
     def score(self, prediction: Any, sample: Sample) -> float:
-        return self.sandbox.run_tests(prediction, self.tests(sample)).fraction
+        return self.judged(self.sandbox.run_tests(prediction, self.tests(sample)))
 
     def reward_batch(self, items: Sequence[tuple[str, str, Any, Any]]) -> list[Reward]:
         """``reward`` of many ``(thought, answer, sample, family)`` with the sandbox runs on a
@@ -176,7 +189,10 @@ class CodeTask(AnswerTask):
                 jobs.append((code, self.tests(sample)))
                 where.append(k)
         for k, rep in zip(where, self.sandbox.run_many(jobs, self.max_workers)):
-            results[k] = self.reward_from_score(rep.fraction)
+            try:
+                results[k] = self.reward_from_score(self.judged(rep))
+            except ParseError as e:
+                results[k] = Reward(0.0, self.zero_parts(), reason=e.reason)
         return results  # type: ignore[return-value]
 
     def metrics(self, predictions: Sequence[Any], samples: Sequence[Sample]) -> dict[str, float]:
@@ -185,19 +201,17 @@ class CodeTask(AnswerTask):
             return {"pass@1": math.nan, "test_pass_rate": math.nan, "parse_rate": math.nan}
         jobs = [(p, self.tests(s)) for p, s in zip(predictions, samples) if p is not None]
         reports = iter(self.sandbox.run_many(jobs, self.max_workers))
-        fractions, passed = [], []
+        fractions, passed, parsed = [], [], []
         for p in predictions:
-            if p is None:
-                fractions.append(0.0)
-                passed.append(0.0)
-            else:
-                rep = next(reports)
-                fractions.append(rep.fraction)
-                passed.append(float(rep.all_passed))
+            rep = None if p is None else next(reports)
+            ok = rep is not None and rep.reason != "syntax_error"
+            fractions.append(rep.fraction if ok else 0.0)
+            passed.append(float(ok and rep.all_passed))
+            parsed.append(float(ok))
         return {
             "pass@1": sum(passed) / len(passed),
             "test_pass_rate": sum(fractions) / len(fractions),
-            "parse_rate": sum(p is not None for p in predictions) / len(predictions),
+            "parse_rate": sum(parsed) / len(parsed),
         }
 
     # --- pass@k over several completions (used by the benchmark engine) -------------------

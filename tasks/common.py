@@ -39,12 +39,20 @@ def split_completion(completion: str) -> tuple[str, str]:
     return completion[:cut], completion[cut:]
 
 
-def check_format(thought: str, answer: str) -> str:
+#: room for the tags, whitespace and end tokens around an answer of the task's maximum length
+ANSWER_SLACK = 64
+
+
+def check_format(thought: str, answer: str, max_chars: int | None = None) -> str:
     """The text inside ``<answer>`` if (thought, answer) obey the format rule, else ParseError.
 
-    Reasons: ``bad_think`` (thought not exactly one think block), ``no_answer`` (answer segment
-    not exactly one answer block), ``empty`` (answer block blank).
+    Reasons: ``too_long`` (the answer segment is longer than ``max_chars`` characters: checked
+    first, before any parsing, so a huge answer costs nothing), ``bad_think`` (thought not exactly
+    one think block), ``no_answer`` (answer segment not exactly one answer block), ``empty``
+    (answer block blank).
     """
+    if max_chars is not None and isinstance(answer, str) and len(answer) > max_chars:
+        raise ParseError("too_long", f"answer segment of {len(answer)} characters > {max_chars}")
     thought = strip_end_tokens(thought)
     answer = strip_end_tokens(answer)
     m = _THOUGHT_RE.match(thought)

@@ -13,14 +13,20 @@ and plain expressions; an answer with a backslash that yields nothing is parsed 
 then ``math_verify.verify(gold, prediction)`` compares them
 symbolically and numerically (``1/2``, ``0.5`` and ``\\frac{1}{2}`` agree).
 
-math-verify bounds its own time with ``signal.alarm``, which only works in the main thread.  So:
-in the main thread its timeouts are on (option ``timeout_s``, default 3 s, for parsing and for
-each comparison); in any other thread they are off (``parsing_timeout=None``,
-``timeout_seconds=None``), and the guards below are what bounds the time.  Guards, in every thread:
-answers longer than ``max_answer_chars`` (default 500) are refused (``too_long``); a parsed
-prediction with a power whose exponent is itself a power or exceeds ``max_exponent`` (10000) in
-size is refused (``too_complex``: ``10^10^10^10`` makes sympy run for minutes); any exception or
-timeout inside math-verify scores 0 with reason ``math_verify_error`` / ``timeout``.
+Time: math-verify (and sympy under it) can run for minutes on a short input
+(``\\binom{10^{9}}{10^{5}}``, ``\\Gamma(10^{10})``), and its own ``signal.alarm`` timeouts work only
+in the main thread.  So :class:`MathTask` never runs it in the caller: every parse and comparison
+goes to a worker process (:mod:`vlm_grpo_ma.tasks._math_worker`, a pool shared by all threads)
+that is killed when it does not answer within ``deadline_s`` (default ``2 * timeout_s + 1``);
+the answer then scores 0 with reason ``timeout``.  This bounds the time of a reward on any thread.
+In the worker math-verify runs in its main thread with its own timeouts on (``timeout_s``,
+default 3 s, for parsing and for each comparison).  Guards before that: answers longer than
+``max_answer_chars`` (default 500) are refused (``too_long``) before anything is parsed; a
+parsed prediction with a power whose exponent is itself a power or exceeds ``max_exponent``
+(10000) in size is refused (``too_complex``: ``10^10^10^10``); any exception inside math-verify
+scores 0 with reason ``math_verify_error``.  The functions :func:`math_parse` and
+:func:`math_equal` run in the calling process (the worker uses them): there only the main thread
+is bounded in time.
 
 Reward (parts ``format``, ``correct``): 1 when math-verify accepts the prediction, else 0.
 Metrics: ``accuracy`` and ``parse_rate``.
@@ -28,7 +34,6 @@ Metrics: ``accuracy`` and ``parse_rate``.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
@@ -37,7 +42,7 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
-from vlm_grpo_ma.tasks import _synthetic as syn
+from vlm_grpo_ma.tasks import _math_worker, _synthetic as syn
 from vlm_grpo_ma.tasks._answer import AnswerTask, answer_inner
 from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
@@ -45,7 +50,7 @@ from vlm_grpo_ma.task import ParseError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MathTask", "latex_number", "math_parse", "math_equal"]
+__all__ = ["MathTask", "latex_number", "math_compare", "math_equal", "math_parse"]
 
 
 def _in_main_thread() -> bool:
@@ -98,21 +103,35 @@ def math_parse(text: str, timeout_s: float | None = 3, max_exponent: int = 10_00
     return parsed
 
 
-@functools.lru_cache(maxsize=4096)
-def _gold(answer: str, timeout_s: float | None) -> tuple:
-    return tuple(math_parse(answer, timeout_s=timeout_s))
+#: reference answers already checked: (answer, timeout_s, max_exponent) -> ParseError reason or None
+_GOLD_CHECKED: dict[tuple, str | None] = {}
 
 
 def math_equal(gold: Sequence, pred: Sequence, timeout_s: float | None = 3) -> bool:
     """``math_verify.verify(gold, pred)`` under the timeout policy; errors count as False."""
+    return math_compare(gold, pred, timeout_s)[0]
+
+
+def math_compare(gold: Sequence, pred: Sequence, timeout_s: float | None = 3) -> tuple[bool, str | None]:
+    """``(equal, reason)``: ``math_verify.verify`` over every (gold, prediction) pair, as
+    ``verify(gold, pred)`` does, but with a comparison that timed out told apart from one that
+    said no: ``reason`` is ``"timeout"`` when nothing matched and some comparison timed out
+    (math-verify itself only logs that and returns False), else None.  Errors count as False."""
     from math_verify import verify
+    from math_verify.errors import TimeoutException
 
     timeout = int(math.ceil(timeout_s)) if timeout_s and _in_main_thread() else None
-    try:
-        return bool(verify(list(gold), list(pred), timeout_seconds=timeout))
-    except Exception as e:
-        log.debug("math-verify raised %r", e)
-        return False
+    timed_out = False
+    for g in gold:
+        for p in pred:
+            try:
+                if verify(g, p, timeout_seconds=timeout, raise_on_error=True):
+                    return True, None
+            except TimeoutException:
+                timed_out = True
+            except Exception as e:
+                log.debug("math-verify raised %r", e)
+    return False, ("timeout" if timed_out else None)
 
 
 def latex_number(x: Fraction) -> str:
@@ -126,18 +145,20 @@ def latex_number(x: Fraction) -> str:
 class MathTask(AnswerTask):
     """Math answers checked with math-verify (see the module docstring).
 
-    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``timeout_s`` (3), ``max_answer_chars``
+    Options: ``w_task`` (0.9), ``w_format`` (0.1), ``timeout_s`` (3), ``deadline_s``
+    (``2 * timeout_s + 1``: the worker process is killed after it), ``max_answer_chars``
     (500), ``max_exponent`` (10000), ``with_images`` (False: synthetic samples are text only;
     True: the question is also drawn on an image), ``image_size`` ((224, 112)).
     """
 
     name = "math"
     reward_parts = ("format", "correct")
+    MAX_ANSWER_CHARS = 500
 
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.timeout_s = self.options.get("timeout_s", 3)
-        self.max_answer_chars = int(self.options.get("max_answer_chars", 500))
+        self.deadline_s = float(self.options.get("deadline_s", 2 * float(self.timeout_s or 3) + 1))
         self.max_exponent = int(self.options.get("max_exponent", 10_000))
         self.with_images = bool(self.options.get("with_images", False))
         self.image_size = tuple(self.options.get("image_size", (224, 112)))
@@ -147,14 +168,37 @@ class MathTask(AnswerTask):
         if not isinstance(a, (str, int)) or isinstance(a, bool) or not str(a).strip():
             raise ValueError(f"math sample {sample.id!r}: target needs a non-empty 'answer' (str)")
 
-    def gold(self, sample: Sample) -> tuple:
-        """The parsed reference answer (cached); ValueError naming the sample if unreadable."""
-        self.check_sample(sample)
+    # --- math-verify in the worker process ----------------------------------------------
+    def _ask(self, req: dict) -> dict:
+        """The worker's reply, or ParseError ``timeout`` / ``math_verify_error``."""
+        req = dict(req, timeout_s=self.timeout_s, max_exponent=self.max_exponent)
         try:
-            return _gold(str(sample.target["answer"]), self.timeout_s)
-        except ParseError as e:
+            reply = _math_worker.pool().call(req, self.deadline_s)
+        except _math_worker.WorkerTimeout as e:
+            raise ParseError("timeout", f"math-verify ran past {self.deadline_s:g} s") from e
+        except _math_worker.WorkerFailed as e:
+            raise ParseError("math_verify_error", str(e)) from e
+        if "error" in reply:
+            raise ParseError("math_verify_error", str(reply["error"]))
+        return reply
+
+    def gold(self, sample: Sample) -> str:
+        """The reference answer text, checked once (cached per text) to be readable by
+        math-verify; ValueError naming the sample otherwise."""
+        self.check_sample(sample)
+        answer = str(sample.target["answer"])
+        key = (answer, self.timeout_s, self.max_exponent)
+        reason = _GOLD_CHECKED.get(key, ...)
+        if reason is ...:
+            try:
+                reason = self._ask({"op": "parse", "text": answer})["reason"]
+            except ParseError as e:
+                reason = e.reason
+            _GOLD_CHECKED[key] = reason
+        if reason is not None:
             raise ValueError(f"math sample {sample.id!r}: math-verify cannot read the reference "
-                             f"answer {sample.target['answer']!r} ({e.reason})") from e
+                             f"answer {answer!r} ({reason})")
+        return answer
 
     def sft_target(self, sample: Sample, family) -> str:
         self.check_sample(sample)
@@ -167,10 +211,18 @@ class MathTask(AnswerTask):
             raise ParseError("empty", "empty answer")
         if len(text) > self.max_answer_chars:
             raise ParseError("too_long", f"{len(text)} characters > {self.max_answer_chars}")
-        return math_parse(text, timeout_s=self.timeout_s, max_exponent=self.max_exponent)
+        reason = self._ask({"op": "parse", "text": text})["reason"]
+        if reason is not None:
+            raise ParseError(reason, f"math-verify cannot read {text[:40]!r}")
+        return text  # the prediction is the answer text; the worker caches what it parsed
 
     def score(self, prediction: Any, sample: Sample) -> float:
-        return float(math_equal(self.gold(sample), prediction, self.timeout_s))
+        """1.0 when math-verify accepts ``prediction`` (the answer text); ParseError
+        ``timeout`` when the worker had to be stopped."""
+        reply = self._ask({"op": "equal", "gold": self.gold(sample), "pred": str(prediction)})
+        if reply.get("equal") is not True and reply.get("reason") == "timeout":
+            raise ParseError("timeout", "math-verify timed out comparing the answer")
+        return float(reply.get("equal") is True)
 
     def reward(self, thought, answer, sample, family):
         self.gold(sample)  # bad reference data raises here, outside the model-output guard
@@ -180,11 +232,17 @@ class MathTask(AnswerTask):
         check_aligned(predictions, samples)
         if not samples:
             return {"accuracy": math.nan, "parse_rate": math.nan}
-        correct = [0.0 if p is None else self.score(p, s) for p, s in zip(predictions, samples)]
+        correct = [0.0 if p is None else self._score_or_zero(p, s) for p, s in zip(predictions, samples)]
         return {
             "accuracy": sum(correct) / len(correct),
             "parse_rate": sum(p is not None for p in predictions) / len(predictions),
         }
+
+    def _score_or_zero(self, prediction: Any, sample: Sample) -> float:
+        try:
+            return self.score(prediction, sample)
+        except ParseError:  # a timeout scores 0
+            return 0.0
 
     # --- data ----------------------------------------------------------------------------
     def synthetic(self, n: int, seed: int = 0) -> list[Sample]:

@@ -324,7 +324,8 @@ class VQATask(AnswerTask):
     Options: ``w_task`` (0.9), ``w_format`` (0.1), ``reward_match`` (``"lenient"`` or
     ``"official"``), ``rel_tol`` (0), ``abs_tol`` (0), ``soft_min_refs`` (3), ``soft_formula``
     (``"official"`` or ``"simple"``) (the last four: lenient reward only),
-    ``image_size`` ((112, 112), synthetic), ``cache_dir`` (None: synthetic images stay PIL).
+    ``image_size`` ((112, 112), synthetic), ``cache_dir`` (None: synthetic images stay PIL),
+    ``max_answer_chars`` (1000: a longer answer is ``too_long``, refused before parsing).
     """
 
     name = "vqa"
@@ -399,7 +400,9 @@ class VQATask(AnswerTask):
     def parse(self, answer_text: str, sample: Sample, family) -> int | str:
         """Multiple choice: the option index; open: the answer text as written, stripped (the
         metric normalises it the official way, the lenient reward its own way; ParseError
-        ``empty`` when nothing is left after either normalisation)."""
+        ``empty`` when nothing is left after either normalisation;
+        ``too_long`` over ``max_answer_chars``)."""
+        self.check_length(answer_text)
         text = answer_inner(answer_text) if isinstance(answer_text, str) else ""
         if self.is_mc(sample):
             return parse_choice(text, sample.prompt["choices"])

@@ -496,7 +496,9 @@ def test_verify_images_catches_a_file_truncated_after_its_header(datadir):
     data = (datadir / "images" / "noise.png").read_bytes()
     (datadir / "images" / "cut.png").write_bytes(data[: len(data) // 2])
     path = write_jsonl(datadir / "cut.jsonl", [_with(id="c", image="images/cut.png")])
-    assert len(load_jsonl(path)) == 1  # the header alone is fine: only the size is read
+    assert len(load_jsonl(path, verify_images=False)) == 1  # opted out: only the header is read
     with pytest.raises(DataError, match=r"cut\.jsonl:1: field 'image': cannot read image") as e:
-        load_jsonl(path, verify_images=True)
+        load_jsonl(path)  # decoded at load by default
     assert e.value.kind == "corrupt_image"
+    skipped = load_jsonl(path, skip_invalid=True)
+    assert len(skipped) == 0 and skipped.summary.skipped == {"corrupt_image": 1}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import threading
+import time
 from fractions import Fraction
 
 import pytest
@@ -162,3 +163,38 @@ def test_synthetic_is_deterministic_and_correct():
             assert a_coef * value + b_term == int(rhs)
     imgs = MathTask(with_images=True).synthetic(2, seed=2)
     assert imgs[0].images[0].size == (224, 112) and imgs[0].image_sizes == [(224, 112)]
+
+
+@pytest.mark.parametrize("answer", ["\\binom{10^{9}}{10^{5}}", "\\Gamma(10^{10})"])
+def test_time_is_bounded_off_the_main_thread(answer):
+    """Off the main thread these ran for 41 s and over 60 s; the worker process is killed at
+    ``deadline_s`` (math-verify's own timeout is set far above it here, so the kill is what
+    stops it), the reason is counted, and the next call gets a fresh worker."""
+    t = MathTask(timeout_s=60, deadline_s=1.5)
+    s = sample("3")
+    t.reward(THINK, "<answer>3</answer>", s, FAM)  # worker started and gold checked outside the clock
+    out = {}
+
+    def run():
+        t0 = time.monotonic()
+        out["bad"] = t.reward(THINK, f"<answer>{answer}</answer>", s, FAM)
+        out["seconds"] = time.monotonic() - t0
+        out["good"] = t.reward(THINK, "<answer>3</answer>", s, FAM)
+
+    th = threading.Thread(target=run)
+    th.start()
+    th.join(timeout=120)
+    assert out["bad"].total == 0.0 and out["bad"].reason == "timeout"
+    assert out["seconds"] < 1.5 + 2.0
+    assert out["good"].total == pytest.approx(1.0)
+
+
+def test_a_worker_that_died_is_replaced():
+    from vlm_grpo_ma.tasks import _math_worker
+
+    t, s = MathTask(), sample("3")
+    assert t.reward(THINK, "<answer>3</answer>", s, FAM).total == pytest.approx(1.0)
+    for w in list(_math_worker.pool()._idle):
+        w.proc.kill()
+        w.proc.wait()
+    assert t.reward(THINK, "<answer>3</answer>", s, FAM).total == pytest.approx(1.0)

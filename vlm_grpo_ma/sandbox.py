@@ -6,16 +6,18 @@ enforced depends on the privileges of the caller (see docs/SANDBOX.md for the fu
 
 ``isolation="root"`` (the caller is root; chosen automatically when it works)
     A small trusted *launcher* (the caller's interpreter, ``-I -S``) runs first in the child:
-    it enters new **network** and **mount** namespaces (``unshare(CLONE_NEWNET | CLONE_NEWNS)``;
-    the network namespace has no interface up, not even loopback), mounts small private tmpfs
+    it enters new **network**, **IPC** and **mount** namespaces (``unshare(CLONE_NEWNET |
+    CLONE_NEWIPC | CLONE_NEWNS)``; the network namespace has no interface up, not even loopback;
+    no SysV or POSIX IPC object outlives the run), mounts small private tmpfs
     over ``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock`` and the work directory (so nothing
     the code writes reaches the caller's disk, and the space is bounded), sets the resource
-    limits, drops to a **dedicated unprivileged uid/gid** taken from a pool (one uid per
-    concurrent run, so ``RLIMIT_NPROC`` really bounds a fork bomb, and the code cannot signal,
-    ptrace or read ``/proc/<pid>/environ`` of any other process), and ``execve``s the sandbox
-    interpreter.
-    After the run every process still owned by that uid (for example one that called ``setsid``
-    to leave the process group) is killed.
+    limits and ``PR_SET_NO_NEW_PRIVS`` (an exec'd setuid program gains nothing), drops to a
+    **dedicated unprivileged uid/gid** taken from a pool and claimed machine-wide with an
+    ``flock`` per uid (one uid per concurrent run in any process, so ``RLIMIT_NPROC`` really
+    bounds a fork bomb, and the code cannot signal, ptrace or read ``/proc/<pid>/environ`` of
+    any other process), and ``execve``s the sandbox interpreter.
+    After the run every process with that uid as its real, effective or saved uid (for example
+    one that called ``setsid`` to leave the process group) is killed.
 
 ``isolation="uid"`` (root, but namespaces cannot be created; the automatic fallback)
     The same dedicated uid, limits and clean-up, without the network and mount namespaces: the
@@ -34,26 +36,39 @@ connection (defence in depth; bypassable with ``ctypes``), the wall clock is enf
 the whole process group, and captured output is read in bounded chunks (a run that exceeds
 ``output_bytes`` on a stream is killed at once, so the caller never buffers more than that).
 
+The model's code is compiled inside the sandbox (a syntax error is reported as
+``syntax_error``), never in the caller.
+
 Tests (``target["tests"]`` of a code sample) are a list whose items are either
 
 - a string: Python statements (usually ``assert f(2) == 4``) executed in the namespace of the
-  solution after the solution module ran (``__name__ == "solution"``); the test passes when it
-  raises nothing.  All string tests of a sample share one process; each reports as soon as it
-  finishes, so a test that hangs costs only itself and the ones after it.
+  solution after the solution module ran (``__name__ == "solution"``).  A single
+  ``assert <expr> <op> <literal>`` (``==``, ``<``, ``in``, ...) or ``assert [not] <call>`` is
+  judged by the caller (:func:`split_test`): only ``<expr>`` is evaluated in the sandbox, its
+  value (or truth) comes back as plain data and the caller applies the comparison, so the
+  expected value never enters the sandbox and the solution cannot forge a pass.  Any other
+  string is a *statement test* that passes when it raises nothing (its verdict is reported from
+  inside the sandbox and can be forged by hostile code: docs/SANDBOX.md).  All
+  string tests of a sample share one process; each reports as soon as it finishes, so a test
+  that hangs costs only itself and the ones after it.
 - a dict ``{"input": str, "output": str}``: the solution runs as a program
   (``__name__ == "__main__"``) with ``input`` on stdin, one process per test; it passes when the
   exit status is 0 and stdout equals ``output`` after :func:`normalise_output` (trailing
   whitespace of every line and trailing blank lines are ignored).
 
 Public API: :class:`SandboxLimits`, :class:`RunResult`, :class:`TestReport`, :class:`Sandbox`
-(``run``, ``run_tests``, ``run_many``), :func:`normalise_output`, :func:`validate_tests`.
+(``run``, ``run_tests``, ``run_many``), :func:`normalise_output`, :func:`split_test`, :func:`validate_tests`.
 """
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
+import fcntl
+import functools
 import json
 import logging
+import operator
 import os
 import secrets
 import selectors
@@ -70,7 +85,8 @@ from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "Sandbox", "SandboxLimits", "TestReport", "normalise_output", "validate_tests"]
+__all__ = ["RunResult", "Sandbox", "SandboxLimits", "TestReport", "normalise_output", "split_test",
+           "validate_tests"]
 
 #: exit status the launcher uses when it cannot set up the isolation it was asked for
 LAUNCHER_FAILED = 121
@@ -187,8 +203,8 @@ def fail(step, err):
 if cfg["unshare"]:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
-    CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x10000000
-    flags = CLONE_NEWNET
+    CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER, CLONE_NEWIPC = 0x00020000, 0x40000000, 0x10000000, 0x08000000
+    flags = CLONE_NEWNET | CLONE_NEWIPC
     if cfg["mount"]:
         flags |= CLONE_NEWNS
     if cfg["userns"]:
@@ -226,6 +242,13 @@ for name, value in cfg["rlimits"]:
         resource.setrlimit(getattr(resource, name), (value, value))
     except (ValueError, OSError) as e:
         fail("setrlimit " + name, e)
+# no_new_privs (inherited, irreversible): a setuid/setgid program (su, sudo, ...) exec'd by the
+# code gains nothing, so every process of the run keeps the sandbox uid as real AND effective uid
+# and the sweep finds it.  Set before dropping root: ctypes may not be readable by the sandbox uid.
+import ctypes
+PR_SET_NO_NEW_PRIVS = 38
+if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    fail("prctl(PR_SET_NO_NEW_PRIVS)", os.strerror(ctypes.get_errno()))
 if cfg["uid"] is not None:
     try:
         os.setgroups([])
@@ -240,16 +263,49 @@ except OSError as e:
     fail("exec " + cfg["python"], e)
 """.replace("__FAILED__", str(LAUNCHER_FAILED))
 
-#: The harness: runs in the sandbox, as the sandbox uid, before and around the solution.
+#: The harness: runs in the sandbox, as the sandbox uid, before and around the solution.  It is
+#: NOT trusted: the solution runs in the same interpreter and can patch or read anything here.
+#: So it never sees an expected value: for a value test (``assert <expr> == <literal>``) it only
+#: evaluates ``<expr>`` and reports the value in a tagged, plain-data form; the caller decodes it
+#: into built-in types and compares it with the literal itself (:func:`_decode_value`).
 _HARNESS_SRC = r'''
 import json, os, sys
+
+def _encode(v, depth=0):
+    """A value of built-in type as tagged JSON data; anything else (subclasses included) -> TypeError."""
+    if depth > 64:
+        raise ValueError("nested too deep")
+    t = type(v)
+    if v is None:
+        return ["N"]
+    if t is bool:
+        return ["B", v]
+    if t is int:
+        return ["i", hex(v)]
+    if t is float:
+        return ["f", v.hex()]
+    if t is complex:
+        return ["c", v.real.hex(), v.imag.hex()]
+    if t is str:
+        return ["s", v]
+    if t is bytes:
+        return ["b", v.hex()]
+    if t in (list, tuple, set, frozenset):
+        return [{list: "l", tuple: "t", set: "S", frozenset: "F"}[t], [_encode(x, depth + 1) for x in v]]
+    if t is dict:
+        return ["d", [[_encode(k, depth + 1), _encode(x, depth + 1)] for k, x in v.items()]]
+    raise TypeError(t.__name__)
 
 def _main():
     with open("_config.json", encoding="utf-8") as f:
         cfg = json.load(f)
     os.unlink("_config.json")
-    with open("solution.py", encoding="utf-8") as f:
+    with open("solution.py", encoding="utf-8", errors="surrogateescape") as f:
         src = f.read()
+    fd, nonce = cfg["report_fd"], cfg["nonce"]
+    def report(**kw):
+        kw["nonce"] = nonce
+        os.write(fd, (json.dumps(kw) + "\n").encode())
     if cfg["block_network"]:
         blocked = frozenset(("socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
                              "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname"))
@@ -257,73 +313,132 @@ def _main():
             if event in blocked:
                 raise PermissionError("network access is disabled in the sandbox")
         sys.addaudithook(hook)
+    # the model's text is compiled here, under the sandbox's limits, never in the caller
+    try:
+        code = compile(src, "solution.py", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        report(event="syntax_error", error=type(e).__name__)
+        sys.exit(1)
+    del src
+    report(event="compiled")
     if cfg["mode"] == "program":
-        exec(compile(src, "solution.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
         return
-    fd, nonce = cfg["report_fd"], cfg["nonce"]
-    def report(**kw):
-        kw["nonce"] = nonce
-        os.write(fd, (json.dumps(kw) + "\n").encode())
     ns = {"__name__": "solution", "__builtins__": __builtins__}
     try:
-        exec(compile(src, "solution.py", "exec"), ns)
+        exec(code, ns)
     except BaseException as e:
         report(event="solution_error", error=type(e).__name__)
         return
-    for i, test in enumerate(cfg["tests"]):
+    for i, (kind, text) in enumerate(cfg["tests"]):
         try:
-            exec(compile(test, "test_%d" % i, "exec"), ns)
-            report(event="test", i=i, ok=True)
+            if kind == "value":
+                value = eval(compile(text, "test_%d" % i, "eval"), ns)
+                report(event="value", i=i, v=_encode(value))
+            elif kind == "truth":  # whether the caller wants it true or false is not sent
+                value = eval(compile(text, "test_%d" % i, "eval"), ns)
+                report(event="value", i=i, v=["B", bool(value)])
+            else:
+                exec(compile(text, "test_%d" % i, "exec"), ns)
+                report(event="test", i=i, ok=True)
         except BaseException as e:
             report(event="test", i=i, ok=False, error=type(e).__name__)
 
+sys.set_int_max_str_digits(0) if hasattr(sys, "set_int_max_str_digits") else None
 _main()
 '''
 
 
 # ----------------------------------------------------------------------------------------------
-class _UidPool:
-    """Thread-safe pool of unprivileged uids, one per concurrent root-mode run."""
-
-    def __init__(self, base: int, size: int):
-        self.free = list(range(base, base + size))
-        self.cond = threading.Condition()
-
-    def acquire(self) -> int:
-        with self.cond:
-            while not self.free:
-                self.cond.wait()
-            return self.free.pop(0)
-
-    def release(self, uid: int) -> None:
-        with self.cond:
-            self.free.append(uid)
-            self.cond.notify()
+def _default_lock_dir() -> str:
+    return "/run/vlm-grpo-ma-sandbox" if os.access("/run", os.W_OK) else \
+        os.path.join(tempfile.gettempdir(), "vlm-grpo-ma-sandbox-uids")
 
 
-_POOLS: dict[tuple[int, int], _UidPool] = {}
-_POOLS_LOCK = threading.Lock()
+def _private_dir(path: str) -> str:
+    """Create ``path`` (mode 0700) or check that the existing one is ours and private."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"sandbox uid lock directory {path} is not a private directory of uid "
+                           f"{os.geteuid()} (mode {oct(st.st_mode)}, owner {st.st_uid})")
+    return path
 
 
-def _uid_pool(base: int, size: int) -> _UidPool:
-    with _POOLS_LOCK:
-        return _POOLS.setdefault((base, size), _UidPool(base, size))
+class _UidClaims:
+    """Machine-wide claims on the sandbox uids: a run holds an exclusive ``flock`` on
+    ``<lock_dir>/uid-<n>.lock`` for as long as it uses uid ``n``.  ``flock`` locks belong to an
+    open file description, so two threads of one process exclude each other exactly like two
+    processes do, and a lock dies with its holder (a crashed scorer frees its uids)."""
+
+    def __init__(self, base: int, count: int, lock_dir: str):
+        self.base, self.count, self.lock_dir = base, count, lock_dir
+        self.dirty: set[int] = set()  # uids that could not be cleaned: never used again here
+        self._ready = False
+        self._lock = threading.Lock()
+
+    def acquire(self, sweep) -> tuple[int, int]:
+        """(uid, lock fd) of a free uid with no process left (``sweep(uid)`` cleans a uid that
+        a crashed scorer left behind); waits while every uid is in use."""
+        with self._lock:
+            if not self._ready:
+                _private_dir(self.lock_dir)
+                self._ready = True
+        while True:
+            start = secrets.randbelow(self.count)
+            for k in range(self.count):
+                uid = self.base + (start + k) % self.count
+                if uid in self.dirty:
+                    continue
+                fd = os.open(os.path.join(self.lock_dir, f"uid-{uid}.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                if sweep(uid):
+                    return uid, fd
+                self.dirty.add(uid)
+                logger.error("sandbox uid %d still owns processes; not used again", uid)
+                os.close(fd)
+            time.sleep(0.05)
+
+    def release(self, uid: int, fd: int, clean: bool) -> None:
+        if not clean:
+            self.dirty.add(uid)
+            logger.error("sandbox uid %d still owns processes; not used again", uid)
+        os.close(fd)
+
+
+_CLAIMS: dict[tuple[int, int, str], _UidClaims] = {}
+_CLAIMS_LOCK = threading.Lock()
+
+
+def _uid_claims(base: int, count: int, lock_dir: str) -> _UidClaims:
+    with _CLAIMS_LOCK:
+        return _CLAIMS.setdefault((base, count, lock_dir), _UidClaims(base, count, lock_dir))
 
 
 def _processes_of(uid: int) -> list[int]:
-    """Live (non-zombie) process ids owned by ``uid``, read from /proc."""
+    """Live (non-zombie) process ids with ``uid`` as real, effective, saved or filesystem uid
+    (read from ``/proc/<pid>/status``: a setuid program keeps the real uid of its caller)."""
     pids = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            if os.stat(f"/proc/{name}").st_uid != uid:
-                continue
-            with open(f"/proc/{name}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read()
+        except OSError:
             continue
-        if state not in (b"Z", b"X"):
+        state, uids = b"", []
+        for line in status.splitlines():
+            if line.startswith(b"State:"):
+                state = line.split()[1] if len(line.split()) > 1 else b""
+            elif line.startswith(b"Uid:"):
+                uids = [int(x) for x in line.split()[1:]]
+        if uid in uids and state not in (b"Z", b"X"):
             pids.append(int(name))
     return pids
 
@@ -367,6 +482,9 @@ class Sandbox:
         block_network_hook: also install the audit hook refusing sockets.
         uid_base, uid_count: the pool of uids for root mode (default 64000..64511; they need no
             passwd entry but must not belong to real users).
+        uid_lock_dir: private directory of the machine-wide uid claims (default
+            ``/run/vlm-grpo-ma-sandbox``, or under the temporary directory when ``/run`` is not
+            writable); every scorer on the machine using the same uids must use the same one.
         max_workers: threads of :meth:`run_many`.
     """
 
@@ -379,6 +497,7 @@ class Sandbox:
         uid_base: int = 64000,
         uid_count: int = 512,
         max_workers: int = 4,
+        uid_lock_dir: str | None = None,
     ):
         if isolation not in ("auto", "root", "uid", "user"):
             raise ValueError(f"isolation must be 'auto', 'root', 'uid' or 'user', got {isolation!r}")
@@ -388,6 +507,7 @@ class Sandbox:
         self._requested = isolation
         self._python = python
         self._uid_base, self._uid_count = uid_base, uid_count
+        self._uid_lock_dir = uid_lock_dir or _default_lock_dir()
         self._mode: str | None = None
         self._mode_lock = threading.Lock()
         self._launcher_python = os.path.realpath(sys.executable)
@@ -448,8 +568,9 @@ class Sandbox:
     def run(self, code: str, stdin: str | bytes = b"", tests: Sequence[str] | None = None) -> RunResult:
         """Run ``code`` once: as a program with ``stdin`` (``tests`` None) or, with a list of
         assert-style ``tests``, as a module followed by the tests, whose outcomes come back in
-        ``RunResult.report`` (JSON lines)."""
-        return self._run_mode(self.isolation, code, stdin=stdin, tests=tests,
+        ``RunResult.report`` (JSON lines; a value test reports the value, never a verdict)."""
+        plan = None if tests is None else [_harness_kind(*split_test(t)[:2]) for t in tests]
+        return self._run_mode(self.isolation, code, stdin=stdin, tests=plan,
                               mode_name="program" if tests is None else "asserts")
 
     def _rlimits(self, mode: str) -> list[tuple[str, int]]:
@@ -468,13 +589,14 @@ class Sandbox:
     def _run_mode(self, mode: str, code: str, stdin: str | bytes = b"",
                   tests: Sequence[str] | None = None, mode_name: str = "program") -> RunResult:
         t0 = time.monotonic()
-        uid = None
-        pool = None
+        uid = lock_fd = None
+        claims = None
         workdir = None
         try:
             if mode in ("root", "uid"):
-                pool = _uid_pool(self._uid_base, self._uid_count)
-                uid = pool.acquire()
+                claims = _uid_claims(self._uid_base, self._uid_count, self._uid_lock_dir)
+                uid, lock_fd = claims.acquire(self._sweep_uid)
+                t0 = time.monotonic()  # waiting for a free uid is not the code's wall-clock time
             workdir = tempfile.mkdtemp(prefix="vlm-grpo-ma-sandbox-")
             report_r, report_w = os.pipe()
             fds = {"r": report_r, "w": report_w}  # _spawn closes "w" once the child has it
@@ -489,11 +611,7 @@ class Sandbox:
                              wall_s=time.monotonic() - t0)
         finally:
             if uid is not None:
-                clean = self._sweep_uid(uid)
-                if clean:
-                    pool.release(uid)
-                else:
-                    logger.error("sandbox uid %d still owns processes; not reused", uid)
+                claims.release(uid, lock_fd, self._sweep_uid(uid))
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
@@ -507,7 +625,7 @@ class Sandbox:
         with open(os.path.join(workdir, _HARNESS), "w", encoding="utf-8") as f:
             f.write(_HARNESS_SRC)
         with open(os.path.join(workdir, _CONFIG), "w", encoding="utf-8") as f:
-            json.dump({"mode": mode_name, "tests": list(tests or []), "nonce": nonce,
+            json.dump({"mode": mode_name, "tests": [list(t) for t in tests or []], "nonce": nonce,
                        "report_fd": report_w, "block_network": self.block_network_hook}, f)
         stdin_path = os.path.join(workdir, _STDIN)
         with open(stdin_path, "wb") as f:
@@ -553,8 +671,7 @@ class Sandbox:
         if rc == LAUNCHER_FAILED and err.startswith(b"sandbox launcher:"):
             status, error = "sandbox_error", err.decode("utf-8", "replace").strip()
             logger.warning("sandbox could not start a run (scored 0): %s", error)
-        if mode_name == "asserts":
-            rep = _filter_report(rep, nonce)
+        rep = _filter_report(rep, nonce)
         return RunResult(status, rc, out, err, rep, time.monotonic() - t0, error)
 
     def _collect(self, proc: subprocess.Popen, report_r: int, t0: float):
@@ -600,16 +717,22 @@ class Sandbox:
                 bytes(bufs[report_r]), status)
 
     def _sweep_uid(self, uid: int) -> bool:
-        """Kill every process still owned by ``uid`` (root mode); True when none is left."""
+        """Kill every process with ``uid`` as any of its uids (root mode); True when none is left."""
         for _ in range(5):
             left = _processes_of(uid)
             if not left:
                 return True
-            # kill(-1) as the uid itself reaches all of its processes, wherever they moved
+            # kill(-1) as the uid itself reaches all of its processes, wherever they moved ...
             subprocess.run([self._sandbox_python("root"), "-I", "-S", "-c",
                             "import os, signal; os.kill(-1, signal.SIGKILL)"],
                            user=uid, group=uid, extra_groups=[], env={}, cwd="/",
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+            # ... and root kills what is left by pid (a process whose effective uid changed)
+            for pid in _processes_of(uid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             time.sleep(0.02)
         return not _processes_of(uid)
 
@@ -617,38 +740,56 @@ class Sandbox:
     def run_tests(self, code: str, tests: Sequence[Any]) -> TestReport:
         """Score ``code`` against ``tests`` (assert strings and/or stdin/stdout dicts).
 
-        Failure reasons: ``solution_error`` (the module raised), ``test_failed``, ``timeout``,
-        ``output_limit``, ``wrong_output``, ``exit`` (non-zero status), ``sandbox_error``.
+        Failure reasons: ``syntax_error`` (the code does not compile; found inside the sandbox),
+        ``solution_error`` (the module raised), ``test_failed``, ``timeout``, ``output_limit``,
+        ``wrong_output``, ``exit`` (non-zero status), ``sandbox_error``.
         """
         tests = list(tests)
         passed = [False] * len(tests)
         details: list[str] = []
+        try:
+            code.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no source file can hold it, nothing to run
+            return TestReport(passed, "syntax_error", ["syntax_error:UnicodeEncodeError"])
+        uncompilable = False  # the text did not compile within the limits: no further process
         asserts = [i for i, t in enumerate(tests) if isinstance(t, str)]
         programs = [i for i, t in enumerate(tests) if isinstance(t, dict)]
         if asserts:
+            plan = [split_test(tests[i]) for i in asserts]
             res = self.run(code, tests=[tests[i] for i in asserts])
+            uncompilable = _never_compiled(res)
             seen = set()
-            for line in res.report.splitlines():
-                try:
-                    ev = json.loads(line)
-                except ValueError:
+            for ev in _events(res.report):
+                i = ev.get("i")
+                if ev.get("event") in ("syntax_error", "solution_error"):
+                    details.append(f"{ev['event']}:{ev.get('error')}")
                     continue
-                if ev.get("event") == "solution_error":
-                    details.append(f"solution_error:{ev.get('error')}")
-                elif ev.get("event") == "test" and isinstance(ev.get("i"), int) \
-                        and 0 <= ev["i"] < len(asserts) and ev["i"] not in seen:
-                    seen.add(ev["i"])
-                    passed[asserts[ev["i"]]] = ev.get("ok") is True
-                    if ev.get("ok") is not True:
-                        details.append(f"test_failed:{ev.get('error')}")
+                if not (type(i) is int and 0 <= i < len(asserts)) or i in seen:
+                    continue
+                kind, _, expected = plan[i]
+                if ev.get("event") == "value" and kind != "statement":
+                    ok = _judge(kind, ev.get("v"), expected)
+                elif ev.get("event") == "test" and (kind == "statement" or ev.get("ok") is False):
+                    ok = ev.get("ok") is True
+                else:
+                    continue
+                seen.add(i)
+                passed[asserts[i]] = ok
+                if not ok:
+                    details.append(f"test_failed:{ev.get('error', 'wrong_value')}")
             if res.status not in ("ok", "exit"):
                 details.append(res.status)
             elif len(seen) < len(asserts) and not details:
                 details.append("exit")
         for i in programs:
+            if uncompilable:
+                break  # the same text will not compile for the next test either
             t = tests[i]
             res = self.run(code, stdin=t.get("input", ""))
-            if res.status == "ok":
+            uncompilable = _never_compiled(res)
+            if any(ev.get("event") == "syntax_error" for ev in _events(res.report)):
+                details.insert(0, "syntax_error")
+            elif res.status == "ok":
                 got = normalise_output(res.stdout.decode("utf-8", "replace"))
                 passed[i] = got == normalise_output(t["output"])
                 if not passed[i]:
@@ -684,8 +825,144 @@ def _filter_report(report: bytes, nonce: str) -> bytes:
     for line in report.splitlines():
         try:
             ev = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(ev, dict) and ev.get("nonce") == nonce:
             keep.append(line)
     return b"\n".join(keep)
+
+
+# ---- assert tests judged by value --------------------------------------------------------------
+#: comparisons judged in the caller: ast operator name -> function of (left, right)
+_COMPARE_OPS = {
+    "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt, "GtE": operator.ge,
+    "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b, "Is": operator.is_, "IsNot": operator.is_not,
+}
+_LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
+
+
+@functools.lru_cache(maxsize=65536)
+def split_test(test: str) -> tuple[str, str, Any]:
+    """How an assert-string test is judged: ``(kind, text, expected)``.
+
+    - ``("value", expr, literal)``: ``assert <expr> == <literal>`` (either side);
+    - ``("compare", expr, (op, literal, expr_first))``: ``assert <expr> <op> <literal>`` (either
+      side) for ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``not in``, and ``is`` /
+      ``is not`` with ``None``, ``True`` or ``False``;
+    - ``("truth", expr, polarity)``: ``assert <expr>`` (polarity True) or ``assert not <expr>``
+      (False) where ``<expr>`` is a call, name, attribute or subscript;
+    - ``("statement", test, None)``: anything else (several statements, a message, a
+      comparison between two computed values such as ``assert f(2) == g(3)``).
+
+    For the first three only ``expr`` is evaluated in the sandbox.  A value or compare test's
+    value comes back as plain data (built-in types only; see the harness) and the caller
+    applies the comparison here: the literal never enters the sandbox, and nothing the solution
+    does there (patching ``exec`` or ``json``, an object whose ``__eq__`` is always true,
+    forging report lines) makes a wrong value pass.  A truth test reports ``bool(<expr>)``; the
+    polarity stays in the caller, so a forged report is a guess, no better than a solution that
+    returns a constant.  A statement test runs inside the sandbox and reports its own verdict,
+    which a hostile solution CAN forge (docs/SANDBOX.md).
+
+    >>> split_test("assert f(2) == [4, 5]")
+    ('value', 'f(2)', [4, 5])
+    >>> split_test("assert abs(f(2) - 1.5) < 1e-9")
+    ('compare', 'abs(f(2) - 1.5)', ('Lt', 1e-09, True))
+    >>> split_test("assert not is_prime(9)")
+    ('truth', 'is_prime(9)', False)
+    """
+    try:
+        tree = ast.parse(test)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return "statement", test, None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or tree.body[0].msg is not None:
+        return "statement", test, None
+    node = tree.body[0].test
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        op = type(node.ops[0]).__name__
+        for expr, lit, expr_first in ((node.left, node.comparators[0], True), (node.comparators[0], node.left, False)):
+            try:
+                literal = ast.literal_eval(lit)
+            except _LITERAL_ERRORS:
+                continue
+            if op == "Eq":
+                return "value", ast.unparse(expr), literal
+            if op in ("Is", "IsNot") and not any(literal is c for c in (None, True, False)):
+                break
+            if op in _COMPARE_OPS:
+                return "compare", ast.unparse(expr), (op, literal, expr_first)
+        return "statement", test, None
+    polarity = True
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        node, polarity = node.operand, False
+    if isinstance(node, (ast.Call, ast.Name, ast.Attribute, ast.Subscript)):
+        return "truth", ast.unparse(node), polarity
+    return "statement", test, None
+
+
+def _harness_kind(kind: str, text: str) -> tuple[str, str]:
+    """What the harness is told: ``value`` (report the value) for value and compare tests."""
+    return ("value" if kind == "compare" else kind), text
+
+
+def _judge(kind: str, data: Any, expected: Any) -> bool:
+    """Whether a reported value passes a value / compare / truth test (plain built-in objects
+    only; anything malformed fails)."""
+    try:
+        value = _decode_value(data)
+        if kind == "value":
+            return bool(value == expected)
+        if kind == "truth":
+            return type(value) is bool and value is expected
+        op, literal, expr_first = expected
+        left, right = (value, literal) if expr_first else (literal, value)
+        return bool(_COMPARE_OPS[op](left, right))
+    except (ValueError, TypeError, IndexError, AttributeError, KeyError, RecursionError, OverflowError):
+        return False
+
+
+_TAGS_SEQ = {"l": list, "t": tuple, "S": set, "F": frozenset}
+
+
+def _decode_value(data: Any, depth: int = 0) -> Any:
+    """The harness's tagged form back into built-in objects (ValueError/TypeError if malformed)."""
+    if depth > 64 or not isinstance(data, list) or not data or not isinstance(data[0], str):
+        raise ValueError("malformed value")
+    tag, args = data[0], data[1:]
+    if tag == "N":
+        return None
+    if tag == "B" and args and type(args[0]) is bool:
+        return args[0]
+    if tag == "i":
+        return int(args[0], 16)
+    if tag == "f":
+        return float.fromhex(args[0])
+    if tag == "c":
+        return complex(float.fromhex(args[0]), float.fromhex(args[1]))
+    if tag == "s" and args and type(args[0]) is str:
+        return args[0]
+    if tag == "b":
+        return bytes.fromhex(args[0])
+    if tag in _TAGS_SEQ and args and isinstance(args[0], list):
+        return _TAGS_SEQ[tag](_decode_value(x, depth + 1) for x in args[0])
+    if tag == "d" and args and isinstance(args[0], list):
+        return {_decode_value(k, depth + 1): _decode_value(v, depth + 1) for k, v in args[0]}
+    raise ValueError(f"malformed value tag {tag!r}")
+
+
+def _never_compiled(res: RunResult) -> bool:
+    """Whether a run ended before the harness had compiled the code (a syntax error, or a text
+    whose compilation alone hit a limit): running it again for the next test would only repeat that."""
+    return res.status != "sandbox_error" and not any(ev.get("event") == "compiled" for ev in _events(res.report))
+
+
+def _events(report: bytes) -> list[dict]:
+    """The JSON-object lines of a (nonce-filtered) report."""
+    out = []
+    for line in report.splitlines():
+        try:
+            ev = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(ev, dict):
+            out.append(ev)
+    return out

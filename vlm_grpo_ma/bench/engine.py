@@ -201,10 +201,16 @@ def load_samples(suite: Suite, task: Any = None, limit: int | None = None) -> li
     if n_limit is not None:
         samples = samples[: int(n_limit)]
     seen: dict[str, int] = {}
+    check = getattr(task, "check_sample", None)
     for i, s in enumerate(samples):
         if s.id in seen:
             raise BenchError(f"suite {suite.name}: sample id {s.id!r} repeats (records {seen[s.id]} and {i})")
         seen[s.id] = i
+        if check is not None:  # bad data fails here, before any generation, not at scoring time
+            try:
+                check(s)
+            except ValueError as e:
+                raise BenchError(f"suite {suite.name}: record {i} ({s.meta.get('source', d.path)}): {e}") from None
     return samples
 
 

@@ -243,7 +243,7 @@ def record_to_sample(
     base_dir: str = ".",
     coords: str = "pixel",
     tolerance: float = DEFAULT_TOLERANCE,
-    verify_images: bool = False,
+    verify_images: bool = True,
     require_target: bool = True,
     image_cache: Optional[dict] = None,
 ) -> Sample:
@@ -258,7 +258,8 @@ def record_to_sample(
             ``"norm"``, ``"rel1000"``).
         tolerance: how far (fraction of the side) geometry may stick out of the image before it
             is an error; within it, values are clamped.
-        verify_images: decode every image fully (slow; catches files truncated after the header).
+        verify_images: decode every image fully once (default; catches a file truncated after
+            its header at load, where ``skip_invalid`` can skip it); False reads headers only.
         require_target: task-field records must have a target (chat records never must).
         image_cache: dict shared across records to read each image's size once.
 
@@ -271,9 +272,30 @@ def record_to_sample(
         raise DataError.from_field(e, file, line) from None
 
 
+def _check_text(value: Any, field: str, depth: int = 0) -> None:
+    """FieldError naming the field when a string anywhere in ``value`` is not valid Unicode
+    text (a lone surrogate such as ``"\\ud800"`` decodes from JSON but no tokenizer takes it)."""
+    if depth > 200:
+        raise FieldError(field, "nested more than 200 levels deep", "bad_value")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FieldError(field, f"not valid Unicode text (lone surrogate {value[e.start]!r} at character {e.start})",
+                             "bad_value") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, field or "<key>", depth + 1)
+            _check_text(v, f"{field}.{k}" if field else str(k), depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_text(v, f"{field}[{i}]", depth + 1)
+
+
 def _record_to_sample(rec, task, file, line, base_dir, coords, tolerance, verify_images, require_target, image_cache):
     if not isinstance(rec, dict):
         raise FieldError("", f"a record must be a JSON object, got {type(rec).__name__}", "bad_json")
+    _check_text(rec, "")
     is_chat = "messages" in rec or "conversations" in rec
     chat = _chat(rec) if is_chat else None
 
@@ -364,13 +386,18 @@ def load_records(
     source: str,
     skip_invalid: bool = False,
     limit: Optional[int] = None,
+    check_sample: Optional[Callable[[Sample], None]] = None,
     **record_opts: Any,
 ) -> LoadedSamples:
     """Convert ``(locator, record)`` pairs into samples (the loop every record-based loader shares).
 
     A record may be a :class:`DataError` already (a malformed line): it is raised or counted like
-    any other.  Ids must be unique within a source.  ``record_opts`` go to
-    :func:`record_to_sample`; ``limit`` stops after that many loaded samples.
+    any other.  Ids must be unique within a source.  ``check_sample`` (the task's own
+    ``Task.check_sample``, built with the run's options: target keys of the task, code tests a
+    list, a math answer present, a vqa choice in range, ...) is applied to every sample, so data
+    that would fail during training fails here, where ``skip_invalid`` can skip and count it; the
+    trainer passes it.  ``record_opts`` go to :func:`record_to_sample`; ``limit`` stops after
+    that many loaded samples.
     """
     summary = LoadSummary(source=str(source))
     out = LoadedSamples(summary=summary)
@@ -384,6 +411,7 @@ def load_records(
             if isinstance(rec, DataError):
                 raise rec
             s = record_to_sample(rec, task, file=source, line=loc, image_cache=cache, **record_opts)
+            _check_for_task(check_sample, s, source, loc)
             if s.id in seen:
                 raise DataError(source, loc, "id", f"duplicate id {s.id!r} (first seen at {seen[s.id]})", "duplicate_id")
             seen[s.id] = loc
@@ -395,6 +423,18 @@ def load_records(
             summary.add_skipped(e)
     _log_summary(summary)
     return out
+
+
+def _check_for_task(check: Optional[Callable[[Sample], None]], sample: Sample, source: str, loc: Locator) -> None:
+    """DataError (field ``target``, or ``image`` for a missing image size) when the task's
+    ``check_sample`` refuses the sample."""
+    if check is None:
+        return
+    try:
+        check(sample)
+    except ValueError as e:
+        field = "image" if "image_sizes" in str(e) else "target"
+        raise DataError(source, loc, field, f"not usable by the {sample.task} task: {e}", "bad_value") from None
 
 
 def _log_summary(summary: LoadSummary) -> None:
@@ -420,6 +460,10 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
                 yield n, json.loads(text)
             except json.JSONDecodeError as e:
                 yield n, DataError(path, n, "", f"malformed JSON ({e.msg} at column {e.colno})", "bad_json")
+            except RecursionError:
+                yield n, DataError(path, n, "", "JSON nested too deep to read", "bad_json")
+            except ValueError as e:  # e.g. an integer over Python's 4300-digit conversion limit
+                yield n, DataError(path, n, "", f"unreadable JSON value ({e})", "bad_json")
 
 
 def _record_opts(path: str, image_root: Optional[str], opts: dict) -> dict:
@@ -446,7 +490,7 @@ def load_jsonl(
         image_root: folder relative image paths are relative to (default: the file's folder).
         limit: stop after this many samples.
         record_opts: ``coords``, ``tolerance``, ``verify_images``, ``require_target`` (see
-            :func:`record_to_sample`).
+            :func:`record_to_sample`), ``check_sample`` (see :func:`load_records`).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -466,6 +510,10 @@ def _read_json(path: str) -> Any:
         raise DataError(path, e.lineno, "", f"malformed JSON ({e.msg} at column {e.colno})", "bad_json") from None
     except UnicodeDecodeError as e:
         raise DataError(path, None, "", f"not UTF-8 text ({e.reason} at byte {e.start})", "bad_json") from None
+    except RecursionError:
+        raise DataError(path, None, "", "JSON nested too deep to read", "bad_json") from None
+    except ValueError as e:  # e.g. an integer over Python's 4300-digit conversion limit
+        raise DataError(path, None, "", f"unreadable JSON value ({e})", "bad_json") from None
 
 
 def load_json(
@@ -497,6 +545,19 @@ def load_json(
 # ----------------------------------------------------------------------------------------------
 # COCO
 # ----------------------------------------------------------------------------------------------
+def _short(value: Any, limit: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _coco_id(entry: Any, i: int) -> str:
+    """How an image / annotation is named in errors: ``<id>`` when it is an integer, else
+    ``#<index>`` (a list or dict id would make an unreadable locator)."""
+    if isinstance(entry, dict) and isinstance(entry.get("id"), int) and not isinstance(entry.get("id"), bool):
+        return str(entry["id"])
+    return f"#{i}"
+
+
 def _is_coco(data: Any) -> bool:
     return isinstance(data, dict) and "images" in data and "annotations" in data
 
@@ -540,11 +601,12 @@ def load_coco(
     skip_invalid: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     check_images: bool = True,
-    verify_images: bool = False,
+    verify_images: bool = True,
     include_empty: bool = True,
     with_masks: bool = False,
     unique_only: bool = False,
     limit: Optional[int] = None,
+    check_sample: Optional[Callable[[Sample], None]] = None,
     _data: Any = None,
 ) -> LoadedSamples:
     """Samples from a COCO instances JSON, read through pycocotools.
@@ -599,6 +661,10 @@ def load_coco(
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
             raise DataError(path, f"category {i}", "categories", "a category needs an integer 'id' and a string 'name'", "bad_value")
+        try:
+            _check_text(c["name"], "name")
+        except FieldError as e:
+            raise DataError.from_field(e, path, f"category {i}") from None
         cats[c["id"]] = c["name"]
     by_name = {name: cid for cid, name in cats.items()}
 
@@ -606,7 +672,7 @@ def load_coco(
     sizes: dict[int, tuple[int, int]] = {}
     bad_images: set[int] = set()
     for i, im in enumerate(data["images"]):
-        loc = f"image {im.get('id', f'#{i}')}" if isinstance(im, dict) else f"image #{i}"
+        loc = f"image {_coco_id(im, i)}"
         try:
             if not isinstance(im, dict):
                 raise FieldError("", "an image entry must be an object", "bad_value")
@@ -614,7 +680,10 @@ def load_coco(
                 if key not in im:
                     raise FieldError(key, "missing required field", "missing_field")
             if not isinstance(im["id"], int) or isinstance(im["id"], bool):
-                raise FieldError("id", f"must be an integer, got {im['id']!r}", "bad_value")
+                raise FieldError("id", f"must be an integer, got {_short(im['id'])}", "bad_value")
+            if not isinstance(im["file_name"], str):
+                raise FieldError("file_name", f"must be a string, got {_short(im['file_name'])}", "bad_value")
+            _check_text(im["file_name"], "file_name")
             if im["id"] in images or im["id"] in bad_images:
                 raise FieldError("id", f"duplicate image id {im['id']}", "duplicate_id")
             for key in ("width", "height"):
@@ -639,13 +708,16 @@ def load_coco(
     ann_errors: dict[int, DataError] = {}  # image id -> first error (mode="image")
     seen_ann: set = set()
     for i, ann in enumerate(data["annotations"]):
-        loc = f"annotation {ann.get('id', f'#{i}')}" if isinstance(ann, dict) else f"annotation #{i}"
+        loc = f"annotation {_coco_id(ann, i)}"
         try:
             if not isinstance(ann, dict):
                 raise FieldError("", "an annotation must be an object", "bad_value")
             for key in ("id", "image_id", "category_id", "bbox"):
                 if key not in ann:
                     raise FieldError(key, "missing required field", "missing_field")
+            for key in ("id", "image_id", "category_id"):
+                if not isinstance(ann[key], int) or isinstance(ann[key], bool):
+                    raise FieldError(key, f"must be an integer, got {type(ann[key]).__name__} {_short(ann[key])}", "bad_value")
             if ann["id"] in seen_ann:
                 raise FieldError("id", f"duplicate annotation id {ann['id']}", "duplicate_id")
             seen_ann.add(ann["id"])
@@ -660,7 +732,7 @@ def load_coco(
         except FieldError as e:
             err = DataError.from_field(e, path, loc)
             img_id = ann.get("image_id") if isinstance(ann, dict) else None
-            if mode == "image" and img_id in images:
+            if mode == "image" and isinstance(img_id, int) and img_id in images:
                 if not skip_invalid:
                     raise err
                 ann_errors.setdefault(img_id, err)
@@ -716,7 +788,13 @@ def load_coco(
                 coco_ann_ids=[a["id"] for a, _, _ in plain],
                 coco_category_ids=[a["category_id"] for a, _, _ in plain],
             )
-            out.append(Sample(id=f"coco-{img_id}", task=task, images=[ref], image_sizes=[size], target=target, meta=meta))
+            sample = Sample(id=f"coco-{img_id}", task=task, images=[ref], image_sizes=[size], target=target, meta=meta)
+            try:
+                _check_for_task(check_sample, sample, path, f"image {img_id}")
+            except DataError as err:
+                fail(err)
+                continue
+            out.append(sample)
             summary.add_loaded()
         else:
             counts: dict[int, int] = {}
@@ -733,17 +811,14 @@ def load_coco(
                 if with_masks:
                     target["region"] = region
                 meta = dict(base, coco_ann_id=a["id"], coco_category_ids=[a["category_id"]])
-                out.append(
-                    Sample(
-                        id=f"coco-{img_id}-{a['id']}",
-                        task=task,
-                        images=[ref],
-                        image_sizes=[size],
-                        prompt={"object": name},
-                        target=target,
-                        meta=meta,
-                    )
-                )
+                sample = Sample(id=f"coco-{img_id}-{a['id']}", task=task, images=[ref], image_sizes=[size],
+                                prompt={"object": name}, target=target, meta=meta)
+                try:
+                    _check_for_task(check_sample, sample, path, f"annotation {a['id']}")
+                except DataError as err:
+                    fail(err)
+                    continue
+                out.append(sample)
                 summary.add_loaded()
     _log_summary(summary)
     return out
@@ -796,7 +871,8 @@ def load_samples(source: str | os.PathLike | dict, task: Optional[str] = None, *
       "coco" | "hf" | "synthetic", "n": ..., <options>}``; keyword ``opts`` override its options.
 
     ``opts`` are the chosen loader's keyword options (``skip_invalid``, ``image_root``,
-    ``coords``, ``tolerance``, ``limit``, ``image_dir``, ``mode``, ``split``, ...).
+    ``coords``, ``tolerance``, ``limit``, ``image_dir``, ``mode``, ``split``, ``check_sample``,
+    ...).  Synthetic samples are made by the task itself and are not checked again.
     """
     fmt: Optional[str] = None
     if isinstance(source, dict):
@@ -842,7 +918,7 @@ def load_samples(source: str | os.PathLike | dict, task: Optional[str] = None, *
 
 
 def _load_synthetic(source: str, task: Optional[str], synthesize: Optional[Callable[..., list[Sample]]],
-                    seed: int = 0, **opts: Any) -> LoadedSamples:
+                    seed: int = 0, check_sample: Any = None, **opts: Any) -> LoadedSamples:
     if synthesize is None:
         raise ValueError(f"{source!r}: synthetic data needs the task's generator (load_samples(..., synthesize=task.synthetic))")
     try:

@@ -134,12 +134,14 @@ def _run(argv: Sequence[str] | None = None) -> dict:
 
         if cfg.data.train_data:
             train_samples = load_samples(cfg.data.train_data, task.name, synthesize=task.synthetic,
-                                         skip_invalid=cfg.data.skip_invalid)
+                                         skip_invalid=cfg.data.skip_invalid,
+                                         check_sample=getattr(task, "check_sample", None))
             if dist.is_main() and getattr(train_samples, "summary", None) is not None:
                 log.info("train data %s: %s", cfg.data.train_data, train_samples.summary)
         if cfg.data.eval_data:
             eval_samples = load_samples(cfg.data.eval_data, task.name, synthesize=task.synthetic,
-                                        skip_invalid=cfg.data.skip_invalid)
+                                        skip_invalid=cfg.data.skip_invalid,
+                                        check_sample=getattr(task, "check_sample", None))
     heldout = heldout_samples(task, cfg.data.eval_samples, cfg.run.seed, eval_samples) if cfg.data.eval_samples else []
     logger = MetricsLogger(out, cfg.run.report_to, cfg.flat())
     summary_path = out / "summary.json"
