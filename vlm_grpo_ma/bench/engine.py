@@ -52,6 +52,7 @@ from typing import Any, Iterable, Sequence
 
 from vlm_grpo_ma.bench.suite import Suite
 from vlm_grpo_ma.data.sample import Sample
+from vlm_grpo_ma.format import parse_exception_reason
 from vlm_grpo_ma.models.family import ModelFamily
 
 __all__ = [
@@ -235,7 +236,7 @@ def _answer_text(completion: str, strict: bool) -> str:
     """The text inside ``<answer>`` under the format rule (ParseError otherwise); lenient mode
     (for outputs of systems that do not follow it) takes the last answer block, or the whole
     text without think blocks."""
-    from vlm_grpo_ma.tasks.common import check_format, split_completion, strip_end_tokens
+    from vlm_grpo_ma.format import check_format, split_completion, strip_end_tokens
 
     if strict:
         thought, answer = split_completion(completion)
@@ -255,7 +256,7 @@ def _finite(v: Any) -> bool:
 
 
 def _reward(task: Any, completion: str, sample: Sample, family: ModelFamily) -> tuple[float, dict, str | None]:
-    from vlm_grpo_ma.tasks.common import split_completion
+    from vlm_grpo_ma.format import split_completion
 
     thought, answer = split_completion(completion)
     try:
@@ -277,7 +278,7 @@ def parse_completion(task: Any, completion: str, sample: Sample, family: ModelFa
     except ParseError as e:
         return None, e.reason
     except Exception as e:
-        return None, f"parse_exception:{type(e).__name__}"
+        return None, parse_exception_reason(e)
 
 
 def sample_metrics(task: Any, prediction: Any, sample: Sample) -> dict[str, float]:
