@@ -29,6 +29,7 @@ conversion takes a few seconds; loading the cached folder well under one).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -98,7 +99,14 @@ def tiktoken_ranks_path() -> Path:
 def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The BPE vocabulary (byte-level unicode strings -> rank) and merges, converted from the
     tiktoken ranks (``TikTokenConverter`` lists every split of a token into two lower-rank tokens,
-    ordered by the rank of the result: the same encodings as tiktoken's rank-greedy BPE)."""
+    ordered by the rank of the result: the same encodings as tiktoken's rank-greedy BPE).
+    Fresh copies of a per-process conversion (a few seconds)."""
+    vocab, merges = _converted()
+    return dict(vocab), list(merges)
+
+
+@functools.lru_cache(maxsize=1)
+def _converted() -> tuple[dict[str, int], list[tuple[str, str]]]:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     path = str(tiktoken_ranks_path())
