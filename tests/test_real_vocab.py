@@ -143,3 +143,45 @@ def test_chat_templates_render_through_the_tokenizers(tokenizers):
                    "<|vision_start|><|image_pad|><|vision_end|>Where?<|im_end|>\n<|im_start|>assistant\n")
     q3 = tokenizers["qwen3_vl"].apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert q3 == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Where?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vllm_requests_and_texts_with_the_real_tokenizers(tokenizers, family):
+    """vLLM (which cannot run here): stage 1 stops on the ``</think>`` token where the vocabulary
+    has one (Qwen3-VL) and on the string otherwise (the issue's ``stop_token_ids=[None]``
+    TypeError); a thought that hit the limit is closed with the whole closing sequence; the texts
+    are cut right after ``</think>`` as in the transformers backend."""
+    import math
+
+    from vlm_grpo_ma.rollout.hf import RolloutTokenIds
+    from vlm_grpo_ma.rollout.types import SamplingParams
+    from vlm_grpo_ma.rollout.vllm import VLLMBackend, build_stage1_requests, build_stage2_requests, finish_thought
+
+    tok = tokenizers[family]
+    ids = RolloutTokenIds.from_tokenizer(tok)
+    sp = SamplingParams(max_thought_tokens=8, max_answer_tokens=5, seed=1)
+    s1 = build_stage1_requests([[1, 2, 3]], [None], 2, sp, ids)[0].sampling
+    if family == "qwen3_vl":
+        assert ids.think_end == 151668 and s1["stop_token_ids"] == [151668] and "stop" not in s1
+    else:
+        assert ids.think_end is None and s1["stop_token_ids"] == [] and s1["stop"] == ["</think>"]
+        assert tok.decode(list(ids.think_end_ids)) == "</think>" and len(ids.think_end_ids) == 3
+    assert s1["include_stop_str_in_output"]
+    # what the engine returns for "<think>Hi.</think><answer>1</answer>" (stopped at </think>)
+    full = tok.encode("<think>Hi.</think><answer>1</answer>", add_special_tokens=False)
+    n1 = next(n for n in range(1, len(full) + 1) if "</think>" in tok.decode(full[:n]))
+    th, lp, tr = finish_thought(full[:n1], [-0.5] * n1, ids.think_end_ids, 8, stopped=True)
+    assert th == full[:n1] and not tr and not any(math.isnan(x) for x in lp)
+    # a thought that hit the limit: its last tokens become the closing sequence (log-probs NaN)
+    long = tok.encode("<think>one two three four five six", add_special_tokens=False)[:8]
+    th2, lp2, tr2 = finish_thought(long, [-1.0] * len(long), ids.think_end_ids, 8)
+    n = len(ids.think_end_ids)
+    assert tr2 and len(th2) == 8 and th2[-n:] == list(ids.think_end_ids) and all(math.isnan(x) for x in lp2[-n:])
+    # stage 2 continues the exact prefix; texts are cut at </think>
+    s2 = build_stage2_requests([[1, 2, 3]], [None], [[th]], 2, sp, ids)[0]
+    assert s2.prompt["prompt_token_ids"] == [1, 2, 3] + th
+    backend = VLLMBackend.__new__(VLLMBackend)  # only the text helpers: no engine
+    backend.tokenizer, backend.ids = tok, ids
+    answer = full[n1:] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    thought_text, answers = backend._tree_texts(th, [answer])
+    assert (thought_text, answers) == ("<think>Hi.</think>", ["<answer>1</answer>"])
