@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sft_steps", type=int, default=2)
     p.add_argument("--rl_steps", type=int, default=1)
     p.add_argument("--max_pixels", type=int, default=224 * 224, help="image processor bound (small images keep it fast)")
+    p.add_argument("--without_fix", action="store_true",
+                   help="skip release()'s clean-up of DeepSpeed's references (to measure the leak it fixes)")
     p.add_argument("--work", type=Path, default=None, help="folder for the random checkpoint and the run")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     from vlm_grpo_ma.training.rl import RLState, run_rl
     from vlm_grpo_ma.training.sft import run_sft
 
+    if args.without_fix:
+        stg.forget_module = lambda module: None
     work = args.work or Path(tempfile.mkdtemp(prefix="stage_memory-"))
     ckpt = work / f"qwen2.5-vl-3b-t{args.text_layers}v{args.vision_layers}"
     if not (ckpt / "config.json").is_file():
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "text_layers": args.text_layers,
         "vision_layers": args.vision_layers,
         "training": "full" if args.full else "lora r=8",
+        "release_fix": not args.without_fix,
         "sft_steps": args.sft_steps,
         "rl_steps": args.rl_steps,
         "rss_gib": {
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"stage_memory_t{args.text_layers}v{args.vision_layers}_{'full' if args.full else 'lora'}.json"
+    tag = f"t{args.text_layers}v{args.vision_layers}_{'full' if args.full else 'lora'}{'_without_fix' if args.without_fix else ''}"
+    path = args.out / f"stage_memory_{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result
