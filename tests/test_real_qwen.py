@@ -6,7 +6,8 @@ SFT target (and variants with a newline or a space between the tags) is forced t
 rollout (K=2, M=2) of the real-vocabulary tiny models of all three families, and each of the K x M
 (thought, answer) texts must score exactly what the target text scores.  Also: the equality tests
 of the rollout (greedy continuation == generate from scratch, rollout log-probs == fresh forward)
-on the real-vocabulary models with their released architectural features.
+on the real-vocabulary models with their released architectural features, and the layout tests
+(packed == naive in log-probs, loss and gradients; M = 1 == GRPO).
 """
 
 from __future__ import annotations
@@ -197,3 +198,18 @@ def test_real_vocab_greedy_continuation_equals_generate(family):
                                         eos_token_id=list(ids.stop), pad_token_id=ids.pad)[0, seq.shape[1]:]
         ans = tree.answer_ids[b][0][0]
         assert ans.tolist() == ref[: len(ans)].tolist()
+
+
+@pytest.mark.slow  # 10-20 s a family: gradients of the 151,936-row embedding, three loss modes
+@pytest.mark.parametrize("family", FAMILIES)
+def test_real_vocab_packed_equals_naive_and_m1_equals_grpo(family):
+    """The layout tests of tests/test_layout.py on the real-vocabulary models: packed == naive in
+    log-probs, loss and gradients (tied 151,936-row embedding included), and M = 1 == GRPO."""
+    from tests import test_layout
+
+    policy = real_policy(family)
+    backend = HFRolloutBackend(policy.model, policy.tokenizer)
+    inputs = dict(build_generation_inputs(policy.processor, _image_messages()))
+    tree = backend.generate_tree(inputs, K=3, M=3, sampling=SamplingParams(max_thought_tokens=9, max_answer_tokens=5, seed=2))
+    test_layout.test_packed_equals_naive(policy, tree, "token-mean")
+    test_layout.test_m1_equals_plain_grpo(policy)
