@@ -114,8 +114,9 @@ CHAT_TEMPLATES = {
 }
 
 # The chat template released with Qwen3-VL-2B-Instruct (``chat_template.json`` of
-# Qwen/Qwen3-VL-2B-Instruct on the Hugging Face hub), byte for byte: a raw string, so ``\n`` is
-# the two characters of a Jinja escape as in the released file.  Its rendering equals
+# Qwen/Qwen3-VL-2B-Instruct on the Hugging Face hub), transcribed from two public copies of that
+# file which agree: a raw string, so ``\n`` is the two characters of a Jinja escape as in the
+# released file.  Its rendering equals
 # QWEN3_VL_CHAT_TEMPLATE's (tests/test_real_vocab.py); real-vocabulary Qwen3-VL tokenizers use
 # this one (vlm_grpo_ma.models.real_vocab).
 QWEN3_VL_RELEASED_CHAT_TEMPLATE = r"""{%- if tools %}
