@@ -20,8 +20,8 @@ e.g. Qwen/Qwen2.5-VL-3B-Instruct and Qwen/Qwen3-VL-2B-Instruct on the Hugging Fa
   (:mod:`vlm_grpo_ma.format`).
 
 Chat templates: Qwen2-VL / Qwen2.5-VL use the template the project ships
-(:data:`~vlm_grpo_ma.models.chat_templates.QWEN2_VL_CHAT_TEMPLATE`); Qwen3-VL the released one,
-byte for byte (:data:`~vlm_grpo_ma.models.chat_templates.QWEN3_VL_RELEASED_CHAT_TEMPLATE`).
+(:data:`~vlm_grpo_ma.models.chat_templates.QWEN2_VL_CHAT_TEMPLATE`); Qwen3-VL the released one
+(:data:`~vlm_grpo_ma.models.chat_templates.QWEN3_VL_RELEASED_CHAT_TEMPLATE`).
 
 Built tokenizers are cached under ``$VLM_GRPO_MA_CACHE/qwen_vocab/<family>-<hash>`` (the
 conversion takes a few seconds; loading the cached folder well under one).
