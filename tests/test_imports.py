@@ -33,11 +33,7 @@ PLUGIN_LAYER = 3
 
 #: known edges that break the rule, each with the issue that removes it; the test fails when
 #: one of them is gone (so this list cannot go stale) or a new one appears
-KNOWN = {
-    # issue 11 moves the format rule / completion split (tasks/common.py) into the core
-    ("vlm_grpo_ma.training.evaluate", "vlm_grpo_ma.tasks.common"),
-    ("vlm_grpo_ma.bench.engine", "vlm_grpo_ma.tasks.common"),
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _modules(root: Path = REPO) -> dict[str, Path]:

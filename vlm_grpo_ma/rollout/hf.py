@@ -36,8 +36,10 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from vlm_grpo_ma.format import split_completion
 from vlm_grpo_ma.models.loading import unwrap_model
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
+
 
 @dataclass(frozen=True)
 class RolloutTokenIds:
@@ -462,14 +464,17 @@ class HFRolloutBackend:
                 ids = t_tok[r, : t_len[r]]
                 th_ids[b].append(ids)
                 th_lp[b].append(t_lp[r, : t_len[r]])
-                th_txt[b].append(self._decode_text(ids))
+                # the text is cut right after </think>; what the stopping token carried past
+                # it (e.g. the "<" of "><") starts every answer (vlm_grpo_ma.format)
+                thought, carried = split_completion(self._decode_text(ids))
+                th_txt[b].append(thought)
                 an_ids[b].append([]); an_lp[b].append([]); an_txt[b].append([])
                 for m in range(M):
                     q = r * M + m
                     aid = a_tok[q, : a_len[q]]
                     an_ids[b][k].append(aid)
                     an_lp[b][k].append(a_lp[q, : a_len[q]])
-                    an_txt[b][k].append(self._decode_text(aid, drop_stop=True))
+                    an_txt[b][k].append(carried + self._decode_text(aid, drop_stop=True))
         return TreeRollout(
             prompt_ids=[p.cpu() for p in prompt_ids],
             prompt_mm_token_type_ids=[p.cpu() for p in prompt_mm],

@@ -73,8 +73,11 @@ class TreeRollout:
     - ``thought_ids[b][k]``: LongTensor [T_bk]; ``thought_logprobs[b][k]``: FloatTensor [T_bk];
     - ``answer_ids[b][k][m]``: LongTensor [A_bkm]; ``answer_logprobs[b][k][m]``: FloatTensor [A_bkm];
     - ``thought_truncated``: BoolTensor [B, K]; ``answer_truncated``: BoolTensor [B, K, M];
-    - ``thought_texts[b][k]``: str (decoded with special tokens, so it includes ``</think>``);
-    - ``answer_texts[b][k][m]``: str (decoded without the final end token).
+    - ``thought_texts[b][k]``: str (decoded with special tokens), cut right after its first
+      ``</think>`` (:mod:`vlm_grpo_ma.format`);
+    - ``answer_texts[b][k][m]``: str (decoded without the final end token), preceded by whatever
+      text the thought's last token carried past ``</think>`` (e.g. the ``<`` of Qwen2.5-VL's
+      ``><`` token), so ``thought_texts[b][k] + answer_texts[b][k][m]`` is the decoded path.
 
     All tensors are on the CPU; log-probs are float32, one per generated token.
     """

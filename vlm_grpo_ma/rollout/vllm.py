@@ -9,11 +9,15 @@ constructing :class:`VLLMBackend` without it raises an ImportError that says wha
 How a tree is sampled (B prompts, K thoughts, M answers):
 
 - **stage 1**: one request per prompt, ``n = K``, stopping at the ``</think>`` token
-  (``stop_token_ids``; the token is part of the output).  A thought that reaches
-  ``max_thought_tokens`` without it has its last token replaced by ``</think>`` and is flagged in
-  ``thought_truncated``, exactly as the transformers backend does; vLLM cannot score a token it
-  did not sample, so that token's rollout log-prob is NaN (the trainer recomputes old log-probs;
-  :func:`vlm_grpo_ma.algorithms.tis.tis_weights` gives such tokens weight 1).
+  (``stop_token_ids``; the token is part of the output) or, where the vocabulary spells
+  ``</think>`` with several ordinary tokens (Qwen2-VL, Qwen2.5-VL), at the *string*
+  ``</think>`` (``stop``; the token ids keep the token that completed it, which may carry text
+  past the tag, e.g. ``><``).  A thought that reaches ``max_thought_tokens`` without it has its
+  last tokens replaced by the closing sequence and is flagged in ``thought_truncated``, exactly
+  as the transformers backend does; vLLM cannot score a token it did not sample, so those
+  tokens' rollout log-probs are NaN (the trainer recomputes old log-probs;
+  :func:`vlm_grpo_ma.algorithms.tis.tis_weights` gives such tokens weight 1).  The texts are cut
+  right after ``</think>`` as in the transformers backend (:mod:`vlm_grpo_ma.format`).
 - **stage 2**: one request per thought, ``n = M``, on the token prefix prompt + thought.  The
   image goes with it again as ``multi_modal_data``: vLLM hashes it, so the prompt + thought
   prefix is found in the **automatic prefix cache** (on by default here) and only the answers are
@@ -56,6 +60,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from vlm_grpo_ma.format import split_completion
 from vlm_grpo_ma.rollout.hf import RolloutTokenIds, split_vision
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 from vlm_grpo_ma.rollout.vllm_engine import (  # noqa: F401  (re-exported: the public names of the backend)
@@ -142,12 +147,16 @@ def vllm_sampling_kwargs(
     stop_token_ids: Sequence[int],
     seed: int | None,
     suppress: Sequence[int] = (),
+    stop: Sequence[str] = (),
 ) -> dict:
     """Keyword arguments of ``vllm.SamplingParams`` for one request.
 
     ``top_k`` 0 (off here) is sent as -1 (off in every vLLM version); greedy is temperature 0;
-    the checkpoint's EOS is ignored and only ``stop_token_ids`` stop (the stop token is kept in
-    the output token ids); ``logprobs=0`` returns the sampled token's log-prob."""
+    the checkpoint's EOS is ignored and only ``stop_token_ids`` and the strings ``stop`` stop
+    (the stop token / string is kept in the output); ``logprobs=0`` returns the sampled token's
+    log-prob."""
+    if any(t is None for t in stop_token_ids):
+        raise ValueError(f"stop_token_ids must be token ids, got {list(stop_token_ids)}")
     kw = dict(
         n=int(n),
         temperature=float(sampling.temperature),
@@ -162,6 +171,8 @@ def vllm_sampling_kwargs(
         logprobs=0,
         seed=seed,
     )
+    if stop:
+        kw["stop"] = [str(x) for x in stop]
     if suppress:
         kw["logit_bias"] = {int(t): SUPPRESS_BIAS for t in suppress}
     return kw
@@ -181,16 +192,23 @@ def build_stage1_requests(
     sampling: SamplingParams,
     ids: RolloutTokenIds,
 ) -> list[VLLMRequest]:
-    """One request per prompt b: ``n = K`` thoughts until ``</think>``.
+    """One request per prompt b: ``n = K`` thoughts until ``</think>`` (the token where the
+    vocabulary has it, else the string ``ids.think_end_text``).
 
     Args:
         prompts: B collapsed prompts (:func:`collapse_image_pads`).
         images: B lists of PIL images (None / empty for text-only prompts).
     """
+    if len(ids.think_end_ids) > sampling.max_thought_tokens:
+        raise ValueError(f"the thought limit ({sampling.max_thought_tokens} tokens) is shorter than its "
+                         f"closing sequence {ids.think_end_ids}")
+    by_token = ids.think_end is not None
     return [
         VLLMRequest(
             _tokens_prompt(p, images[b]),
-            vllm_sampling_kwargs(sampling, n=K, max_tokens=sampling.max_thought_tokens, stop_token_ids=[ids.think_end],
+            vllm_sampling_kwargs(sampling, n=K, max_tokens=sampling.max_thought_tokens,
+                                 stop_token_ids=[ids.think_end] if by_token else [],
+                                 stop=() if by_token else (ids.think_end_text,),
                                  seed=derive_seed(sampling.seed, 1, b), suppress=ids.suppress),
         )
         for b, p in enumerate(prompts)
@@ -286,24 +304,31 @@ def merge_split_outputs(outs: Sequence[Any], owner: Sequence[tuple[int, int | No
 
 # --------------------------------------------------------------------------- outputs (pure)
 def finish_thought(
-    token_ids: Sequence[int], logprobs: Sequence[float], think_end: int, max_tokens: int, stopped: bool = False
+    token_ids: Sequence[int], logprobs: Sequence[float], think_end: int | Sequence[int], max_tokens: int,
+    stopped: bool = False,
 ) -> tuple[list[int], list[float], bool]:
     """A stage-1 completion as the transformers backend returns it.
 
-    Returns (ids ending with ``think_end``, log-probs [same length], truncated).  A completion
-    that ended at ``think_end`` is kept; one that hit ``max_tokens`` has its last token replaced
-    by ``think_end`` (log-prob NaN: not sampled by the engine) and is truncated; ``stopped`` (the
-    engine reports a stop at ``think_end`` but left the token out) appends it, not truncated."""
+    ``think_end``: the ``</think>`` token id, or the closing sequence of ids where the vocabulary
+    spells it with several tokens (the engine then stopped on the string ``</think>``).
+    Returns (ids, log-probs [same length], truncated).  A completion that ended at ``</think>``
+    (its last token, or ``stopped``: the engine reports a stop on it) is kept as generated, the
+    completing token included; a single-token ``</think>`` the engine left out is appended.  One
+    that hit ``max_tokens`` has its last ``len(close)`` tokens replaced by the closing sequence
+    (log-probs NaN: not sampled by the engine) and is truncated."""
+    close = [int(think_end)] if isinstance(think_end, int) else [int(t) for t in think_end]
     ids, lps = [int(t) for t in token_ids], [float(x) for x in logprobs]
     if len(lps) != len(ids):
         raise ValueError(f"{len(ids)} tokens but {len(lps)} log-probs")
-    if ids and ids[-1] == think_end:
+    n = len(close)
+    if ids[-n:] == close:
         return ids, lps, False
     if stopped:
-        return ids + [think_end], lps + [math.nan], False
-    if ids and len(ids) >= max_tokens:
-        return ids[:-1] + [think_end], lps[:-1] + [math.nan], True
-    return ids + [think_end], lps + [math.nan], True
+        if n == 1:
+            return ids + close, lps + [math.nan], False
+        return ids, lps, False  # a string stop: the ids hold the token that completed the tag
+    keep = max(0, min(len(ids), max_tokens) - n) if ids and len(ids) >= max_tokens else len(ids)
+    return ids[:keep] + close, lps[:keep] + [math.nan] * n, True
 
 
 def finish_answer(
@@ -497,6 +522,11 @@ class VLLMBackend:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def _tree_texts(self, thought: Sequence[int], answers: Sequence[Sequence[int]]) -> tuple[str, list[str]]:
+        """(thought text cut right after ``</think>``, [carried tail + answer text])."""
+        thought_text, carried = split_completion(self._text(thought))
+        return thought_text, [carried + self._text(a, drop_stop=True) for a in answers]
+
     def _check_expansion(self, outs: Sequence[Any], prompt_ids: list[torch.Tensor]) -> None:
         for b, out in enumerate(outs):
             got = getattr(out, "prompt_token_ids", None)
@@ -533,9 +563,10 @@ class VLLMBackend:
             row_ids, row_lp, row_tr = [], [], []
             for c in comps:
                 ids = list(c.token_ids)
+                stop_on = self.ids.think_end if self.ids.think_end is not None else self.ids.think_end_text
                 stopped = (getattr(c, "finish_reason", None) == "stop"
-                           and getattr(c, "stop_reason", None) == self.ids.think_end)
-                i, lp, tr = finish_thought(ids, sampled_logprobs(ids, c.logprobs), self.ids.think_end,
+                           and getattr(c, "stop_reason", None) == stop_on)
+                i, lp, tr = finish_thought(ids, sampled_logprobs(ids, c.logprobs), self.ids.think_end_ids,
                                            sampling.max_thought_tokens, stopped=stopped)
                 row_ids.append(i); row_lp.append(lp); row_tr.append(tr)
             th_ids.append(row_ids); th_lp.append(row_lp); th_trunc.append(row_tr)
@@ -562,6 +593,7 @@ class VLLMBackend:
                                           + sum(len(a) for r in an_ids for th in r for a in th))
         stats["tokens_decoded"] = stats["tokens_generated"]
         pix, grid = split_vision(prompts_inputs)
+        tree_texts = [[self._tree_texts(th_ids[b][k], an_ids[b][k]) for k in range(K)] for b in range(B)]
         rollout = TreeRollout(
             prompt_ids=prompt_ids,
             prompt_mm_token_type_ids=prompt_mm,
@@ -573,8 +605,8 @@ class VLLMBackend:
             answer_ids=[[[torch.tensor(a, dtype=torch.long) for a in th] for th in row] for row in an_ids],
             answer_logprobs=[[[torch.tensor(x, dtype=torch.float32) for x in th] for th in row] for row in an_lp],
             answer_truncated=torch.tensor(an_trunc, dtype=torch.bool).view(B, K, M),
-            thought_texts=[[self._text(t) for t in row] for row in th_ids],
-            answer_texts=[[[self._text(a, drop_stop=True) for a in th] for th in row] for row in an_ids],
+            thought_texts=[[texts[0] for texts in row] for row in tree_texts],
+            answer_texts=[[texts[1] for texts in row] for row in tree_texts],
             stats=stats,
         )
         if self.enable_sleep_mode:

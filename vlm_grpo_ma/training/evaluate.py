@@ -13,24 +13,17 @@ import math
 from collections import Counter
 from typing import Any, Sequence
 
-from vlm_grpo_ma.task import ParseError
 from vlm_grpo_ma.training import distributed as dist
 
 log = logging.getLogger(__name__)
 
 
 def parse_completion(task, completion: str, sample, family) -> tuple[Any, str | None]:
-    """(prediction, None) for a well-formed completion, (None, reason) otherwise; never raises."""
-    from vlm_grpo_ma.tasks.common import check_format, split_completion
+    """(prediction, None) for a well-formed completion, (None, reason) otherwise; never raises
+    (:func:`vlm_grpo_ma.format.parse_completion`, the benchmark's strict rule)."""
+    from vlm_grpo_ma.format import parse_completion as _parse
 
-    thought, answer = split_completion(completion)
-    try:
-        inner = check_format(thought, answer)
-        return task.parse(inner, sample, family), None
-    except ParseError as e:
-        return None, e.reason
-    except Exception as e:  # a task bug must not end a run: counted under its type
-        return None, f"error:{type(e).__name__}"
+    return _parse(task, completion, sample, family)
 
 
 def evaluate(
