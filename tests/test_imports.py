@@ -23,7 +23,7 @@ LAYERS = {
     "algorithms": 0, "config": 0, "resources": 0, "sandbox": 0,  # pure math and leaf utilities
     "models": 1,  # model families, loading, tiny models
     "data": 2,  # samples, images, collation, loaders
-    "task": 3, "reward_guard": 3,  # the plugin contract, and the one guard around rewards
+    "task": 3, "reward_guard": 3, "format": 3,  # the plugin contract, the format rule, the reward guard
     "rollout": 4,  # generation backends and the training layout
     "training": 5, "bench": 5,  # the two applications (peers)
     "<root>": 6,  # vlm_grpo_ma/__init__.py re-exports the public names
