@@ -5,7 +5,7 @@ Sample:
     referring expression for grounding).  Detection: ``target = {"boxes": [[x1, y1, x2, y2], ...],
     "labels": ["red circle", ...]}`` (canonical [0, 1] boxes; ``labels`` optional;
     ``crowd_boxes`` / ``crowd_labels`` optional, COCO's ignore regions, used by COCOeval only).
-    Grounding (one object, as :func:`vlm_grpo_ma.data.loaders.load_coco` writes it with
+    Grounding (one object, as :func:`vlm_grpo_ma.data.coco.load_coco` writes it with
     ``mode="annotation"``): ``target = {"box": [...], "label": ..., "boxes": [...]}`` where
     ``boxes`` lists every box that is a correct answer (default ``[box]``); the reward and
     Acc@0.5 take the best of them, COCO AP uses ``box``; the prompt is

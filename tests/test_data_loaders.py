@@ -15,10 +15,9 @@ import pytest
 from PIL import Image
 
 from vlm_grpo_ma.data.errors import DataError, FieldError, LoadSummary
+from vlm_grpo_ma.data.coco import coco_results, load_coco
 from vlm_grpo_ma.data.loaders import (
     LoadedSamples,
-    coco_results,
-    load_coco,
     load_json,
     load_jsonl,
     load_samples,

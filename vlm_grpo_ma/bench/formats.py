@@ -488,14 +488,14 @@ def load_vqav2(path: str | os.PathLike, image_root: str | None = None, split: st
 # ---------------------------------------------------------------------------------------------
 def load_coco(path: str | os.PathLike, image_root: str | None = None, split: str = "val",
               limit: int | None = None, **options: Any) -> list[Sample]:
-    """COCO instances JSON through :func:`vlm_grpo_ma.data.loaders.load_coco` (pycocotools):
+    """COCO instances JSON through :func:`vlm_grpo_ma.data.coco.load_coco` (pycocotools):
     one sample per image, all its boxes labelled with their category names, crowd boxes kept
     as ignore regions.  ``options`` go to that loader (``mode="annotation"`` for one grounding
     sample per object, ``skip_invalid``, ...)."""
-    from vlm_grpo_ma.data import loaders
+    from vlm_grpo_ma.data import coco
 
     kw = {"image_dir": image_root, **options}
-    samples = list(loaders.load_coco(path, "detection", limit=limit, **kw))
+    samples = list(coco.load_coco(path, "detection", limit=limit, **kw))
     names = sorted({lab for s in samples for lab in s.target.get("labels", [])})
     for s in samples:  # image mode has no prompt fields: "find every object" of these categories
         s.prompt.setdefault("object", "object")

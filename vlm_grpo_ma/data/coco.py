@@ -1,0 +1,338 @@
+"""COCO instances JSON into :class:`~vlm_grpo_ma.data.sample.Sample` lists, through pycocotools.
+
+One detection sample per image (non-crowd boxes and their category names; crowd boxes kept apart
+as ``crowd_boxes``, the ignore regions of COCO's evaluation), or one grounding sample per
+annotation (``mode="annotation"``); COCO ids in ``meta``, and :func:`coco_results` to write
+predictions back in COCO's results format.  Errors name the file and a COCO locator
+(``images[<id>]``, ``annotations[<id>]``) and the field, like every loader of
+:mod:`vlm_grpo_ma.data.loaders` (whose record helpers this module shares).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import Any, Callable, Optional, Sequence
+
+from vlm_grpo_ma.data.errors import DataError, FieldError, LoadSummary
+from vlm_grpo_ma.data.loaders import (
+    LoadedSamples,
+    _check_for_task,
+    _check_text,
+    _log_summary,
+    _read_json,
+    check_image,
+    resolve_image_ref,
+)
+from vlm_grpo_ma.data.sample import Sample
+from vlm_grpo_ma.data.validate import DEFAULT_TOLERANCE, canonical_rle, convert_box, convert_polygon, number
+
+__all__ = ["coco_results", "is_coco", "load_coco"]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _coco_id(entry: Any, i: int) -> str:
+    """How an image / annotation is named in errors: ``<id>`` when it is an integer, else
+    ``#<index>`` (a list or dict id would make an unreadable locator)."""
+    if isinstance(entry, dict) and isinstance(entry.get("id"), int) and not isinstance(entry.get("id"), bool):
+        return str(entry["id"])
+    return f"#{i}"
+
+
+def is_coco(data: Any) -> bool:
+    return isinstance(data, dict) and "images" in data and "annotations" in data
+
+
+def _coco_bbox(ann: dict, size: tuple[int, int], tolerance: float) -> list[float]:
+    """COCO ``[x, y, w, h]`` pixels -> canonical xyxy (FieldError on a bad box)."""
+    b = ann.get("bbox")
+    if b is None:
+        raise FieldError("bbox", "missing required field", "missing_field")
+    if not isinstance(b, (list, tuple)) or len(b) != 4:
+        raise FieldError("bbox", f"a COCO bbox must be [x, y, width, height], got {b!r}", "bad_arity")
+    x, y, w, h = (number(v, f"bbox[{i}]") for i, v in enumerate(b))
+    if w < 0 or h < 0:
+        raise FieldError("bbox", f"box is inverted (negative width or height: {w:g} x {h:g})", "inverted_box")
+    return convert_box([x, y, x + w, y + h], "bbox", "pixel", size, tolerance)
+
+
+def _coco_region(coco: Any, ann: dict, size: tuple[int, int], tolerance: float) -> Optional[dict]:
+    """An annotation's segmentation as a canonical region: one polygon -> ``{"polygon": ...}``;
+    several polygons (one object in parts) or an RLE -> ``{"rle": ..., "size": [h, w]}`` merged
+    the way pycocotools' ``annToRLE`` does.  ``None`` if the annotation has no segmentation."""
+    seg = ann.get("segmentation")
+    if not seg:
+        return None
+    if isinstance(seg, list):
+        if len(seg) == 1:
+            return {"polygon": convert_polygon(seg[0], "segmentation[0]", "pixel", size, tolerance)}
+        for i, part in enumerate(seg):  # validate every part before pycocotools rasterises them
+            convert_polygon(part, f"segmentation[{i}]", "pixel", size, tolerance)
+        rle = coco.annToRLE(ann)
+        return canonical_rle(rle, "segmentation", size)
+    return canonical_rle(seg, "segmentation", size)
+
+
+def load_coco(
+    ann_file: str | os.PathLike,
+    task: str = "detection",
+    *,
+    image_dir: Optional[str] = None,
+    mode: str = "image",
+    skip_invalid: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    check_images: bool = True,
+    verify_images: bool = True,
+    include_empty: bool = True,
+    with_masks: bool = False,
+    unique_only: bool = False,
+    limit: Optional[int] = None,
+    check_sample: Optional[Callable[[Sample], None]] = None,
+    _data: Any = None,
+) -> LoadedSamples:
+    """Samples from a COCO instances JSON, read through pycocotools.
+
+    ``mode="image"``: one sample per image, ``target = {"boxes", "labels", "crowd_boxes",
+    "crowd_labels"}`` (+ ``"regions"`` aligned with ``boxes`` if ``with_masks``), boxes canonical
+    xyxy from COCO's ``[x, y, w, h]`` pixels, labels the category names.  Crowd annotations
+    (``iscrowd=1``) are not targets: as in COCO's evaluation they are ignore regions, kept as
+    ``crowd_boxes``.
+
+    ``mode="annotation"``: one grounding sample per non-crowd annotation, ``prompt =
+    {"object": <category name>}``, ``target = {"box", "label", "boxes"}`` where ``boxes`` are
+    all non-crowd boxes of that category in the image (any of them is a correct answer) (+
+    ``"region"`` if ``with_masks``).  ``unique_only`` keeps only annotations whose category occurs
+    once in their image (filtered ones are counted in ``summary.filtered``).
+
+    ``meta`` holds ``coco_image_id``, ``coco_ann_ids`` / ``coco_ann_id``, ``coco_category_ids``,
+    ``file_name`` and ``coco_category_by_name`` (name -> category id, shared), which
+    :func:`coco_results` uses to write predictions back.
+
+    Args:
+        ann_file: the instances JSON; errors name it with ``image <id>`` / ``annotation <id>``.
+        image_dir: folder of the images (default: the JSON's folder).
+        skip_invalid: skip an image (``mode="image"``: an image with any bad annotation, so no
+            target is silently incomplete) or an annotation (``mode="annotation"``) and count it.
+        check_images: read each image file's real size and require it to match the JSON's
+            ``width`` / ``height`` (COCO's pixel boxes are relative to them).
+        include_empty: keep images without annotations (``mode="image"``; they count in COCO AP).
+    """
+    from pycocotools.coco import COCO
+
+    path = os.fspath(ann_file)
+    if mode not in ("image", "annotation"):
+        raise ValueError(f"mode must be 'image' or 'annotation', got {mode!r}")
+    data = _read_json(path) if _data is None else _data
+    if not isinstance(data, dict):
+        raise DataError(path, None, "", f"a COCO file must be a JSON object, got {type(data).__name__}", "bad_json")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(path, None, key, "missing required field (a list)" if key not in data else "must be a list", "missing_field")
+    image_dir = image_dir or os.path.dirname(os.path.abspath(path))
+    summary = LoadSummary(source=path)
+    out = LoadedSamples(summary=summary)
+
+    def fail(err: DataError) -> None:
+        if not skip_invalid:
+            raise err
+        summary.add_skipped(err)
+
+    # --- categories, images, annotations: structure first, so the index can be built ------------
+    cats: dict[int, str] = {}
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
+            raise DataError(path, f"category {i}", "categories", "a category needs an integer 'id' and a string 'name'", "bad_value")
+        try:
+            _check_text(c["name"], "name")
+        except FieldError as e:
+            raise DataError.from_field(e, path, f"category {i}") from None
+        cats[c["id"]] = c["name"]
+    by_name = {name: cid for cid, name in cats.items()}
+
+    images: dict[int, dict] = {}
+    sizes: dict[int, tuple[int, int]] = {}
+    bad_images: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        loc = f"image {_coco_id(im, i)}"
+        try:
+            if not isinstance(im, dict):
+                raise FieldError("", "an image entry must be an object", "bad_value")
+            for key in ("id", "file_name", "width", "height"):
+                if key not in im:
+                    raise FieldError(key, "missing required field", "missing_field")
+            if not isinstance(im["id"], int) or isinstance(im["id"], bool):
+                raise FieldError("id", f"must be an integer, got {_short(im['id'])}", "bad_value")
+            if not isinstance(im["file_name"], str):
+                raise FieldError("file_name", f"must be a string, got {_short(im['file_name'])}", "bad_value")
+            _check_text(im["file_name"], "file_name")
+            if im["id"] in images or im["id"] in bad_images:
+                raise FieldError("id", f"duplicate image id {im['id']}", "duplicate_id")
+            for key in ("width", "height"):
+                if not isinstance(im[key], int) or isinstance(im[key], bool) or im[key] <= 0:
+                    raise FieldError(key, f"must be a positive integer, got {im[key]!r}", "bad_value")
+            size = (im["width"], im["height"])
+            if check_images:
+                ref = resolve_image_ref(im["file_name"], image_dir, "file_name")
+                real = check_image(ref, "file_name", None, verify_images)
+                if real != size:
+                    raise FieldError(
+                        "width/height", f"the JSON says {size[0]}x{size[1]} but {ref} is {real[0]}x{real[1]}", "bad_value"
+                    )
+            images[im["id"]] = im
+            sizes[im["id"]] = size
+        except FieldError as e:
+            if isinstance(im, dict) and isinstance(im.get("id"), int):
+                bad_images.add(im["id"])
+            fail(DataError.from_field(e, path, loc))
+
+    good_anns: list[dict] = []
+    ann_errors: dict[int, DataError] = {}  # image id -> first error (mode="image")
+    seen_ann: set = set()
+    for i, ann in enumerate(data["annotations"]):
+        loc = f"annotation {_coco_id(ann, i)}"
+        try:
+            if not isinstance(ann, dict):
+                raise FieldError("", "an annotation must be an object", "bad_value")
+            for key in ("id", "image_id", "category_id", "bbox"):
+                if key not in ann:
+                    raise FieldError(key, "missing required field", "missing_field")
+            for key in ("id", "image_id", "category_id"):
+                if not isinstance(ann[key], int) or isinstance(ann[key], bool):
+                    raise FieldError(key, f"must be an integer, got {type(ann[key]).__name__} {_short(ann[key])}", "bad_value")
+            if ann["id"] in seen_ann:
+                raise FieldError("id", f"duplicate annotation id {ann['id']}", "duplicate_id")
+            seen_ann.add(ann["id"])
+            if ann["image_id"] in bad_images:
+                continue  # its image is already reported
+            if ann["image_id"] not in images:
+                raise FieldError("image_id", f"no image with id {ann['image_id']!r}", "bad_value")
+            if ann["category_id"] not in cats:
+                raise FieldError("category_id", f"no category with id {ann['category_id']!r}", "bad_value")
+            _coco_bbox(ann, sizes[ann["image_id"]], tolerance)  # validate; converted again below
+            good_anns.append(ann)
+        except FieldError as e:
+            err = DataError.from_field(e, path, loc)
+            img_id = ann.get("image_id") if isinstance(ann, dict) else None
+            if mode == "image" and isinstance(img_id, int) and img_id in images:
+                if not skip_invalid:
+                    raise err
+                ann_errors.setdefault(img_id, err)
+            else:
+                fail(err)
+
+    coco = COCO()
+    coco.dataset = dict(data, images=list(images.values()), annotations=good_anns)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+
+    # --- samples -------------------------------------------------------------------------------
+    for img_id in sorted(images):
+        if limit is not None and len(out) >= limit:
+            break
+        if img_id in ann_errors:  # an image whose target would be incomplete
+            summary.add_skipped(ann_errors[img_id])
+            continue
+        im, size = images[img_id], sizes[img_id]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[img_id]))
+        base = {
+            "source": path,
+            "coco_image_id": img_id,
+            "file_name": im["file_name"],
+            "coco_category_by_name": by_name,
+        }
+        ref = resolve_image_ref(im["file_name"], image_dir, "file_name")
+        plain, crowd = [], []
+        try:
+            for a in anns:
+                try:
+                    entry = (a, _coco_bbox(a, size, tolerance), _coco_region(coco, a, size, tolerance) if with_masks else None)
+                except FieldError as e:
+                    raise DataError.from_field(e, path, f"annotation {a['id']}") from None
+                (crowd if a.get("iscrowd", 0) else plain).append(entry)
+        except DataError as err:
+            fail(err)
+            continue
+        if mode == "image":
+            if not anns and not include_empty:
+                summary.filtered["no_annotations"] += 1
+                continue
+            target = {
+                "boxes": [b for _, b, _ in plain],
+                "labels": [cats[a["category_id"]] for a, _, _ in plain],
+                "crowd_boxes": [b for _, b, _ in crowd],
+                "crowd_labels": [cats[a["category_id"]] for a, _, _ in crowd],
+            }
+            if with_masks:
+                target["regions"] = [r for _, _, r in plain]
+            meta = dict(
+                base,
+                coco_ann_ids=[a["id"] for a, _, _ in plain],
+                coco_category_ids=[a["category_id"] for a, _, _ in plain],
+            )
+            sample = Sample(id=f"coco-{img_id}", task=task, images=[ref], image_sizes=[size], target=target, meta=meta)
+            try:
+                _check_for_task(check_sample, sample, path, f"image {img_id}")
+            except DataError as err:
+                fail(err)
+                continue
+            out.append(sample)
+            summary.add_loaded()
+        else:
+            counts: dict[int, int] = {}
+            for a, _, _ in plain:
+                counts[a["category_id"]] = counts.get(a["category_id"], 0) + 1
+            for a, box, region in plain:
+                if limit is not None and len(out) >= limit:
+                    break
+                if unique_only and counts[a["category_id"]] > 1:
+                    summary.filtered["not_unique"] += 1
+                    continue
+                name = cats[a["category_id"]]
+                target = {"box": box, "label": name, "boxes": [b for o, b, _ in plain if o["category_id"] == a["category_id"]]}
+                if with_masks:
+                    target["region"] = region
+                meta = dict(base, coco_ann_id=a["id"], coco_category_ids=[a["category_id"]])
+                sample = Sample(id=f"coco-{img_id}-{a['id']}", task=task, images=[ref], image_sizes=[size],
+                                prompt={"object": name}, target=target, meta=meta)
+                try:
+                    _check_for_task(check_sample, sample, path, f"annotation {a['id']}")
+                except DataError as err:
+                    fail(err)
+                    continue
+                out.append(sample)
+                summary.add_loaded()
+    _log_summary(summary)
+    return out
+
+
+def coco_results(
+    sample: Sample, boxes: Sequence[Sequence[float]], labels: Sequence[str], scores: Optional[Sequence[float]] = None
+) -> list[dict]:
+    """Predictions for one COCO-loaded sample in COCO's results format
+    (``[{"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}]``), ready for
+    ``COCO.loadRes`` / ``COCOeval``.
+
+    ``boxes`` are canonical xyxy, ``labels`` category names; a label the dataset does not have
+    cannot be scored by COCO and is left out.  ``scores`` default to 1.0.
+    """
+    by_name = sample.meta["coco_category_by_name"]
+    w, h = sample.image_size
+    scores = [1.0] * len(boxes) if scores is None else scores
+    out = []
+    for (x1, y1, x2, y2), label, score in zip(boxes, labels, scores):
+        if label not in by_name:
+            continue
+        out.append(
+            {
+                "image_id": sample.meta["coco_image_id"],
+                "category_id": by_name[label],
+                "bbox": [x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h],
+                "score": float(score),
+            }
+        )
+    return out
