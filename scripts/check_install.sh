@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The installed product, as a new user gets it: build the wheel from the repository's files, install
 # it into a fresh virtual environment, and from another folder run
-#   - the trainer under the deepspeed launcher on a tiny budget (SFT 2 steps, then GRPO-MA 1 step),
-#     as `deepspeed --module vlm_grpo_ma train` and with the `vlm-grpo-ma` console script's path;
+#   - the trainer under the deepspeed launcher on a tiny budget: `deepspeed --module vlm_grpo_ma train`
+#     (SFT 2 steps, then GRPO-MA 1 step, held-out evaluations), and the `vlm-grpo-ma` console
+#     script's path under the launcher (SFT 1 step);
 #   - the benchmark runner on a bundled synthetic suite (`vlm-grpo-ma bench run`).
 # Everything lives in a temporary folder (KEEP=1 keeps it); prints the seconds of each step.
 # torch: as scripts/setup.sh does it (the CPU build 2.13.0 without an NVIDIA GPU, pinned in the same
@@ -77,10 +78,11 @@ step "trainer: deepspeed --module vlm_grpo_ma train (SFT 2 steps, RL 1 step)"
 deepspeed --num_accelerators 1 --module vlm_grpo_ma train "${TINY[@]}" --output_dir run-module > train-module.log 2>&1 \
   || { tail -40 train-module.log; exit 1; }
 check_run run-module
-step "trainer: deepspeed \$(command -v vlm-grpo-ma) train (the console script's path)"
-deepspeed --num_accelerators 1 "$(command -v vlm-grpo-ma)" train "${TINY[@]}" --output_dir run-script > train-script.log 2>&1 \
+step "trainer: deepspeed \$(command -v vlm-grpo-ma) train (the console script's path; SFT 1 step)"
+deepspeed --num_accelerators 1 "$(command -v vlm-grpo-ma)" train --task affordance --stage sft --sft_steps 1 \
+  --sft_batch_size 2 --sft_warmup_steps 0 --eval_samples 0 --output_dir run-script > train-script.log 2>&1 \
   || { tail -40 train-script.log; exit 1; }
-check_run run-script
+test -f run-script/sft/final/config.json || { echo "no run-script/sft/final model"; tail -40 train-script.log; exit 1; }
 
 step "benchmark: vlm-grpo-ma bench run --suite synthetic-affordance (8 samples, tiny model)"
 vlm-grpo-ma bench run --suite synthetic-affordance --model tiny-qwen2.5-vl --limit 8 --max-new-tokens 24 \
