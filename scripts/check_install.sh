@@ -21,7 +21,13 @@ quiet_pip() { "$@" --disable-pip-version-check -q 2> >(grep -v "^WARNING: Locati
 step "wheel from the repository's files (tracked and new, nothing ignored) in $T/src"
 mkdir -p "$T/src" "$T/dist" "$T/run"
 (cd "$ROOT" && git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$T/src" 2>/dev/null || true)
-quiet_pip "$PY" -m pip wheel --no-deps -w "$T/dist" "$T/src"
+# the repository's venv (scripts/setup.sh, which has setuptools) builds it without an isolated
+# build environment (faster); otherwise pip builds it as a user's `pip install .` would
+if [ -x "$ROOT/.venv/bin/python" ] && "$ROOT/.venv/bin/python" -c "import setuptools" 2>/dev/null; then
+  quiet_pip "$ROOT/.venv/bin/python" -m pip wheel --no-deps --no-build-isolation -w "$T/dist" "$T/src"
+else
+  quiet_pip "$PY" -m pip wheel --no-deps -w "$T/dist" "$T/src"
+fi
 WHEEL=$(ls "$T"/dist/vlm_grpo_ma-*.whl)
 
 step "fresh venv, install $(basename "$WHEEL")"
@@ -32,7 +38,7 @@ elif ls /opt/wheels/torch-2.13.0+cpu-* >/dev/null 2>&1 || ! (command -v nvidia-s
 else
   "$PY" -m venv "$T/venv"; TORCH=()
 fi
-quiet_pip "$T/venv/bin/python" -m pip install "${TORCH[@]}" "$WHEEL"
+quiet_pip "$T/venv/bin/python" -m pip install --no-compile "${TORCH[@]}" "$WHEEL"  # no .pyc pass: ~1.4 GB of packages
 export PATH="$T/venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if ! (command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1); then export DS_ACCELERATOR=cpu; fi
 
