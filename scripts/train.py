@@ -6,8 +6,8 @@
     python scripts/train.py --task detection --stage rl --num_thoughts 16 --answers_per_thought 1
     python scripts/train.py --help                                    # every field, with its documentation
 
-The pipeline itself reads top to bottom in vlm_grpo_ma/training/cli.py:main (also installed as
-the ``vlm-grpo-ma-train`` command).
+The pipeline itself reads top to bottom in vlm_grpo_ma/training/cli.py:main; an installed package
+runs it as ``vlm-grpo-ma train ...`` or, under the launcher, ``deepspeed --module vlm_grpo_ma train ...``.
 """
 
 import os

@@ -67,7 +67,7 @@ def gradient_background(width: int, height: int, level: int = GRADIENT_LEVEL) ->
     arr = np.zeros((height, width, 3), dtype=np.uint8)
     arr[:, :, 0] = np.round(xs)[None, :].astype(np.uint8)
     arr[:, :, 2] = np.round(ys)[:, None].astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
+    return Image.fromarray(arr)  # uint8 [H, W, 3]: RGB (the mode argument is deprecated in Pillow 11.3)
 
 
 def px_box_to_unit(box_px: Sequence[int], width: int, height: int) -> list[float]:

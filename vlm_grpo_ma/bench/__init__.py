@@ -9,7 +9,7 @@ Public API (imported lazily, so ``import vlm_grpo_ma.bench`` stays light):
 - :func:`compare_table` (``compare.py``): several results side by side;
 - :func:`write_report` (``report.py``) and :func:`draw_thumbnail` (``draw.py``).
 
-See docs/BENCHMARKS.md and ``scripts/benchmark.py``.
+See docs/BENCHMARKS.md and ``cli.py`` (the ``vlm-grpo-ma bench`` command, ``scripts/benchmark.py``).
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def _region_mask(region: dict, size: tuple[int, int]) -> Image.Image | None:
             from vlm_grpo_ma.bench.formats import rle_to_mask
 
             arr = rle_to_mask(region)
-            return Image.fromarray((arr > 0).astype(np.uint8) * 255, "L").resize(size, Image.NEAREST)
+            return Image.fromarray((arr > 0).astype(np.uint8) * 255).resize(size, Image.NEAREST)
     except Exception:
         return None
     return None

@@ -35,10 +35,17 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 
 from vlm_grpo_ma.format import split_completion
 from vlm_grpo_ma.models.loading import unwrap_model
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
+
+# transformers 5.24 renamed the key/value cache argument and output field `past_key_values` to
+# `cache` (the old name warns on every forward and is removed in 5.40); earlier 5.x releases know
+# only the old name.
+_CACHE_ARG = "cache" if Version(transformers.__version__).release[:2] >= (5, 24) else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -290,7 +297,7 @@ class HFRolloutBackend:
                 kw[k] = inputs[k]
         out = self.model(use_cache=True, return_dict=True, logits_to_keep=1, **kw)
         next_pos = pos.amax(dim=(0, 2)) + 1  # [B]
-        state = _DecodeState(out.past_key_values, attn, next_pos, out.logits[:, -1].float())
+        state = _DecodeState(out[_CACHE_ARG], attn, next_pos, out.logits[:, -1].float())
         return state, int(attn.sum())
 
     def _decode(
@@ -360,11 +367,11 @@ class HFRolloutBackend:
                     input_ids=tok[:, None],
                     attention_mask=state.attention_mask,
                     position_ids=pos,
-                    past_key_values=state.cache,
                     use_cache=True,
                     return_dict=True,
+                    **{_CACHE_ARG: state.cache},
                 )
-                state.cache = out.past_key_values
+                state.cache = out[_CACHE_ARG]
                 state.next_pos = state.next_pos + active.long()
                 state.logits = out.logits[:, -1].float()
                 final_logits = torch.where(active[:, None], state.logits, final_logits)

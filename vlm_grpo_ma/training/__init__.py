@@ -10,5 +10,5 @@ in ``vlm_grpo_ma.algorithms``, the task logic in ``tasks/``).
 - ``checkpoint``: atomic resumable checkpoints and the Hugging Face export;
 - ``evaluate``: greedy held-out evaluation with the task's metrics;
 - ``metrics``: JSONL / TensorBoard / wandb sinks;
-- ``cli``: the pipeline, ``main(argv)`` (``scripts/train.py`` and the ``vlm-grpo-ma-train`` command).
+- ``cli``: the pipeline, ``main(argv)`` (``scripts/train.py`` and the ``vlm-grpo-ma train`` command).
 """

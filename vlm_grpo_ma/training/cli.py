@@ -29,12 +29,25 @@ def parse_train_config(argv: Sequence[str] | None = None):
     """TrainConfig from ``--config FILE.yaml`` files and ``--key value`` overrides.
 
     Without any ``--config`` the task's CPU demo config ``configs/<task>.tiny.yaml`` is read first
-    (so ``--task detection`` alone gets detection's token budgets); command-line values win."""
+    (so ``--task detection`` alone gets detection's token budgets); command-line values win.
+    A ``--config`` path that is not a file here names a shipped config
+    (``configs/affordance.qwen2_5_vl_3b.yaml`` or ``affordance.qwen2_5_vl_3b.yaml``)."""
     from vlm_grpo_ma.config import parse_config
-    from vlm_grpo_ma.resources import shipped_dir
+    from vlm_grpo_ma.resources import resolve_file, shipped_dir
     from vlm_grpo_ma.training.config import ALL_ARGS, TrainConfig
 
+    def shipped_or_own(path: str) -> str:
+        try:
+            return str(resolve_file(path, "configs"))
+        except FileNotFoundError:
+            return path  # parse_config reports the missing file
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            argv[i + 1] = shipped_or_own(argv[i + 1])
+        elif a.startswith("--config="):
+            argv[i] = "--config=" + shipped_or_own(a.split("=", 1)[1])
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         # no --config: start from the task's shipped CPU demo (configs/<task>.tiny.yaml)
         task = "affordance"
