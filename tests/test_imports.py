@@ -26,6 +26,7 @@ LAYERS = {
     "task": 3, "reward_guard": 3, "format": 3,  # the plugin contract, the format rule, the reward guard
     "rollout": 4,  # generation backends and the training layout
     "training": 5, "bench": 5,  # the two applications (peers)
+    "cli": 6, "__main__": 6,  # the one console command (`vlm-grpo-ma train|bench`, `python -m vlm_grpo_ma`)
     "<root>": 6,  # vlm_grpo_ma/__init__.py re-exports the public names
 }
 PLUGINS = "tasks"  # vlm_grpo_ma.tasks: may import layers <= 3 (task, data, models, utilities)

@@ -186,7 +186,7 @@ st = stg.build_stage(cfg, "rl", cfg.model.model, global_batch=cfg.rl.prompts_per
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 built = status("VmRSS:")
-run_rl(st, cfg, task, MetricsLogger(cfg.run.output_dir, "none", cfg.flat()), RLState(task), 0, None, None)
+run_rl(st, cfg, task, MetricsLogger(cfg.run.output_dir, "none", cfg.flat()), RLState(task), 0, None)
 print(json.dumps({"baseline": base, "built": built, "peak": status("VmHWM:")}))
 """
 
