@@ -378,8 +378,9 @@ def _main():
             report(event="test", i=i, ok=False, error=type(e).__name__)
 
 def _serve(ns, req_fd, resp_fd):
-    """Answer the tester's calls: ``[name, [args], [[key, value], ...]]`` (tagged values) ->
-    ``["ok", value]`` or ``["err", first built-in class of the exception]``, one JSON line each."""
+    """Answer the tester's calls: ``[id, name, [args], [[key, value], ...]]`` (tagged values) ->
+    ``[id, "ok", value]`` or ``[id, "err", first built-in class of the exception]``, one JSON
+    line each (``id``: a random token of the call, so no reply can be written ahead)."""
     rf, wf = os.fdopen(req_fd, "rb"), os.fdopen(resp_fd, "wb", 0)
     def send(obj):
         data = (json.dumps(obj) + "\n").encode()
@@ -390,8 +391,9 @@ def _serve(ns, req_fd, resp_fd):
         line = rf.readline()
         if not line:
             return
+        cid = None
         try:
-            name, args, kwargs = json.loads(line)
+            cid, name, args, kwargs = json.loads(line)
             if name not in ns or not callable(ns[name]):
                 raise NameError(name)
             value = ns[name](*[_decode(a) for a in args], **{k: _decode(v) for k, v in kwargs})
@@ -406,7 +408,7 @@ def _serve(ns, req_fd, resp_fd):
                     name = c.__name__
                     break
             out = ["err", name]
-        send(out)
+        send([cid] + out)
 
 sys.set_int_max_str_digits(0) if hasattr(sys, "set_int_max_str_digits") else None
 _main()
@@ -458,7 +460,8 @@ def _main():
             if state["broken"]:
                 raise SolutionCallError(state["broken"])
             try:
-                msg = json.dumps([name, [_encode(a) for a in args], [[k, _encode(v)] for k, v in kwargs.items()]])
+                cid = os.urandom(8).hex()
+                msg = json.dumps([cid, name, [_encode(a) for a in args], [[k, _encode(v)] for k, v in kwargs.items()]])
             except (TypeError, ValueError) as e:
                 raise TypeError("only None/bool/int/float/complex/str/bytes/list/tuple/set/frozenset/dict "
                                 "arguments can be passed to the solution, not %s" % e)
@@ -467,6 +470,9 @@ def _main():
                 while data:
                     data = data[os.write(wf, data):]
                 reply = recv()
+                if type(reply) is not list or not reply or reply[0] != cid:
+                    raise SolutionCallError("a reply to another call")
+                reply = reply[1:]
             except (OSError, SolutionCallError) as e:
                 state["broken"] = "the solution's process ended or sent a malformed reply"
                 raise SolutionCallError(state["broken"])
@@ -802,8 +808,9 @@ class Sandbox:
         python = self._sandbox_python(mode)
         nonce = secrets.token_hex(16)
         tester = mode_name == "tester"  # statement tests only: no solution code in this process
-        with open(os.path.join(workdir, _SOLUTION), "w", encoding="utf-8") as f:
-            f.write("" if tester else code)
+        if not tester:
+            with open(os.path.join(workdir, _SOLUTION), "w", encoding="utf-8") as f:
+                f.write(code)
         with open(os.path.join(workdir, _HARNESS), "w", encoding="utf-8") as f:
             f.write(_TESTER_SRC if tester else _HARNESS_SRC)
         with open(os.path.join(workdir, _CONFIG), "w", encoding="utf-8") as f:
@@ -818,7 +825,8 @@ class Sandbox:
             os.chown(workdir, uid, uid)
             os.chmod(workdir, 0o700)
             for name in (_SOLUTION, _HARNESS, _CONFIG):
-                os.chown(os.path.join(workdir, name), uid, uid)
+                if os.path.exists(os.path.join(workdir, name)):
+                    os.chown(os.path.join(workdir, name), uid, uid)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
         cfg = {
@@ -1030,6 +1038,7 @@ class Sandbox:
                 d = f"{ev['event']}:{ev.get('error')}"
                 if d not in details:
                     details.append(d)
+        mine: list[str] = []
         seen = set()
         for ev in _events(res.report):
             i = ev.get("i")
@@ -1038,11 +1047,14 @@ class Sandbox:
             seen.add(i)
             passed[statements[i]] = ev.get("ok") is True
             if ev.get("ok") is not True and ev.get("error") != "no_solution":
-                details.append(f"test_failed:{ev.get('error')}")
+                mine.append(f"test_failed:{ev.get('error')}")
         failed = not all(passed[i] for i in statements)
-        for status in (res.status, sol.status):  # the tester's own limits first, then the solution's
+        # a limit the solution's process hit (a call that hangs, too much output) explains the
+        # failed calls of the tester that follow it: it comes first
+        for status in (sol.status, res.status):
             if status not in ("ok", "exit") and failed and status not in details:
                 details.append(status)
+        details.extend(mine)
         if failed and not details:
             details.append("exit")
         return _never_compiled(sol)
