@@ -41,23 +41,25 @@ The model's code is compiled inside the sandbox (a syntax error is reported as
 
 Tests (``target["tests"]`` of a code sample) are a list whose items are either
 
-- a string: Python statements (usually ``assert f(2) == 4``) executed in the namespace of the
-  solution after the solution module ran (``__name__ == "solution"``).  A single
+- a string: Python statements (usually ``assert f(2) == 4``).  A single
   ``assert <expr> <op> <literal>`` (``==``, ``<``, ``in``, ...) or ``assert [not] <call>`` is
-  judged by the caller (:func:`split_test`): only ``<expr>`` is evaluated in the sandbox, its
-  value (or truth) comes back as plain data and the caller applies the comparison, so the
-  expected value never enters the sandbox and the solution cannot forge a pass.  Any other
-  string is a *statement test* that passes when it raises nothing (its verdict is reported from
-  inside the sandbox and can be forged by hostile code: docs/SANDBOX.md).  All
-  string tests of a sample share one process; each reports as soon as it finishes, so a test
-  that hangs costs only itself and the ones after it.
+  judged by the caller (:func:`split_test`): only ``<expr>`` is evaluated, in the namespace of
+  the solution after the solution module ran (``__name__ == "solution"``); its value (or truth)
+  comes back as plain data and the caller applies the comparison, so the expected value never
+  enters the sandbox and the solution cannot forge a pass.  These share one process.  Any other
+  string is a *statement test* that passes when it raises nothing: it runs in a separate
+  sandboxed process, the *tester*, that holds no solution code; the names it uses are proxies
+  that call the solution's functions in the solution's process over a pipe, with arguments and
+  results passed by value as plain data (:meth:`Sandbox.run_statements`; limits in
+  docs/SANDBOX.md).  Each test reports as soon as it finishes, so a test that hangs costs only
+  itself and the ones after it in its process.
 - a dict ``{"input": str, "output": str}``: the solution runs as a program
   (``__name__ == "__main__"``) with ``input`` on stdin, one process per test; it passes when the
   exit status is 0 and stdout equals ``output`` after :func:`normalise_output` (trailing
   whitespace of every line and trailing blank lines are ignored).
 
 Public API: :class:`SandboxLimits`, :class:`RunResult`, :class:`TestReport`, :class:`Sandbox`
-(``run``, ``run_tests``, ``run_many``), :func:`normalise_output`, :func:`split_test`, :func:`validate_tests`.
+(``run``, ``run_tests``, ``run_statements``, ``run_many``), :func:`normalise_output`, :func:`split_test`, :func:`validate_tests`.
 """
 
 from __future__ import annotations
@@ -739,7 +741,9 @@ class Sandbox:
     def run(self, code: str, stdin: str | bytes = b"", tests: Sequence[str] | None = None) -> RunResult:
         """Run ``code`` once: as a program with ``stdin`` (``tests`` None) or, with a list of
         assert-style ``tests``, as a module followed by the tests, whose outcomes come back in
-        ``RunResult.report`` (JSON lines; a value test reports the value, never a verdict)."""
+        ``RunResult.report`` (JSON lines; a value test reports the value, never a verdict).
+        Statement tests given here run in the solution's namespace (forgeable);
+        :meth:`run_tests` runs them in a tester process instead (:meth:`run_statements`)."""
         plan = None if tests is None else [_harness_kind(*split_test(t)[:2]) for t in tests]
         return self._run_mode(self.isolation, code, stdin=stdin, tests=plan,
                               mode_name="program" if tests is None else "asserts")
@@ -1118,8 +1122,9 @@ def split_test(test: str) -> tuple[str, str, Any]:
     does there (patching ``exec`` or ``json``, an object whose ``__eq__`` is always true,
     forging report lines) makes a wrong value pass.  A truth test reports ``bool(<expr>)``; the
     polarity stays in the caller, so a forged report is a guess, no better than a solution that
-    returns a constant.  A statement test runs inside the sandbox and reports its own verdict,
-    which a hostile solution CAN forge (docs/SANDBOX.md).
+    returns a constant.  :meth:`Sandbox.run_tests` runs a statement test in the tester process,
+    out of the solution's reach (:meth:`Sandbox.run`, the low-level single-process call, still
+    runs it in the solution's namespace, where its verdict can be forged).
 
     >>> split_test("assert f(2) == [4, 5]")
     ('value', 'f(2)', [4, 5])
