@@ -1024,12 +1024,12 @@ class Sandbox:
         try:
             th.start()
         except BaseException:
-            for fd in (req_r, resp_w):
+            for fd in (req_r, req_w, resp_r, resp_w):
                 os.close(fd)
             raise
         tester = self._run_mode(mode, "", tests=list(tests), mode_name="tester",
                                 channel={"req_fd": req_w, "resp_fd": resp_r},
-                                extra_cfg={"names": names, "reply_bytes": int(self.limits.output_bytes) + 2**16})
+                                extra_cfg={"names": names, "reply_bytes": _REPLY_BYTES})
         th.join()
         return out["solution"], tester
 
@@ -1162,6 +1162,8 @@ def split_test(test: str) -> tuple[str, str, Any]:
     return "statement", test, None
 
 
+#: longest reply line of the solution's process to one call of the tester (longer: the call fails)
+_REPLY_BYTES = 16 * 2**20
 _BUILTIN_NAMES = frozenset(dir(__import__("builtins")))
 
 
