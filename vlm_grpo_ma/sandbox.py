@@ -954,6 +954,19 @@ class Sandbox:
         statements = [i for i in strings if split_test(tests[i])[0] == "statement"]
         asserts = [i for i in strings if i not in set(statements)]  # judged by the caller
         programs = [i for i, t in enumerate(tests) if isinstance(t, dict)]
+        pair: dict[str, Any] = {}
+        if statements:  # the tester and its solution process run alongside the judged run
+
+            def run_pair():
+                try:
+                    pair["r"] = self.run_statements(code, [tests[i] for i in statements])
+                except Exception as e:  # never crash the caller
+                    logger.exception("sandbox run failed")
+                    err = RunResult("sandbox_error", None, error=f"{type(e).__name__}: {e}")
+                    pair["r"] = (err, err)
+
+            pair_thread = threading.Thread(target=run_pair, name="sandbox-statements", daemon=True)
+            pair_thread.start()
         if asserts:
             plan = [split_test(tests[i]) for i in asserts]
             res = self.run(code, tests=[tests[i] for i in asserts])
@@ -981,8 +994,9 @@ class Sandbox:
                 details.append(res.status)
             elif len(seen) < len(asserts) and not details:
                 details.append("exit")
-        if statements and not uncompilable:
-            uncompilable = self._score_statements(code, tests, statements, passed, details)
+        if statements:
+            pair_thread.join()
+            uncompilable = self._score_statements(pair["r"], statements, passed, details) or uncompilable
         for i in programs:
             if uncompilable:
                 break  # the same text will not compile for the next test either
@@ -1033,10 +1047,12 @@ class Sandbox:
         th.join()
         return out["solution"], tester
 
-    def _score_statements(self, code, tests, statements, passed, details) -> bool:
-        """Score the statement tests (indices ``statements`` of ``tests``) into ``passed`` and
-        ``details``; True when the solution's text never compiled."""
-        sol, res = self.run_statements(code, [tests[i] for i in statements])
+    @staticmethod
+    def _score_statements(results, statements, passed, details) -> bool:
+        """Score the statement tests (indices ``statements`` of the sample's tests) from
+        :meth:`run_statements`'s ``results`` into ``passed`` and ``details``; True when the
+        solution's text never compiled."""
+        sol, res = results
         for ev in _events(sol.report):
             if ev.get("event") in ("syntax_error", "solution_error"):
                 d = f"{ev['event']}:{ev.get('error')}"
