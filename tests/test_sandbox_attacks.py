@@ -289,6 +289,11 @@ def test_statement_tests_keep_their_time_limits(root_sandbox):
     assert rep.passed == [True, False] and rep.reason == "timeout", rep
     assert time.monotonic() - t0 < 2 * FAST.wall_timeout_s + 3.0
     assert not _left_on_host()
+    # the solution's process ends with the tester, even with a thread of its own left running
+    t0 = time.monotonic()
+    rep = root_sandbox.run_tests("import threading\nthreading.Thread(target=threading.Event().wait).start()\n"
+                                 "def f(x):\n    return x\n", ["x = f(1)\nassert x == 1"])
+    assert rep.passed == [True] and time.monotonic() - t0 < FAST.wall_timeout_s - 1.0, rep
 
 
 # ---- code is compiled inside the sandbox ------------------------------------------------------
