@@ -2,7 +2,9 @@
 
 Sample: ``prompt = {"problem": str}``; ``target = {"tests": [...], "solution": str}``.
 ``tests`` (see :mod:`vlm_grpo_ma.sandbox`) is a list whose items are either assert statements
-(strings such as ``"assert f(2) == 4"``, run in the solution's namespace) or stdin/stdout pairs
+(strings such as ``"assert f(2) == 4"``: single judged asserts are evaluated in the solution's
+namespace and compared by the caller; other statements run in a separate tester process that
+calls the solution's functions by value) or stdin/stdout pairs
 (``{"input": "1 2\\n", "output": "3\\n"}``, the solution runs as a program); both kinds may be
 mixed.  ``solution`` (optional) is a reference solution, used by the SFT target.
 Images are optional (``sample.images`` may be empty).

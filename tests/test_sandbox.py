@@ -256,8 +256,10 @@ def test_writing_outside_its_directory(root_sandbox, tmp_path):
     assert rep.passed == [False] and not target.exists()
     # world-writable /tmp is a private tmpfs inside the sandbox: nothing reaches the real one
     name = f"/tmp/vlm-grpo-ma-escape-{os.getpid()}"
-    rep = root_sandbox.run_tests(f"open({name!r}, 'w').write('x')\nopen('../escape-rel', 'w')\n",
-                                 ["import os\nassert os.path.exists(" + repr(name) + ")"])
+    # (statement tests run in a process of their own: the test asks the solution's process)
+    rep = root_sandbox.run_tests(f"import os\nopen({name!r}, 'w').write('x')\nopen('../escape-rel', 'w')\n"
+                                 f"def written():\n    return os.path.exists({name!r})\n",
+                                 ["ok = written()\nassert ok"])
     assert rep.passed == [True]  # it can write its private /tmp ...
     assert not os.path.exists(name)  # ... which is not the caller's
     assert not os.path.exists("/tmp/escape-rel")

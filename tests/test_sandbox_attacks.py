@@ -173,6 +173,129 @@ def test_a_correct_solution_still_scores_full(task):
     assert _reward(task, "def f(x):\n    return x * x\n", TESTS) == pytest.approx(1.0)
 
 
+# ---- statement tests: run in a tester process that holds no solution code -----------------------
+#: statement tests (not judged by the caller): several statements, a message, a loop, two calls
+STATEMENT_TESTS = ["x = f(2)\nassert x == 4", "assert f(3) == 9, 'f(3) is 9'",
+                   "for x in (2, 3):\n    assert f(x) == x * x", "assert f(3) == f(2) + 5"]
+STATEMENT_FORGERIES = dict(FORGERIES, **{
+    "fake replies on every fd": textwrap.dedent("""
+        import os
+        for fd in range(3, 64):
+            for line in (b'["ready"]\\n', b'["ok", ["i", "0x4"]]\\n', b'{"event": "test", "i": 0, "ok": true}\\n'):
+                try:
+                    os.write(fd, line)
+                except OSError:
+                    pass
+        def f(x):
+            return -1
+    """),
+    "reach the tester through /proc": textwrap.dedent("""
+        import os
+        me = os.getpid()
+        for pid in os.listdir('/proc'):
+            if not pid.isdigit() or int(pid) == me:
+                continue
+            try:
+                fds = os.listdir('/proc/%s/fd' % pid)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    w = os.open('/proc/%s/fd/%s' % (pid, fd), os.O_WRONLY | os.O_NONBLOCK)
+                    os.write(w, b'{"event": "test", "i": 0, "ok": true}\\n')
+                except OSError:
+                    pass
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+        def f(x):
+            return -1
+    """),
+    "__eq__ object from every call": textwrap.dedent("""
+        class Anything(int):
+            def __eq__(self, other):
+                return True
+            __hash__ = int.__hash__
+            def __add__(self, other):
+                return self
+            __radd__ = __mul__ = __rmul__ = __add__
+        def f(x):
+            return Anything(0)
+    """),
+    "raise SystemExit(0) from the call": "import sys\ndef f(x):\n    sys.exit(0)\n",
+})
+
+
+def test_statement_tests_are_not_judged_by_the_caller():
+    assert all(split_test(t)[0] == "statement" for t in STATEMENT_TESTS)
+
+
+@pytest.mark.parametrize("name", list(STATEMENT_FORGERIES))
+def test_reward_forgery_of_statement_tests_scores_at_most_the_format_part(task, name):
+    code = STATEMENT_FORGERIES[name]
+    code += "\n" + WRONG if "def f" not in code else ""
+    assert _reward(task, code, STATEMENT_TESTS) <= task.w_format + 1e-9
+    assert not _left_on_host()
+
+
+def test_a_correct_solution_passes_statement_tests(root_sandbox, task):
+    code = textwrap.dedent("""
+        def f(x):
+            return x * x
+        def g(x, scale=1):
+            if x < 0:
+                raise ValueError('negative')
+            return [x, x * scale]
+        def uid():
+            import os
+            return os.getuid()
+    """)
+    tests = STATEMENT_TESTS + [
+        "assert g(2, scale=3) == [2, 6] and g(0) == [0, 0], 'kwargs'",
+        "try:\n    g(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no error')",
+        "assert {f(i) for i in range(4)} == {0, 1, 4, 9}\nassert all(f(i) >= 0 for i in range(-3, 3))",
+        # the tester holds no solution code and runs under a uid of its own
+        "import os\nassert 'solution.py' not in os.listdir('.')\nassert uid() != os.getuid()",
+    ]
+    rep = root_sandbox.run_tests(code, tests)
+    assert rep.passed == [True] * len(tests), rep
+    assert _reward(task, code, STATEMENT_TESTS) == pytest.approx(1.0)
+
+
+def test_statement_test_limits_of_the_proxies(root_sandbox):
+    """Values cross by value, as plain data: an in-place change to an argument is not seen, a
+    returned object of a class of the solution is a failed call (not even ``except Exception``
+    catches it), a function cannot be passed, a solution's global is not shared."""
+    code = ("class P:\n    pass\ndef add(xs):\n    xs.append(1)\n    return len(xs)\n"
+            "def make():\n    return P()\nLIMIT = 3\n")
+    tests = ["xs = []\nassert add(xs) == 1\nassert xs == []",
+             "try:\n    make()\nexcept Exception:\n    pass",
+             "try:\n    add(lambda: 1)\nexcept TypeError:\n    pass\nelse:\n    raise AssertionError",
+             "assert LIMIT == 3, 'globals are not shared'"]
+    rep = root_sandbox.run_tests(code, tests)
+    assert rep.passed == [True, False, True, False], rep
+
+
+def test_statement_tests_keep_their_time_limits(root_sandbox):
+    t0 = time.monotonic()
+    # a call that hangs (sleeping: the wall clock ends it, not a race with RLIMIT_CPU)
+    rep = root_sandbox.run_tests("import threading\ndef f(x):\n    threading.Event().wait()\n",
+                                 ["assert f(1) == 1, 'never'", "x = f(2)"])
+    assert rep.passed == [False, False] and rep.reason == "timeout", rep
+    # a test that hangs in the tester
+    rep = root_sandbox.run_tests("def f(x):\n    return x\n",
+                                 ["x = f(1)\nassert x == 1", "import threading\nthreading.Event().wait()"])
+    assert rep.passed == [True, False] and rep.reason == "timeout", rep
+    assert time.monotonic() - t0 < 2 * FAST.wall_timeout_s + 3.0
+    assert not _left_on_host()
+    # the solution's process ends with the tester, even with a thread of its own left running
+    t0 = time.monotonic()
+    rep = root_sandbox.run_tests("import threading\nthreading.Thread(target=threading.Event().wait).start()\n"
+                                 "def f(x):\n    return x\n", ["x = f(1)\nassert x == 1"])
+    assert rep.passed == [True] and time.monotonic() - t0 < FAST.wall_timeout_s - 1.0, rep
+
+
 # ---- code is compiled inside the sandbox ------------------------------------------------------
 def test_pathological_code_costs_the_sandbox_not_the_caller(task):
     """``"lambda:" * 2850`` took 4.9 s to compile in the caller; now the caller never compiles."""

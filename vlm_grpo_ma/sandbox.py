@@ -41,23 +41,25 @@ The model's code is compiled inside the sandbox (a syntax error is reported as
 
 Tests (``target["tests"]`` of a code sample) are a list whose items are either
 
-- a string: Python statements (usually ``assert f(2) == 4``) executed in the namespace of the
-  solution after the solution module ran (``__name__ == "solution"``).  A single
+- a string: Python statements (usually ``assert f(2) == 4``).  A single
   ``assert <expr> <op> <literal>`` (``==``, ``<``, ``in``, ...) or ``assert [not] <call>`` is
-  judged by the caller (:func:`split_test`): only ``<expr>`` is evaluated in the sandbox, its
-  value (or truth) comes back as plain data and the caller applies the comparison, so the
-  expected value never enters the sandbox and the solution cannot forge a pass.  Any other
-  string is a *statement test* that passes when it raises nothing (its verdict is reported from
-  inside the sandbox and can be forged by hostile code: docs/SANDBOX.md).  All
-  string tests of a sample share one process; each reports as soon as it finishes, so a test
-  that hangs costs only itself and the ones after it.
+  judged by the caller (:func:`split_test`): only ``<expr>`` is evaluated, in the namespace of
+  the solution after the solution module ran (``__name__ == "solution"``); its value (or truth)
+  comes back as plain data and the caller applies the comparison, so the expected value never
+  enters the sandbox and the solution cannot forge a pass.  These share one process.  Any other
+  string is a *statement test* that passes when it raises nothing: it runs in a separate
+  sandboxed process, the *tester*, that holds no solution code; the names it uses are proxies
+  that call the solution's functions in the solution's process over a pipe, with arguments and
+  results passed by value as plain data (:meth:`Sandbox.run_statements`; limits in
+  docs/SANDBOX.md).  Each test reports as soon as it finishes, so a test that hangs costs only
+  itself and the ones after it in its process.
 - a dict ``{"input": str, "output": str}``: the solution runs as a program
   (``__name__ == "__main__"``) with ``input`` on stdin, one process per test; it passes when the
   exit status is 0 and stdout equals ``output`` after :func:`normalise_output` (trailing
   whitespace of every line and trailing blank lines are ignored).
 
 Public API: :class:`SandboxLimits`, :class:`RunResult`, :class:`TestReport`, :class:`Sandbox`
-(``run``, ``run_tests``, ``run_many``), :func:`normalise_output`, :func:`split_test`, :func:`validate_tests`.
+(``run``, ``run_tests``, ``run_statements``, ``run_many``), :func:`normalise_output`, :func:`split_test`, :func:`validate_tests`.
 """
 
 from __future__ import annotations
@@ -263,14 +265,8 @@ except OSError as e:
     fail("exec " + cfg["python"], e)
 """.replace("__FAILED__", str(LAUNCHER_FAILED))
 
-#: The harness: runs in the sandbox, as the sandbox uid, before and around the solution.  It is
-#: NOT trusted: the solution runs in the same interpreter and can patch or read anything here.
-#: So it never sees an expected value: for a value test (``assert <expr> == <literal>``) it only
-#: evaluates ``<expr>`` and reports the value in a tagged, plain-data form; the caller decodes it
-#: into built-in types and compares it with the literal itself (:func:`_decode_value`).
-_HARNESS_SRC = r'''
-import json, os, sys
-
+#: Tagged plain-data encoding shared by the harness, the tester and (decoding) the caller.
+_CODEC_SRC = r'''
 def _encode(v, depth=0):
     """A value of built-in type as tagged JSON data; anything else (subclasses included) -> TypeError."""
     if depth > 64:
@@ -296,6 +292,42 @@ def _encode(v, depth=0):
         return ["d", [[_encode(k, depth + 1), _encode(x, depth + 1)] for k, x in v.items()]]
     raise TypeError(t.__name__)
 
+def _decode(data, depth=0):
+    """The tagged form back into built-in objects (ValueError/TypeError/... if malformed)."""
+    if depth > 64 or type(data) is not list or not data or type(data[0]) is not str:
+        raise ValueError("malformed value")
+    tag, args = data[0], data[1:]
+    if tag == "N":
+        return None
+    if tag == "B" and args and type(args[0]) is bool:
+        return args[0]
+    if tag == "i" and type(args[0]) is str:
+        return int(args[0], 16)
+    if tag == "f" and type(args[0]) is str:
+        return float.fromhex(args[0])
+    if tag == "c" and type(args[0]) is str and type(args[1]) is str:
+        return complex(float.fromhex(args[0]), float.fromhex(args[1]))
+    if tag == "s" and args and type(args[0]) is str:
+        return args[0]
+    if tag == "b" and type(args[0]) is str:
+        return bytes.fromhex(args[0])
+    seq = {"l": list, "t": tuple, "S": set, "F": frozenset}
+    if tag in seq and args and type(args[0]) is list:
+        return seq[tag](_decode(x, depth + 1) for x in args[0])
+    if tag == "d" and args and type(args[0]) is list:
+        return {_decode(k, depth + 1): _decode(v, depth + 1) for k, v in args[0]}
+    raise ValueError("malformed value tag")
+'''
+
+#: The harness: runs in the sandbox, as the sandbox uid, before and around the solution.  It is
+#: NOT trusted: the solution runs in the same interpreter and can patch or read anything here.
+#: So it never sees an expected value: for a value test (``assert <expr> == <literal>``) it only
+#: evaluates ``<expr>`` and reports the value in a tagged, plain-data form; the caller decodes it
+#: into built-in types and compares it with the literal itself (:func:`_decode_value`).
+_HARNESS_SRC = r'''
+import json, os, sys
+
+__CODEC__
 def _main():
     with open("_config.json", encoding="utf-8") as f:
         cfg = json.load(f)
@@ -330,6 +362,9 @@ def _main():
     except BaseException as e:
         report(event="solution_error", error=type(e).__name__)
         return
+    if cfg["mode"] == "serve":
+        _serve(ns, cfg["req_fd"], cfg["resp_fd"])
+        os._exit(0)  # the tester is done: do not wait for threads the solution left running
     for i, (kind, text) in enumerate(cfg["tests"]):
         try:
             if kind == "value":
@@ -344,10 +379,148 @@ def _main():
         except BaseException as e:
             report(event="test", i=i, ok=False, error=type(e).__name__)
 
+def _serve(ns, req_fd, resp_fd):
+    """Answer the tester's calls: ``[id, name, [args], [[key, value], ...]]`` (tagged values) ->
+    ``[id, "ok", value]`` or ``[id, "err", first built-in class of the exception]``, one JSON
+    line each (``id``: a random token of the call, so no reply can be written ahead)."""
+    rf, wf = os.fdopen(req_fd, "rb"), os.fdopen(resp_fd, "wb", 0)
+    def send(obj):
+        data = (json.dumps(obj) + "\n").encode()
+        while data:
+            data = data[os.write(wf.fileno(), data):]
+    send(["ready"])
+    while True:
+        line = rf.readline()
+        if not line:
+            return
+        cid = None
+        try:
+            cid, name, args, kwargs = json.loads(line)
+            if name not in ns or not callable(ns[name]):
+                raise NameError(name)
+            value = ns[name](*[_decode(a) for a in args], **{k: _decode(v) for k, v in kwargs})
+            try:
+                out = ["ok", _encode(value)]
+            except (TypeError, ValueError, RecursionError):
+                out = ["unencodable", type(value).__name__[:100]]
+        except BaseException as e:
+            name = "Exception"
+            for c in type(e).__mro__:
+                if c.__module__ == "builtins":
+                    name = c.__name__
+                    break
+            out = ["err", name]
+        send([cid] + out)
+
 sys.set_int_max_str_digits(0) if hasattr(sys, "set_int_max_str_digits") else None
 _main()
 '''
+_HARNESS_SRC = _HARNESS_SRC.replace("__CODEC__", _CODEC_SRC)
 
+
+#: The tester: runs statement tests in a process of their own (a sandbox with the same limits,
+#: in root mode under a uid of its own) that holds NO solution code.  The names a test uses that
+#: are not built-ins are proxies: a call sends its arguments as tagged plain data over a pipe to
+#: the solution's process (the harness in ``serve`` mode) and gets the result back the same way,
+#: decoded into built-in objects only.  The verdict is reported here, on a pipe and with a nonce
+#: the solution's process never has.
+_TESTER_SRC = r"""
+import builtins, json, os, sys
+
+class SolutionCallError(BaseException):
+    # not an Exception: ``except Exception`` in a test does not turn a broken call into a pass
+    pass
+
+__CODEC__
+
+def _main():
+    try:  # not dumpable: a process of the same uid (user mode) cannot ptrace it or open its fds
+        import ctypes
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+    except Exception:
+        pass
+    with open("_config.json", encoding="utf-8") as f:
+        cfg = json.load(f)
+    os.unlink("_config.json")
+    fd, nonce = cfg["report_fd"], cfg["nonce"]
+    def report(**kw):
+        kw["nonce"] = nonce
+        os.write(fd, (json.dumps(kw) + "\n").encode())
+    rf, wf = os.fdopen(cfg["resp_fd"], "rb"), cfg["req_fd"]
+    cap = cfg["reply_bytes"]
+    state = {"broken": None}
+    def recv():
+        line = rf.readline(cap)
+        if not line.endswith(b"\n"):
+            raise SolutionCallError("the solution's process ended or sent a reply too long")
+        try:
+            return json.loads(line)
+        except Exception:
+            raise SolutionCallError("malformed reply")
+    def proxy(name):
+        def call(*args, **kwargs):
+            if state["broken"]:
+                raise SolutionCallError(state["broken"])
+            try:
+                cid = os.urandom(8).hex()
+                msg = json.dumps([cid, name, [_encode(a) for a in args], [[k, _encode(v)] for k, v in kwargs.items()]])
+            except (TypeError, ValueError) as e:
+                raise TypeError("only None/bool/int/float/complex/str/bytes/list/tuple/set/frozenset/dict "
+                                "arguments can be passed to the solution, not %s" % e)
+            try:
+                data = (msg + "\n").encode()
+                while data:
+                    data = data[os.write(wf, data):]
+                reply = recv()
+                if type(reply) is not list or not reply or reply[0] != cid:
+                    raise SolutionCallError("a reply to another call")
+                reply = reply[1:]
+            except (OSError, SolutionCallError) as e:
+                state["broken"] = "the solution's process ended or sent a malformed reply"
+                raise SolutionCallError(state["broken"])
+            if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
+                try:
+                    return _decode(reply[1])
+                except Exception:
+                    raise SolutionCallError("malformed value")
+            if type(reply) is list and len(reply) == 2 and reply[0] == "err" and type(reply[1]) is str:
+                cls = getattr(builtins, reply[1], None)
+                exc = None
+                if isinstance(cls, type) and issubclass(cls, Exception):
+                    try:
+                        exc = cls("raised in the solution")
+                    except Exception:
+                        pass
+                if exc is not None:
+                    raise exc
+                raise SolutionCallError("the solution raised %s" % reply[1][:100])
+            if type(reply) is list and reply and reply[0] == "unencodable":
+                raise SolutionCallError("%s() returned a value that is not plain data" % name)
+            state["broken"] = "malformed reply"
+            raise SolutionCallError(state["broken"])
+        call.__name__ = call.__qualname__ = name
+        return call
+    try:
+        ready = recv() == ["ready"]
+    except SolutionCallError:
+        ready = False
+    if not ready:
+        for i in range(len(cfg["tests"])):
+            report(event="test", i=i, ok=False, error="no_solution")
+        return
+    ns = {"__name__": "test", "__builtins__": builtins}
+    for name in cfg["names"]:
+        ns[name] = proxy(name)
+    for i, text in enumerate(cfg["tests"]):
+        try:
+            exec(compile(text, "test_%d" % i, "exec", dont_inherit=True), ns)
+            report(event="test", i=i, ok=True)
+        except BaseException as e:
+            report(event="test", i=i, ok=False, error=type(e).__name__)
+
+sys.set_int_max_str_digits(0) if hasattr(sys, "set_int_max_str_digits") else None
+_main()
+""".replace("__CODEC__", _CODEC_SRC)
 
 # ----------------------------------------------------------------------------------------------
 def _default_lock_dir() -> str:
@@ -568,7 +741,9 @@ class Sandbox:
     def run(self, code: str, stdin: str | bytes = b"", tests: Sequence[str] | None = None) -> RunResult:
         """Run ``code`` once: as a program with ``stdin`` (``tests`` None) or, with a list of
         assert-style ``tests``, as a module followed by the tests, whose outcomes come back in
-        ``RunResult.report`` (JSON lines; a value test reports the value, never a verdict)."""
+        ``RunResult.report`` (JSON lines; a value test reports the value, never a verdict).
+        Statement tests given here run in the solution's namespace (forgeable);
+        :meth:`run_tests` runs them in a tester process instead (:meth:`run_statements`)."""
         plan = None if tests is None else [_harness_kind(*split_test(t)[:2]) for t in tests]
         return self._run_mode(self.isolation, code, stdin=stdin, tests=plan,
                               mode_name="program" if tests is None else "asserts")
@@ -587,7 +762,22 @@ class Sandbox:
         ]
 
     def _run_mode(self, mode: str, code: str, stdin: str | bytes = b"",
-                  tests: Sequence[str] | None = None, mode_name: str = "program") -> RunResult:
+                  tests: Sequence[str] | None = None, mode_name: str = "program",
+                  channel: dict[str, int] | None = None, extra_cfg: dict | None = None) -> RunResult:
+        """One sandboxed process.  ``channel`` (``{"req_fd": fd, "resp_fd": fd}``) are pipe ends
+        handed to the child under the same numbers; they are closed here once the child has
+        them (or on failure), so the peer sees EOF when the child ends."""
+        channel = dict(channel or {})
+        try:
+            return self._run_mode_inner(mode, code, stdin, tests, mode_name, channel, extra_cfg or {})
+        finally:
+            for fd in channel.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _run_mode_inner(self, mode, code, stdin, tests, mode_name, channel, extra_cfg) -> RunResult:
         t0 = time.monotonic()
         uid = lock_fd = None
         claims = None
@@ -601,7 +791,8 @@ class Sandbox:
             report_r, report_w = os.pipe()
             fds = {"r": report_r, "w": report_w}  # _spawn closes "w" once the child has it
             try:
-                return self._spawn(mode, uid, workdir, code, stdin, tests, mode_name, fds, t0)
+                return self._spawn(mode, uid, workdir, code, stdin, tests, mode_name, fds, t0,
+                                   channel, extra_cfg)
             finally:
                 for fd in fds.values():
                     os.close(fd)
@@ -615,18 +806,22 @@ class Sandbox:
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    def _spawn(self, mode, uid, workdir, code, stdin, tests, mode_name, fds, t0):
+    def _spawn(self, mode, uid, workdir, code, stdin, tests, mode_name, fds, t0, channel, extra_cfg):
         lim = self.limits
         report_r, report_w = fds["r"], fds["w"]
         python = self._sandbox_python(mode)
         nonce = secrets.token_hex(16)
-        with open(os.path.join(workdir, _SOLUTION), "w", encoding="utf-8") as f:
-            f.write(code)
+        tester = mode_name == "tester"  # statement tests only: no solution code in this process
+        if not tester:
+            with open(os.path.join(workdir, _SOLUTION), "w", encoding="utf-8") as f:
+                f.write(code)
         with open(os.path.join(workdir, _HARNESS), "w", encoding="utf-8") as f:
-            f.write(_HARNESS_SRC)
+            f.write(_TESTER_SRC if tester else _HARNESS_SRC)
         with open(os.path.join(workdir, _CONFIG), "w", encoding="utf-8") as f:
-            json.dump({"mode": mode_name, "tests": [list(t) for t in tests or []], "nonce": nonce,
-                       "report_fd": report_w, "block_network": self.block_network_hook}, f)
+            tests_cfg = list(tests or []) if tester else [list(t) for t in tests or []]
+            json.dump({"mode": mode_name, "tests": tests_cfg, "nonce": nonce,
+                       "report_fd": report_w, "block_network": self.block_network_hook,
+                       **channel, **extra_cfg}, f)
         stdin_path = os.path.join(workdir, _STDIN)
         with open(stdin_path, "wb") as f:
             f.write(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
@@ -634,7 +829,8 @@ class Sandbox:
             os.chown(workdir, uid, uid)
             os.chmod(workdir, 0o700)
             for name in (_SOLUTION, _HARNESS, _CONFIG):
-                os.chown(os.path.join(workdir, name), uid, uid)
+                if os.path.exists(os.path.join(workdir, name)):
+                    os.chown(os.path.join(workdir, name), uid, uid)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
         cfg = {
@@ -652,10 +848,12 @@ class Sandbox:
             proc = subprocess.Popen(
                 [self._launcher_python, "-I", "-S", "-c", _LAUNCHER_SRC, json.dumps(cfg)],
                 cwd=workdir, stdin=fin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env={"PATH": env["PATH"], "LANG": "C.UTF-8"}, pass_fds=(report_w,),
+                env={"PATH": env["PATH"], "LANG": "C.UTF-8"}, pass_fds=(report_w, *channel.values()),
                 start_new_session=True, close_fds=True,
             )
         os.close(fds.pop("w"))
+        for key in list(channel):  # the child has them now
+            os.close(channel.pop(key))
         try:
             out, err, rep, status = self._collect(proc, report_r, t0)
         finally:
@@ -752,8 +950,23 @@ class Sandbox:
         except UnicodeEncodeError:  # a lone surrogate: no source file can hold it, nothing to run
             return TestReport(passed, "syntax_error", ["syntax_error:UnicodeEncodeError"])
         uncompilable = False  # the text did not compile within the limits: no further process
-        asserts = [i for i, t in enumerate(tests) if isinstance(t, str)]
+        strings = [i for i, t in enumerate(tests) if isinstance(t, str)]
+        statements = [i for i in strings if split_test(tests[i])[0] == "statement"]
+        asserts = [i for i in strings if i not in set(statements)]  # judged by the caller
         programs = [i for i, t in enumerate(tests) if isinstance(t, dict)]
+        pair: dict[str, Any] = {}
+        if statements:  # the tester and its solution process run alongside the judged run
+
+            def run_pair():
+                try:
+                    pair["r"] = self.run_statements(code, [tests[i] for i in statements])
+                except Exception as e:  # never crash the caller
+                    logger.exception("sandbox run failed")
+                    err = RunResult("sandbox_error", None, error=f"{type(e).__name__}: {e}")
+                    pair["r"] = (err, err)
+
+            pair_thread = threading.Thread(target=run_pair, name="sandbox-statements", daemon=True)
+            pair_thread.start()
         if asserts:
             plan = [split_test(tests[i]) for i in asserts]
             res = self.run(code, tests=[tests[i] for i in asserts])
@@ -781,6 +994,9 @@ class Sandbox:
                 details.append(res.status)
             elif len(seen) < len(asserts) and not details:
                 details.append("exit")
+        if statements:
+            pair_thread.join()
+            uncompilable = self._score_statements(pair["r"], statements, passed, details) or uncompilable
         for i in programs:
             if uncompilable:
                 break  # the same text will not compile for the next test either
@@ -800,6 +1016,68 @@ class Sandbox:
         if not all(passed):
             reason = details[0].split(":")[0] if details else "test_failed"
         return TestReport(passed, reason, details)
+
+    def run_statements(self, code: str, tests: Sequence[str]) -> tuple[RunResult, RunResult]:
+        """Run statement tests in a process of their own, the *tester*, that holds no solution
+        code; the solution runs in another process (``serve`` mode of the harness) and answers
+        the tester's calls over a pair of pipes.  Both are sandboxed with the same limits (in
+        root mode each under its own uid) and run at the same time.  Returns
+        ``(solution's RunResult, tester's RunResult)``; the verdicts (``event: test``) are in the
+        tester's report, on a pipe and with a nonce the solution's process never has."""
+        names = sorted(set().union(*[_free_names(t) for t in tests]))
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        mode = self.isolation
+        out: dict[str, RunResult] = {}
+
+        def solution_side():
+            out["solution"] = self._run_mode(mode, code, tests=[], mode_name="serve",
+                                             channel={"req_fd": req_r, "resp_fd": resp_w})
+
+        th = threading.Thread(target=solution_side, name="sandbox-solution", daemon=True)
+        try:
+            th.start()
+        except BaseException:
+            for fd in (req_r, req_w, resp_r, resp_w):
+                os.close(fd)
+            raise
+        tester = self._run_mode(mode, "", tests=list(tests), mode_name="tester",
+                                channel={"req_fd": req_w, "resp_fd": resp_r},
+                                extra_cfg={"names": names, "reply_bytes": _REPLY_BYTES})
+        th.join()
+        return out["solution"], tester
+
+    @staticmethod
+    def _score_statements(results, statements, passed, details) -> bool:
+        """Score the statement tests (indices ``statements`` of the sample's tests) from
+        :meth:`run_statements`'s ``results`` into ``passed`` and ``details``; True when the
+        solution's text never compiled."""
+        sol, res = results
+        for ev in _events(sol.report):
+            if ev.get("event") in ("syntax_error", "solution_error"):
+                d = f"{ev['event']}:{ev.get('error')}"
+                if d not in details:
+                    details.append(d)
+        mine: list[str] = []
+        seen = set()
+        for ev in _events(res.report):
+            i = ev.get("i")
+            if ev.get("event") != "test" or not (type(i) is int and 0 <= i < len(statements)) or i in seen:
+                continue
+            seen.add(i)
+            passed[statements[i]] = ev.get("ok") is True
+            if ev.get("ok") is not True and ev.get("error") != "no_solution":
+                mine.append(f"test_failed:{ev.get('error')}")
+        failed = not all(passed[i] for i in statements)
+        # a limit the solution's process hit (a call that hangs, too much output) explains the
+        # failed calls of the tester that follow it: it comes first
+        for status in (sol.status, res.status):
+            if status not in ("ok", "exit") and failed and status not in details:
+                details.append(status)
+        details.extend(mine)
+        if failed and not details:
+            details.append("exit")
+        return _never_compiled(sol)
 
     def run_many(self, jobs: Sequence[tuple[str, Sequence[Any]]],
                  max_workers: int | None = None) -> list[TestReport]:
@@ -860,8 +1138,9 @@ def split_test(test: str) -> tuple[str, str, Any]:
     does there (patching ``exec`` or ``json``, an object whose ``__eq__`` is always true,
     forging report lines) makes a wrong value pass.  A truth test reports ``bool(<expr>)``; the
     polarity stays in the caller, so a forged report is a guess, no better than a solution that
-    returns a constant.  A statement test runs inside the sandbox and reports its own verdict,
-    which a hostile solution CAN forge (docs/SANDBOX.md).
+    returns a constant.  :meth:`Sandbox.run_tests` runs a statement test in the tester process,
+    out of the solution's reach (:meth:`Sandbox.run`, the low-level single-process call, still
+    runs it in the solution's namespace, where its verdict can be forged).
 
     >>> split_test("assert f(2) == [4, 5]")
     ('value', 'f(2)', [4, 5])
@@ -897,6 +1176,22 @@ def split_test(test: str) -> tuple[str, str, Any]:
     if isinstance(node, (ast.Call, ast.Name, ast.Attribute, ast.Subscript)):
         return "truth", ast.unparse(node), polarity
     return "statement", test, None
+
+
+#: longest reply line of the solution's process to one call of the tester (longer: the call fails)
+_REPLY_BYTES = 16 * 2**20
+_BUILTIN_NAMES = frozenset(dir(__import__("builtins")))
+
+
+@functools.lru_cache(maxsize=65536)
+def _free_names(test: str) -> frozenset[str]:
+    """Names a statement test uses that are not built-ins: in the tester each is a proxy that
+    calls the solution's object of that name (a built-in name always means the built-in)."""
+    try:
+        tree = ast.parse(test)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return frozenset()
+    return frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name)) - _BUILTIN_NAMES
 
 
 def _harness_kind(kind: str, text: str) -> tuple[str, str]:
