@@ -64,19 +64,14 @@ Public API: :class:`SandboxLimits`, :class:`RunResult`, :class:`TestReport`, :cl
 
 from __future__ import annotations
 
-import ast
 import concurrent.futures
-import fcntl
-import functools
 import json
 import logging
-import operator
 import os
 import secrets
 import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -85,13 +80,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from vlm_grpo_ma.sandbox.judging import REPLY_BYTES, free_names, harness_kind, judge, split_test
+from vlm_grpo_ma.sandbox.programs import HARNESS_SRC, LAUNCHER_FAILED, LAUNCHER_SRC, TESTER_SRC
+from vlm_grpo_ma.sandbox.uids import (  # noqa: F401  (_processes_of: used by the tests)
+    _count_processes_of_caller,
+    _default_lock_dir,
+    _processes_of,
+    _uid_claims,
+    _world_executable,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunResult", "Sandbox", "SandboxLimits", "TestReport", "normalise_output", "split_test",
            "validate_tests"]
 
-#: exit status the launcher uses when it cannot set up the isolation it was asked for
-LAUNCHER_FAILED = 121
 _HARNESS = "_harness.py"
 _CONFIG = "_config.json"
 _STDIN = "_stdin"
@@ -193,454 +196,10 @@ def validate_tests(tests: Any, where: str = "target['tests']") -> list:
 
 
 # ----------------------------------------------------------------------------------------------
-# Code that runs in the child.  Both are plain source strings so they run under ``-I -S``.
-
-#: The trusted launcher: enters namespaces, sets limits, drops privileges, execs the sandbox.
-_LAUNCHER_SRC = r"""
-import json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-def fail(step, err):
-    os.write(2, ("sandbox launcher: %s failed: %s\n" % (step, err)).encode())
-    os._exit(__FAILED__)
-if cfg["unshare"]:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWUSER, CLONE_NEWIPC = 0x00020000, 0x40000000, 0x10000000, 0x08000000
-    flags = CLONE_NEWNET | CLONE_NEWIPC
-    if cfg["mount"]:
-        flags |= CLONE_NEWNS
-    if cfg["userns"]:
-        flags |= CLONE_NEWUSER
-    if libc.unshare(flags) != 0:
-        fail("unshare", os.strerror(ctypes.get_errno()))
-    if cfg["mount"]:
-        MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
-        def mount(src, tgt, fstype, flags, data):
-            if libc.mount(src, tgt, fstype, flags, data) != 0:
-                fail("mount " + tgt.decode(), os.strerror(ctypes.get_errno()))
-        mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-        work = os.getcwd()
-        files = {}
-        for name in os.listdir(work):
-            if name != "_stdin":  # already open as fd 0
-                with open(name, "rb") as f:
-                    files[name] = f.read()
-        opts = ("size=%d,mode=1777" % cfg["tmpfs_bytes"]).encode()
-        for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock"):
-            if os.path.isdir(d) and not os.path.islink(d):
-                mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts)
-        # the work directory becomes a size-limited tmpfs of its own, owned by the sandbox uid
-        os.makedirs(work, exist_ok=True)
-        owner = cfg["uid"] if cfg["uid"] is not None else os.getuid()
-        opts = ("size=%d,mode=0700,uid=%d,gid=%d" % (cfg["tmpfs_bytes"], owner, owner)).encode()
-        mount(b"tmpfs", work.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, opts)
-        os.chdir(work)
-        for name, data in files.items():
-            with open(name, "wb") as f:
-                f.write(data)
-            os.chown(name, owner, owner)
-for name, value in cfg["rlimits"]:
-    try:
-        resource.setrlimit(getattr(resource, name), (value, value))
-    except (ValueError, OSError) as e:
-        fail("setrlimit " + name, e)
-# no_new_privs (inherited, irreversible): a setuid/setgid program (su, sudo, ...) exec'd by the
-# code gains nothing, so every process of the run keeps the sandbox uid as real AND effective uid
-# and the sweep finds it.  Set before dropping root: ctypes may not be readable by the sandbox uid.
-import ctypes
-PR_SET_NO_NEW_PRIVS = 38
-if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-    fail("prctl(PR_SET_NO_NEW_PRIVS)", os.strerror(ctypes.get_errno()))
-if cfg["uid"] is not None:
-    try:
-        os.setgroups([])
-        os.setresgid(cfg["uid"], cfg["uid"], cfg["uid"])
-        os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
-    except OSError as e:
-        fail("setuid", e)
-os.umask(0o077)
-try:
-    os.execve(cfg["python"], cfg["argv"], cfg["env"])
-except OSError as e:
-    fail("exec " + cfg["python"], e)
-""".replace("__FAILED__", str(LAUNCHER_FAILED))
-
-#: Tagged plain-data encoding shared by the harness, the tester and (decoding) the caller.
-_CODEC_SRC = r'''
-def _encode(v, depth=0):
-    """A value of built-in type as tagged JSON data; anything else (subclasses included) -> TypeError."""
-    if depth > 64:
-        raise ValueError("nested too deep")
-    t = type(v)
-    if v is None:
-        return ["N"]
-    if t is bool:
-        return ["B", v]
-    if t is int:
-        return ["i", hex(v)]
-    if t is float:
-        return ["f", v.hex()]
-    if t is complex:
-        return ["c", v.real.hex(), v.imag.hex()]
-    if t is str:
-        return ["s", v]
-    if t is bytes:
-        return ["b", v.hex()]
-    if t in (list, tuple, set, frozenset):
-        return [{list: "l", tuple: "t", set: "S", frozenset: "F"}[t], [_encode(x, depth + 1) for x in v]]
-    if t is dict:
-        return ["d", [[_encode(k, depth + 1), _encode(x, depth + 1)] for k, x in v.items()]]
-    raise TypeError(t.__name__)
-
-def _decode(data, depth=0):
-    """The tagged form back into built-in objects (ValueError/TypeError/... if malformed)."""
-    if depth > 64 or type(data) is not list or not data or type(data[0]) is not str:
-        raise ValueError("malformed value")
-    tag, args = data[0], data[1:]
-    if tag == "N":
-        return None
-    if tag == "B" and args and type(args[0]) is bool:
-        return args[0]
-    if tag == "i" and type(args[0]) is str:
-        return int(args[0], 16)
-    if tag == "f" and type(args[0]) is str:
-        return float.fromhex(args[0])
-    if tag == "c" and type(args[0]) is str and type(args[1]) is str:
-        return complex(float.fromhex(args[0]), float.fromhex(args[1]))
-    if tag == "s" and args and type(args[0]) is str:
-        return args[0]
-    if tag == "b" and type(args[0]) is str:
-        return bytes.fromhex(args[0])
-    seq = {"l": list, "t": tuple, "S": set, "F": frozenset}
-    if tag in seq and args and type(args[0]) is list:
-        return seq[tag](_decode(x, depth + 1) for x in args[0])
-    if tag == "d" and args and type(args[0]) is list:
-        return {_decode(k, depth + 1): _decode(v, depth + 1) for k, v in args[0]}
-    raise ValueError("malformed value tag")
-'''
-
-#: The harness: runs in the sandbox, as the sandbox uid, before and around the solution.  It is
-#: NOT trusted: the solution runs in the same interpreter and can patch or read anything here.
-#: So it never sees an expected value: for a value test (``assert <expr> == <literal>``) it only
-#: evaluates ``<expr>`` and reports the value in a tagged, plain-data form; the caller decodes it
-#: into built-in types and compares it with the literal itself (:func:`_decode_value`).
-_HARNESS_SRC = r'''
-import json, os, sys
-
-__CODEC__
-def _main():
-    with open("_config.json", encoding="utf-8") as f:
-        cfg = json.load(f)
-    os.unlink("_config.json")
-    with open("solution.py", encoding="utf-8", errors="surrogateescape") as f:
-        src = f.read()
-    fd, nonce = cfg["report_fd"], cfg["nonce"]
-    def report(**kw):
-        kw["nonce"] = nonce
-        os.write(fd, (json.dumps(kw) + "\n").encode())
-    if cfg["block_network"]:
-        blocked = frozenset(("socket.__new__", "socket.connect", "socket.bind", "socket.sendto",
-                             "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname"))
-        def hook(event, args):
-            if event in blocked:
-                raise PermissionError("network access is disabled in the sandbox")
-        sys.addaudithook(hook)
-    # the model's text is compiled here, under the sandbox's limits, never in the caller
-    try:
-        code = compile(src, "solution.py", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        report(event="syntax_error", error=type(e).__name__)
-        sys.exit(1)
-    del src
-    report(event="compiled")
-    if cfg["mode"] == "program":
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-        return
-    ns = {"__name__": "solution", "__builtins__": __builtins__}
-    try:
-        exec(code, ns)
-    except BaseException as e:
-        report(event="solution_error", error=type(e).__name__)
-        return
-    if cfg["mode"] == "serve":
-        _serve(ns, cfg["req_fd"], cfg["resp_fd"])
-        os._exit(0)  # the tester is done: do not wait for threads the solution left running
-    for i, (kind, text) in enumerate(cfg["tests"]):
-        try:
-            if kind == "value":
-                value = eval(compile(text, "test_%d" % i, "eval"), ns)
-                report(event="value", i=i, v=_encode(value))
-            elif kind == "truth":  # whether the caller wants it true or false is not sent
-                value = eval(compile(text, "test_%d" % i, "eval"), ns)
-                report(event="value", i=i, v=["B", bool(value)])
-            else:
-                exec(compile(text, "test_%d" % i, "exec"), ns)
-                report(event="test", i=i, ok=True)
-        except BaseException as e:
-            report(event="test", i=i, ok=False, error=type(e).__name__)
-
-def _serve(ns, req_fd, resp_fd):
-    """Answer the tester's calls: ``[id, name, [args], [[key, value], ...]]`` (tagged values) ->
-    ``[id, "ok", value]`` or ``[id, "err", first built-in class of the exception]``, one JSON
-    line each (``id``: a random token of the call, so no reply can be written ahead)."""
-    rf, wf = os.fdopen(req_fd, "rb"), os.fdopen(resp_fd, "wb", 0)
-    def send(obj):
-        data = (json.dumps(obj) + "\n").encode()
-        while data:
-            data = data[os.write(wf.fileno(), data):]
-    send(["ready"])
-    while True:
-        line = rf.readline()
-        if not line:
-            return
-        cid = None
-        try:
-            cid, name, args, kwargs = json.loads(line)
-            if name not in ns or not callable(ns[name]):
-                raise NameError(name)
-            value = ns[name](*[_decode(a) for a in args], **{k: _decode(v) for k, v in kwargs})
-            try:
-                out = ["ok", _encode(value)]
-            except (TypeError, ValueError, RecursionError):
-                out = ["unencodable", type(value).__name__[:100]]
-        except BaseException as e:
-            name = "Exception"
-            for c in type(e).__mro__:
-                if c.__module__ == "builtins":
-                    name = c.__name__
-                    break
-            out = ["err", name]
-        send([cid] + out)
-
-sys.set_int_max_str_digits(0) if hasattr(sys, "set_int_max_str_digits") else None
-_main()
-'''
-_HARNESS_SRC = _HARNESS_SRC.replace("__CODEC__", _CODEC_SRC)
-
-
-#: The tester: runs statement tests in a process of their own (a sandbox with the same limits,
-#: in root mode under a uid of its own) that holds NO solution code.  The names a test uses that
-#: are not built-ins are proxies: a call sends its arguments as tagged plain data over a pipe to
-#: the solution's process (the harness in ``serve`` mode) and gets the result back the same way,
-#: decoded into built-in objects only.  The verdict is reported here, on a pipe and with a nonce
-#: the solution's process never has.
-_TESTER_SRC = r"""
-import builtins, json, os, sys
-
-class SolutionCallError(BaseException):
-    # not an Exception: ``except Exception`` in a test does not turn a broken call into a pass
-    pass
-
-__CODEC__
-
-def _main():
-    try:  # not dumpable: a process of the same uid (user mode) cannot ptrace it or open its fds
-        import ctypes
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
-    except Exception:
-        pass
-    with open("_config.json", encoding="utf-8") as f:
-        cfg = json.load(f)
-    os.unlink("_config.json")
-    fd, nonce = cfg["report_fd"], cfg["nonce"]
-    def report(**kw):
-        kw["nonce"] = nonce
-        os.write(fd, (json.dumps(kw) + "\n").encode())
-    rf, wf = os.fdopen(cfg["resp_fd"], "rb"), cfg["req_fd"]
-    cap = cfg["reply_bytes"]
-    state = {"broken": None}
-    def recv():
-        line = rf.readline(cap)
-        if not line.endswith(b"\n"):
-            raise SolutionCallError("the solution's process ended or sent a reply too long")
-        try:
-            return json.loads(line)
-        except Exception:
-            raise SolutionCallError("malformed reply")
-    def proxy(name):
-        def call(*args, **kwargs):
-            if state["broken"]:
-                raise SolutionCallError(state["broken"])
-            try:
-                cid = os.urandom(8).hex()
-                msg = json.dumps([cid, name, [_encode(a) for a in args], [[k, _encode(v)] for k, v in kwargs.items()]])
-            except (TypeError, ValueError) as e:
-                raise TypeError("only None/bool/int/float/complex/str/bytes/list/tuple/set/frozenset/dict "
-                                "arguments can be passed to the solution, not %s" % e)
-            try:
-                data = (msg + "\n").encode()
-                while data:
-                    data = data[os.write(wf, data):]
-                reply = recv()
-                if type(reply) is not list or not reply or reply[0] != cid:
-                    raise SolutionCallError("a reply to another call")
-                reply = reply[1:]
-            except (OSError, SolutionCallError) as e:
-                state["broken"] = "the solution's process ended or sent a malformed reply"
-                raise SolutionCallError(state["broken"])
-            if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
-                try:
-                    return _decode(reply[1])
-                except Exception:
-                    raise SolutionCallError("malformed value")
-            if type(reply) is list and len(reply) == 2 and reply[0] == "err" and type(reply[1]) is str:
-                cls = getattr(builtins, reply[1], None)
-                exc = None
-                if isinstance(cls, type) and issubclass(cls, Exception):
-                    try:
-                        exc = cls("raised in the solution")
-                    except Exception:
-                        pass
-                if exc is not None:
-                    raise exc
-                raise SolutionCallError("the solution raised %s" % reply[1][:100])
-            if type(reply) is list and reply and reply[0] == "unencodable":
-                raise SolutionCallError("%s() returned a value that is not plain data" % name)
-            state["broken"] = "malformed reply"
-            raise SolutionCallError(state["broken"])
-        call.__name__ = call.__qualname__ = name
-        return call
-    try:
-        ready = recv() == ["ready"]
-    except SolutionCallError:
-        ready = False
-    if not ready:
-        for i in range(len(cfg["tests"])):
-            report(event="test", i=i, ok=False, error="no_solution")
-        return
-    ns = {"__name__": "test", "__builtins__": builtins}
-    for name in cfg["names"]:
-        ns[name] = proxy(name)
-    for i, text in enumerate(cfg["tests"]):
-        try:
-            exec(compile(text, "test_%d" % i, "exec", dont_inherit=True), ns)
-            report(event="test", i=i, ok=True)
-        except BaseException as e:
-            report(event="test", i=i, ok=False, error=type(e).__name__)
-
-sys.set_int_max_str_digits(0) if hasattr(sys, "set_int_max_str_digits") else None
-_main()
-""".replace("__CODEC__", _CODEC_SRC)
+# The child programs (launcher, harness, tester) live in sandbox/programs.py; how an assert test is
+# judged by value lives in sandbox/judging.py.
 
 # ----------------------------------------------------------------------------------------------
-def _default_lock_dir() -> str:
-    return "/run/vlm-grpo-ma-sandbox" if os.access("/run", os.W_OK) else \
-        os.path.join(tempfile.gettempdir(), "vlm-grpo-ma-sandbox-uids")
-
-
-def _private_dir(path: str) -> str:
-    """Create ``path`` (mode 0700) or check that the existing one is ours and private."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise RuntimeError(f"sandbox uid lock directory {path} is not a private directory of uid "
-                           f"{os.geteuid()} (mode {oct(st.st_mode)}, owner {st.st_uid})")
-    return path
-
-
-class _UidClaims:
-    """Machine-wide claims on the sandbox uids: a run holds an exclusive ``flock`` on
-    ``<lock_dir>/uid-<n>.lock`` for as long as it uses uid ``n``.  ``flock`` locks belong to an
-    open file description, so two threads of one process exclude each other exactly like two
-    processes do, and a lock dies with its holder (a crashed scorer frees its uids)."""
-
-    def __init__(self, base: int, count: int, lock_dir: str):
-        self.base, self.count, self.lock_dir = base, count, lock_dir
-        self.dirty: set[int] = set()  # uids that could not be cleaned: never used again here
-        self._ready = False
-        self._lock = threading.Lock()
-
-    def acquire(self, sweep) -> tuple[int, int]:
-        """(uid, lock fd) of a free uid with no process left (``sweep(uid)`` cleans a uid that
-        a crashed scorer left behind); waits while every uid is in use."""
-        with self._lock:
-            if not self._ready:
-                _private_dir(self.lock_dir)
-                self._ready = True
-        while True:
-            start = secrets.randbelow(self.count)
-            for k in range(self.count):
-                uid = self.base + (start + k) % self.count
-                if uid in self.dirty:
-                    continue
-                fd = os.open(os.path.join(self.lock_dir, f"uid-{uid}.lock"),
-                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                if sweep(uid):
-                    return uid, fd
-                self.dirty.add(uid)
-                logger.error("sandbox uid %d still owns processes; not used again", uid)
-                os.close(fd)
-            time.sleep(0.05)
-
-    def release(self, uid: int, fd: int, clean: bool) -> None:
-        if not clean:
-            self.dirty.add(uid)
-            logger.error("sandbox uid %d still owns processes; not used again", uid)
-        os.close(fd)
-
-
-_CLAIMS: dict[tuple[int, int, str], _UidClaims] = {}
-_CLAIMS_LOCK = threading.Lock()
-
-
-def _uid_claims(base: int, count: int, lock_dir: str) -> _UidClaims:
-    with _CLAIMS_LOCK:
-        return _CLAIMS.setdefault((base, count, lock_dir), _UidClaims(base, count, lock_dir))
-
-
-def _processes_of(uid: int) -> list[int]:
-    """Live (non-zombie) process ids with ``uid`` as real, effective, saved or filesystem uid
-    (read from ``/proc/<pid>/status``: a setuid program keeps the real uid of its caller)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                status = f.read()
-        except OSError:
-            continue
-        state, uids = b"", []
-        for line in status.splitlines():
-            if line.startswith(b"State:"):
-                state = line.split()[1] if len(line.split()) > 1 else b""
-            elif line.startswith(b"Uid:"):
-                uids = [int(x) for x in line.split()[1:]]
-        if uid in uids and state not in (b"Z", b"X"):
-            pids.append(int(name))
-    return pids
-
-
-def _world_executable(path: str) -> bool:
-    """Whether an unprivileged user can execute ``path`` (every ancestor searchable)."""
-    path = os.path.realpath(path)
-    try:
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            return False
-        d = os.path.dirname(path)
-        while True:
-            if not os.stat(d).st_mode & stat.S_IXOTH:
-                return False
-            if d == "/":
-                return True
-            d = os.path.dirname(d)
-    except OSError:
-        return False
-
-
-def _count_processes_of_caller() -> int:
-    uid = os.getuid()
-    try:
-        return len(_processes_of(uid))
-    except OSError:
-        return 0
-
-
 class Sandbox:
     """Runs Python code in isolated, resource-limited processes (see the module docstring).
 
@@ -744,7 +303,7 @@ class Sandbox:
         ``RunResult.report`` (JSON lines; a value test reports the value, never a verdict).
         Statement tests given here run in the solution's namespace (forgeable);
         :meth:`run_tests` runs them in a tester process instead (:meth:`run_statements`)."""
-        plan = None if tests is None else [_harness_kind(*split_test(t)[:2]) for t in tests]
+        plan = None if tests is None else [harness_kind(*split_test(t)[:2]) for t in tests]
         return self._run_mode(self.isolation, code, stdin=stdin, tests=plan,
                               mode_name="program" if tests is None else "asserts")
 
@@ -816,7 +375,7 @@ class Sandbox:
             with open(os.path.join(workdir, _SOLUTION), "w", encoding="utf-8") as f:
                 f.write(code)
         with open(os.path.join(workdir, _HARNESS), "w", encoding="utf-8") as f:
-            f.write(_TESTER_SRC if tester else _HARNESS_SRC)
+            f.write(TESTER_SRC if tester else HARNESS_SRC)
         with open(os.path.join(workdir, _CONFIG), "w", encoding="utf-8") as f:
             tests_cfg = list(tests or []) if tester else [list(t) for t in tests or []]
             json.dump({"mode": mode_name, "tests": tests_cfg, "nonce": nonce,
@@ -846,7 +405,7 @@ class Sandbox:
         }
         with open(stdin_path, "rb") as fin:
             proc = subprocess.Popen(
-                [self._launcher_python, "-I", "-S", "-c", _LAUNCHER_SRC, json.dumps(cfg)],
+                [self._launcher_python, "-I", "-S", "-c", LAUNCHER_SRC, json.dumps(cfg)],
                 cwd=workdir, stdin=fin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env={"PATH": env["PATH"], "LANG": "C.UTF-8"}, pass_fds=(report_w, *channel.values()),
                 start_new_session=True, close_fds=True,
@@ -981,7 +540,7 @@ class Sandbox:
                     continue
                 kind, _, expected = plan[i]
                 if ev.get("event") == "value" and kind != "statement":
-                    ok = _judge(kind, ev.get("v"), expected)
+                    ok = judge(kind, ev.get("v"), expected)
                 elif ev.get("event") == "test" and (kind == "statement" or ev.get("ok") is False):
                     ok = ev.get("ok") is True
                 else:
@@ -1024,7 +583,7 @@ class Sandbox:
         root mode each under its own uid) and run at the same time.  Returns
         ``(solution's RunResult, tester's RunResult)``; the verdicts (``event: test``) are in the
         tester's report, on a pipe and with a nonce the solution's process never has."""
-        names = sorted(set().union(*[_free_names(t) for t in tests]))
+        names = sorted(set().union(*[free_names(t) for t in tests]))
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
         mode = self.isolation
@@ -1043,7 +602,7 @@ class Sandbox:
             raise
         tester = self._run_mode(mode, "", tests=list(tests), mode_name="tester",
                                 channel={"req_fd": req_w, "resp_fd": resp_r},
-                                extra_cfg={"names": names, "reply_bytes": _REPLY_BYTES})
+                                extra_cfg={"names": names, "reply_bytes": REPLY_BYTES})
         th.join()
         return out["solution"], tester
 
@@ -1108,140 +667,6 @@ def _filter_report(report: bytes, nonce: str) -> bytes:
         if isinstance(ev, dict) and ev.get("nonce") == nonce:
             keep.append(line)
     return b"\n".join(keep)
-
-
-# ---- assert tests judged by value --------------------------------------------------------------
-#: comparisons judged in the caller: ast operator name -> function of (left, right)
-_COMPARE_OPS = {
-    "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le, "Gt": operator.gt, "GtE": operator.ge,
-    "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b, "Is": operator.is_, "IsNot": operator.is_not,
-}
-_LITERAL_ERRORS = (ValueError, TypeError, SyntaxError, MemoryError, RecursionError)
-
-
-@functools.lru_cache(maxsize=65536)
-def split_test(test: str) -> tuple[str, str, Any]:
-    """How an assert-string test is judged: ``(kind, text, expected)``.
-
-    - ``("value", expr, literal)``: ``assert <expr> == <literal>`` (either side);
-    - ``("compare", expr, (op, literal, expr_first))``: ``assert <expr> <op> <literal>`` (either
-      side) for ``!=``, ``<``, ``<=``, ``>``, ``>=``, ``in``, ``not in``, and ``is`` /
-      ``is not`` with ``None``, ``True`` or ``False``;
-    - ``("truth", expr, polarity)``: ``assert <expr>`` (polarity True) or ``assert not <expr>``
-      (False) where ``<expr>`` is a call, name, attribute or subscript;
-    - ``("statement", test, None)``: anything else (several statements, a message, a
-      comparison between two computed values such as ``assert f(2) == g(3)``).
-
-    For the first three only ``expr`` is evaluated in the sandbox.  A value or compare test's
-    value comes back as plain data (built-in types only; see the harness) and the caller
-    applies the comparison here: the literal never enters the sandbox, and nothing the solution
-    does there (patching ``exec`` or ``json``, an object whose ``__eq__`` is always true,
-    forging report lines) makes a wrong value pass.  A truth test reports ``bool(<expr>)``; the
-    polarity stays in the caller, so a forged report is a guess, no better than a solution that
-    returns a constant.  :meth:`Sandbox.run_tests` runs a statement test in the tester process,
-    out of the solution's reach (:meth:`Sandbox.run`, the low-level single-process call, still
-    runs it in the solution's namespace, where its verdict can be forged).
-
-    >>> split_test("assert f(2) == [4, 5]")
-    ('value', 'f(2)', [4, 5])
-    >>> split_test("assert abs(f(2) - 1.5) < 1e-9")
-    ('compare', 'abs(f(2) - 1.5)', ('Lt', 1e-09, True))
-    >>> split_test("assert not is_prime(9)")
-    ('truth', 'is_prime(9)', False)
-    """
-    try:
-        tree = ast.parse(test)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return "statement", test, None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert) or tree.body[0].msg is not None:
-        return "statement", test, None
-    node = tree.body[0].test
-    if isinstance(node, ast.Compare) and len(node.ops) == 1:
-        op = type(node.ops[0]).__name__
-        for expr, lit, expr_first in ((node.left, node.comparators[0], True), (node.comparators[0], node.left, False)):
-            try:
-                literal = ast.literal_eval(lit)
-            except _LITERAL_ERRORS:
-                continue
-            if op == "Eq":
-                return "value", ast.unparse(expr), literal
-            if op in ("Is", "IsNot") and not any(literal is c for c in (None, True, False)):
-                break
-            if op in _COMPARE_OPS:
-                return "compare", ast.unparse(expr), (op, literal, expr_first)
-        return "statement", test, None
-    polarity = True
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        node, polarity = node.operand, False
-    if isinstance(node, (ast.Call, ast.Name, ast.Attribute, ast.Subscript)):
-        return "truth", ast.unparse(node), polarity
-    return "statement", test, None
-
-
-#: longest reply line of the solution's process to one call of the tester (longer: the call fails)
-_REPLY_BYTES = 16 * 2**20
-_BUILTIN_NAMES = frozenset(dir(__import__("builtins")))
-
-
-@functools.lru_cache(maxsize=65536)
-def _free_names(test: str) -> frozenset[str]:
-    """Names a statement test uses that are not built-ins: in the tester each is a proxy that
-    calls the solution's object of that name (a built-in name always means the built-in)."""
-    try:
-        tree = ast.parse(test)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return frozenset()
-    return frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name)) - _BUILTIN_NAMES
-
-
-def _harness_kind(kind: str, text: str) -> tuple[str, str]:
-    """What the harness is told: ``value`` (report the value) for value and compare tests."""
-    return ("value" if kind == "compare" else kind), text
-
-
-def _judge(kind: str, data: Any, expected: Any) -> bool:
-    """Whether a reported value passes a value / compare / truth test (plain built-in objects
-    only; anything malformed fails)."""
-    try:
-        value = _decode_value(data)
-        if kind == "value":
-            return bool(value == expected)
-        if kind == "truth":
-            return type(value) is bool and value is expected
-        op, literal, expr_first = expected
-        left, right = (value, literal) if expr_first else (literal, value)
-        return bool(_COMPARE_OPS[op](left, right))
-    except (ValueError, TypeError, IndexError, AttributeError, KeyError, RecursionError, OverflowError):
-        return False
-
-
-_TAGS_SEQ = {"l": list, "t": tuple, "S": set, "F": frozenset}
-
-
-def _decode_value(data: Any, depth: int = 0) -> Any:
-    """The harness's tagged form back into built-in objects (ValueError/TypeError if malformed)."""
-    if depth > 64 or not isinstance(data, list) or not data or not isinstance(data[0], str):
-        raise ValueError("malformed value")
-    tag, args = data[0], data[1:]
-    if tag == "N":
-        return None
-    if tag == "B" and args and type(args[0]) is bool:
-        return args[0]
-    if tag == "i":
-        return int(args[0], 16)
-    if tag == "f":
-        return float.fromhex(args[0])
-    if tag == "c":
-        return complex(float.fromhex(args[0]), float.fromhex(args[1]))
-    if tag == "s" and args and type(args[0]) is str:
-        return args[0]
-    if tag == "b":
-        return bytes.fromhex(args[0])
-    if tag in _TAGS_SEQ and args and isinstance(args[0], list):
-        return _TAGS_SEQ[tag](_decode_value(x, depth + 1) for x in args[0])
-    if tag == "d" and args and isinstance(args[0], list):
-        return {_decode_value(k, depth + 1): _decode_value(v, depth + 1) for k, v in args[0]}
-    raise ValueError(f"malformed value tag {tag!r}")
 
 
 def _never_compiled(res: RunResult) -> bool:
