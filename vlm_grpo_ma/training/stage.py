@@ -97,7 +97,7 @@ def build_stage(
     )
     loaded = load_for_training(cfg.model, model_path, ds_config)
     engine = build_engine(loaded, ds_config, lr=lr, warmup_steps=warmup, total_steps=total_optimizer_steps,
-                          weight_decay=cfg.run.weight_decay)
+                          weight_decay=cfg.run.weight_decay, schedule=cfg.run.lr_schedule)
     stage_dir = Path(cfg.run.output_dir) / name
     if dist.is_main():
         stage_dir.mkdir(parents=True, exist_ok=True)
