@@ -67,3 +67,40 @@ def test_summarize_reports_no_difference_when_the_interval_holds_zero():
     assert (clear.lo, clear.hi) == pytest.approx((0.06 - 0.024841, 0.06 + 0.024841), abs=1e-5)
     assert clear.verdict == "RL > SFT"
     assert set(clear.to_dict()) >= {"mean", "std", "lo", "hi", "verdict", "seeds_to_detect", "detectable"}
+
+
+def _bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _seed(sft, t4, t16, s4=1.0, s16=2.0):
+    run = lambda after, sec: {"heldout_after_rl": after, "seconds_per_step": sec, "gss_at_10": 0,  # noqa: E731
+                              "thought_adv_std": 0.5, "reward_curve": [0.1, 0.2], "metric": "dfd"}
+    return {"heldout": {"after_sft": sft}, "runs": {"T4A4": run(t4, s4), "T16A1": run(t16, s16)}}
+
+
+def test_t4a4_vs_t16a1_aggregate_pairs_by_seed_and_respects_lower_is_better(tmp_path):
+    bench = _bench("t4a4_vs_t16a1")
+    # trajectory: DFD, lower is better.  Per seed T4A4 - T16A1 in DFD = -0.02, -0.03, -0.01:
+    # T4A4 better by 0.02 +- 0.01 (signed > 0 is better)
+    seeds = {0: _seed(0.60, 0.50, 0.52), 1: _seed(0.70, 0.55, 0.58), 2: _seed(0.65, 0.60, 0.61)}
+    agg = bench.aggregate(seeds, "trajectory")
+    d = agg["t4a4_minus_t16a1"]
+    assert d["mean"] == pytest.approx(0.02) and d["std"] == pytest.approx(0.01)
+    assert (d["lo"], d["hi"]) == pytest.approx((0.02 - 0.024841, 0.02 + 0.024841), abs=1e-5)
+    assert d["verdict"] == NO_DIFFERENCE
+    # RL gain of T4A4 (lower DFD is better): 0.10, 0.15, 0.05 -> mean 0.10, std 0.05
+    g = agg["runs"]["T4A4"]["rl_gain"]
+    assert g["mean"] == pytest.approx(0.10) and g["std"] == pytest.approx(0.05)
+    assert agg["step_time_ratio"]["mean"] == pytest.approx(0.5)
+    results = {"tasks": {"trajectory": {"seeds": seeds, "summary": agg}}}
+    bench.plot(results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    bench.print_table(results)
