@@ -129,7 +129,8 @@ def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch, zero):
     from vlm_grpo_ma.training import sft as sft_mod
     from vlm_grpo_ma.training import stage as stg
 
-    cfg = _cfg(tmp_path, "--deepspeed", f"configs/deepspeed/{zero}.json")
+    schedule = "cosine" if zero == "zero3" else "constant"
+    cfg = _cfg(tmp_path, "--deepspeed", f"configs/deepspeed/{zero}.json", "--lr_schedule", schedule)
     task = get_task("affordance")
     st = stg.build_stage(cfg, "sft", "tiny-qwen2.5-vl", global_batch=4, micro=0, lr=1e-3, warmup=0, total_optimizer_steps=10)
     batches, _ = sft_mod.collate_micro_batches(st, cfg, task, task.synthetic(4, seed=0))
@@ -146,6 +147,8 @@ def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch, zero):
     out = sft_mod.sft_step(st, batches)
     assert out["train/step_applied"] == 1.0 and math.isfinite(out["loss/sft"])
     assert math.isfinite(out["grad/norm"]) and out["grad/norm"] > 0  # stage 0: our own norm
+    # one applied step of 10 without warm-up: cosine 1e-3 * (1 + cos(pi / 10)) / 2; constant 1e-3
+    assert stg.lr_of(st) == pytest.approx(0.975528e-3 if schedule == "cosine" else 1e-3, rel=1e-5)
     assert not _same(before, _params(st)) and st.skipped_steps == 1
     stg.release(st)
 
