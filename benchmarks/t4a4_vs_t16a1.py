@@ -90,6 +90,8 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
             "thought_adv_std": statistics.mean(r["adv/thought_std"] for r in recs),
             "run_dir": str(run_dir),
         }
+    if out["heldout"].get("after_sft") is None:  # the SFT run's summary lacks it: the same model and
+        out["heldout"]["after_sft"] = out["runs"]["T4A4"]["heldout_before_rl"]  # held-out set, read before RL
     return out
 
 
