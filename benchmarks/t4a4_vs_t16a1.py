@@ -33,6 +33,19 @@ from pathlib import Path
 from vlm_grpo_ma.training import distributed as dist
 
 SETTINGS = {"T4A4": (4, 4), "T16A1": (16, 1)}
+
+
+def parse_settings(text: str) -> dict[str, tuple[int, int]]:
+    """``"T4A1,T4A8"`` -> ``{"T4A1": (4, 1), "T4A8": (4, 8)}`` (K thoughts x M answers)."""
+    import re
+
+    out = {}
+    for name in (t.strip() for t in text.split(",") if t.strip()):
+        m = re.fullmatch(r"T(\d+)A(\d+)", name)
+        if not m:
+            raise ValueError(f"setting {name!r} is not of the form T<K>A<M>, e.g. T4A4")
+        out[name] = (int(m.group(1)), int(m.group(2)))
+    return out
 #: the held-out metric reported per task, and whether higher is better.  Detection: mean IoU of
 #: the Hungarian-matched boxes, not AP50, which the tiny model barely leaves 0 on at CPU budgets
 #: (both are kept in the JSON's ``evals``)
@@ -68,7 +81,7 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
     full_evals = {label: sft_summary["evals"].get(label, {}) for label in ("before_sft", "after_sft")} if sft_summary else {}
     sft_evals = {label: _metric(ev, task)[1] for label, ev in full_evals.items()}
     out: dict = {"sft_model": str(sft_model), "sft_steps": sft_steps, "heldout": sft_evals, "evals": full_evals, "runs": {}}
-    for name, (K, M) in SETTINGS.items():
+    for name, (K, M) in parse_settings(args.settings).items():
         run_dir = workdir / task / name
         overrides = [f"--{k}={v}" for k, v in (("rl_steps", args.rl_steps), ("prompts_per_step", args.prompts),
                                                   ("rl_lr", args.rl_lr)) if v]  # else the task's tiny config
@@ -107,7 +120,8 @@ def aggregate(seed_results: dict, task: str) -> dict:
     sft = [seed_results[s]["heldout"].get("after_sft") for s in seeds]
     if None not in sft:
         out["after_sft"] = ms(sft)
-    for name in SETTINGS:
+    names = list(seed_results[seeds[0]]["runs"])
+    for name in names:
         runs = [seed_results[s]["runs"][name] for s in seeds]
         after = [r["heldout_after_rl"] for r in runs]
         agg = {
@@ -119,10 +133,11 @@ def aggregate(seed_results: dict, task: str) -> dict:
         if None not in sft:  # gain in the better direction: after RL - after SFT (x -1 when lower is better)
             agg["rl_gain"] = summarize([sign * d for d in paired_differences(after, sft)], "after RL", "after SFT").to_dict()
         out["runs"][name] = agg
-    a, b = ([seed_results[s]["runs"][n]["heldout_after_rl"] for s in seeds] for n in SETTINGS)
-    out["t4a4_minus_t16a1"] = summarize([sign * d for d in paired_differences(a, b)], "T4A4", "T16A1").to_dict()
-    ta, tb = ([seed_results[s]["runs"][n]["seconds_per_step"] for s in seeds] for n in SETTINGS)
-    out["step_time_ratio"] = ms([x / y for x, y in zip(ta, tb)])
+    if all(n in names for n in SETTINGS):
+        a, b = ([seed_results[s]["runs"][n]["heldout_after_rl"] for s in seeds] for n in SETTINGS)
+        out["t4a4_minus_t16a1"] = summarize([sign * d for d in paired_differences(a, b)], "T4A4", "T16A1").to_dict()
+        ta, tb = ([seed_results[s]["runs"][n]["seconds_per_step"] for s in seeds] for n in SETTINGS)
+        out["step_time_ratio"] = ms([x / y for x, y in zip(ta, tb)])
     return out
 
 
@@ -138,11 +153,15 @@ def plot(results: dict, path: Path) -> None:
 
     tasks = list(results["tasks"])
     fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7.2), squeeze=False)
+    names = list(next(iter(next(iter(results["tasks"].values()))["seeds"].values()))["runs"])
+    palette = plt.get_cmap("tab10").colors
     colours = {"after SFT": "#6699cc", "T4A4": "#1f77b4", "T16A1": "#ff7f0e"}
+    for i, n in enumerate(n for n in names if n not in colours):
+        colours[n] = palette[(i + 2) % len(palette)]
     for ax, bar_ax, task in zip(axes[0], axes[1], tasks):
         r = results["tasks"][task]
         per_seed, agg = r["seeds"], r["summary"]
-        for name in SETTINGS:
+        for name in names:
             curves = []
             for sr in per_seed.values():
                 c = sr["runs"][name]["reward_curve"]
@@ -155,7 +174,7 @@ def plot(results: dict, path: Path) -> None:
             a = agg["runs"][name]
             ax.plot(x, mean, color=colours[name], label=f"{name}: {a['seconds_per_step']['mean']:.2f} s/step")
             ax.fill_between(x, mean - std, mean + std, color=colours[name], alpha=0.2)
-        ax.set_title(f"{task} (16 rewards / prompt, {len(per_seed)} seeds)")
+        ax.set_title(f"{task} ({', '.join(names)}, {len(per_seed)} seeds)")
         ax.set_xlabel("RL step")
         ax.set_ylabel("sampled reward (moving average)")
         ax.legend(fontsize=8)
@@ -164,7 +183,7 @@ def plot(results: dict, path: Path) -> None:
         if None not in sft:
             labels.append("after SFT")
             groups.append(sft)
-        for name in SETTINGS:
+        for name in names:
             labels.append(name)
             groups.append([sr["runs"][name]["heldout_after_rl"] for sr in per_seed.values()])
         means = [statistics.mean(g) for g in groups]
@@ -172,8 +191,10 @@ def plot(results: dict, path: Path) -> None:
         bar_ax.bar(labels, means, yerr=stds, capsize=6, color=[colours[lab] for lab in labels], alpha=0.8)
         for i, g in enumerate(groups):
             bar_ax.scatter([i] * len(g), g, color="k", s=12, zorder=3)
-        d = agg["t4a4_minus_t16a1"]
-        bar_ax.set_title(f"T4A4 - T16A1: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]\n{d['verdict']}", fontsize=9)
+        d = agg.get("t4a4_minus_t16a1")
+        if d:
+            bar_ax.set_title(f"T4A4 - T16A1: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]\n{d['verdict']}",
+                             fontsize=9)
         metric = next(iter(next(iter(per_seed.values()))["runs"].values()))["metric"]
         bar_ax.set_ylabel(f"held-out {metric} ({agg['better']} is better)")
     fig.tight_layout()
@@ -188,6 +209,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=0, help="prompts per RL step (0: the task's tiny config)")
     ap.add_argument("--rl-lr", type=float, default=0.0, help="RL learning rate (0: the task's tiny config)")
     ap.add_argument("--eval-samples", type=int, default=256)
+    ap.add_argument("--settings", default="T4A4,T16A1",
+                    help="K x M trees to run from each SFT model, e.g. T4A1,T4A2,T4A4,T4A8 for the ablation over M")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each: its own SFT model, data and sampling)")
     ap.add_argument("--sft-models", default="",
                     help="task=path,...: start RL from these SFT models instead of training one; {seed} in a path is replaced by the seed")
@@ -227,7 +250,9 @@ def print_table(results: dict) -> None:
             print(f"  {name:<6} after RL     {pm(a['after_rl'])}{gain}")
             print(f"  {name:<6} s/step {pm(a['seconds_per_step'])}  GSS@10 {a['gss_at_10']['mean']:.1f}  "
                   f"thought-adv std {pm(a['thought_adv_std'])}")
-        d = agg["t4a4_minus_t16a1"]
+        d = agg.get("t4a4_minus_t16a1")
+        if not d:
+            continue
         extra = (f"; ~{d['seeds_to_detect']:.0f} seeds would detect a difference of {abs(d['mean']):.4f}, "
                  f"{d['n']} seeds detect >= {d['detectable']:.4f}") if d["verdict"].startswith("no detectable") else ""
         print(f"  T4A4 - T16A1        {ci(d)}  -> {d['verdict']}{extra}")
