@@ -26,8 +26,11 @@ def _process_group():
 def _cfg(tmp_path, *extra):
     from vlm_grpo_ma.training.cli import parse_train_config
 
+    # ZeRO-3 (the trainer's default engine) unless a test asks for another: the affordance demo
+    # config itself runs without ZeRO (zero0.json)
     return parse_train_config(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_batch_size", "4",
-                               "--prompts_per_step", "2", "--sft_warmup_steps", "0", *TINY, *extra])
+                               "--prompts_per_step", "2", "--sft_warmup_steps", "0",
+                               "--deepspeed", "configs/deepspeed/zero3.json", *TINY, *extra])
 
 
 def _params(stage) -> dict[str, torch.Tensor]:
