@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "train.py")
 COMMON = ["--task", "affordance", "--sft_batch_size", "4", "--sft_warmup_steps", "0", "--prompts_per_step", "2",
           "--num_thoughts", "2", "--answers_per_thought", "2", "--max_thought_tokens", "10", "--max_answer_tokens", "8",
-          "--eval_batch_size", "2", "--report_to", "none"]
+          "--eval_batch_size", "2", "--report_to", "none",
+          "--deepspeed", "configs/deepspeed/zero3.json"]  # the affordance demo config itself runs without ZeRO
 
 
 def _env() -> dict:

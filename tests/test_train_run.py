@@ -34,8 +34,11 @@ def _process_group():
 def _cfg(tmp_path, *extra):
     from vlm_grpo_ma.training.cli import parse_train_config
 
+    # ZeRO-3 (the trainer's default engine) unless a test asks for another: the affordance demo
+    # config itself runs without ZeRO (zero0.json)
     return parse_train_config(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_batch_size", "4",
-                               "--prompts_per_step", "2", "--sft_warmup_steps", "0", *TINY, *extra])
+                               "--prompts_per_step", "2", "--sft_warmup_steps", "0",
+                               "--deepspeed", "configs/deepspeed/zero3.json", *TINY, *extra])
 
 
 def _params(stage) -> dict[str, torch.Tensor]:
@@ -144,12 +147,14 @@ def test_rl_step_updates_the_policy(tmp_path, k, m, layout):
     stg.release(st)
 
 
-def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("zero", ["zero3", "zero0"])
+def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch, zero):
     from vlm_grpo_ma.task import get_task
     from vlm_grpo_ma.training import sft as sft_mod
     from vlm_grpo_ma.training import stage as stg
 
-    cfg = _cfg(tmp_path)
+    schedule = "cosine" if zero == "zero3" else "constant"
+    cfg = _cfg(tmp_path, "--deepspeed", f"configs/deepspeed/{zero}.json", "--lr_schedule", schedule)
     task = get_task("affordance")
     st = stg.build_stage(cfg, "sft", "tiny-qwen2.5-vl", global_batch=4, micro=0, lr=1e-3, warmup=0, total_optimizer_steps=10)
     batches, _ = sft_mod.collate_micro_batches(st, cfg, task, task.synthetic(4, seed=0))
@@ -158,10 +163,16 @@ def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch):
     monkeypatch.setattr(sft_mod, "assistant_token_nll", lambda model, b: (real(model, b)[0] * float("nan"), 0))
     out = sft_mod.sft_step(st, batches)
     assert out["train/step_applied"] == 0.0 and out["train/skipped_steps"] == 1.0
-    assert _same(before, _params(st)) and stg.lr_of(st) == lr_before  # nothing moved, schedule held
+    assert _same(before, _params(st))  # nothing moved
+    if zero == "zero3":
+        assert stg.lr_of(st) == lr_before  # DeepSpeed's ZeRO skip also holds the schedule
+    assert st.engine.zero_optimization_stage() == int(zero[-1])
     monkeypatch.setattr(sft_mod, "assistant_token_nll", real)
     out = sft_mod.sft_step(st, batches)
     assert out["train/step_applied"] == 1.0 and math.isfinite(out["loss/sft"])
+    assert math.isfinite(out["grad/norm"]) and out["grad/norm"] > 0  # stage 0: our own norm
+    # one applied step of 10 without warm-up: cosine 1e-3 * (1 + cos(pi / 10)) / 2; constant 1e-3
+    assert stg.lr_of(st) == pytest.approx(0.975528e-3 if schedule == "cosine" else 1e-3, rel=1e-5)
     assert not _same(before, _params(st)) and st.skipped_steps == 1
     stg.release(st)
 

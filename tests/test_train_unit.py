@@ -225,3 +225,11 @@ def test_task_options_reach_the_task_and_unknown_ones_are_refused():
     small, big = (get_task("affordance", object_scale=s).synthetic(40, seed=1) for s in (1.0, 1.6))
     area = lambda ss: sum((s.target["box"][2] - s.target["box"][0]) * (s.target["box"][3] - s.target["box"][1]) for s in ss)  # noqa: E731
     assert area(big) > 2 * area(small)
+
+
+def test_lr_schedule_is_checked():
+    from vlm_grpo_ma.training.cli import parse_train_config
+
+    assert parse_train_config(["--task", "affordance", "--lr_schedule", "constant"]).run.lr_schedule == "constant"
+    with pytest.raises(ValueError, match="lr_schedule"):
+        parse_train_config(["--task", "affordance", "--lr_schedule", "linear"])

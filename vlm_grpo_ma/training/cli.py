@@ -161,6 +161,9 @@ def _run(argv: Sequence[str] | None = None) -> dict:
     summary = json.loads(summary_path.read_text()) if (cfg.run.resume and summary_path.is_file()) else {}
     summary.setdefault("evals", {})
     max_new = cfg.rl.max_thought_tokens + cfg.rl.max_answer_tokens
+    from vlm_grpo_ma.rollout import SamplingParams
+
+    rl_sampling = SamplingParams(temperature=cfg.rl.temperature, top_p=cfg.rl.top_p, top_k=cfg.rl.top_k)
 
     def held_out_eval(stage, label: str) -> None:
         if not heldout:
@@ -168,6 +171,12 @@ def _run(argv: Sequence[str] | None = None) -> dict:
         t0 = time.perf_counter()
         m = evaluate(stage.engine.module, stage.processor, stage.family, task, heldout,
                      batch_size=cfg.data.eval_batch_size, max_new_tokens=max_new, gather_context=stage.gather)
+        if label != "before_sft" and cfg.rl.rl_steps > 0:
+            # what RL optimises: the reward of one sample per held-out prompt at the RL temperature
+            sampled = evaluate(stage.engine.module, stage.processor, stage.family, task, heldout,
+                               batch_size=cfg.data.eval_batch_size, max_new_tokens=max_new,
+                               gather_context=stage.gather, sampling=rl_sampling)
+            m[f"sampled@T={cfg.rl.temperature:g}/reward"] = sampled["eval/reward"]
         summary["evals"][label] = m
         logger.log("eval", {"before_sft": 0, "after_sft": 1, "before_rl": 1, "after_rl": 2}[label],
                    {f"{label}/{k}": v for k, v in m.items()})

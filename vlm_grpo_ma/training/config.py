@@ -12,7 +12,6 @@ The defaults are the CPU demo (the embedded tiny model on synthetic data); the s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from vlm_grpo_ma.config import JsonObject
@@ -115,7 +114,7 @@ class SFTArgs:
     sft_micro_batch_size: int = field(
         default=0, metadata={"help": "Samples per forward on one rank (gradient accumulation fills the batch); 0: the whole local batch."}
     )
-    sft_lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of SFT (AdamW, linear warm-up then cosine decay)."})
+    sft_lr: float = field(default=2e-3, metadata={"help": "Peak learning rate of SFT (AdamW, linear warm-up then lr_schedule)."})
     sft_warmup_steps: int = field(default=30, metadata={"help": "Linear warm-up steps of SFT."})
 
 
@@ -134,7 +133,7 @@ class RLArgs:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of rollouts."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of rollouts (1.0: off)."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling of rollouts (0: off; transformers' default 50 is not plain sampling)."})
-    rl_lr: float = field(default=5e-5, metadata={"help": "Peak learning rate of RL (AdamW, linear warm-up then cosine decay)."})
+    rl_lr: float = field(default=5e-5, metadata={"help": "Peak learning rate of RL (AdamW, linear warm-up then lr_schedule)."})
     rl_warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up optimizer steps of RL."})
     ppo_epochs: int = field(
         default=1,
@@ -202,6 +201,10 @@ class RunArgs:
         default=DEFAULT_DEEPSPEED_CONFIG,
         metadata={"help": "DeepSpeed JSON config (configs/deepspeed/zero3.json default; zero2.json, zero3_offload.json shipped)."},
     )
+    lr_schedule: str = field(
+        default="cosine",
+        metadata={"help": "Learning-rate schedule of both stages after the linear warm-up: cosine (decay to 0 at the stage's last step) or constant."},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (both stages)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping by global norm (0: off)."})
     save_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N optimizer steps (SFT) or rollout batches (RL); 0: only at the end of a stage."})
@@ -259,6 +262,8 @@ class TrainConfig:
             raise ValueError(f"tis_cap must be 0 (off) or > 0 with rollout_backend vllm, got {self.rl.tis_cap}")
         if self.run.memory_plan not in ("check", "warn", "off"):
             raise ValueError(f"memory_plan must be check, warn or off, got {self.run.memory_plan!r}")
+        if self.run.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be cosine or constant, got {self.run.lr_schedule!r}")
         if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
             raise ValueError("sft_batch_size and prompts_per_step must be >= 1")
 

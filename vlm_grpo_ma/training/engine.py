@@ -141,12 +141,14 @@ def build_engine(
     warmup_steps: int,
     total_steps: int,
     weight_decay: float,
+    schedule: str = "cosine",
 ):
     """``deepspeed.initialize`` with AdamW (the client's, or DeepSpeed's when the config names
-    one, e.g. CPU Adam for offload) and linear warm-up then cosine decay to 0 over ``total_steps``
-    optimizer steps.  Returns the engine."""
+    one, e.g. CPU Adam for offload) and a linear warm-up over ``warmup_steps``, then cosine decay
+    to 0 at ``total_steps`` optimizer steps (``schedule="cosine"``) or a constant rate
+    (``"constant"``).  Returns the engine."""
     import deepspeed
-    from transformers import get_cosine_schedule_with_warmup
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     if not params:
@@ -155,7 +157,12 @@ def build_engine(
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be cosine or constant, got {schedule!r}")
+
     def scheduler(opt):
+        if schedule == "constant":
+            return get_constant_schedule_with_warmup(opt, num_warmup_steps=warmup_steps)
         return get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps))
 
     engine, _, _, _ = deepspeed.initialize(

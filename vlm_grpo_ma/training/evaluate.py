@@ -1,6 +1,7 @@
-"""Held-out evaluation: greedy completions, the task's parser and the task's metrics.
+"""Held-out evaluation: greedy (or sampled) completions, the task's parser and the task's metrics.
 
-Used for the summary's before-SFT / after-SFT / after-RL rows.  Each rank decodes its share of
+Used for the summary's before-SFT / after-SFT / after-RL rows (greedy), and for the reward at the
+training temperature that RL actually optimises (one sample per held-out prompt).  Each rank decodes its share of
 the samples on gathered parameters (no collective per forward, so unequal lengths cannot
 deadlock); predictions are gathered to every rank and scored with ``task.metrics``.
 """
@@ -8,6 +9,7 @@ deadlock); predictions are gathered to every rank and scored with ``task.metrics
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -36,14 +38,19 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 96,
     gather_context=None,
+    sampling=None,
 ) -> dict[str, float]:
-    """The task's metrics of greedy predictions on ``samples``, plus ``eval/format_rate`` and
-    ``eval/parse/<reason>`` counts.  Collective when distributed: every rank calls it.
+    """The task's metrics of greedy predictions on ``samples``, plus ``eval/reward`` (the mean
+    task reward, what RL maximises), ``eval/format_rate`` and ``eval/parse/<reason>`` counts.
+    Collective when distributed: every rank calls it.
 
     Args:
         model: the policy (engine module, peft model or plain transformers model).
         gather_context: zero-argument callable returning the context that holds full
             parameters (ZeRO-3), entered once around all of this rank's generation.
+        sampling: a ``SamplingParams`` to sample one completion per sample with (e.g. at the
+            RL temperature) instead of decoding greedily; its length limits are replaced by
+            ``max_new_tokens``.
     """
     from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
 
@@ -53,29 +60,36 @@ def evaluate(
     world, rank = dist.world_size(), dist.rank()
     mine = list(range(rank, n, world))
     backend = HFRolloutBackend(model, processor=processor)
-    greedy = SamplingParams(temperature=0.0, max_thought_tokens=max_new_tokens, max_answer_tokens=max_new_tokens)
+    if sampling is None:
+        params = SamplingParams(temperature=0.0, max_thought_tokens=max_new_tokens, max_answer_tokens=max_new_tokens)
+    else:
+        params = dataclasses.replace(sampling, max_thought_tokens=max_new_tokens, max_answer_tokens=max_new_tokens)
     completions: dict[int, str] = {}
     ctx = gather_context() if gather_context is not None else contextlib.nullcontext()
     with ctx:
         for i in range(0, len(mine), batch_size):
             idx = mine[i : i + batch_size]
             msgs = [task.messages(samples[j], family) for j in idx]
-            texts = backend.generate(msgs, n=1, sampling=greedy, max_new_tokens=max_new_tokens)
+            texts = backend.generate(msgs, n=1, sampling=params, max_new_tokens=max_new_tokens)
             for j, t in zip(idx, texts):
                 completions[j] = t[0]
     merged: dict[int, str] = {}
     for part in dist.all_gather_objects(completions):
         merged.update(part)
-    preds, reasons = [], Counter()
+    from vlm_grpo_ma.tasks.common import split_completion
+
+    preds, reasons, rewards = [], Counter(), []
     for j in range(n):
         pred, reason = parse_completion(task, merged[j], samples[j], family)
         preds.append(pred)
         if reason:
             reasons[reason] += 1
+        rewards.append(task.reward(*split_completion(merged[j]), samples[j], family).total)
     try:
         metrics = {k: float(v) for k, v in task.metrics(preds, list(samples)).items()}
     except Exception as e:
         raise RuntimeError(f"task {task.name!r}: metrics() failed on {n} predictions: {e}") from e
+    metrics["eval/reward"] = sum(rewards) / n
     metrics["eval/format_rate"] = sum(p is not None for p in preds) / n
     for r, c in sorted(reasons.items()):
         metrics[f"eval/parse/{r}"] = float(c)

@@ -10,6 +10,7 @@ engine from a Hugging Face folder (the base model, or the SFT stage's ``final/``
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def build_stage(
     )
     loaded = load_for_training(cfg.model, model_path, ds_config)
     engine = build_engine(loaded, ds_config, lr=lr, warmup_steps=warmup, total_steps=total_optimizer_steps,
-                          weight_decay=cfg.run.weight_decay)
+                          weight_decay=cfg.run.weight_decay, schedule=cfg.run.lr_schedule)
     stage_dir = Path(cfg.run.output_dir) / name
     if dist.is_main():
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -130,11 +131,33 @@ def optimizer_step(stage: Stage) -> tuple[bool, float]:
 
     DeepSpeed's ZeRO optimizers discard the update when the global gradient norm is not finite
     (a NaN/inf loss gives NaN gradients): the parameters, optimizer state and LR schedule stay
-    as they were.  We count such steps (``train/skipped_steps``)."""
-    stage.engine.step()
-    applied = bool(stage.engine.was_step_applied())
-    norm = stage.engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else float("nan")
+    as they were.  We count such steps (``train/skipped_steps``).  Without ZeRO (stage 0, e.g.
+    ``configs/deepspeed/zero0.json``) DeepSpeed neither reports the norm nor skips: we compute
+    the norm (before clipping) and drop non-finite gradients ourselves, so the parameters and
+    optimizer state stay as they were (the LR schedule still advances one step)."""
+    engine = stage.engine
+    own_norm = None
+    if engine.zero_optimization_stage() == 0:
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        own_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+    if own_norm is not None and not math.isfinite(own_norm):
+        # the engine's step still runs (its micro-step counters and schedule), the update does not
+        for g in grads:
+            g.zero_()
+        optimizer = engine.optimizer
+        optimizer.step = lambda *args, **kwargs: None  # instance attribute: shadows the method once
+        try:
+            engine.step()
+        finally:
+            del optimizer.step
+    else:
+        engine.step()
+    if own_norm is not None:
+        applied, norm = math.isfinite(own_norm), own_norm
+    else:
+        applied = bool(engine.was_step_applied())
+        norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
     if not applied:
         stage.skipped_steps += 1
         if dist.is_main():

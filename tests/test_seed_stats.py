@@ -1,0 +1,106 @@
+"""Seed statistics of the learning benchmarks (vlm_grpo_ma.bench.stats), checked by hand."""
+
+import math
+
+import pytest
+
+from vlm_grpo_ma.bench.stats import (
+    NO_DIFFERENCE,
+    detectable_effect,
+    mean_std,
+    paired_differences,
+    seeds_needed,
+    summarize,
+    t_interval,
+    verdict,
+)
+
+
+def test_mean_std_uses_n_minus_one():
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    # (0.1, 0.3): mean 0.2, deviations +-0.1, variance 0.02 / 1
+    assert mean_std([0.1, 0.3]) == pytest.approx((0.2, math.sqrt(0.02)))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+    with pytest.raises(ValueError, match="non-finite"):
+        mean_std([1.0, float("nan")])
+
+
+def test_t_interval_by_hand():
+    # t_{2, 0.975} = 4.302653 (table); half width 4.302653 * 1 / sqrt(3) = 2.484138
+    lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert (lo, hi) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-5)
+    # 90%: t_{2, 0.95} = 2.919986 -> half width 1.685850
+    assert t_interval([1.0, 2.0, 3.0], 0.9) == pytest.approx((2 - 1.685850, 2 + 1.685850), abs=1e-5)
+    assert all(math.isnan(v) for v in t_interval([1.0]))
+
+
+def test_paired_differences_need_one_value_per_seed_each():
+    assert paired_differences([0.3, 0.5], [0.1, 0.6]) == pytest.approx([0.2, -0.1])
+    with pytest.raises(ValueError, match="same number of seeds"):
+        paired_differences([0.3], [0.1, 0.2])
+
+
+def test_budget_estimates_by_hand():
+    # z_0.975 + z_0.8 = 1.959964 + 0.841621 = 2.801585
+    assert seeds_needed(std=1.0, effect=0.5) == 32  # (2.801585 * 2)^2 = 31.40 -> 32
+    assert seeds_needed(std=0.01, effect=-0.1) == 2  # (0.28)^2 < 2: at least 2
+    assert seeds_needed(std=1.0, effect=0.0) == math.inf
+    assert detectable_effect(std=1.0, n=4) == pytest.approx(1.400792, abs=1e-5)
+
+
+def test_verdict():
+    assert verdict(0.01, 0.05, "RL", "SFT") == "RL > SFT"
+    assert verdict(-0.05, -0.01, "T4A4", "T16A1") == "T4A4 < T16A1"
+    assert verdict(-0.01, 0.02) == NO_DIFFERENCE
+    assert verdict(float("nan"), float("nan")) == NO_DIFFERENCE
+
+
+def test_summarize_reports_no_difference_when_the_interval_holds_zero():
+    s = summarize([0.01, -0.02, 0.015], "T4A4", "T16A1")
+    assert s.n == 3 and s.lo < 0 < s.hi
+    assert s.verdict == NO_DIFFERENCE
+    assert s.seeds_to_detect > 3
+    clear = summarize([0.05, 0.06, 0.07], "RL", "SFT")
+    # mean 0.06, std 0.01, half width 4.302653 * 0.01 / sqrt(3) = 0.024841
+    assert (clear.lo, clear.hi) == pytest.approx((0.06 - 0.024841, 0.06 + 0.024841), abs=1e-5)
+    assert clear.verdict == "RL > SFT"
+    assert set(clear.to_dict()) >= {"mean", "std", "lo", "hi", "verdict", "seeds_to_detect", "detectable"}
+
+
+def _bench(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _seed(sft, t4, t16, s4=1.0, s16=2.0):
+    run = lambda after, sec: {"heldout_after_rl": after, "seconds_per_step": sec, "gss_at_10": 0,  # noqa: E731
+                              "thought_adv_std": 0.5, "reward_curve": [0.1, 0.2], "metric": "dfd"}
+    return {"heldout": {"after_sft": sft}, "runs": {"T4A4": run(t4, s4), "T16A1": run(t16, s16)}}
+
+
+def test_t4a4_vs_t16a1_aggregate_pairs_by_seed_and_respects_lower_is_better(tmp_path):
+    bench = _bench("t4a4_vs_t16a1")
+    # trajectory: DFD, lower is better.  Per seed T4A4 - T16A1 in DFD = -0.02, -0.03, -0.01:
+    # T4A4 better by 0.02 +- 0.01 (signed > 0 is better)
+    seeds = {0: _seed(0.60, 0.50, 0.52), 1: _seed(0.70, 0.55, 0.58), 2: _seed(0.65, 0.60, 0.61)}
+    agg = bench.aggregate(seeds, "trajectory")
+    d = agg["t4a4_minus_t16a1"]
+    assert d["mean"] == pytest.approx(0.02) and d["std"] == pytest.approx(0.01)
+    assert (d["lo"], d["hi"]) == pytest.approx((0.02 - 0.024841, 0.02 + 0.024841), abs=1e-5)
+    assert d["verdict"] == NO_DIFFERENCE
+    # RL gain of T4A4 (lower DFD is better): 0.10, 0.15, 0.05 -> mean 0.10, std 0.05
+    g = agg["runs"]["T4A4"]["rl_gain"]
+    assert g["mean"] == pytest.approx(0.10) and g["std"] == pytest.approx(0.05)
+    assert agg["step_time_ratio"]["mean"] == pytest.approx(0.5)
+    results = {"tasks": {"trajectory": {"seeds": seeds, "summary": agg}}}
+    bench.plot(results, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    bench.print_table(results)
