@@ -39,7 +39,7 @@ def _process_group():
 def _cfg(tmp_path, *extra):
     from vlm_grpo_ma.training.cli import parse_train_config
 
-    return parse_train_config(["--task", "affordance", "--output_dir", str(tmp_path), "--report_to", "none", *extra])
+    return parse_train_config(["--task", "affordance", "--deepspeed", "configs/deepspeed/zero3.json", "--output_dir", str(tmp_path), "--report_to", "none", *extra])
 
 
 def _shape(model: str = "tiny-qwen2.5-vl", **kw):
@@ -152,7 +152,7 @@ def test_a_run_that_cannot_fit_is_refused_naming_the_biggest_parts(tmp_path):
     from vlm_grpo_ma.training.memory_plan import DoesNotFit
 
     with pytest.raises(DoesNotFit, match=r"does not fit: .* needs about .* GiB per rank, and there are 0.0 GiB \(--memory_capacity_gb; largest parts: "):
-        main(["--task", "affordance", "--output_dir", str(tmp_path), "--report_to", "none",
+        main(["--task", "affordance", "--deepspeed", "configs/deepspeed/zero3.json", "--output_dir", str(tmp_path), "--report_to", "none",
               "--memory_capacity_gb", "0.001"])
     assert not (tmp_path / "sft").exists()  # refused before any stage started
 
@@ -222,7 +222,7 @@ def _widened_tiny(out: Path) -> Path:
 @pytest.mark.slow
 def test_rl_stage_peak_rss_is_within_1_5x_of_the_plan(tmp_path):
     model = _widened_tiny(tmp_path / "wide")
-    args = ["--task", "affordance", "--model", str(model), "--output_dir", str(tmp_path / "run"), "--report_to", "none",
+    args = ["--task", "affordance", "--deepspeed", "configs/deepspeed/zero3.json", "--model", str(model), "--output_dir", str(tmp_path / "run"), "--report_to", "none",
             "--stage", "rl", "--rl_steps", "1", "--prompts_per_step", "2", "--num_thoughts", "2",
             "--answers_per_thought", "2", "--max_thought_tokens", "16", "--max_answer_tokens", "8", "--eval_samples", "0"]
     (tmp_path / "run").mkdir()

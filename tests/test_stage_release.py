@@ -33,7 +33,7 @@ def test_sft_engine_optimizer_and_model_are_freed_before_rl(tmp_path):
     from vlm_grpo_ma.training.metrics import MetricsLogger
     from vlm_grpo_ma.training.sft import run_sft
 
-    cfg = parse_train_config(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_batch_size", "2",
+    cfg = parse_train_config(["--task", "affordance", "--deepspeed", "configs/deepspeed/zero3.json", "--output_dir", str(tmp_path), "--sft_batch_size", "2",
                               "--sft_steps", "1", "--sft_warmup_steps", "0", "--report_to", "none"])
     st = stg.build_stage(cfg, "sft", cfg.model.model, global_batch=2, micro=2, lr=1e-4, warmup=0, total_optimizer_steps=1)
     run_sft(st, cfg, get_task("affordance"), MetricsLogger(tmp_path, "none"), 0)

@@ -29,7 +29,7 @@ SCRIPT = str(ROOT / "scripts" / "train.py")
 # launchers as modules of this interpreter: a venv's console scripts may name another one
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
-COMMON = ["--task", "affordance", "--sft_batch_size", "4", "--sft_warmup_steps", "0", "--prompts_per_step", "2",
+COMMON = ["--task", "affordance", "--deepspeed", "configs/deepspeed/zero3.json", "--sft_batch_size", "4", "--sft_warmup_steps", "0", "--prompts_per_step", "2",
           "--num_thoughts", "2", "--answers_per_thought", "2", "--max_thought_tokens", "8", "--max_answer_tokens", "8",
           "--eval_batch_size", "2", "--report_to", "none", "--log_every", "0"]
 # 3 SFT steps with a checkpoint after step 2: a resume from it takes step 3 on another world size

@@ -76,15 +76,18 @@ def evaluate(
     merged: dict[int, str] = {}
     for part in dist.all_gather_objects(completions):
         merged.update(part)
-    from vlm_grpo_ma.tasks.common import split_completion
+    from vlm_grpo_ma.format import split_completion
+    from vlm_grpo_ma.reward_guard import RewardGuard
 
-    preds, reasons, rewards = [], Counter(), []
+    preds, reasons = [], Counter()
     for j in range(n):
         pred, reason = parse_completion(task, merged[j], samples[j], family)
         preds.append(pred)
         if reason:
             reasons[reason] += 1
-        rewards.append(task.reward(*split_completion(merged[j]), samples[j], family).total)
+    # the task reward of each completion, through the one reward guard (as the trainer scores)
+    rewards = [r.total for r in RewardGuard(task).batch([(*split_completion(merged[j]), samples[j], family)
+                                                         for j in range(n)])]
     try:
         metrics = {k: float(v) for k, v in task.metrics(preds, list(samples)).items()}
     except Exception as e:
