@@ -121,7 +121,7 @@ def build_real_tokenizer(family: str, chat_template: str | None = None):
     published ids, ``eos_token`` ``<|im_end|>``, ``pad_token`` ``<|endoftext|>`` and the family's
     chat template (or ``chat_template``)."""
     from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer
+    from vlm_grpo_ma.models.tokenizer import qwen2_tokenizer
 
     from .chat_templates import QWEN2_VL_CHAT_TEMPLATE, QWEN3_VL_RELEASED_CHAT_TEMPLATE
 
@@ -131,17 +131,7 @@ def build_real_tokenizer(family: str, chat_template: str | None = None):
     added = ADDED_TOKENS[family]
     for i, (tok, _) in enumerate(added):  # at their published ids, right after the BPE
         vocab[tok] = BPE_SIZE + i
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        model_max_length=32768,
-        clean_up_tokenization_spaces=False,
-        split_special_tokens=False,
-    )
+    tokenizer = qwen2_tokenizer(vocab, merges)
     for i, (tok, special) in enumerate(added):
         tokenizer.add_tokens([AddedToken(tok, special=special, normalized=False)], special_tokens=special)
         got = tokenizer.convert_tokens_to_ids(tok)

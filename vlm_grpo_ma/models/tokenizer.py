@@ -138,16 +138,13 @@ def train_bpe(vocab_size: int = DEFAULT_BPE_VOCAB, seed: int = 0) -> tuple[dict[
     return dict(spec["vocab"]), merges
 
 
-def build_tokenizer(chat_template: str, vocab_size: int = DEFAULT_BPE_VOCAB, seed: int = 0):
-    """A ``Qwen2Tokenizer`` with the Qwen special tokens, the think/answer tags and
-    ``chat_template``.  ``eos_token`` is ``<|im_end|>`` and ``pad_token`` ``<|endoftext|>``, as
-    in the Qwen-VL Instruct checkpoints."""
+def qwen2_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
+    """A ``Qwen2Tokenizer`` over ``vocab`` / ``merges`` with the Qwen-VL Instruct checkpoints'
+    settings: ``eos_token`` ``<|im_end|>``, ``pad_token`` ``<|endoftext|>``, no bos / unk, no
+    clean-up of tokenisation spaces, special tokens never split."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = train_bpe(vocab_size, seed)
-    for t in QWEN_SPECIAL_TOKENS + TAG_TOKENS:  # Qwen's order: special tokens right after the BPE
-        vocab[t] = len(vocab)
-    tokenizer = Qwen2Tokenizer(
+    return Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         unk_token=None,
@@ -158,6 +155,16 @@ def build_tokenizer(chat_template: str, vocab_size: int = DEFAULT_BPE_VOCAB, see
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
     )
+
+
+def build_tokenizer(chat_template: str, vocab_size: int = DEFAULT_BPE_VOCAB, seed: int = 0):
+    """A ``Qwen2Tokenizer`` with the Qwen special tokens, the think/answer tags and
+    ``chat_template``.  ``eos_token`` is ``<|im_end|>`` and ``pad_token`` ``<|endoftext|>``, as
+    in the Qwen-VL Instruct checkpoints."""
+    vocab, merges = train_bpe(vocab_size, seed)
+    for t in QWEN_SPECIAL_TOKENS + TAG_TOKENS:  # Qwen's order: special tokens right after the BPE
+        vocab[t] = len(vocab)
+    tokenizer = qwen2_tokenizer(vocab, merges)
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], special_tokens=True)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
     tokenizer.chat_template = chat_template
