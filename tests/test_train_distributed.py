@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests._launch import clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +31,8 @@ COMMON = ["--task", "affordance", "--sft_batch_size", "4", "--sft_warmup_steps",
           "--deepspeed", "configs/deepspeed/zero3.json"]  # the affordance demo config itself runs without ZeRO
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
@@ -69,7 +56,7 @@ def test_two_ranks_match_one_rank(tmp_path):
     args = COMMON + ["--sft_steps", "3", "--rl_steps", "2", "--eval_samples", "4"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, SCRIPT, *args, "--output_dir", str(one)])
-    _run([*deepspeed, "--num_accelerators", "2", "--master_port", str(_free_port()), SCRIPT, *args,
+    _run([*deepspeed, "--num_accelerators", "2", "--master_port", str(free_port()), SCRIPT, *args,
           "--output_dir", str(two)])
 
     a, b = _metrics(one, "sft"), _metrics(two, "sft")
@@ -113,7 +100,7 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     ref, run = tmp_path / "uninterrupted", tmp_path / "killed"
     _run([sys.executable, SCRIPT, *args, "--output_dir", str(ref)])
 
-    proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--output_dir", str(run)], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args, "--output_dir", str(run)], cwd=ROOT, env=clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = run / "rl" / "checkpoints" / "step-0000004"
     deadline = time.time() + 400

@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests._launch import clean_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,32 +36,19 @@ COMMON = ["--task", "affordance", "--deepspeed", "configs/deepspeed/zero3.json",
 SFT3 = COMMON + ["--sft_steps", "3", "--save_every", "2", "--eval_samples", "0"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fail(cmd, p, out="", err="") -> str:
     return f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{out[-3000:]}\n{err[-6000:]}"
 
 
 def _run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, _fail(cmd, p, p.stdout, p.stderr)
     return p
 
 
 def _nodes(cmds: list[list[str]], timeout: int = 400, check: bool = True) -> list[tuple[int, str, str]]:
     """Run the launcher commands of all nodes at once; (returncode, stdout, stderr) of each."""
-    procs = [subprocess.Popen(c, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(c, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in cmds]
     out = []
     try:
@@ -77,7 +64,7 @@ def _nodes(cmds: list[list[str]], timeout: int = 400, check: bool = True) -> lis
 
 
 def _torchrun_nodes(script_args: list[str], script: str = SCRIPT) -> list[list[str]]:
-    port = _free_port()
+    port = free_port()
     return [[*TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i), "--master_addr",
              "127.0.0.1", "--master_port", str(port), script, *script_args] for i in range(2)]
 
@@ -85,7 +72,7 @@ def _torchrun_nodes(script_args: list[str], script: str = SCRIPT) -> list[list[s
 def _deepspeed_nodes(tmp_path: Path, script_args: list[str]) -> list[list[str]]:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")  # names only: --no_ssh never contacts them
-    port = _free_port()
+    port = free_port()
     return [[*DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
              "--master_addr", "127.0.0.1", "--master_port", str(port), SCRIPT, *script_args] for i in range(2)]
 
@@ -120,7 +107,7 @@ def _same_sft(a: Path, b: Path, steps: list[int]) -> None:
 def two_rank_run(tmp_path_factory) -> Path:
     """1 node x 2 ranks (the deepspeed launcher): SFT 3 steps (checkpoint at 2), then RL 1 step."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    _run([*DEEPSPEED, "--num_accelerators", "2", "--master_port", str(_free_port()), SCRIPT, *SFT3,
+    _run([*DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), SCRIPT, *SFT3,
           "--rl_steps", "1", "--output_dir", str(run)])
     return run
 
