@@ -7,7 +7,8 @@ GRPO-MA T4A4) once per seed, each in its own run folder, and reports per seed an
 - the held-out metric (greedy decoding) before SFT, after SFT and after RL;
 - the held-out reward of one sample per prompt at the RL temperature, after SFT and after RL
   (what RL optimises);
-- the baseline of always predicting the training samples' mean box (box tasks), on the same
+- the baseline of always answering the training samples' mean target (the mean box for
+  affordance, the mean path for trajectory; ``vlm_grpo_ma.bench.baselines``), on the same
   held-out samples;
 - wall time of each stage.
 
@@ -38,20 +39,6 @@ from vlm_grpo_ma.training import distributed as dist
 HEADLINE = {"affordance": "mean_iou", "detection": "mean_iou", "trajectory": "dfd"}
 
 
-def mean_box_baseline(task, heldout: list, train_seed: int, n_train: int = 2048) -> float | None:
-    """Mean IoU on ``heldout`` of always answering the mean ground-truth box of ``n_train``
-    synthetic training samples (None for a task without a single target box)."""
-    import numpy as np
-
-    from vlm_grpo_ma.tasks._geometry import box_iou
-
-    train = task.synthetic(n_train, seed=train_seed)
-    if not train or "box" not in train[0].target:
-        return None
-    mean = np.mean([s.target["box"] for s in train], axis=0).tolist()
-    return float(np.mean([box_iou(s.target["box"], mean) for s in heldout]))
-
-
 def run_seed(task_name: str, seed: int, workdir: Path, overrides: list[str]) -> dict:
     from vlm_grpo_ma.training.cli import main as train
 
@@ -79,6 +66,7 @@ def main(argv=None) -> dict:
     dist.prepare_environment()
     import torch
 
+    from vlm_grpo_ma.bench.baselines import mean_target_baseline
     from vlm_grpo_ma.bench.stats import mean_std, paired_differences, summarize
     from vlm_grpo_ma.task import get_task
     from vlm_grpo_ma.training.cli import parse_train_config
@@ -92,6 +80,7 @@ def main(argv=None) -> dict:
         cfg = parse_train_config(["--task", args.task, "--seed", str(seed), *overrides])
         task = get_task(args.task, **cfg.data.task_kwargs())
         heldout = heldout_samples(task, cfg.data.eval_samples, seed)
+        baseline = mean_target_baseline(task, heldout, task.synthetic(2048, seed=seed * _STRIDE + STAGE_OFFSETS["sft"]))
         ev = s["evals"]
         sampled_key = next((k for k in ev.get("after_rl", {}) if k.startswith("sampled@")), None)
         per_seed[seed] = {
@@ -102,7 +91,7 @@ def main(argv=None) -> dict:
             "sampled_reward_after_rl": ev["after_rl"].get(sampled_key) if sampled_key else None,
             "greedy_reward_after_sft": ev["after_sft"].get("eval/reward"),
             "greedy_reward_after_rl": ev["after_rl"].get("eval/reward"),
-            "mean_box_baseline": mean_box_baseline(task, heldout, seed * _STRIDE + STAGE_OFFSETS["sft"]),
+            "mean_target_baseline": baseline.get(metric) if baseline else None,
             "sft_seconds": s["sft"]["seconds"],
             "rl_seconds": s["rl"]["seconds"],
             "wall_seconds": s.get("wall_seconds"),
@@ -113,7 +102,7 @@ def main(argv=None) -> dict:
     col = lambda key: [per_seed[s][key] for s in seeds]  # noqa: E731
     summary = {}
     for key in ("before_sft", "after_sft", "after_rl", "sampled_reward_after_sft", "sampled_reward_after_rl",
-                "mean_box_baseline", "sft_seconds", "rl_seconds", "wall_seconds"):
+                "mean_target_baseline", "sft_seconds", "rl_seconds", "wall_seconds"):
         vals = [v for v in col(key) if v is not None]
         if vals:
             m, sd = mean_std(vals)
@@ -137,16 +126,16 @@ def main(argv=None) -> dict:
 
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"\n== {args.task}: {len(seeds)} seeds, {per_seed[seeds[0]]['eval_samples']} held-out samples each ==")
-    print(f"{'seed':<6}{'mean box':>9}{'before SFT':>11}{'after SFT':>10}{'after RL':>9}{'RL gain':>9}"
+    print(f"{'seed':<6}{'mean tgt':>9}{'before SFT':>11}{'after SFT':>10}{'after RL':>9}{'RL gain':>9}"
           f"{'sampled R SFT':>14}{'sampled R RL':>13}{'SFT s':>7}{'RL s':>6}")
     for s in seeds:
         r = per_seed[s]
-        print(f"{s:<6}{fmt(r['mean_box_baseline']):>9}{fmt(r['before_sft']):>11}{fmt(r['after_sft']):>10}"
+        print(f"{s:<6}{fmt(r['mean_target_baseline']):>9}{fmt(r['before_sft']):>11}{fmt(r['after_sft']):>10}"
               f"{fmt(r['after_rl']):>9}{r['after_rl'] - r['after_sft']:>+9.4f}{fmt(r['sampled_reward_after_sft']):>14}"
               f"{fmt(r['sampled_reward_after_rl']):>13}{r['sft_seconds']:>7.0f}{r['rl_seconds']:>6.0f}")
     for key, v in summary.items():
         print(f"  {key:<26} {v['mean']:.4f} +- {v['std']:.4f}  (min {v['min']:.4f}, max {v['max']:.4f})")
-    print(f"  RL gain ({metric}): {gain}  -> {gain.verdict}")
+    print(f"  RL gain ({metric}, after RL - after SFT): {gain}  -> {gain.verdict}")
     if "sampled_reward_gain" in results:
         g = results["sampled_reward_gain"]
         print(f"  sampled reward gain: {g['mean']:+.4f} +- {g['std']:.4f} (95% CI [{g['lo']:+.4f}, {g['hi']:+.4f}])")

@@ -108,6 +108,22 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
     return out
 
 
+def heldout_baseline(task_name: str, seed: int, eval_samples: int) -> float | None:
+    """The headline metric of always answering the mean training target (mean box, mean path) on
+    the held-out samples the runs of ``seed`` are evaluated on (``vlm_grpo_ma.bench.baselines``);
+    None for detection (several boxes per image)."""
+    from vlm_grpo_ma.bench.baselines import mean_target_baseline
+    from vlm_grpo_ma.task import get_task
+    from vlm_grpo_ma.training.cli import parse_train_config
+    from vlm_grpo_ma.training.data import STAGE_OFFSETS, _STRIDE, heldout_samples
+
+    cfg = parse_train_config(["--task", task_name, "--seed", str(seed), "--eval_samples", str(eval_samples)])
+    task = get_task(task_name, **cfg.data.task_kwargs())
+    heldout = heldout_samples(task, eval_samples, seed)
+    m = mean_target_baseline(task, heldout, task.synthetic(2048, seed=seed * _STRIDE + STAGE_OFFSETS["sft"]))
+    return None if m is None else _metric(m, task_name)[1]
+
+
 def aggregate(seed_results: dict, task: str) -> dict:
     """Over the seeds of one task: mean +- std of each figure per setting, and paired 95%
     intervals of each setting's RL gain and of T4A4 - T16A1 (signed so that > 0 is better)."""
@@ -120,6 +136,9 @@ def aggregate(seed_results: dict, task: str) -> dict:
     sft = [seed_results[s]["heldout"].get("after_sft") for s in seeds]
     if None not in sft:
         out["after_sft"] = ms(sft)
+    base = [seed_results[s]["heldout"].get("mean_target_baseline") for s in seeds]
+    if None not in base:
+        out["mean_target_baseline"] = ms(base)
     names = list(seed_results[seeds[0]]["runs"])
     for name in names:
         runs = [seed_results[s]["runs"][name] for s in seeds]
@@ -191,6 +210,10 @@ def plot(results: dict, path: Path) -> None:
         bar_ax.bar(labels, means, yerr=stds, capsize=6, color=[colours[lab] for lab in labels], alpha=0.8)
         for i, g in enumerate(groups):
             bar_ax.scatter([i] * len(g), g, color="k", s=12, zorder=3)
+        if "mean_target_baseline" in agg:
+            bar_ax.axhline(agg["mean_target_baseline"]["mean"], color="grey", ls="--", lw=1,
+                           label="always the mean target")
+            bar_ax.legend(fontsize=8)
         d = agg.get("t4a4_minus_t16a1")
         if d:
             bar_ax.set_title(f"T4A4 - T16A1: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]\n{d['verdict']}",
@@ -214,6 +237,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (each: its own SFT model, data and sampling)")
     ap.add_argument("--sft-models", default="",
                     help="task=path,...: start RL from these SFT models instead of training one; {seed} in a path is replaced by the seed")
+    ap.add_argument("--merge", default="",
+                    help="a.json,b.json,...: no runs; combine the tasks of results written before (e.g. one process per "
+                         "task) into --out, recomputing the summaries, baselines, table and PNG")
     ap.add_argument("--workdir", default="runs/t4a4_vs_t16a1")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "t4a4_vs_t16a1.json"))
     args = ap.parse_args(argv)
@@ -223,9 +249,20 @@ def main(argv=None) -> dict:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     results = {"setting": {**vars(args), "torch_threads": torch.get_num_threads(),
                            "machine": platform.processor() or platform.machine()}, "tasks": {}}
-    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-        per_seed = {s: run_task(task, args, Path(args.workdir) / f"seed{s}", s) for s in seeds}
-        results["tasks"][task] = {"seeds": per_seed, "summary": aggregate(per_seed, task)}
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge.split(",") if p.strip()]
+        results["setting"]["merged"] = {p: part["setting"] for p, part in zip(args.merge.split(","), parts)}
+        for part in parts:
+            for task, r in part["tasks"].items():
+                results["tasks"][task] = {"seeds": r["seeds"], "eval_samples": part["setting"]["eval_samples"]}
+    else:
+        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+            results["tasks"][task] = {"seeds": {str(s): run_task(task, args, Path(args.workdir) / f"seed{s}", s) for s in seeds},
+                                      "eval_samples": args.eval_samples}
+    for task, r in results["tasks"].items():
+        for s, sr in r["seeds"].items():
+            sr["heldout"]["mean_target_baseline"] = heldout_baseline(task, int(s), r["eval_samples"])
+        r["summary"] = aggregate(r["seeds"], task)
     if dist.is_main():
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +280,8 @@ def print_table(results: dict) -> None:
         agg = r["summary"]
         print(f"\n== {task}: {len(agg['seeds'])} seeds ({agg['better']} is better); mean +- std over seeds, "
               f"95% t intervals of paired differences ==")
+        if "mean_target_baseline" in agg:
+            print(f"  mean-target baseline {pm(agg['mean_target_baseline'])}")
         if "after_sft" in agg:
             print(f"  after SFT           {pm(agg['after_sft'])}")
         for name, a in agg["runs"].items():

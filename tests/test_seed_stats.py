@@ -104,3 +104,42 @@ def test_t4a4_vs_t16a1_aggregate_pairs_by_seed_and_respects_lower_is_better(tmp_
     bench.plot(results, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
     bench.print_table(results)
+
+
+# --- constant-answer baselines (vlm_grpo_ma.bench.baselines), checked by hand ------------------
+
+def _sample(task: str, target: dict):
+    from vlm_grpo_ma.data.sample import Sample
+
+    return Sample(id=f"{task}-{len(str(target))}", task=task, images=[], image_sizes=[(100, 100)],
+                  prompt={}, target=target, meta={})
+
+
+def test_mean_target_box_and_path_by_hand():
+    from vlm_grpo_ma.bench.baselines import mean_target
+
+    key, box = mean_target([{"box": [0.0, 0.0, 0.2, 0.2]}, {"box": [0.2, 0.4, 0.6, 0.6]}])
+    assert key == "box" and box == pytest.approx([0.1, 0.2, 0.4, 0.4])
+    key, path = mean_target([{"trajectory": [[0, 0], [1, 0]]}, {"trajectory": [[0, 1], [1, 1]]}])
+    assert key == "trajectory" and path == [[0.0, 0.5], [1.0, 0.5]]  # exact in binary
+    assert mean_target([{"boxes": [[0, 0, 1, 1]], "labels": ["a"]}]) is None  # detection: no single box
+    assert mean_target([]) is None
+    with pytest.raises(ValueError, match="differ in shape"):
+        mean_target([{"trajectory": [[0, 0], [1, 0]]}, {"trajectory": [[0, 0], [1, 0], [1, 1]]}])
+
+
+def test_mean_target_baseline_scores_with_the_tasks_metrics():
+    from vlm_grpo_ma.bench.baselines import mean_target_baseline
+    from vlm_grpo_ma.task import get_task
+
+    # trajectory: mean path (0, .5) -> (1, .5); held-out path (0, 0) -> (1, 0): every distance 0.5
+    traj = get_task("trajectory")
+    train = [_sample("trajectory", {"trajectory": [[0, 0], [1, 0]]}), _sample("trajectory", {"trajectory": [[0, 1], [1, 1]]})]
+    m = mean_target_baseline(traj, [_sample("trajectory", {"trajectory": [[0, 0], [1, 0]]})], train)
+    assert (m["dfd"], m["hd"], m["rmse"]) == pytest.approx((0.5, 0.5, 0.5))
+    # affordance: mean box [0.1, 0.1, 0.3, 0.3] against [0.1, 0.1, 0.2, 0.2]: IoU 0.01 / 0.04 = 0.25
+    aff = get_task("affordance")
+    train = [_sample("affordance", {"box": [0.0, 0.0, 0.2, 0.2]}), _sample("affordance", {"box": [0.2, 0.2, 0.4, 0.4]})]
+    m = mean_target_baseline(aff, [_sample("affordance", {"box": [0.1, 0.1, 0.2, 0.2]})], train)
+    assert m["mean_iou"] == pytest.approx(0.25)
+    assert mean_target_baseline(get_task("detection"), [], [_sample("detection", {"boxes": [[0, 0, 1, 1]], "labels": ["a"]})]) is None
