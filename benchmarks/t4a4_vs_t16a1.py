@@ -19,7 +19,9 @@ observed mean difference (vlm_grpo_ma.bench.stats).
         --sft-models 'affordance=runs/demo_seeds/affordance/seed{seed}/sft/final'     # reuse the demo's SFT models
 
 Prints a table, writes ``benchmarks/results/t4a4_vs_t16a1.json`` and ``.png``. The run folders
-(config, metrics.jsonl, TensorBoard, models) stay under ``--workdir``.
+(config, metrics.jsonl, TensorBoard, models) stay under ``--workdir``; a finished SFT run found
+there is reused (the RL runs are run again).  One process per task, then ``--merge`` of their
+JSON files, runs the tasks side by side.
 """
 
 from __future__ import annotations
@@ -74,9 +76,13 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
             sft_summary = json.loads(run_summary.read_text())  # if it used the same seed and eval_samples)
     else:
         sft_dir = workdir / task / "sft"
-        steps = ["--sft_steps", str(args.sft_steps)] if args.sft_steps else []
-        sft_summary = train([*common, "--stage", "sft", "--output_dir", str(sft_dir), *steps])
         sft_model = sft_dir / "sft" / "final"
+        done = sft_dir / "summary.json"  # a finished SFT run in this workdir (an interrupted benchmark) is reused
+        if sft_model.is_dir() and done.is_file() and "after_sft" in json.loads(done.read_text()).get("evals", {}):
+            sft_summary = json.loads(done.read_text())
+        else:
+            steps = ["--sft_steps", str(args.sft_steps)] if args.sft_steps else []
+            sft_summary = train([*common, "--stage", "sft", "--output_dir", str(sft_dir), *steps])
     sft_steps = sft_summary.get("sft", {}).get("steps")
     full_evals = {label: sft_summary["evals"].get(label, {}) for label in ("before_sft", "after_sft")} if sft_summary else {}
     sft_evals = {label: _metric(ev, task)[1] for label, ev in full_evals.items()}

@@ -81,6 +81,10 @@ def test_pipeline_end_to_end_and_final_model_loads(tmp_path):
              "clip/high", "loss/policy", "loss/kl", "grad/norm", "grad/gss", "time/rollout", "time/reward",
              "time/update", "train/skipped_steps", "lr"}
     assert names <= set(rl[0]), names - set(rl[0])
+    # the SFT targets fit the RL length caps (checked once, on 256 samples of the RL stream)
+    caps = summary["length_caps"]
+    assert caps["n"] == 256 and caps["thought_over"] == 0.0 and caps["answer_over"] == 0.0, caps
+    assert 0 < caps["thought_max"] <= 32 and 0 < caps["answer_max"] <= 24
     # SFT taught the thought format: before it every greedy completion of the random model breaks
     # the <think> rule; after it fewer do (measured: none; an untrained model fails this)
     before, after = summary["evals"]["before_sft"], summary["evals"]["after_sft"]

@@ -185,6 +185,28 @@ def _run(argv: Sequence[str] | None = None) -> dict:
                      ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.startswith("eval/parse")))
             _write_json(summary_path, summary)
 
+    def check_length_caps(stage) -> None:
+        """Warn (once) when SFT targets do not fit the RL length caps: a config error that would
+        otherwise only show as a lower reward (see data.length_cap_report)."""
+        if "length_caps" in summary or cfg.rl.rl_steps <= 0:
+            return
+        from vlm_grpo_ma.training.data import STAGE_OFFSETS, _STRIDE, length_cap_report, synthetic_batch, target_token_lengths
+
+        probe = list(train_samples)[:256] if train_samples is not None else synthetic_batch(
+            task, 256, cfg.run.seed * _STRIDE + STAGE_OFFSETS["rl"])
+        try:
+            lengths = target_token_lengths(task, stage.family, stage.tokenizer, probe)
+        except Exception as e:  # a sample without an SFT target (RL-only data): nothing to compare
+            log.info("length caps not checked (%s: %s)", type(e).__name__, e)
+            return
+        rep = length_cap_report(lengths, cfg.rl.max_thought_tokens, cfg.rl.max_answer_tokens)
+        summary["length_caps"] = rep
+        for part, cap in (("thought", cfg.rl.max_thought_tokens), ("answer", cfg.rl.max_answer_tokens)):
+            if rep[f"{part}_over"] > 0 and dist.is_main():
+                log.warning("%.1f%% of %d SFT targets have a %s longer than --max_%s_tokens %d (longest %d tokens): "
+                            "RL cuts them there; raise the limit", 100 * rep[f"{part}_over"], rep["n"], part, part, cap,
+                            rep[f"{part}_max"])
+
     model_path = cfg.model.model
     sft_dir, rl_dir = out / "sft", out / "rl"
 
@@ -197,6 +219,7 @@ def _run(argv: Sequence[str] | None = None) -> dict:
             st = stg.build_stage(cfg, "sft", model_path, global_batch=cfg.sft.sft_batch_size,
                                  micro=cfg.sft.sft_micro_batch_size, lr=cfg.sft.sft_lr,
                                  warmup=cfg.sft.sft_warmup_steps, total_optimizer_steps=cfg.sft.sft_steps)
+            check_length_caps(st)
             resumed = stg.maybe_resume(st, cfg)
             start = resumed["step"] if resumed else 0
             logger.truncate_after("sft", start)
@@ -224,6 +247,7 @@ def _run(argv: Sequence[str] | None = None) -> dict:
                                  total_optimizer_steps=cfg.rl.rl_steps * cfg.rl.ppo_epochs)
             if cfg.rl.kl_coef > 0:
                 st.reference = build_reference(cfg.model, model_path, st.ds_config)
+            check_length_caps(st)
             state = RLState(task)
             resumed = stg.maybe_resume(st, cfg)
             start = resumed["step"] if resumed else 0

@@ -76,3 +76,37 @@ def heldout_samples(task, n: int, seed: int, samples: Sequence | None = None) ->
     if samples is not None:
         return list(samples)[:n]
     return synthetic_batch(task, n, _EVAL_BASE + seed)
+
+
+def target_token_lengths(task, family, tokenizer, samples: Sequence) -> np.ndarray:
+    """(N, 2) int array: the token counts of each sample's SFT target thought (up to and with
+    ``</think>``) and answer (the rest, plus the end-of-turn token the answer stops on), as the
+    RL rollouts count them against ``max_thought_tokens`` / ``max_answer_tokens``."""
+    from vlm_grpo_ma.format import split_completion
+
+    out = np.zeros((len(samples), 2), dtype=np.int64)
+    for i, sample in enumerate(samples):
+        thought, answer = split_completion(task.sft_target(sample, family))
+        out[i] = (len(tokenizer(thought, add_special_tokens=False)["input_ids"]),
+                  len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1)
+    return out
+
+
+def length_cap_report(lengths: np.ndarray, max_thought_tokens: int, max_answer_tokens: int) -> dict:
+    """How many SFT targets would not fit the RL length caps.  ``lengths``: (N, 2) from
+    :func:`target_token_lengths`.  Returns ``{"n", "thought_max", "answer_max",
+    "thought_over", "answer_over"}`` (the last two: fractions of the N targets longer than the cap).
+
+    A target over a cap is a configuration error the run would not otherwise show: the policy is
+    taught a thought it may not finish in RL, where a thought cut at the cap is closed and flagged,
+    and an answer cut at its cap fails the format check and earns 0."""
+    lengths = np.asarray(lengths).reshape(-1, 2)
+    if len(lengths) == 0:
+        return {"n": 0, "thought_max": 0, "answer_max": 0, "thought_over": 0.0, "answer_over": 0.0}
+    return {
+        "n": int(len(lengths)),
+        "thought_max": int(lengths[:, 0].max()),
+        "answer_max": int(lengths[:, 1].max()),
+        "thought_over": float((lengths[:, 0] > max_thought_tokens).mean()),
+        "answer_over": float((lengths[:, 1] > max_answer_tokens).mean()),
+    }
