@@ -1,5 +1,6 @@
 """Seed statistics of the learning benchmarks (vlm_grpo_ma.bench.stats), checked by hand."""
 
+import json
 import math
 
 import pytest
@@ -143,3 +144,30 @@ def test_mean_target_baseline_scores_with_the_tasks_metrics():
     m = mean_target_baseline(aff, [_sample("affordance", {"box": [0.1, 0.1, 0.2, 0.2]})], train)
     assert m["mean_iou"] == pytest.approx(0.25)
     assert mean_target_baseline(get_task("detection"), [], [_sample("detection", {"boxes": [[0, 0, 1, 1]], "labels": ["a"]})]) is None
+
+
+def test_path_diagnostics_endpoint_errors_by_hand():
+    errors = _bench("path_diagnostics").path_errors
+    gt = [[0.1, 0.1], [0.5, 0.5], [0.9, 0.1]]
+    # the exact path: no error, not reversed
+    assert errors(gt, gt) == {"start": 0.0, "end": 0.0, "reversed": 0.0}
+    # drawn backwards: each end 0.8 from its marker, 0 after swapping
+    e = errors(gt[::-1], gt)
+    assert e["start"] == pytest.approx(0.8) and e["end"] == pytest.approx(0.8) and e["reversed"] == 1.0
+    # a path stuck in the centre: start and end 0.5657 (= 0.4 * sqrt(2)) away; swapping does not help
+    e = errors([[0.5, 0.5], [0.5, 0.5]], gt)
+    assert e["start"] == pytest.approx(0.4 * 2**0.5) and e["reversed"] == 0.0
+
+
+def test_t4a4_vs_t16a1_merge_combines_tasks_and_adds_baselines(tmp_path):
+    bench = _bench("t4a4_vs_t16a1")
+    for task, name in (("trajectory", "a"), ("affordance", "b")):
+        seeds = {"0": _seed(0.60, 0.50, 0.52), "1": _seed(0.70, 0.55, 0.58)}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"setting": {"eval_samples": 8}, "tasks": {task: {"seeds": seeds}}}))
+    out = bench.main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}", "--out", str(tmp_path / "m.json")])
+    assert set(out["tasks"]) == {"trajectory", "affordance"}
+    traj = out["tasks"]["trajectory"]["summary"]
+    # the mean path on 8 held-out samples is far from perfect (DFD well above 0), the mean box too
+    assert 0.2 < traj["mean_target_baseline"]["mean"] < 0.8
+    assert 0.0 < out["tasks"]["affordance"]["summary"]["mean_target_baseline"]["mean"] < 0.2
+    assert (tmp_path / "m.png").stat().st_size > 0
