@@ -61,6 +61,9 @@ class TrajectoryTask(GeometricTask):
     reward), ``d_max`` (0.5),
     ``obstacle_prob`` (0.5, synthetic), ``object_scale`` (1.0, synthetic: the
     start dot's radius is 4% and the goal square's half-side 5% of the image side, times this),
+    ``marker_colours`` (``"random"``, synthetic: two different colours per image, named in the
+    prompt; ``"fixed"``: always a red dot and a blue square, on the same layouts, so that finding
+    the markers needs no matching of a colour word to the image),
     ``w_task``, ``w_format``, ``image_size``, ``cache_dir``."""
 
     name = "trajectory"
@@ -72,6 +75,9 @@ class TrajectoryTask(GeometricTask):
         self.max_points = int(self.options.get("max_points", 10))
         self.d_max = float(self.options.get("d_max", 0.5))
         self.obstacle_prob = float(self.options.get("obstacle_prob", 0.5))
+        self.marker_colours = str(self.options.get("marker_colours", "random"))
+        if self.marker_colours not in ("random", "fixed"):
+            raise ValueError(f"trajectory marker_colours must be 'random' or 'fixed', got {self.marker_colours!r}")
         if self.max_points < 2 or self.d_max <= 0:
             raise ValueError(f"trajectory needs max_points >= 2 and d_max > 0, got {self.max_points}, {self.d_max}")
 
@@ -136,6 +142,8 @@ class TrajectoryTask(GeometricTask):
         for i in range(n):
             rng = syn.rng_for(self.name, seed, i)
             c_start, c_goal = rng.sample([c for c in syn.COLOURS if c != "white"], 2)  # white ~ the grey block
+            if self.marker_colours == "fixed":  # drawn above all the same, so the layouts do not change
+                c_start, c_goal = "red", "blue"
             obstacle = rng.random() < self.obstacle_prob
             r = max(2, round(0.04 * min(w, h) * self.object_scale))
             q = max(3, round(0.05 * min(w, h) * self.object_scale))

@@ -266,3 +266,19 @@ def test_object_scale_grows_the_markers_and_keeps_them_inside(scale):
             assert max(r, q) < px * w < w - max(r, q) and max(r, q) < py * h < h - max(r, q)
     expected = math.pi * max(2, round(0.04 * 112 * scale)) ** 2
     assert 0.6 * expected < np.mean(counts) < 1.4 * expected
+
+
+def test_fixed_marker_colours_keep_the_layouts():
+    from vlm_grpo_ma.tasks._synthetic import COLOURS
+
+    rand, fixed = TrajectoryTask().synthetic(12, seed=5), TrajectoryTask(marker_colours="fixed").synthetic(12, seed=5)
+    assert [s.target for s in rand] == [s.target for s in fixed]  # the same paths and blocks
+    assert [s.meta["obstacle"] for s in rand] == [s.meta["obstacle"] for s in fixed]
+    assert {s.prompt["start"] for s in fixed} == {"red dot"} and {s.prompt["goal"] for s in fixed} == {"blue square"}
+    assert len({s.prompt["start"] for s in rand}) > 1
+    for s in fixed:  # the markers are drawn in the named colours
+        arr = np.asarray(s.images[0]).astype(int)
+        (sx, sy), (gx, gy) = (np.array(s.target["trajectory"])[[0, -1]] * 112).astype(int)
+        assert (arr[sy, sx] == COLOURS["red"]).all() and (arr[gy, gx] == COLOURS["blue"]).all()
+    with pytest.raises(ValueError, match="marker_colours"):
+        TrajectoryTask(marker_colours="green")
