@@ -40,7 +40,7 @@ def path_errors(pred, gt) -> dict[str, float]:
     return {"start": float(start), "end": float(end), "reversed": float(swapped < start + end)}
 
 
-def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32) -> dict:
+def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32, task_options: dict | None = None) -> dict:
     from tqdm import tqdm
 
     from vlm_grpo_ma.bench.baselines import mean_target_baseline
@@ -51,7 +51,7 @@ def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32) -> dict:
     from vlm_grpo_ma.training.data import STAGE_OFFSETS, _STRIDE, heldout_samples
     from vlm_grpo_ma.training.evaluate import parse_completion
 
-    task = get_task("trajectory")
+    task = get_task("trajectory", **(task_options or {}))
     samples = heldout_samples(task, n, seed)
     pol = load_policy(model_path)
     backend = HFRolloutBackend(pol.model, processor=pol.processor)
@@ -77,6 +77,7 @@ def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32) -> dict:
     mean = lambda key: float(np.mean([e[key] for e in errs])) if errs else float("nan")  # noqa: E731
     return {
         "model": model_path,
+        "task_options": task_options or {},
         "seed": seed,
         "samples": n,
         "parsed": len(errs),
@@ -97,6 +98,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("models", nargs="+", help="saved trajectory models (<run>/sft/final, <run>/rl/final)")
     ap.add_argument("--seed", default="0", help="held-out seed per model (one, or one per model, comma-separated)")
     ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--task_options", default="", help='the task options the models were trained with, e.g. \'{"marker_colours": "fixed"}\'')
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     dist.prepare_environment()
@@ -104,7 +106,8 @@ def main(argv=None) -> list[dict]:
     seeds = seeds * len(args.models) if len(seeds) == 1 else seeds
     if len(seeds) != len(args.models):
         ap.error(f"{len(args.models)} models but {len(seeds)} seeds")
-    results = [diagnose(m, s, args.samples) for m, s in zip(args.models, seeds)]
+    options = json.loads(args.task_options) if args.task_options else {}
+    results = [diagnose(m, s, args.samples, task_options=options) for m, s in zip(args.models, seeds)]
     for r in results:
         print(f"\n{r['model']} (held-out seed {r['seed']}, {r['samples']} samples)")
         print(f"  parsed {r['parsed']}/{r['samples']}  failures {r['parse_failures']}")
