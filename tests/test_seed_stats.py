@@ -13,6 +13,7 @@ from vlm_grpo_ma.bench.stats import (
     seeds_needed,
     summarize,
     t_interval,
+    t_test_power,
     verdict,
 )
 
@@ -43,12 +44,35 @@ def test_paired_differences_need_one_value_per_seed_each():
         paired_differences([0.3], [0.1, 0.2])
 
 
-def test_budget_estimates_by_hand():
-    # z_0.975 + z_0.8 = 1.959964 + 0.841621 = 2.801585
-    assert seeds_needed(std=1.0, effect=0.5) == 32  # (2.801585 * 2)^2 = 31.40 -> 32
-    assert seeds_needed(std=0.01, effect=-0.1) == 2  # (0.28)^2 < 2: at least 2
+def test_budget_estimates_match_the_published_t_test_sample_size():
+    # the paired (one-sample) t-test, two-sided alpha 0.05, power 0.8, effect 0.5 std needs 34
+    # pairs (the textbook / G*Power figure); the normal approximation would say 32
+    assert seeds_needed(std=1.0, effect=0.5) == 34
+    assert t_test_power(0.5, 34) >= 0.8 > t_test_power(0.5, 33)
+    # a difference of 10 std: 2 seeds (t with 1 degree of freedom, critical value 12.71) are not
+    # enough for power 0.8, 3 are
+    assert seeds_needed(std=0.01, effect=-0.1) == 3
     assert seeds_needed(std=1.0, effect=0.0) == math.inf
-    assert detectable_effect(std=1.0, n=4) == pytest.approx(1.400792, abs=1e-5)
+    assert seeds_needed(std=0.0, effect=0.1) == 2
+    assert detectable_effect(std=1.0, n=1) == math.inf
+
+
+def test_detectable_effect_has_the_stated_power_by_simulation():
+    """Independent of the noncentral-t formula: simulate the t-test on 3 and 4 seeds at the
+    effect called detectable and count rejections (power 0.8 +- 3 standard errors)."""
+    import numpy as np
+    from scipy import stats as st
+
+    rng = np.random.default_rng(0)
+    trials = 20_000
+    for n in (3, 4):
+        delta = detectable_effect(std=2.0, n=n)
+        x = rng.normal(delta, 2.0, size=(trials, n))
+        t = x.mean(1) / (x.std(1, ddof=1) / np.sqrt(n))
+        power = float((np.abs(t) > st.t.ppf(0.975, n - 1)).mean())
+        assert abs(power - 0.8) < 3 * np.sqrt(0.8 * 0.2 / trials), (n, delta, power)
+    # far above the normal approximation at 3 seeds: (1.959964 + 0.841621) / sqrt(3) = 1.6175 std
+    assert detectable_effect(std=1.0, n=3) > 3.0
 
 
 def test_verdict():
