@@ -244,8 +244,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--sft-models", default="",
                     help="task=path,...: start RL from these SFT models instead of training one; {seed} in a path is replaced by the seed")
     ap.add_argument("--merge", default="",
-                    help="a.json,b.json,...: no runs; combine the tasks of results written before (e.g. one process per "
-                         "task) into --out, recomputing the summaries, baselines, table and PNG")
+                    help="a.json,b.json,...: no runs; combine the results written before (one process per task, or per "
+                         "setting of a task from the same SFT models) into --out, recomputing the summaries, "
+                         "baselines, table and PNG")
     ap.add_argument("--workdir", default="runs/t4a4_vs_t16a1")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "t4a4_vs_t16a1.json"))
     args = ap.parse_args(argv)
@@ -259,8 +260,13 @@ def main(argv=None) -> dict:
         parts = [json.loads(Path(p).read_text()) for p in args.merge.split(",") if p.strip()]
         results["setting"]["merged"] = {p: part["setting"] for p, part in zip(args.merge.split(","), parts)}
         for part in parts:
-            for task, r in part["tasks"].items():
-                results["tasks"][task] = {"seeds": r["seeds"], "eval_samples": part["setting"]["eval_samples"]}
+            for task, r in part["tasks"].items():  # the same task in several parts: their settings side by side
+                merged = results["tasks"].setdefault(task, {"seeds": {}, "eval_samples": part["setting"]["eval_samples"]})
+                for seed, sr in r["seeds"].items():
+                    if seed in merged["seeds"]:
+                        merged["seeds"][seed]["runs"].update(sr["runs"])
+                    else:
+                        merged["seeds"][seed] = sr
     else:
         for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
             results["tasks"][task] = {"seeds": {str(s): run_task(task, args, Path(args.workdir) / f"seed{s}", s) for s in seeds},

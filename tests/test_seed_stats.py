@@ -195,3 +195,11 @@ def test_t4a4_vs_t16a1_merge_combines_tasks_and_adds_baselines(tmp_path):
     assert 0.2 < traj["mean_target_baseline"]["mean"] < 0.8
     assert 0.0 < out["tasks"]["affordance"]["summary"]["mean_target_baseline"]["mean"] < 0.2
     assert (tmp_path / "m.png").stat().st_size > 0
+    # the same task from two parts (another setting run from the same SFT models): side by side
+    extra = {"0": {"heldout": {"after_sft": 0.60}, "runs": {"T4A8": _seed(0.6, 0.45, 0.5)["runs"]["T4A4"]}},
+             "1": {"heldout": {"after_sft": 0.70}, "runs": {"T4A8": _seed(0.7, 0.52, 0.5)["runs"]["T4A4"]}}}
+    (tmp_path / "c.json").write_text(json.dumps({"setting": {"eval_samples": 8}, "tasks": {"trajectory": {"seeds": extra}}}))
+    out = bench.main(["--merge", f"{tmp_path / 'a.json'},{tmp_path / 'c.json'}", "--out", str(tmp_path / "m2.json")])
+    runs = out["tasks"]["trajectory"]["summary"]["runs"]
+    assert set(runs) == {"T4A4", "T16A1", "T4A8"}
+    assert runs["T4A8"]["after_rl"]["mean"] == pytest.approx((0.45 + 0.52) / 2)
