@@ -40,6 +40,18 @@ def path_errors(pred, gt) -> dict[str, float]:
     return {"start": float(start), "end": float(end), "reversed": float(swapped < start + end)}
 
 
+def run_task_options(model_path: str) -> dict:
+    """The ``task_options`` a saved model was trained with: ``<run>/config.yaml`` of
+    ``<run>/sft/final`` or ``<run>/rl/final`` ({} when there is none)."""
+    import yaml
+
+    cfg = Path(model_path).resolve().parent.parent / "config.yaml"
+    if not cfg.is_file():
+        return {}
+    opts = (yaml.safe_load(cfg.read_text()) or {}).get("task_options") or {}
+    return json.loads(opts) if isinstance(opts, str) else dict(opts)
+
+
 def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32, task_options: dict | None = None) -> dict:
     from tqdm import tqdm
 
@@ -98,7 +110,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("models", nargs="+", help="saved trajectory models (<run>/sft/final, <run>/rl/final)")
     ap.add_argument("--seed", default="0", help="held-out seed per model (one, or one per model, comma-separated)")
     ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--task_options", default="", help='the task options the models were trained with, e.g. \'{"marker_colours": "fixed"}\'')
+    ap.add_argument("--task_options", default="", help='task options for every model, e.g. \'{"marker_colours": "fixed"}\' (default: each model\'s '
+                         "own, from its run's config.yaml)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     dist.prepare_environment()
@@ -106,8 +119,8 @@ def main(argv=None) -> list[dict]:
     seeds = seeds * len(args.models) if len(seeds) == 1 else seeds
     if len(seeds) != len(args.models):
         ap.error(f"{len(args.models)} models but {len(seeds)} seeds")
-    options = json.loads(args.task_options) if args.task_options else {}
-    results = [diagnose(m, s, args.samples, task_options=options) for m, s in zip(args.models, seeds)]
+    results = [diagnose(m, s, args.samples, task_options=json.loads(args.task_options) if args.task_options
+                        else run_task_options(m)) for m, s in zip(args.models, seeds)]
     for r in results:
         print(f"\n{r['model']} (held-out seed {r['seed']}, {r['samples']} samples)")
         print(f"  parsed {r['parsed']}/{r['samples']}  failures {r['parse_failures']}")

@@ -203,3 +203,13 @@ def test_t4a4_vs_t16a1_merge_combines_tasks_and_adds_baselines(tmp_path):
     runs = out["tasks"]["trajectory"]["summary"]["runs"]
     assert set(runs) == {"T4A4", "T16A1", "T4A8"}
     assert runs["T4A8"]["after_rl"]["mean"] == pytest.approx((0.45 + 0.52) / 2)
+
+
+def test_path_diagnostics_reads_each_models_task_options(tmp_path):
+    options = _bench("path_diagnostics").run_task_options
+    (tmp_path / "run" / "sft" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("task: trajectory\ntask_options:\n  marker_colours: fixed\n")
+    assert options(str(tmp_path / "run" / "sft" / "final")) == {"marker_colours": "fixed"}
+    (tmp_path / "run" / "config.yaml").write_text("task: trajectory\ntask_options: null\n")
+    assert options(str(tmp_path / "run" / "sft" / "final")) == {}
+    assert options(str(tmp_path / "elsewhere" / "final")) == {}
