@@ -21,7 +21,7 @@ last call with all seeds reads them back): with two threads per process on an ov
 machine, greedy decoding of 64 held-out samples took 20.9 s against 1.2 s with one thread
 (the threads spin-wait on each other between the many small decoding ops).
 
-Prints a table, writes ``benchmarks/results/demo_seeds.json``.  A seed whose run folder already
+Prints a table, writes ``benchmarks/results/demo_seeds.json`` and a ``.png`` of the per-seed bars.  A seed whose run folder already
 holds a finished ``summary.json`` is read back, not run again (delete the folder to re-run).
 """
 
@@ -51,6 +51,33 @@ def run_seed(task_name: str, seed: int, workdir: Path, overrides: list[str]) -> 
     summary["wall_seconds"] = time.perf_counter() - t0
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per seed: the held-out metric after SFT and after RL (paired bars), the mean-target
+    baseline as a dashed line, and the RL gain's 95% interval in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_seed, metric = results["per_seed"], results["setting"]["metric"]
+    seeds = list(per_seed)
+    x = range(len(seeds))
+    fig, ax = plt.subplots(figsize=(1.1 * len(seeds) + 2.5, 4))
+    ax.bar([i - 0.2 for i in x], [per_seed[s]["after_sft"] for s in seeds], 0.4, label="after SFT", color="#6699cc")
+    ax.bar([i + 0.2 for i in x], [per_seed[s]["after_rl"] for s in seeds], 0.4, label="after RL", color="#1f77b4")
+    base = [per_seed[s].get("mean_target_baseline") for s in seeds]
+    if None not in base:
+        ax.axhline(sum(base) / len(base), color="grey", ls="--", lw=1, label="always the mean target")
+    ax.set_xticks(list(x), [f"seed {s}" for s in seeds])
+    ax.set_ylabel(f"held-out {metric} (greedy)")
+    g = results["rl_gain"]
+    ax.set_title(f"{results['setting']['task']}: RL gain {g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}] over {len(seeds)} seeds",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> dict:
@@ -123,6 +150,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, default=str))
+    plot(results, out.with_suffix(".png"))
 
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     print(f"\n== {args.task}: {len(seeds)} seeds, {per_seed[seeds[0]]['eval_samples']} held-out samples each ==")
