@@ -213,3 +213,12 @@ def test_path_diagnostics_reads_each_models_task_options(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("task: trajectory\ntask_options: null\n")
     assert options(str(tmp_path / "run" / "sft" / "final")) == {}
     assert options(str(tmp_path / "elsewhere" / "final")) == {}
+
+
+def test_demo_seeds_plot_draws_every_seed(tmp_path):
+    demo = _bench("demo_seeds")
+    per_seed = {s: {"after_sft": 0.3 + 0.01 * s, "after_rl": 0.35 + 0.01 * s, "mean_target_baseline": 0.06} for s in (0, 3, 4)}
+    results = {"per_seed": per_seed, "setting": {"metric": "mean_iou", "task": "affordance"},
+               "rl_gain": summarize([0.05, 0.05, 0.05], "after RL", "after SFT").to_dict()}
+    demo.plot(results, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 0
