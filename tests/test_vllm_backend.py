@@ -793,3 +793,22 @@ def test_bench_factory_against_engine_double(fake_vllm, tiny_model_dir):
                                                                   max_new_tokens=8), seed=0)
     assert [len(x) for x in tree] == [6, 6]
     assert all("</think>" in t for row in tree for t in row)
+
+
+def test_engine_internals_are_found_along_each_vllm_versions_path():
+    """No vLLM needed: the attribute paths the weight sync and the processor check walk, on fakes
+    shaped like the V1 in-process engine, the V0 engine and an engine that exposes neither."""
+    from types import SimpleNamespace as NS
+
+    from vlm_grpo_ma.rollout.vllm_engine import _engine_mm_kwargs, _local_vllm_model
+
+    model = NS(load_weights=lambda weights: None)
+    v1 = NS(llm_engine=NS(model_executor=NS(driver_worker=NS(worker=NS(model_runner=NS(model=model))))),
+            model_config=None)
+    v0 = NS(llm_engine=NS(model_executor=NS(driver_worker=NS(model_runner=NS(get_model=lambda: model))),
+                          model_config=NS(multimodal_config=NS(mm_processor_kwargs={"max_pixels": 256}))))
+    remote = NS(llm_engine=NS(engine_core=NS()))
+    assert _local_vllm_model(v1) is model and _local_vllm_model(v0) is model
+    assert _local_vllm_model(remote) is None
+    assert _engine_mm_kwargs(v0) == {"max_pixels": 256}
+    assert _engine_mm_kwargs(v1) is None and _engine_mm_kwargs(remote) is None

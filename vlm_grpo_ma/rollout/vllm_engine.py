@@ -205,16 +205,24 @@ def _supported_engine_args(vllm: Any, kwargs: dict) -> dict:
     return out
 
 
+_MISSING = object()
+
+
+def _attr_path(obj: Any, path: str) -> Any:
+    """``obj.a.b.c`` for ``path = "a.b.c"``, or :data:`_MISSING` where an attribute is absent
+    (the engine internals differ between vLLM versions)."""
+    for part in path.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            break
+    return obj
+
+
 def _engine_mm_kwargs(llm: Any) -> Mapping[str, Any] | None:
     """The ``mm_processor_kwargs`` a running engine reports, where it exposes them."""
     for path in ("llm_engine.model_config.mm_processor_kwargs",
                  "llm_engine.model_config.multimodal_config.mm_processor_kwargs"):
-        obj: Any = llm
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
+        obj = _attr_path(llm, path)
         if isinstance(obj, Mapping):
             return obj
     return None
@@ -228,11 +236,8 @@ def _local_vllm_model(llm: Any) -> Any:
         "llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner",
     )
     for chain in chains:
-        obj: Any = llm
-        try:
-            for part in chain.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
+        obj = _attr_path(llm, chain)
+        if obj is _MISSING:
             continue
         model = _runner_model(obj)
         if model is not None:
