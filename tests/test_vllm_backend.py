@@ -52,6 +52,7 @@ from vlm_grpo_ma.rollout.vllm import (
 from vlm_grpo_ma.rollout.vllm_weights import (
     checkpoint_name,
     hf_to_vllm_name,
+    iter_weight_buckets,
     param_nbytes,
     plan_buckets,
     plan_units,
@@ -73,14 +74,14 @@ def _messages():
 
 
 class RecordingReceiver:
-    """Test double of the engine: records every load_weights batch (cloned) and the resets."""
+    """Test double of the engine: records the one weight stream of each sync (cloned) and the resets."""
 
     def __init__(self):
-        self.batches: list[list[tuple[str, torch.Tensor]]] = []
+        self.pairs: list[tuple[str, torch.Tensor]] = []
         self.events: list[str] = []
 
     def load_weights(self, weights):
-        self.batches.append([(n, t.detach().clone()) for n, t in weights])
+        self.pairs.extend((n, t.detach().clone()) for n, t in weights)
         self.events.append("load")
 
     def reset_prefix_cache(self):
@@ -88,10 +89,10 @@ class RecordingReceiver:
 
     @property
     def names(self):
-        return [n for b in self.batches for n, _ in b]
+        return [n for n, _ in self.pairs]
 
     def tensor(self, name):
-        return next(t for b in self.batches for n, t in b if n == name)
+        return next(t for n, t in self.pairs if n == name)
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -364,18 +365,33 @@ def test_sync_sends_every_parameter_once_in_order_within_bound(tiny_policy, buck
     rec = RecordingReceiver()
     stats = sync_weights(model, rec, bucket_bytes=bucket_bytes, family="qwen2_5_vl")
     assert rec.names == [n for n, _ in named]  # every parameter exactly once, stable order
-    assert rec.events[-1] == "reset" and rec.events.count("reset") == 1 and rec.events[:-1] == ["load"] * len(rec.batches)
-    for batch in rec.batches:
+    assert rec.events == ["load", "reset"]  # ONE stream (vLLM's reload must see every weight), then the reset
+    buckets = list(iter_weight_buckets(model, bucket_bytes))  # how the stream is gathered
+    for batch in buckets:
         nbytes = sum(t.numel() * t.element_size() for _, t in batch)
         assert nbytes <= bucket_bytes or len(batch) == 1
     if bucket_bytes == 1:
-        assert len(rec.batches) == len(named)
+        assert len(buckets) == len(named)
     if bucket_bytes == 10**9:
-        assert len(rec.batches) == 1
+        assert len(buckets) == 1
     for n, p in named:
         assert torch.equal(rec.tensor(n), p.detach())
-    assert stats.tensors == len(named) and stats.buckets == len(rec.batches)
+    assert stats.tensors == len(named) and stats.buckets == len(buckets)
     assert stats.bytes == sum(param_nbytes(p) for _, p in named)
+
+
+def test_sync_refuses_a_partial_update(tiny_policy):
+    """A receiver that stops consuming the stream leaves the engine half-updated: an error."""
+    model = tiny_policy("tiny-qwen2-vl").model
+
+    class Stops(RecordingReceiver):
+        def load_weights(self, weights):
+            self.pairs.append(next(iter(weights)))
+
+    rec = Stops()
+    with pytest.raises(RuntimeError, match="stopped after"):
+        sync_weights(model, rec, bucket_bytes=1)
+    assert rec.events == []  # no prefix-cache reset after a partial update
 
 
 def test_sync_of_a_deepspeed_like_wrapper(tiny_policy):
@@ -428,7 +444,7 @@ def test_lora_merge_names_and_values(tiny_policy):
         assert torch.equal(model(input_ids=x).logits, out_before)
     # the merged model = the PEFT model: load what was sent into a plain copy and compare
     plain = tiny_policy("tiny-qwen2.5-vl").model
-    plain.load_state_dict({n: t for b in rec.batches for n, t in b}, strict=True)
+    plain.load_state_dict(dict(rec.pairs), strict=True)
     with torch.no_grad():
         assert torch.allclose(plain(input_ids=x).logits, out_before, atol=1e-5)
 
@@ -445,7 +461,7 @@ def test_zero3_gathered_sync_in_one_process(tiny_model_dir, tmp_path):
         dist.init_distributed()
         import deepspeed
         from vlm_grpo_ma.models import load_policy
-        from vlm_grpo_ma.rollout.vllm_weights import sync_weights, is_zero3_param
+        from vlm_grpo_ma.rollout.vllm_weights import sync_weights, is_zero3_param, iter_weight_buckets
         ref = dict(load_policy({tiny_model_dir("qwen2_5_vl")!r}).model.named_parameters())
         cfg = {{"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
                "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0}},
@@ -455,16 +471,18 @@ def test_zero3_gathered_sync_in_one_process(tiny_model_dir, tmp_path):
         model = load_policy({tiny_model_dir("qwen2_5_vl")!r}).model
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         assert all(is_zero3_param(p) and p.numel() == 0 for p in engine.module.parameters())
-        class Rec:
-            def __init__(self): self.batches = []; self.resets = 0
-            def load_weights(self, w): self.batches.append([(n, t.detach().clone()) for n, t in w])
+        class Rec:  # keeps REFERENCES (as vLLM's reload does for a layer that straddles two buckets)
+            def __init__(self): self.pairs = []; self.resets = 0
+            def load_weights(self, w): self.pairs.extend(w)
             def reset_prefix_cache(self): self.resets += 1
         rec = Rec()
         stats = sync_weights(engine, rec, bucket_bytes=40_000, family="qwen2_5_vl")
-        names = [n for b in rec.batches for n, _ in b]
-        ok = names == list(ref) and rec.resets == 1 and len(rec.batches) > 1
-        ok = ok and all(torch.equal(t, ref[n].detach()) for b in rec.batches for n, t in b)
-        ok = ok and all(sum(t.numel() * t.element_size() for _, t in b) <= 40_000 or len(b) == 1 for b in rec.batches)
+        names = [n for n, _ in rec.pairs]
+        ok = names == list(ref) and rec.resets == 1 and stats.buckets > 1
+        # still the checkpoint's values after every bucket was released: gathered tensors are sent as copies
+        ok = ok and all(torch.equal(t, ref[n].detach()) for n, t in rec.pairs)
+        ok = ok and all(sum(t.numel() * t.element_size() for _, t in b) <= 40_000 or len(b) == 1
+                        for b in iter_weight_buckets(engine, 40_000))
         ok = ok and all(p.numel() == 0 for p in engine.module.parameters())  # released again
         # LoRA under ZeRO-3: merged weights equal those of an unpartitioned copy, twice (no drift)
         from peft import LoraConfig, get_peft_model
@@ -486,13 +504,13 @@ def test_zero3_gathered_sync_in_one_process(tiny_model_dir, tmp_path):
         z1, z2 = Rec(), Rec()
         sync_weights(lora_engine, z1, bucket_bytes=40_000, family="qwen2_5_vl")
         sync_weights(lora_engine, z2, bucket_bytes=40_000, family="qwen2_5_vl")
-        flat = lambda r: [(n, t) for b in r.batches for n, t in b]
+        flat = lambda r: r.pairs
         ok2 = [n for n, _ in flat(z1)] == [n for n, _ in flat(plain)] == list(ref)
         ok2 = ok2 and all(torch.allclose(a, b, atol=1e-6) for (_, a), (_, b) in zip(flat(z1), flat(plain)))
         ok2 = ok2 and all(torch.equal(a, b) for (_, a), (_, b) in zip(flat(z1), flat(z2)))
         ok2 = ok2 and not torch.allclose(dict(flat(z1))["model.language_model.layers.0.self_attn.q_proj.weight"],
                                          ref["model.language_model.layers.0.self_attn.q_proj.weight"].detach())
-        print("RESULT", ok, ok2, len(rec.batches), stats.tensors)
+        print("RESULT", ok, ok2, stats.buckets, stats.tensors)
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):

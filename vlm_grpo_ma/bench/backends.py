@@ -145,14 +145,14 @@ def _vllm_backend(model: str, *, min_pixels: int | None = None, max_pixels: int 
     """``--backend vllm``: the project's vLLM rollout backend (:class:`vlm_grpo_ma.rollout.vllm.VLLMBackend`)
     behind :class:`RolloutAdapter`.  ``device`` and ``attn_implementation`` are transformers
     options (ignored: vLLM picks its own); ``gpu_memory_utilization`` defaults to 0.85 (nothing
-    else on the GPU)."""
+    else on the GPU; on vLLM's CPU platform the KV cache is sized by ``kv_cache_bytes``)."""
     try:
         from vlm_grpo_ma.rollout.vllm import VLLMBackend
     except ModuleNotFoundError as e:
         raise BackendUnavailable(
             "--backend vllm needs vLLM and the project's vLLM rollout backend "
             f"(vlm_grpo_ma/rollout/vllm.py): {e}. Install it with `pip install 'vlm-grpo-ma[vllm]'` "
-            "on a CUDA machine, or use --backend hf."
+            "(CUDA) or `bash scripts/setup_vllm.sh` (CPU), or use --backend hf."
         ) from e
     kw.setdefault("gpu_memory_utilization", 0.85)
     if dtype is not None:

@@ -145,3 +145,77 @@ def load_processor(path: str, model_type: str, *, min_pixels: int | None = None,
         processor = image_only_processor_class(model_type).from_pretrained(path, **kwargs)
     set_pixel_bounds(processor, min_pixels, max_pixels)
     return processor
+
+
+# --------------------------------------------------------------------------- saving
+#: The video processor of each family as transformers builds it by default (the class defaults of
+#: ``Qwen2VLVideoProcessor`` / ``Qwen3VLVideoProcessor``, read from transformers 5.19 with
+#: torchvision); ``patch_size``, ``merge_size``, ``temporal_patch_size`` and the mean / std are
+#: taken from the model's own image processor when the folder is written.
+VIDEO_PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Qwen2VLVideoProcessor": {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "do_sample_frames": False, "max_frames": 768, "max_video_tokens": 128000, "min_frames": 4,
+        "resample": 3, "rescale_factor": 1 / 255, "return_metadata": False,
+        "size": {"longest_edge": 602112, "shortest_edge": 100352},
+    },
+    "Qwen3VLVideoProcessor": {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "do_sample_frames": True, "fps": 2, "max_frames": 768, "max_video_tokens": 768, "min_frames": 4,
+        "resample": 3, "rescale_factor": 1 / 255, "return_metadata": False,
+        "size": {"longest_edge": 786432, "shortest_edge": 131072},
+    },
+}
+#: processor class -> its video processor class
+VIDEO_PROCESSOR_OF = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+                      "Qwen3VLProcessor": "Qwen3VLVideoProcessor"}
+_FROM_IMAGE_PROCESSOR = ("patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std")
+
+
+def complete_processor_folder(out_dir: str | Path) -> list[str]:
+    """Make a saved processor folder load everywhere a released Qwen-VL checkpoint loads.
+
+    transformers 5 writes one ``processor_config.json`` with the sub-processors nested in it; a
+    processor saved WITHOUT torchvision (the image-only variant above) has no video processor
+    there, and vLLM's pinned transformers then refuses the folder ("Can't load video
+    processor"), as ``AutoProcessor`` does on any machine with torchvision.  Released checkpoints
+    (e.g. Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-2B-Instruct) carry ``preprocessor_config.json``
+    and, for Qwen3-VL, ``video_preprocessor_config.json``.  This adds what is missing:
+
+    - the family's default video processor to ``processor_config.json`` (with the image
+      processor's patch, merge, temporal patch, mean and std);
+    - ``preprocessor_config.json`` (the image processor, as older transformers and other
+      loaders read it) and ``video_preprocessor_config.json``, where absent.
+
+    Nothing present is changed.  Returns the names of the files written."""
+    out = Path(out_dir)
+    path = out / "processor_config.json"
+    if not path.exists():
+        return []
+    cfg = json.loads(path.read_text())
+    image = cfg.get("image_processor")
+    proc_class = cfg.get("processor_class")
+    if not isinstance(image, dict) or proc_class not in VIDEO_PROCESSOR_OF:
+        return []
+    written = []
+    if not isinstance(cfg.get("video_processor"), dict):
+        vp_class = VIDEO_PROCESSOR_OF[proc_class]
+        video = dict(VIDEO_PROCESSOR_DEFAULTS[vp_class])
+        video.update({k: image[k] for k in _FROM_IMAGE_PROCESSOR if k in image})
+        video["video_processor_type"] = vp_class
+        cfg["video_processor"] = dict(sorted(video.items()))
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        written.append(path.name)
+    for name, sub in (("preprocessor_config.json", "image_processor"), ("video_preprocessor_config.json", "video_processor")):
+        if not (out / name).exists():
+            (out / name).write_text(json.dumps({**cfg[sub], "processor_class": proc_class}, indent=2, sort_keys=True) + "\n")
+            written.append(name)
+    return written
+
+
+def save_processor(processor: Any, out_dir: str | Path) -> None:
+    """``processor.save_pretrained(out_dir)``, then :func:`complete_processor_folder`: every
+    model folder this project writes (tiny models, SFT / RL finals, checkpoints' HF folders) loads
+    in vLLM and in ``AutoProcessor`` as the released checkpoints do."""
+    processor.save_pretrained(str(out_dir))
+    complete_processor_folder(out_dir)

@@ -87,7 +87,7 @@ def build_random_checkpoint(name: str, out_dir: str | Path, *, text_layers: int 
     import transformers
 
     from .loading import MODEL_CLASSES
-    from .processor import has_torchvision, image_only_processor_class
+    from .processor import has_torchvision, image_only_processor_class, save_processor
     from .real_vocab import load_real_tokenizer
 
     model_type, _, _, ip_kwargs = PUBLISHED[name]
@@ -112,7 +112,7 @@ def build_random_checkpoint(name: str, out_dir: str | Path, *, text_layers: int 
     ip_cls = getattr(transformers, "Qwen2VLImageProcessor" if has_torchvision() else "Qwen2VLImageProcessorPil")
     processor = image_only_processor_class(model_type)(image_processor=ip_cls(**kw), tokenizer=tokenizer,
                                                        chat_template=tokenizer.chat_template)
-    processor.save_pretrained(out)
+    save_processor(processor, out)
     (out / "published_arch.json").write_text(json.dumps(
         {"name": name, "text_layers": text_layers, "vision_layers": vision_layers, "dtype": dtype, "seed": seed}))
     return out

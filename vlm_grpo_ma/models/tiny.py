@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 #: Bump when the build changes in a way the spec below does not capture.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: processor folders completed (video processor, preprocessor_config.json)
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import GenerationConfig
 
     from .chat_templates import CHAT_TEMPLATES
-    from .processor import has_torchvision, image_only_processor_class
+    from .processor import has_torchvision, image_only_processor_class, save_processor
     from .tokenizer import build_tokenizer
 
     spec = TINY_MODELS[name]
@@ -320,7 +320,7 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         processor = proc_cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=template)
     else:
         processor = image_only_processor_class(spec.model_type)(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
-    processor.save_pretrained(out)
+    save_processor(processor, out)
     (out / "tiny_spec.json").write_text(json.dumps({"name": name, "seed": seed, "builder_version": BUILDER_VERSION, "spec": asdict(spec)}, indent=2))
     return out
 

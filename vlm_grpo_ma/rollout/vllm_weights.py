@@ -40,7 +40,7 @@ import contextlib
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -212,9 +212,13 @@ def plan_buckets(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
 # --------------------------------------------------------------------------- the sync
 @runtime_checkable
 class WeightReceiver(Protocol):
-    """Where synced weights go (a vLLM engine, or a test double that records them)."""
+    """Where synced weights go (a vLLM engine, or a test double that records them).
 
-    def load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None: ...
+    ``load_weights`` is called ONCE per sync with a lazy stream of every (checkpoint name,
+    tensor): vLLM's in-place reload must see all of a layer's weights in one update.  A tensor is
+    valid while the receiver consumes it (the stream gathers ZeRO-3 buckets on demand)."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
 
     def reset_prefix_cache(self) -> None: ...
 
@@ -308,7 +312,10 @@ def iter_weight_buckets(
                     name, p = named[i]
                     ckpt = checkpoint_name(name)
                     if ckpt is not None:
-                        out.append((ckpt, merged.get(name, p.data)))
+                        t = merged.get(name)
+                        if t is None:  # a gathered ZeRO-3 tensor is released after its bucket: copy it
+                            t = p.data.clone() if is_zero3_param(p) else p.data
+                        out.append((ckpt, t))
             yield out
 
 
@@ -320,27 +327,43 @@ def sync_weights(
 ) -> SyncStats:
     """Send every weight of the trainer's model to ``receiver``, then reset its prefix cache.
 
+    The weights go as one lazy stream (``receiver.load_weights`` is called once): bucket after
+    bucket is gathered (ZeRO-3) only when the receiver reaches it, so at most one bucket is
+    gathered at a time.  Gathered ZeRO-3 tensors are sent as copies: a receiver may keep a
+    reference past its bucket (vLLM's in-place reload buffers a layer's weights until the layer is
+    complete, and a layer may straddle two buckets).
+
     Args:
         model_or_engine: a DeepSpeed engine, a PEFT model or a transformers model.
-        receiver: ``load_weights(list[(name, tensor)])`` + ``reset_prefix_cache()``.
+        receiver: ``load_weights(iterable of (name, tensor))`` + ``reset_prefix_cache()``.
         bucket_bytes: bound on the full-size bytes gathered at once (ZeRO-3).
         family: if given, every name is checked with :func:`hf_to_vllm_name` before sending.
     Returns:
         :class:`SyncStats`.  All ranks must call this together under ZeRO-3 (the gathers are
         collective).
+    Raises:
+        RuntimeError: the receiver did not consume every weight (a partial update).
     """
     t0 = time.perf_counter()
     stats = SyncStats()
-    for batch in iter_weight_buckets(model_or_engine, bucket_bytes):
-        if family is not None:
-            for name, _ in batch:
-                hf_to_vllm_name(name, family)
-        if batch:
-            receiver.load_weights(batch)
-        stats.buckets += 1
-        stats.tensors += len(batch)
-        stats.bytes += sum(t.numel() * t.element_size() for _, t in batch)
-        stats.names.extend(n for n, _ in batch)
+    done = [False]
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for batch in iter_weight_buckets(model_or_engine, bucket_bytes):
+            if family is not None:
+                for name, _ in batch:
+                    hf_to_vllm_name(name, family)
+            stats.buckets += 1
+            stats.tensors += len(batch)
+            stats.bytes += sum(t.numel() * t.element_size() for _, t in batch)
+            stats.names.extend(n for n, _ in batch)
+            yield from batch
+        done[0] = True
+
+    receiver.load_weights(stream())
+    if not done[0]:
+        raise RuntimeError(f"the weight receiver stopped after {stats.tensors} tensors: the engine was only partly "
+                           "updated (it must consume every weight of the stream)")
     receiver.reset_prefix_cache()
     stats.seconds = time.perf_counter() - t0
     return stats

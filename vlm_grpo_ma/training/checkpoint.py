@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlm_grpo_ma.models.processor import save_processor
 from vlm_grpo_ma.training import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,7 @@ def save_hf_model(engine, out_dir: str | Path, processor: Any, lora_scale: float
         if tmp.exists():
             shutil.rmtree(tmp)
         model.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-        processor.save_pretrained(str(tmp))
+        save_processor(processor, tmp)
         if record is not None:
             (tmp / STAGE_RECORD).write_text(json.dumps(record, indent=1))
         if out_dir.exists():
