@@ -1,5 +1,5 @@
-"""The vLLM rollout backend: everything that can be checked without vLLM, and (where vLLM and a
-CUDA GPU exist) an integration test.
+"""The vLLM rollout backend: everything that can be checked without vLLM (the real engine's tests
+are tests/test_vllm_real.py and tests/test_vllm_train.py, run by scripts/test_vllm.sh).
 
 Without vLLM: the Hugging Face -> vLLM name mapping against each tiny family's REAL parameter
 names (and the pre-4.52 checkpoint names); request building from the real processors (collapsed
@@ -556,66 +556,6 @@ def test_clear_import_error_without_vllm():
     with pytest.raises(BackendUnavailable, match="vLLM"):
         load_backend("vllm", "tiny-qwen2.5-vl", min_pixels=None, max_pixels=None)
     assert "vlm-grpo-ma[vllm]" in INSTALL_HINT
-
-
-# --------------------------------------------------------------------------- with vLLM and a GPU
-@pytest.fixture(scope="module")
-def real_vllm_backend(tiny_model_dir):
-    """One small real engine for the integration tests (float32, eager, 20% of the GPU)."""
-    pytest.importorskip("vllm")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM integration needs a CUDA GPU")
-    from vlm_grpo_ma.rollout.vllm import VLLMBackend
-
-    return VLLMBackend(tiny_model_dir("qwen2_5_vl"), gpu_memory_utilization=0.2, enforce_eager=True, dtype="float32",
-                       max_model_len=1024)
-
-
-@pytest.mark.gpu
-@pytest.mark.vllm
-def test_vllm_tree_rollout_on_tiny_model(real_vllm_backend):
-    be = real_vllm_backend
-    msgs = _messages()
-    K, M = 2, 3
-    sp = SamplingParams(temperature=1.0, max_thought_tokens=12, max_answer_tokens=6, seed=0)
-    tree = be.generate_tree_from_messages(msgs, K, M, sp)
-    inputs = build_generation_inputs(be.processor, msgs)
-    assert (tree.B, tree.K, tree.M) == (2, K, M)
-    for b, p in enumerate(_prompts(dict(inputs))):
-        assert tree.prompt_ids[b].tolist() == p
-    for b in range(2):
-        for k in range(K):
-            th = tree.thought_ids[b][k]
-            assert th[-1].item() == be.ids.think_end and len(th) <= sp.max_thought_tokens
-            assert len(th) == len(tree.thought_logprobs[b][k])
-            for m in range(M):
-                a = tree.answer_ids[b][k][m]
-                assert 1 <= len(a) <= sp.max_answer_tokens and len(a) == len(tree.answer_logprobs[b][k][m])
-                assert tree.answer_truncated[b, k, m].item() == (a[-1].item() not in be.ids.stop)
-                assert not set(a.tolist()) & set(be.ids.suppress)
-    assert tree.stats["tokens_prefix_cached"] > 0  # stage 2 reused prompt + thought
-
-
-@pytest.mark.gpu
-@pytest.mark.vllm
-def test_vllm_synced_weights_give_the_trainers_greedy_output(real_vllm_backend, tiny_model_dir):
-    from vlm_grpo_ma.models import load_policy
-    from vlm_grpo_ma.rollout.hf import HFRolloutBackend
-
-    be = real_vllm_backend
-    trainer = load_policy(tiny_model_dir("qwen2_5_vl"), dtype="float32", device="cuda")
-    torch.manual_seed(1)
-    with torch.no_grad():  # the "trained" weights: the engine still holds the checkpoint's
-        for p in trainer.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    stats = be.sync_weights(trainer.model)
-    assert stats.tensors == len(list(trainer.model.parameters()))
-    greedy = SamplingParams(temperature=0.0)
-    msgs = _messages()
-    want = HFRolloutBackend(trainer.model, processor=trainer.processor).generate(msgs, n=1, sampling=greedy,
-                                                                                 max_new_tokens=16)
-    got = be.generate(msgs, n=1, sampling=greedy, max_new_tokens=16)
-    assert got == want
 
 
 # --------------------------------------------------------------------------- the backend against an engine double

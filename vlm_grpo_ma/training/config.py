@@ -174,13 +174,19 @@ class RLArgs:
     )
     rollout_backend: str = field(
         default="hf",
-        metadata={"help": "Rollout backend: hf (transformers on the gathered training model; the default, CPU or GPU) or vllm (a colocated vLLM engine per rank with prefix caching and weight sync after every update; pip install 'vlm-grpo-ma[vllm]', CUDA only; docs/VLLM.md)."},
+        metadata={"help": "Rollout backend: hf (transformers on the gathered training model; the default, CPU or GPU) or vllm (a colocated vLLM engine per rank with prefix caching and weight sync after every update; GPU: pip install 'vlm-grpo-ma[vllm]'; CPU: bash scripts/setup_vllm.sh; docs/VLLM.md)."},
     )
     vllm_gpu_memory_utilization: float = field(
-        default=0.3, metadata={"help": "vllm backend: share of the GPU the colocated engine may take (weights + KV cache)."}
+        default=0.3, metadata={"help": "vllm backend, GPU: share of the GPU's memory the colocated engine may take (weights + KV cache). Not used on vLLM's CPU platform, where it would be a share of host RAM minus what the trainer already holds: vllm_kv_cache_gib sizes the engine there."}
+    )
+    vllm_kv_cache_gib: float = field(
+        default=0.0, metadata={"help": "vllm backend: fixed KV-cache size in GiB (vLLM's kv_cache_memory_bytes). 0: from vllm_gpu_memory_utilization on a GPU, 1 GiB of host RAM on vLLM's CPU platform."}
     )
     vllm_sleep_mode: bool = field(
-        default=True, metadata={"help": "vllm backend: release the engine's GPU memory between rollouts (sleep / wake_up)."}
+        default=True, metadata={"help": "vllm backend: release the engine's GPU memory between rollouts (sleep / wake_up). Only where vLLM has a sleep mode (CUDA, ROCm, XPU); on other platforms (CPU) it is turned off with a log line."}
+    )
+    vllm_enforce_eager: bool = field(
+        default=False, metadata={"help": "vllm backend: no torch.compile / CUDA graphs in the engine (faster start, slower decode)."}
     )
     tis_cap: float = field(
         default=0.0,
@@ -258,6 +264,8 @@ class TrainConfig:
             raise ValueError(f"train_layout must be packed or naive, got {self.rl.train_layout!r}")
         if self.rl.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rl.rollout_backend!r}")
+        if self.rl.vllm_kv_cache_gib < 0:
+            raise ValueError(f"vllm_kv_cache_gib must be >= 0, got {self.rl.vllm_kv_cache_gib}")
         if self.rl.tis_cap < 0 or (self.rl.tis_cap > 0 and self.rl.rollout_backend != "vllm"):
             raise ValueError(f"tis_cap must be 0 (off) or > 0 with rollout_backend vllm, got {self.rl.tis_cap}")
         if self.run.memory_plan not in ("check", "warn", "off"):

@@ -146,12 +146,15 @@ def rollout_backend(stage: Stage, cfg: TrainConfig):
     if stage.vllm_backend is None:
         from vlm_grpo_ma.rollout.vllm import VLLMBackend
 
+        kv = int(cfg.rl.vllm_kv_cache_gib * 2**30) or None
         backend = VLLMBackend(
             stage.model_path, processor=stage.processor, family=stage.family,
-            gpu_memory_utilization=cfg.rl.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.rl.vllm_sleep_mode,
+            gpu_memory_utilization=cfg.rl.vllm_gpu_memory_utilization, kv_cache_bytes=kv,
+            enable_sleep_mode=cfg.rl.vllm_sleep_mode, enforce_eager=cfg.rl.vllm_enforce_eager,
             seed=cfg.run.seed + dist.rank(),
         )
-        backend.sync_weights(stage.engine)  # the policy after SFT is not the checkpoint vLLM loaded
+        # the policy after SFT (or at a resumed step) is not the checkpoint vLLM loaded
+        stage.vllm_sync = backend.sync_weights(stage.engine)
         stage.vllm_backend = backend
     return stage.vllm_backend
 
@@ -235,8 +238,8 @@ def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatc
         _, norm = optimizer_step(stage)
         stats.norms.append(norm)
         stats.gss.append(state.gss.update(norm))
-    if rl.rollout_backend == "vllm":
-        rollout_backend(stage, cfg).sync_weights(engine)  # every rank: the ZeRO-3 gathers are collective
+    if rl.rollout_backend == "vllm":  # every rank: the ZeRO-3 gathers are collective
+        stage.vllm_sync = rollout_backend(stage, cfg).sync_weights(engine)
     return stats
 
 
@@ -284,6 +287,12 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     for r, c in sorted(reasons_all.items()):
         out[f"parse/{r}"] = float(c)
     out["rollout/tokens_decoded"] = float(rollout.stats.get("tokens_decoded", 0.0))
+    if rl.rollout_backend == "vllm":  # this rank's engine: prefix-cache hits and the last weight sync
+        out["rollout/tokens_prefix_cached"] = float(rollout.stats.get("tokens_prefix_cached", 0.0))
+        out["rollout/tokens_prompt"] = float(rollout.stats.get("tokens_prompt", 0.0))
+        if stage.vllm_sync is not None:
+            out["time/weight_sync"] = float(stage.vllm_sync.seconds)
+            out["sync/gib"] = float(stage.vllm_sync.bytes) / 2**30
     return out
 
 

@@ -68,6 +68,8 @@ class Stage:
     skipped_steps: int = 0
     #: RL with ``rollout_backend vllm``: the colocated engine, built on the first rollout
     vllm_backend: Any = None
+    #: the last weight sync into that engine (``rollout.vllm_weights.SyncStats``)
+    vllm_sync: Any = None
     #: RL with ``kl_coef > 0``: the frozen reference policy
     reference: ReferencePolicy | None = None
 
