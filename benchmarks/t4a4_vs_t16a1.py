@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
     from vlm_grpo_ma.training.metrics import read_metrics
 
     common = ["--task", task, "--seed", str(seed), "--eval_samples", str(args.eval_samples), "--report_to", "none"]
+    model = ["--model", args.model] if args.model else []
     given = dict(kv.split("=", 1) for kv in args.sft_models.split(",") if kv.strip())
     sft_summary: dict = {}
     if task in given:  # reuse an SFT model trained before (e.g. the demo's <run>/sft/final)
@@ -82,17 +84,19 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
             sft_summary = json.loads(done.read_text())
         else:
             steps = ["--sft_steps", str(args.sft_steps)] if args.sft_steps else []
-            sft_summary = train([*common, "--stage", "sft", "--output_dir", str(sft_dir), *steps])
+            sft_summary = train([*common, *model, "--stage", "sft", "--output_dir", str(sft_dir), *steps])
     sft_steps = sft_summary.get("sft", {}).get("steps")
     full_evals = {label: sft_summary["evals"].get(label, {}) for label in ("before_sft", "after_sft")} if sft_summary else {}
     sft_evals = {label: _metric(ev, task)[1] for label, ev in full_evals.items()}
     out: dict = {"sft_model": str(sft_model), "sft_steps": sft_steps, "heldout": sft_evals, "evals": full_evals, "runs": {}}
-    for name, (K, M) in parse_settings(args.settings).items():
+    for setting, (K, M) in parse_settings(args.settings).items():
+        name = f"{setting}@{args.tag}" if args.tag else setting
         run_dir = workdir / task / name
         overrides = [f"--{k}={v}" for k, v in (("rl_steps", args.rl_steps), ("prompts_per_step", args.prompts),
                                                   ("rl_lr", args.rl_lr)) if v]  # else the task's tiny config
         summary = train([*common, "--stage", "rl", "--model", str(sft_model), "--output_dir", str(run_dir),
-                         "--num_thoughts", str(K), "--answers_per_thought", str(M), *overrides])
+                         "--num_thoughts", str(K), "--answers_per_thought", str(M), *overrides,
+                         *shlex.split(args.rl_extra)])
         recs = read_metrics(run_dir / "metrics.jsonl", "rl")
         metric, before = _metric(summary["evals"].get("before_rl", {}), task)
         _, after = _metric(summary["evals"].get("after_rl", {}), task)
@@ -158,6 +162,12 @@ def aggregate(seed_results: dict, task: str) -> dict:
         if None not in sft:  # gain in the better direction: after RL - after SFT (x -1 when lower is better)
             agg["rl_gain"] = summarize([sign * d for d in paired_differences(after, sft)], "after RL", "after SFT").to_dict()
         out["runs"][name] = agg
+    for name in names:  # a tagged run (e.g. T4A4@vllm) against the untagged run of the same setting
+        base_name = name.split("@", 1)[0]
+        if "@" in name and base_name in names:
+            a, b = ([seed_results[s]["runs"][n]["heldout_after_rl"] for s in seeds] for n in (name, base_name))
+            out.setdefault("tagged_minus_untagged", {})[name] = summarize(
+                [sign * d for d in paired_differences(a, b)], name, base_name).to_dict()
     if all(n in names for n in SETTINGS):
         a, b = ([seed_results[s]["runs"][n]["heldout_after_rl"] for s in seeds] for n in SETTINGS)
         out["t4a4_minus_t16a1"] = summarize([sign * d for d in paired_differences(a, b)], "T4A4", "T16A1").to_dict()
@@ -247,6 +257,10 @@ def main(argv=None) -> dict:
                     help="a.json,b.json,...: no runs; combine the results written before (one process per task, or per "
                          "setting of a task from the same SFT models) into --out, recomputing the summaries, "
                          "baselines, table and PNG")
+    ap.add_argument("--model", default="", help="the model SFT starts from (default: the task's tiny config's)")
+    ap.add_argument("--rl-extra", default="", help="more trainer arguments for the RL runs, e.g. '--rollout_backend vllm'")
+    ap.add_argument("--tag", default="", help="label of these RL runs: settings become T4A4@<tag> (their own run folders); "
+                                              "merged with an untagged part, each is compared with its untagged setting")
     ap.add_argument("--workdir", default="runs/t4a4_vs_t16a1")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "t4a4_vs_t16a1.json"))
     args = ap.parse_args(argv)
@@ -301,6 +315,8 @@ def print_table(results: dict) -> None:
             print(f"  {name:<6} after RL     {pm(a['after_rl'])}{gain}")
             print(f"  {name:<6} s/step {pm(a['seconds_per_step'])}  GSS@10 {a['gss_at_10']['mean']:.1f}  "
                   f"thought-adv std {pm(a['thought_adv_std'])}")
+        for name, t in agg.get("tagged_minus_untagged", {}).items():
+            print(f"  {name} - {name.split('@')[0]:<10} {ci(t)}  -> {t['verdict']}")
         d = agg.get("t4a4_minus_t16a1")
         if not d:
             continue

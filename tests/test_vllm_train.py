@@ -125,7 +125,7 @@ def test_default_install_sft_then_vllm_rl_resume_and_serving(tmp_path):
     after = _rl_records(out)
     assert [r["step"] for r in after][-1] == 4 and len(after) > len(before)
     summary = json.loads((out / "summary.json").read_text())
-    assert Path(summary["rl_model"]).is_dir() and "after_rl" in summary["evals"]
+    assert Path(summary["paths"]["rl_model"]).is_dir() and "after_rl" in summary["evals"]
 
     # every folder the runs wrote loads in AutoProcessor (torchvision here); vLLM serves the RL model
     from transformers import AutoProcessor
@@ -151,7 +151,7 @@ def test_two_ranks_each_with_its_colocated_engine(tmp_path):
     assert [r["step"] for r in rl] == [1, 2]
     assert all(r["time/weight_sync"] > 0 for r in rl)
     summary = json.loads((out / "summary.json").read_text())
-    assert Path(summary["rl_model"]).is_dir()
+    assert Path(summary["paths"]["rl_model"]).is_dir()
 
 
 def test_bench_vllm_backend_equals_hf_backend_greedy(tmp_path):

@@ -149,9 +149,18 @@ TINY_MODELS: dict[str, TinySpec] = {
         intermediate_size=64, vision_layers=3, rope_theta=5e6, mrope_section=(24, 20, 20), max_tokens=64,
         vocab="qwen", deepstack_visual_indexes=(0, 1), tie_word_embeddings=True,
     ),
+    # the demo model with head_dim 32 (2 heads): vLLM's CPU attention has no head_dim-16 kernel, so
+    # this is the demo-scale model the vLLM backend's learning is compared on
+    "tiny-qwen2.5-vl-hd32": TinySpec(model_type="qwen2_5_vl", patch_size=14, num_heads=2, num_kv_heads=1,
+                                     mrope_section=(4, 6, 6), vision_hidden=64, vision_init_range=0.05,
+                                     vision_window=False),
 }
-#: family name (``ModelFamily.name``) -> tiny model name, so tests can say ``"qwen2_5_vl"``
-TINY_BY_FAMILY = {spec.model_type: name for name, spec in TINY_MODELS.items() if spec.vocab == "tiny"}
+#: family name (``ModelFamily.name``) -> tiny model name, so tests can say ``"qwen2_5_vl"`` (the
+#: first tiny-vocabulary model of each family: the demo's)
+TINY_BY_FAMILY: dict[str, str] = {}
+for _name, _spec in TINY_MODELS.items():
+    if _spec.vocab == "tiny":
+        TINY_BY_FAMILY.setdefault(_spec.model_type, _name)
 #: family name -> the tiny model with the real Qwen vocabulary
 TINY_REAL_BY_FAMILY = {spec.model_type: name for name, spec in TINY_MODELS.items() if spec.vocab == "qwen"}
 
