@@ -770,3 +770,34 @@ def test_engine_internals_are_found_along_each_vllm_versions_path():
     assert _local_vllm_model(remote) is None
     assert _engine_mm_kwargs(v0) == {"max_pixels": 256}
     assert _engine_mm_kwargs(v1) is None and _engine_mm_kwargs(remote) is None
+
+
+class _Platform:
+    def __init__(self, cpu: bool, sleep: bool):
+        self.cpu, self.sleep, self.device_name = cpu, sleep, "cpu" if cpu else "cuda"
+
+    def is_cpu(self):
+        return self.cpu
+
+    def is_sleep_mode_available(self):
+        return self.sleep
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_platform_defaults_sleep_mode_and_kv_cache(fake_vllm, tiny_model_dir, monkeypatch, caplog, cpu):
+    """Where vLLM has no sleep mode (its CPU platform) the backend turns it off and says so; on the
+    CPU platform the KV cache gets a fixed size in host RAM (gpu_memory_utilization would be a share
+    of host RAM minus what the trainer already holds); on a GPU platform neither changes."""
+    from vlm_grpo_ma.rollout.vllm import DEFAULT_CPU_KV_CACHE_BYTES
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    fake_vllm.platforms = SimpleNamespace(current_platform=_Platform(cpu=cpu, sleep=not cpu))
+    with caplog.at_level("INFO", logger="vlm_grpo_ma.rollout.vllm"):
+        be, _ = _fake_backend(fake_vllm, tiny_model_dir, enable_sleep_mode=True)
+    kw = be.llm.kw
+    assert kw["enable_sleep_mode"] is (not cpu) and be.enable_sleep_mode is (not cpu)
+    assert kw.get("kv_cache_memory_bytes") == (DEFAULT_CPU_KV_CACHE_BYTES if cpu else None)
+    assert ("no sleep mode" in caplog.text) is cpu
+    # an explicit size wins on every platform
+    be, _ = _fake_backend(fake_vllm, tiny_model_dir, kv_cache_bytes=123 << 20)
+    assert be.llm.kw["kv_cache_memory_bytes"] == 123 << 20

@@ -328,3 +328,17 @@ def test_zero3_gathered_sync_gives_the_trainers_greedy_tree():
         assert got == want
     finally:
         be.sync_weights(trainer(family).model)
+
+
+def test_torchvision_works_in_the_vllm_environment():
+    """vLLM's Qwen-VL modules need ``import torchvision`` (transformers' video processors).  Where
+    its C extension cannot load (PyPI's CUDA torchvision beside the CPU torch), the environment's
+    sitecustomize (scripts/vllm_cpu/sitecustomize.py) lets it import: its pure-torch transforms
+    work and a C op still raises torchvision's own error."""
+    import torchvision
+    from torchvision.transforms.v2 import functional as F
+
+    assert F.resize(torch.rand(3, 50, 60), [28, 28]).shape == (3, 28, 28)
+    if not torchvision.extension._has_ops():
+        with pytest.raises(RuntimeError, match="Couldn't load custom C\\+\\+ ops"):
+            torchvision.ops.nms(torch.rand(2, 4), torch.rand(2), 0.5)
