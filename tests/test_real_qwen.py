@@ -8,6 +8,10 @@ rollout (K=2, M=2) of the real-vocabulary tiny models of all three families, and
 of the rollout (greedy continuation == generate from scratch, rollout log-probs == fresh forward)
 on the real-vocabulary models with their released architectural features, and the layout tests
 (packed == naive in log-probs, loss and gradients; M = 1 == GRPO).
+
+Thinking templates (Qwen3-VL Thinking, ``tiny-qwen3-vl-thinking-real``): the prompt ends with
+``<think>\n``; the same tree check with the model writing only what follows it, the SFT labels
+(no second ``<think>``), the evaluation path, and templates of unknown kinds failing at load.
 """
 
 from __future__ import annotations
