@@ -364,6 +364,32 @@ COCO_BAD = {
     "missing_bbox": (lambda d: d["annotations"][0].pop("bbox"), "annotation 10", "bbox", "missing_field"),
     "size_mismatch": (lambda d: d["images"][0].update(width=65), "image 1", "width/height", "bad_value"),
     "missing_image": (lambda d: d["images"][0].update(file_name="images/none.png"), "image 1", "file_name", "missing_image"),
+    # segmentations: checked at load whether masks are asked for or not (issue 23)
+    "seg_wrong_type": (lambda d: d["annotations"][0].update(segmentation="mask"), "annotation 10", "segmentation", "bad_value"),
+    "seg_wrong_type_number": (lambda d: d["annotations"][0].update(segmentation=0), "annotation 10", "segmentation", "bad_value"),
+    "seg_odd_polygon": (lambda d: d["annotations"][1]["segmentation"][1].pop(), "annotation 11", "segmentation[1]", "bad_arity"),
+    "seg_two_points": (lambda d: d["annotations"][0].update(segmentation=[[8, 4, 24, 4]]), "annotation 10", "segmentation[0]", "bad_arity"),
+    "seg_nested_polygon": (lambda d: d["annotations"][0].update(segmentation=[[[8, 4], [24, 4], [24, 16]]]), "annotation 10",
+                           "segmentation[0]", "bad_value"),
+    "seg_polygon_not_a_list": (lambda d: d["annotations"][0].update(segmentation=[8, 4, 24, 4, 24, 16]), "annotation 10",
+                               "segmentation[0]", "bad_value"),
+    "seg_non_numeric": (lambda d: d["annotations"][0]["segmentation"][0].__setitem__(2, "24"), "annotation 10",
+                        "segmentation[0][1][0]", "not_numeric"),
+    "seg_outside": (lambda d: d["annotations"][0]["segmentation"][0].__setitem__(2, 240), "annotation 10",
+                    "segmentation[0][1]", "out_of_image"),
+    "rle_counts_short": (lambda d: d["annotations"][4]["segmentation"].update(counts=[1530, 10, 40]), "annotation 14",
+                         "segmentation.counts", "bad_value"),
+    "rle_counts_negative": (lambda d: d["annotations"][4]["segmentation"]["counts"].__setitem__(1, -10), "annotation 14",
+                            "segmentation.counts", "bad_value"),
+    "rle_counts_garbage_string": (lambda d: d["annotations"][4]["segmentation"].update(counts="#!~"), "annotation 14",
+                                  "segmentation.counts", "bad_value"),
+    "rle_counts_other_mask": (lambda d: d["annotations"][4]["segmentation"].update(counts="0:"), "annotation 14",
+                              "segmentation.counts", "bad_value"),
+    "rle_counts_type": (lambda d: d["annotations"][4]["segmentation"].update(counts=5000), "annotation 14",
+                        "segmentation.counts", "bad_value"),
+    "rle_size": (lambda d: d["annotations"][4]["segmentation"].update(size=[48, 64]), "annotation 14",
+                 "segmentation.size", "bad_value"),
+    "rle_no_counts": (lambda d: d["annotations"][4]["segmentation"].pop("counts"), "annotation 14", "segmentation", "bad_value"),
 }
 
 
@@ -377,7 +403,7 @@ def test_coco_bad_input(datadir, case):
     assert str(e.value).startswith(f"{path}:{loc}: field '{field}': ")
     # skipped and counted instead: the image with the bad entry goes, with all its boxes
     samples = load_coco(path, skip_invalid=True)
-    bad_image = 2 if loc == "annotation 12" else 1
+    bad_image = 2 if loc in ("annotation 12", "annotation 14") else 1
     assert [s.meta["coco_image_id"] for s in samples] == [i for i in (1, 2, 3) if i != bad_image]
     assert dict(samples.summary.skipped) == {kind: 1}
 

@@ -8,6 +8,10 @@ rollout (K=2, M=2) of the real-vocabulary tiny models of all three families, and
 of the rollout (greedy continuation == generate from scratch, rollout log-probs == fresh forward)
 on the real-vocabulary models with their released architectural features, and the layout tests
 (packed == naive in log-probs, loss and gradients; M = 1 == GRPO).
+
+Thinking templates (Qwen3-VL Thinking, ``tiny-qwen3-vl-thinking-real``): the prompt ends with
+``<think>\n``; the same tree check with the model writing only what follows it, the SFT labels
+(no second ``<think>``), the evaluation path, and templates of unknown kinds failing at load.
 """
 
 from __future__ import annotations
@@ -213,3 +217,127 @@ def test_real_vocab_packed_equals_naive_and_m1_equals_grpo(family):
     tree = backend.generate_tree(inputs, K=3, M=3, sampling=SamplingParams(max_thought_tokens=9, max_answer_tokens=5, seed=2))
     test_layout.test_packed_equals_naive(policy, tree, "token-mean")
     test_layout.test_m1_equals_plain_grpo(policy)
+
+
+# --------------------------------------------------------------------------- thinking templates
+@functools.lru_cache(maxsize=None)
+def thinking_policy():
+    torch.manual_seed(0)
+    return load_policy(str(ensure_tiny("tiny-qwen3-vl-thinking-real")))
+
+
+def _every_task_case(fam):
+    cases = []
+    for name in TASKS:
+        task = get_task(name)
+        sample = task.synthetic(1, seed=1)[0]
+        cases.append((task, sample, task.sft_target(sample, fam)))
+    return cases
+
+
+@pytest.mark.slow  # as the test above: 6 rows x 151,936-way sampling per step
+def test_thinking_template_sft_targets_through_the_tree_score_as_their_text():
+    """Qwen3-VL Thinking: the prompt ends with ``<think>\\n``, the model writes the rest of each
+    task's SFT target (no second ``<think>``), stage 1 stops at ``</think>``, and each of the
+    K x M (thought, answer) texts, read with the opened prefix in front, scores exactly what the
+    target text scores."""
+    from vlm_grpo_ma.format import completion_after_prefix
+    from vlm_grpo_ma.models import template_kind
+
+    policy = thinking_policy()
+    fam, tok, prefix = policy.family, policy.tokenizer, policy.completion_prefix
+    assert prefix == "<think>\n" and template_kind(policy.processor) == "thinking"
+    cases = _every_task_case(fam)
+    inputs = build_generation_inputs(policy.processor, [t.messages(s, fam) for t, s, _ in cases])
+    first = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
+    assert tok.decode(first[-2:]) == "<think>\n"  # the prompt itself opens the thought
+    written = [completion_after_prefix(target, prefix) for _, _, target in cases]
+    think_id = tok.convert_tokens_to_ids("<think>")
+    for w in written:
+        assert think_id not in tok(w, add_special_tokens=False)["input_ids"] and "</think>" in w
+    tree = forced_tree(policy, [t.messages(s, fam) for t, s, _ in cases], written)
+    for b, (task, sample, target) in enumerate(cases):
+        want = task.reward(*split_completion(target), sample, fam)
+        assert want.reason is None and want.total > 0, (task.name, want)
+        assert tok.decode(tree.thought_ids[b][0][-1:].tolist()) == "</think>"  # stage 1 stopped there
+        for k in range(2):
+            thought = tree.thought_texts[b][k]
+            assert thought.startswith("<think>\n") and thought.endswith("</think>") and thought.count("<think>") == 1
+            for m in range(2):
+                answer = tree.answer_texts[b][k][m]
+                assert thought + answer == prefix + written[b]
+                got = task.reward(thought, answer, sample, fam)
+                assert (got.total, got.parts, got.reason) == (want.total, want.parts, want.reason), task.name
+
+
+def test_thinking_template_sft_batch_and_evaluation():
+    """SFT teaches what follows the opened ``<think>`` (its labels hold no ``<think>``), and the
+    evaluation (the benchmark's generation path too) reads prefix + generated text: a policy
+    forced to write the targets scores their rewards with a format rate of 1."""
+    from types import SimpleNamespace
+
+    from vlm_grpo_ma.format import completion_after_prefix
+    from vlm_grpo_ma.training.evaluate import evaluate
+    from vlm_grpo_ma.training.sft import collate_micro_batches
+
+    policy = thinking_policy()
+    fam, tok, prefix = policy.family, policy.tokenizer, policy.completion_prefix
+    task = get_task("affordance")
+    samples = task.synthetic(2, seed=3)
+    stage = SimpleNamespace(processor=policy.processor, family=fam, micro_batch=2)
+    cfg = SimpleNamespace(data=SimpleNamespace(max_length=4096))
+    (batch,), dropped = collate_micro_batches(stage, cfg, task, samples)
+    assert dropped == 0
+    think_id, end_think = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    for row in range(2):
+        labels = batch.labels[row][batch.labels[row] != -100].tolist()
+        assert think_id not in labels and end_think in labels
+        assert tok.decode(labels[:-1]) == completion_after_prefix(task.sft_target(samples[row], fam), prefix)
+        prompt_end = batch.input_ids[row][(batch.labels[row] == -100).nonzero().max()].item()
+        assert tok.decode([prompt_end]) == "\n" and think_id in batch.input_ids[row].tolist()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = [tok(completion_after_prefix(task.sft_target(s, fam), prefix), add_special_tokens=False)["input_ids"] + [end]
+           for s in samples]
+    handle = _force(policy, ids, [len(x) for x in ids])  # one stage: call c predicts position c
+    try:
+        m = evaluate(policy.model, policy.processor, fam, task, samples, batch_size=2, max_new_tokens=max(map(len, ids)))
+    finally:
+        handle.remove()
+    want = [task.reward(*split_completion(task.sft_target(s, fam)), s, fam).total for s in samples]
+    assert m["eval/format_rate"] == 1.0 and m["eval/reward"] == pytest.approx(sum(want) / 2)
+
+
+def test_chat_templates_the_project_does_not_know_fail_with_a_clear_error(tmp_path):
+    import shutil
+
+    from vlm_grpo_ma.models import UnknownChatTemplate, generation_prefix
+    from vlm_grpo_ma.models.chat_templates import QWEN3_VL_RELEASED_CHAT_TEMPLATE
+    from vlm_grpo_ma.rollout import HFRolloutBackend
+
+    for fam in FAMILIES:
+        assert generation_prefix(real_policy(fam).processor) == ""  # the instruct templates: plain
+    tok = real_policy("qwen3_vl").tokenizer
+    bad = {
+        # Qwen3's enable_thinking=False form: a closed, empty thought before the answer
+        "{{- '<think>\\n\\n</think>\\n\\n' }}": "two template kinds",
+        "{{- 'Answer: ' }}": "two template kinds",
+    }
+    for extra, msg in bad.items():
+        t = QWEN3_VL_RELEASED_CHAT_TEMPLATE.replace("{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant\\n' }}" + extra)
+        assert t != QWEN3_VL_RELEASED_CHAT_TEMPLATE
+        tok.chat_template = t
+        try:
+            with pytest.raises(UnknownChatTemplate, match=msg):
+                generation_prefix(tok)
+            with pytest.raises(UnknownChatTemplate):
+                HFRolloutBackend(real_policy("qwen3_vl").model, tok)
+        finally:
+            tok.chat_template = QWEN3_VL_RELEASED_CHAT_TEMPLATE
+    # a checkpoint with a non-Qwen template stops at load, before any training or scoring
+    folder = tmp_path / "ckpt"
+    shutil.copytree(ensure_tiny("tiny-qwen3-vl-thinking-real"), folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    with pytest.raises(UnknownChatTemplate, match="not a Qwen-VL chat template"):
+        load_policy(str(folder))

@@ -66,6 +66,11 @@ def test_normalise_output():
     assert normalise_output("3 \r\n4\n\n") == "3\n4"
     assert normalise_output("a\t\nb") == "a\nb"
     assert normalise_output("") == ""
+    # the rules docs/BENCHMARKS.md states against open-r1's zip()-paired, both-sides-stripped lines:
+    # a truncated or extended output is not the expected one, and leading whitespace counts
+    assert normalise_output("3\n") != normalise_output("3\n4\n")
+    assert normalise_output("3\n4\n5\n") != normalise_output("3\n4\n")
+    assert normalise_output(" 3\n") != normalise_output("3\n")
 
 
 def test_validate_tests_names_the_bad_item():

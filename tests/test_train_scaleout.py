@@ -2,14 +2,16 @@
 
 - Two "nodes" on this machine, each its own launcher with one rank (torchrun --nnodes 2, and the
   deepspeed launcher's --no_ssh with --node_rank), train like one node with two ranks.
-- A checkpoint written on 2 ranks resumes on 1, and one written on 1 resumes on 2 (through
-  DeepSpeed's universal checkpoint): the steps after the resume and the final weights are those
-  of the uninterrupted run.
+- A checkpoint written on 2 ranks resumes on 1, and one written on 1 resumes on 2, with every
+  shipped DeepSpeed config and LoRA (ZeRO checkpoints through DeepSpeed's universal checkpoint,
+  stage-0 ones as they are): the steps after the resume and the final weights are those of the
+  uninterrupted run; the same on two deepspeed-launcher "nodes", and RL after it.
 - A rank that raises stops the other node's rank too, with the cause named, instead of a hang.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -125,15 +127,54 @@ def test_torchrun_two_loopback_nodes_match_one_node_two_ranks(two_rank_run, tmp_
     assert list((run / "sft" / "checkpoints").glob("step-*/rng-rank1.pt"))
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(two_rank_run, run)
-    shutil.rmtree(run / "sft" / "final")  # as if stopped after the step-2 checkpoint
-    shutil.rmtree(run / "rl")
-    p = _run([sys.executable, SCRIPT, *SFT3, "--stage", "sft", "--output_dir", str(run)])
-    assert "universal checkpoint" in p.stderr and "resumed sft" in p.stderr
-    assert (run / "sft" / "checkpoints" / "step-0000002" / "universal" / "zero").is_dir()
-    _same_sft(two_rank_run, run, [3])
+#: every DeepSpeed config the project ships, and LoRA on the real-model one (ZeRO-3)
+SHIPPED = sorted(p.stem for p in (ROOT / "configs" / "deepspeed").glob("*.json"))
+RESUME_CASES = [(z, []) for z in SHIPPED] + [("zero3", ["--lora_r", "4", "--lora_alpha", "8"])]
+
+
+@pytest.mark.parametrize("zero,extra", RESUME_CASES, ids=[z + ("-lora" if e else "") for z, e in RESUME_CASES])
+def test_resume_on_another_number_of_ranks_every_shipped_config(zero, extra, tmp_path):
+    """2 ranks -> 1 -> 2 with each shipped DeepSpeed config: a 2-rank run of 4 SFT steps
+    (checkpoint every step; warm-up then cosine, so the schedule matters); its step-2 checkpoint
+    resumed on 1 rank (steps 3-4); that run's step-3 checkpoint (written by 1 rank) resumed on 2
+    (step 4).  Each resumed step has the uninterrupted run's data (token count), learning rate
+    and loss (step 4's loss depends on the Adam moments restored), and the final weights match."""
+    assert {"zero0", "zero2", "zero3", "zero3_offload"} <= set(SHIPPED)
+    args = ["--task", "affordance", "--stage", "sft", "--deepspeed", f"configs/deepspeed/{zero}.json",
+            "--sft_steps", "4", "--save_every", "1", "--keep_last", "4", "--sft_batch_size", "4",
+            "--sft_warmup_steps", "2", "--lr_schedule", "cosine", "--eval_samples", "0", "--report_to", "none",
+            "--log_every", "1", *extra]
+    two = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", SCRIPT, *args]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    _run([*two, "--output_dir", str(a)])
+    ckpts = a / "sft" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"step-000000{i}" for i in (1, 2, 3)]
+    # N -> M: the 2-rank step-2 checkpoint on 1 rank
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "sft" / "final")
+    shutil.rmtree(b / "sft" / "checkpoints" / "step-0000003")
+    pb = _run([sys.executable, SCRIPT, *args, "--output_dir", str(b)])
+    how = "are whole (no ZeRO)" if zero == "zero0" else "universal checkpoint"
+    assert "written by 2 ranks, resuming on 1" in pb.stderr and how in pb.stderr and "resumed sft" in pb.stderr
+    # M -> N: the step-3 checkpoint that the 1-rank run wrote, on 2 ranks
+    assert json.loads((b / "sft" / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())["world_size"] == 1
+    shutil.copytree(b, c)
+    shutil.rmtree(c / "sft" / "final")
+    pc = _run([*two, "--output_dir", str(c)])
+    assert "written by 1 ranks, resuming on 2" in pc.stderr and how in pc.stderr, pc.stderr[-3000:]
+    ref = {r["step"]: r for r in _metrics(a, "sft")}
+    for run, steps in ((b, [3, 4]), (c, [4])):
+        rows = {r["step"]: r for r in _metrics(run, "sft")}
+        for s in steps:
+            assert rows[s]["data/tokens"] == ref[s]["data/tokens"], (run.name, s)
+            assert rows[s]["lr"] == ref[s]["lr"], (run.name, s)
+            assert math.isclose(rows[s]["loss/sft"], ref[s]["loss/sft"], rel_tol=1e-5), (run.name, s, rows[s], ref[s])
+        wa, wr = _weights(a / "sft" / "final"), _weights(run / "sft" / "final")
+        assert set(wa) == set(wr)
+        for k in wa:
+            torch.testing.assert_close(wr[k], wa[k], rtol=1e-4, atol=1e-5, msg=f"{run.name}: {k}")
+    assert {ref[s]["lr"] for s in (2, 3, 4)} != {ref[2]["lr"]}  # the schedule moved across the resumes
+    assert ref[4]["loss/sft"] < ref[2]["loss/sft"]  # the steps resumed did train
 
 
 def test_one_rank_checkpoint_resumes_on_two_deepspeed_no_ssh_nodes(tmp_path):

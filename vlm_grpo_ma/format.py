@@ -18,6 +18,12 @@ boundary token (``><``) was sampled in stage 1, before the M answers branched, a
 them continues after it, so it stays in the thought's token segment and trains on the thought's
 advantage like every other thought token; only the *text* handed to the reward moves.
 
+**Thinking templates** (Qwen3-VL Thinking): the generation prompt already wrote ``<think>\\n``.
+The rollout backends put that prefix (``generation_prefix`` of the processor) in front of what
+the model generated, so every text the format rule, the rewards and the metrics read is the whole
+completion, on both template kinds; SFT teaches only the text after it
+(:func:`completion_after_prefix`).  Stage 1 still stops at the first ``</think>``.
+
 This module is core: the rollout backends, evaluation and the benchmark import it, and the task
 plugins (``vlm_grpo_ma.tasks.common``) re-export it.  It imports nothing from the plugins.
 """
@@ -70,6 +76,25 @@ def split_tree_texts(thought_text: str, answer_text: str) -> tuple[str, str]:
     """
     thought, carried = split_completion(thought_text)
     return thought, carried + answer_text
+
+
+def completion_after_prefix(target: str, prefix: str) -> str:
+    """What the model must write after a generation prompt that already wrote ``prefix`` of the
+    completion (:func:`vlm_grpo_ma.models.chat_templates.generation_prefix`): ``target`` itself
+    for a plain template (``prefix == ""``); for a thinking one (``prefix == "<think>\\n"``) the
+    target without its opening ``<think>`` (and the whitespace after it), so SFT never teaches a
+    second ``<think>``.  ``prefix + completion_after_prefix(target, prefix)`` obeys the format rule
+    exactly when ``target`` does and parses to the same answer.  ValueError if ``prefix`` is not
+    ``""`` or ``<think>`` + whitespace, or if ``target`` does not start with ``<think>`` then."""
+    if not prefix:
+        return target
+    if prefix.strip() != THINK_OPEN:
+        raise ValueError(f"unknown completion prefix {prefix!r} (expected '' or '<think>' + whitespace)")
+    body = target.lstrip()
+    if not body.startswith(THINK_OPEN):
+        raise ValueError(f"the prompt opens the thought ({prefix!r}) but the target does not start with <think>: "
+                         f"{target[:80]!r}")
+    return body[len(THINK_OPEN):].lstrip()
 
 
 #: room for the tags, whitespace and end tokens around an answer of a task's maximum length

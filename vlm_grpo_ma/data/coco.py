@@ -3,8 +3,10 @@
 One detection sample per image (non-crowd boxes and their category names; crowd boxes kept apart
 as ``crowd_boxes``, the ignore regions of COCO's evaluation), or one grounding sample per
 annotation (``mode="annotation"``); COCO ids in ``meta``, and :func:`coco_results` to write
-predictions back in COCO's results format.  Errors name the file and a COCO locator
-(``images[<id>]``, ``annotations[<id>]``) and the field, like every loader of
+predictions back in COCO's results format.  Every annotation's ``bbox`` and ``segmentation``
+(flat polygons, or an RLE whose size is the image's and whose runs cover it) is checked at load,
+masks asked for or not.  Errors name the file and a COCO locator
+(``image <id>``, ``annotation <id>``) and the field, like every loader of
 :mod:`vlm_grpo_ma.data.loaders` (whose record helpers this module shares).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -61,12 +64,54 @@ def _coco_bbox(ann: dict, size: tuple[int, int], tolerance: float) -> list[float
     return convert_box([x, y, x + w, y + h], "bbox", "pixel", size, tolerance)
 
 
+def _no_segmentation(seg: Any) -> bool:
+    """A box-only annotation: ``segmentation`` absent, null or an empty list of polygons."""
+    return seg is None or (isinstance(seg, list) and not seg)
+
+
+def _check_coco_polygon(part: Any, field: str, size: tuple[int, int], tolerance: float) -> None:
+    """One COCO polygon: a flat ``[x1, y1, x2, y2, ...]`` list of >= 3 finite points inside the
+    image (up to ``tolerance``).  The common case is checked in one pass; anything else goes to
+    :func:`convert_polygon` for its precise error."""
+    if isinstance(part, list) and len(part) >= 6 and not len(part) % 2 and all(type(v) in (int, float) for v in part):
+        w, h = size
+        xs, ys = part[0::2], part[1::2]
+        try:
+            if (math.isfinite(sum(part)) and min(xs) >= -tolerance * w and max(xs) <= (1 + tolerance) * w
+                    and min(ys) >= -tolerance * h and max(ys) <= (1 + tolerance) * h):
+                return
+        except OverflowError:  # an integer too large for a float
+            raise FieldError(field, "a coordinate is too large to be a number", "not_numeric") from None
+    if isinstance(part, list) and part and isinstance(part[0], (list, tuple)):
+        raise FieldError(field, "a COCO polygon is a flat list [x1, y1, x2, y2, ...], got a list of lists", "bad_value")
+    convert_polygon(part, field, "pixel", size, tolerance)  # raises, naming the problem
+    raise FieldError(field, f"not a valid COCO polygon: {_short(part)}", "bad_value")  # pragma: no cover
+
+
+def _check_segmentation(ann: dict, size: tuple[int, int], tolerance: float) -> None:
+    """An annotation's ``segmentation`` (FieldError if it is not one): a list of flat polygons
+    (one object in parts), or an RLE ``{"size": [h, w], "counts": ...}`` (compressed string or
+    uncompressed list) whose size is the image's and whose runs cover it exactly."""
+    seg = ann.get("segmentation")
+    if _no_segmentation(seg):
+        return
+    if isinstance(seg, list):
+        for i, part in enumerate(seg):
+            _check_coco_polygon(part, f"segmentation[{i}]", size, tolerance)
+    elif isinstance(seg, dict):
+        canonical_rle(seg, "segmentation", size)
+    else:
+        raise FieldError("segmentation", "must be a list of polygons [[x1, y1, x2, y2, ...], ...] or an RLE "
+                         f"{{'size': [h, w], 'counts': ...}}, got {type(seg).__name__} {_short(seg)}", "bad_value")
+
+
 def _coco_region(coco: Any, ann: dict, size: tuple[int, int], tolerance: float) -> Optional[dict]:
     """An annotation's segmentation as a canonical region: one polygon -> ``{"polygon": ...}``;
     several polygons (one object in parts) or an RLE -> ``{"rle": ..., "size": [h, w]}`` merged
-    the way pycocotools' ``annToRLE`` does.  ``None`` if the annotation has no segmentation."""
+    the way pycocotools' ``annToRLE`` does.  ``None`` if the annotation has no segmentation
+    (already checked by :func:`_check_segmentation`)."""
     seg = ann.get("segmentation")
-    if not seg:
+    if _no_segmentation(seg):
         return None
     if isinstance(seg, list):
         if len(seg) == 1:
@@ -214,6 +259,9 @@ def load_coco(
             if ann["category_id"] not in cats:
                 raise FieldError("category_id", f"no category with id {ann['category_id']!r}", "bad_value")
             _coco_bbox(ann, sizes[ann["image_id"]], tolerance)  # validate; converted again below
+            # always, masks asked for or not: a file with garbage masks fails here, not when
+            # someone later scores masks from it (or pycocotools decodes a malformed RLE)
+            _check_segmentation(ann, sizes[ann["image_id"]], tolerance)
             good_anns.append(ann)
         except FieldError as e:
             err = DataError.from_field(e, path, loc)

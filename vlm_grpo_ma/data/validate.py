@@ -186,18 +186,62 @@ def canonical_rle(rle: Any, field: str, size: Size = None) -> dict:
     if isinstance(counts, list):  # uncompressed -> compressed
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             raise FieldError(f"{field}.counts", "uncompressed RLE counts must be non-negative integers", "bad_value")
+        _check_run_total(sum(counts), h, w, field)
         counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
+    elif isinstance(counts, (str, bytes)):
+        if isinstance(counts, bytes):
+            try:
+                counts = counts.decode("ascii")
+            except UnicodeDecodeError:
+                raise FieldError(f"{field}.counts", "unreadable RLE (not ASCII)", "bad_value") from None
+        _check_run_total(sum(rle_runs(counts, f"{field}.counts")), h, w, field)
+    else:
+        raise FieldError(f"{field}.counts", f"RLE counts must be a string or a list, got {type(counts).__name__}", "bad_value")
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
-    if not isinstance(counts, str):
-        raise FieldError(f"{field}.counts", f"RLE counts must be a string or a list, got {type(counts).__name__}", "bad_value")
-    try:
-        area = int(mask_utils.area({"size": [h, w], "counts": counts.encode("ascii")}))
-    except Exception as e:  # malformed compressed string
-        raise FieldError(f"{field}.counts", f"unreadable RLE ({e})", "bad_value") from None
-    if area > h * w:
-        raise FieldError(f"{field}.counts", "RLE covers more pixels than the image has", "bad_value")
     return {"rle": {"size": [h, w], "counts": counts}, "size": [h, w]}
+
+
+def _check_run_total(total: int, h: int, w: int, field: str) -> None:
+    # pycocotools' rleDecode writes cnts[j] pixels per run with no bound: the runs of a mask must
+    # cover its h x w pixels exactly (too many would write past the mask, too few leave it unset)
+    if total != h * w:
+        raise FieldError(f"{field}.counts", f"the RLE's runs cover {total} pixels, its size [{h}, {w}] has {h * w}",
+                         "bad_value")
+
+
+def rle_runs(counts: str, field: str = "counts") -> list[int]:
+    """The run lengths of a compressed COCO RLE string (FieldError if it is malformed).
+
+    The format of pycocotools' ``rleToString`` / ``rleFrString`` (``common/maskApi.c``,
+    https://github.com/cocodataset/cocoapi): each run is a variable-length integer in 5-bit
+    groups, one character each (``chr(group + 48)``; bit 0x20 = more groups follow, bit 0x10 of
+    the last group = negative), and from the third run on a run is stored as the difference from
+    the run two before.  pycocotools reads any string without a check; this reads it the same way
+    and refuses characters outside the alphabet, a truncated last run and negative runs."""
+    runs: list[int] = []
+    x = k = 0
+    more = False
+    for i, ch in enumerate(counts):
+        c = ord(ch) - 48
+        if not 0 <= c < 64:
+            raise FieldError(field, f"unreadable RLE: character {ch!r} at {i} is not in the RLE alphabet", "bad_value")
+        x |= (c & 0x1F) << (5 * k)
+        more = bool(c & 0x20)
+        k += 1
+        if more:
+            continue
+        if c & 0x10:
+            x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            raise FieldError(field, f"unreadable RLE: run {len(runs)} is negative ({x})", "bad_value")
+        runs.append(x)
+        x = k = 0
+    if more:
+        raise FieldError(field, "unreadable RLE: the string ends inside a run", "bad_value")
+    return runs
 
 
 def convert_region(r: Any, field: str, coords: str, size: Size, tol: float = DEFAULT_TOLERANCE) -> dict:

@@ -6,6 +6,9 @@ it is used as is; these strings are used only by :mod:`vlm_grpo_ma.models.tiny`.
 - Qwen2-VL and Qwen2.5-VL share one template: a default system turn ("You are a helpful
   assistant.") when the conversation has none, images as
   ``<|vision_start|><|image_pad|><|vision_end|>`` where they appear in the content.
+- Qwen3-VL Thinking's generation prompt opens the thought (``<think>\n``):
+  :data:`QWEN3_VL_THINKING_CHAT_TEMPLATE`, and :func:`generation_prefix` / :func:`template_kind`
+  tell the two kinds apart on any processor or tokenizer.
 - Qwen3-VL's template has no default system turn, renders assistant content given as a list of
   text parts, and wraps tool results in ``<tool_response>`` inside a user turn.  The released
   template's tool-calling header and ``tool_calls`` rendering are kept; nothing in this project
@@ -240,3 +243,82 @@ QWEN3_VL_RELEASED_CHAT_TEMPLATE = r"""{%- if tools %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
 """
+
+# The Thinking checkpoints of Qwen3-VL (Qwen/Qwen3-VL-*-Thinking on the Hugging Face hub) open the
+# thought in their chat template: the generation prompt is ``<|im_start|>assistant\n<think>\n`` and
+# the model writes the thought, ``</think>`` and the answer.  Public notes on those checkpoints say
+# so (huggingface/trl issue #6966 "chat template pre-fills <think>", om-ai-lab/VLM-R1 issue #173),
+# as do the released Qwen3-4B-Thinking-2507 and QwQ-32B templates, whose last lines are
+# ``{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}``.
+# No verbatim copy of the Qwen3-VL Thinking ``chat_template.json`` could be found offline: this
+# is the released Instruct template above with that generation prompt.  What the project depends on is exactly that
+# prompt (single-turn prompts; earlier assistant turns, which the released Thinking template
+# renders with their ``reasoning_content``, never occur here).
+QWEN3_VL_THINKING_CHAT_TEMPLATE = QWEN3_VL_RELEASED_CHAT_TEMPLATE.replace(
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}",
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}\n{%- endif %}",
+)
+assert QWEN3_VL_THINKING_CHAT_TEMPLATE != QWEN3_VL_RELEASED_CHAT_TEMPLATE
+
+# ---------------------------------------------------------------------------------------------
+# Template kinds: what the generation prompt already wrote of the completion
+
+#: the generation prompt ends with the assistant header: the model writes ``<think>`` itself
+PLAIN = "plain"
+#: the generation prompt ends with ``<think>`` (Qwen3-VL Thinking, QwQ): the thought is open
+THINKING = "thinking"
+TEMPLATE_KINDS = (PLAIN, THINKING)
+
+_ASSISTANT_HEADER = "<|im_start|>assistant\n"
+_THINK_OPEN = "<think>"
+_PROBE = [{"role": "user", "content": [{"type": "text", "text": "probe"}]}]
+
+
+class UnknownChatTemplate(ValueError):
+    """A chat template whose generation prompt the project does not know how to continue."""
+
+
+def generation_prefix(processor_or_tokenizer) -> str:
+    """The part of the completion that the chat template's generation prompt already wrote:
+    ``""`` for a plain template (Qwen2-VL, Qwen2.5-VL, Qwen3-VL Instruct) and ``"<think>\\n"``
+    (the text exactly as the template writes it) for a thinking one (Qwen3-VL Thinking).
+
+    Rendered from the processor's (or tokenizer's) own chat template on a one-message probe,
+    so it holds for any checkpoint, fine-tuned or not.  Every consumer of completions puts this
+    prefix in front of what the model generated before the format rule reads it (rollouts,
+    evaluation, benchmark), and SFT teaches only what comes after it.
+
+    Raises :class:`UnknownChatTemplate` when there is no chat template, when the generation
+    prompt does not end with Qwen's ``<|im_start|>assistant\\n`` header, or when the header is
+    followed by anything other than nothing or ``<think>`` (+ whitespace): a clear error at
+    start instead of completions that all fail the format rule.
+    """
+    owner = processor_or_tokenizer
+    if getattr(owner, "chat_template", None) is None and getattr(getattr(owner, "tokenizer", None), "chat_template", None) is None:
+        raise UnknownChatTemplate(f"{type(owner).__name__} has no chat template: the project needs a Qwen-VL chat template")
+    try:
+        with_prompt = owner.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True)
+        without = owner.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means an unusable template
+        raise UnknownChatTemplate(f"the chat template of {type(owner).__name__} cannot render a user turn: {e}") from e
+    if isinstance(with_prompt, list):  # some processors return one text per conversation
+        with_prompt, without = with_prompt[0], without[0]
+    if not with_prompt.startswith(without):
+        raise UnknownChatTemplate("the chat template's generation prompt rewrites the conversation before it: "
+                                  f"{with_prompt[-200:]!r}")
+    tail = with_prompt[len(without):]
+    if not tail.startswith(_ASSISTANT_HEADER):
+        raise UnknownChatTemplate(f"the chat template's generation prompt is {tail!r}, not Qwen's "
+                                  f"{_ASSISTANT_HEADER!r} header: not a Qwen-VL chat template")
+    prefix = tail[len(_ASSISTANT_HEADER):]
+    if prefix and prefix.strip() != _THINK_OPEN:
+        raise UnknownChatTemplate(
+            f"the chat template's generation prompt continues the assistant turn with {prefix!r}: the project knows "
+            f"two template kinds, {PLAIN!r} (nothing after the header) and {THINKING!r} ({_THINK_OPEN!r}, as Qwen3-VL "
+            "Thinking); use a checkpoint with one of them or pass a chat template that is one")
+    return prefix
+
+
+def template_kind(processor_or_tokenizer) -> str:
+    """:data:`PLAIN` or :data:`THINKING` (see :func:`generation_prefix`, which it calls)."""
+    return THINKING if generation_prefix(processor_or_tokenizer) else PLAIN

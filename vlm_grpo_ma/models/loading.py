@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .chat_templates import generation_prefix
 from .family import ModelFamily
 from .processor import load_processor
 from .tiny import ensure_tiny, resolve_tiny_name
@@ -39,6 +40,9 @@ class Policy:
         family: the model family and coordinate codec, with the processor's resize parameters.
         tokenizer: ``processor.tokenizer``.
         path: the folder or hub id it was loaded from (tiny names resolved to their cache folder).
+        completion_prefix: what the chat template's generation prompt already wrote of every
+            completion: ``""`` (plain template) or ``"<think>\n"`` (Qwen3-VL Thinking);
+            :func:`vlm_grpo_ma.models.chat_templates.generation_prefix`.
     """
 
     model: Any
@@ -46,6 +50,7 @@ class Policy:
     family: ModelFamily
     tokenizer: Any
     path: str = ""
+    completion_prefix: str = ""
 
 
 def unwrap_model(model: Any) -> Any:
@@ -127,6 +132,9 @@ def load_policy(
         )
     processor = load_processor(path, model_type, min_pixels=min_pixels, max_pixels=max_pixels)
     family = ModelFamily.from_processor(model_type, processor)
+    # a chat template the project cannot continue (not Qwen's, or a generation prompt other than
+    # nothing / "<think>") stops here, before the weights load, with the reason
+    prefix = generation_prefix(processor)
 
     kwargs = dict(model_kwargs)
     if dtype is not None:
@@ -143,4 +151,5 @@ def load_policy(
         model.config.use_cache = False
     if device is not None:
         model = model.to(device)
-    return Policy(model=model, processor=processor, family=family, tokenizer=processor.tokenizer, path=path)
+    return Policy(model=model, processor=processor, family=family, tokenizer=processor.tokenizer, path=path,
+                  completion_prefix=prefix)

@@ -83,6 +83,9 @@ class TinySpec:
             blocks with full attention); None keeps the defaults described above.
         deepstack_visual_indexes: Qwen3-VL vision layers fed into the first text layers.
         tie_word_embeddings: output head tied to the input embedding (as the 2B/3B releases).
+        chat_template: ``"instruct"`` (the family's template) or ``"thinking"`` (Qwen3-VL only:
+            the Thinking checkpoints' template, whose generation prompt opens the thought,
+            :data:`~vlm_grpo_ma.models.chat_templates.QWEN3_VL_THINKING_CHAT_TEMPLATE`).
     """
 
     model_type: str
@@ -109,6 +112,7 @@ class TinySpec:
     fullatt_block_indexes: tuple[int, ...] | None = None
     deepstack_visual_indexes: tuple[int, ...] | None = None
     tie_word_embeddings: bool = False
+    chat_template: str = "instruct"
 
     @property
     def head_dim(self) -> int:
@@ -149,6 +153,12 @@ TINY_MODELS: dict[str, TinySpec] = {
         intermediate_size=64, vision_layers=3, rope_theta=5e6, mrope_section=(24, 20, 20), max_tokens=64,
         vocab="qwen", deepstack_visual_indexes=(0, 1), tie_word_embeddings=True,
     ),
+    # tiny-qwen3-vl-real with the Thinking checkpoints' chat template (the prompt opens <think>)
+    "tiny-qwen3-vl-thinking-real": TinySpec(
+        model_type="qwen3_vl", patch_size=16, hidden_size=32, num_heads=2, num_kv_heads=1, head_dim_override=128,
+        intermediate_size=64, vision_layers=3, rope_theta=5e6, mrope_section=(24, 20, 20), max_tokens=64,
+        vocab="qwen", deepstack_visual_indexes=(0, 1), tie_word_embeddings=True, chat_template="thinking",
+    ),
     # the demo model with head_dim 32 (2 heads): vLLM's CPU attention has no head_dim-16 kernel, so
     # this is the demo-scale model the vLLM backend's learning is compared on
     "tiny-qwen2.5-vl-hd32": TinySpec(model_type="qwen2_5_vl", patch_size=14, num_heads=2, num_kv_heads=1,
@@ -156,13 +166,13 @@ TINY_MODELS: dict[str, TinySpec] = {
                                      vision_window=False),
 }
 #: family name (``ModelFamily.name``) -> tiny model name, so tests can say ``"qwen2_5_vl"`` (the
-#: first tiny-vocabulary model of each family: the demo's)
+#: first tiny-vocabulary, instruct-template model of each family: the demo's)
 TINY_BY_FAMILY: dict[str, str] = {}
+#: family name -> the tiny model with the real Qwen vocabulary (and the family's instruct template)
+TINY_REAL_BY_FAMILY: dict[str, str] = {}
 for _name, _spec in TINY_MODELS.items():
-    if _spec.vocab == "tiny":
-        TINY_BY_FAMILY.setdefault(_spec.model_type, _name)
-#: family name -> the tiny model with the real Qwen vocabulary
-TINY_REAL_BY_FAMILY = {spec.model_type: name for name, spec in TINY_MODELS.items() if spec.vocab == "qwen"}
+    if _spec.chat_template == "instruct":
+        (TINY_BY_FAMILY if _spec.vocab == "tiny" else TINY_REAL_BY_FAMILY).setdefault(_spec.model_type, _name)
 
 
 def resolve_tiny_name(name: str) -> str | None:
@@ -307,6 +317,14 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         tokenizer = load_real_tokenizer(family)
     else:
         tokenizer = build_tokenizer(CHAT_TEMPLATES[family], vocab_size=spec.bpe_vocab, seed=0)
+    if spec.chat_template == "thinking":
+        from .chat_templates import QWEN3_VL_THINKING_CHAT_TEMPLATE
+
+        if family != "qwen3_vl":
+            raise ValueError(f"{name}: the thinking chat template is Qwen3-VL's, not {family}'s")
+        tokenizer.chat_template = QWEN3_VL_THINKING_CHAT_TEMPLATE
+    elif spec.chat_template != "instruct":
+        raise ValueError(f"{name}: chat_template must be 'instruct' or 'thinking', got {spec.chat_template!r}")
     template = tokenizer.chat_template
     config = tiny_config(spec, tokenizer)
     from .loading import MODEL_CLASSES

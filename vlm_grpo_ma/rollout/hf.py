@@ -39,6 +39,7 @@ import transformers
 from packaging.version import Version
 
 from vlm_grpo_ma.format import split_completion
+from vlm_grpo_ma.models.chat_templates import generation_prefix
 from vlm_grpo_ma.models.loading import unwrap_model
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 
@@ -250,6 +251,12 @@ class HFRolloutBackend:
         gather_context: zero-argument callable returning a context manager entered around each
             rollout (ZeRO-3: ``lambda: deepspeed.zero.GatheredParameters(params)``).
         synced_gpus: keep all ranks stepping until every rank is done (ZeRO-3 without gathering).
+        completion_prefix: what the chat template's generation prompt already wrote of every
+            completion (``"<think>\\n"`` for Qwen3-VL Thinking); put in front of every thought
+            text and every completion text, so the format rule reads whole completions.
+            ``None`` (default): read from the processor's (else the tokenizer's) chat template
+            (:func:`vlm_grpo_ma.models.chat_templates.generation_prefix`; an unknown template
+            raises here); ``""`` where neither has a chat template.
     """
 
     def __init__(
@@ -261,6 +268,7 @@ class HFRolloutBackend:
         token_ids: RolloutTokenIds | None = None,
         gather_context: Callable[[], ContextManager] | None = None,
         synced_gpus: bool = False,
+        completion_prefix: str | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -272,6 +280,10 @@ class HFRolloutBackend:
         self.ids = token_ids
         self.gather_context = gather_context
         self.synced_gpus = synced_gpus
+        if completion_prefix is None:
+            owner = next((o for o in (processor, self.tokenizer) if getattr(o, "chat_template", None)), None)
+            completion_prefix = generation_prefix(owner) if owner is not None else ""
+        self.completion_prefix = completion_prefix
 
     # ------------------------------------------------------------------ internals
     @property
@@ -474,7 +486,7 @@ class HFRolloutBackend:
                 # the text is cut right after </think>; what the stopping token carried past
                 # it (e.g. the "<" of "><") starts every answer (vlm_grpo_ma.format)
                 thought, carried = split_completion(self._decode_text(ids))
-                th_txt[b].append(thought)
+                th_txt[b].append(self.completion_prefix + thought)
                 an_ids[b].append([]); an_lp[b].append([]); an_txt[b].append([])
                 for m in range(M):
                     q = r * M + m
@@ -544,5 +556,5 @@ class HFRolloutBackend:
         inputs = build_generation_inputs(self.processor, messages_batch)
         tok, _, length = self.generate_ids(inputs, n, sampling, max_new_tokens)
         B = inputs["input_ids"].shape[0]
-        return [[self._decode_text(tok[b * n + j, : length[b * n + j]], drop_stop=True) for j in range(n)]
-                for b in range(B)]
+        return [[self.completion_prefix + self._decode_text(tok[b * n + j, : length[b * n + j]], drop_stop=True)
+                 for j in range(n)] for b in range(B)]

@@ -74,10 +74,12 @@ class TreeRollout:
     - ``answer_ids[b][k][m]``: LongTensor [A_bkm]; ``answer_logprobs[b][k][m]``: FloatTensor [A_bkm];
     - ``thought_truncated``: BoolTensor [B, K]; ``answer_truncated``: BoolTensor [B, K, M];
     - ``thought_texts[b][k]``: str (decoded with special tokens), cut right after its first
-      ``</think>`` (:mod:`vlm_grpo_ma.format`);
+      ``</think>`` (:mod:`vlm_grpo_ma.format`), after the text the chat template's generation
+      prompt already wrote (``"<think>\\n"`` on a Qwen3-VL Thinking template, not in
+      ``thought_ids``; ``""`` otherwise), so it is the whole thought on both template kinds;
     - ``answer_texts[b][k][m]``: str (decoded without the final end token), preceded by whatever
       text the thought's last token carried past ``</think>`` (e.g. the ``<`` of Qwen2.5-VL's
-      ``><`` token), so ``thought_texts[b][k] + answer_texts[b][k][m]`` is the decoded path.
+      ``><`` token), so ``thought_texts[b][k] + answer_texts[b][k][m]`` is the completion.
 
     All tensors are on the CPU; log-probs are float32, one per generated token.
     """

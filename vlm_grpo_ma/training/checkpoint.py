@@ -117,7 +117,10 @@ def to_universal(ckpt: str | Path) -> Path:
         tmp = ckpt / ".tmp-universal"
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt / "ds"),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               # ZeRO-1/2: the converter wants a client-written ``universal_checkpoint_info`` record
+               # (Megatron-DeepSpeed writes one); this flag adds the plain one, no tensor parallelism
+               "--inject_missing_state"]
         log.info("converting %s to a universal checkpoint", ckpt / "ds")
         p = subprocess.run(cmd, capture_output=True, text=True)
         (ckpt / "latest_universal").unlink(missing_ok=True)  # the converter's pointer to its output: unused
@@ -131,12 +134,20 @@ def to_universal(ckpt: str | Path) -> Path:
     return out
 
 
+def optimizer_is_whole(ckpt: str | Path) -> bool:
+    """True when ``<ckpt>/ds`` holds no per-rank optimizer shards (``*_optim_states.pt``): without
+    ZeRO (stage 0, fp32 or fp16) DeepSpeed saves the whole optimizer state inside the replicated
+    ``mp_rank_00_model_states.pt``, which any number of ranks loads as it is."""
+    return not any(Path(ckpt, "ds").glob("*_optim_states.pt"))
+
+
 def load_checkpoint(engine, ckpt: str | Path) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from ``ckpt``; returns the
     trainer state saved with it.
 
-    On another number of ranks than the checkpoint was written with, the checkpoint is first
-    converted to DeepSpeed's universal format (:func:`to_universal`) and loaded from there: the
+    On another number of ranks than the checkpoint was written with, a checkpoint without ZeRO
+    (stage 0: one replicated file with the whole optimizer, :func:`optimizer_is_whole`) loads
+    as it is; a ZeRO-1/2/3 one (optimizer partitioned per rank) is first converted to DeepSpeed's universal format (:func:`to_universal`) and loaded from there: the
     fp32 weights, Adam moments and step, and the LR schedule are restored exactly, and the data
     position is the step (a step's global batch does not depend on the number of ranks,
     ``training/data.py``).  Only the per-rank RNG streams cannot carry over (ranks that had
@@ -144,7 +155,11 @@ def load_checkpoint(engine, ckpt: str | Path) -> dict:
     ckpt = Path(ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     saved_world = int(state.get("world_size", dist.world_size()))
-    if saved_world == dist.world_size():
+    if saved_world == dist.world_size() or optimizer_is_whole(ckpt):
+        if saved_world != dist.world_size() and dist.is_main():
+            log.warning("checkpoint %s was written by %d ranks, resuming on %d: its model and optimizer states "
+                        "are whole (no ZeRO), loaded as they are (RL sampling streams will differ)", ckpt,
+                        saved_world, dist.world_size())
         load_path, _ = engine.load_checkpoint(str(ckpt), tag="ds", load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     else:

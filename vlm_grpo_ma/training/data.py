@@ -78,15 +78,16 @@ def heldout_samples(task, n: int, seed: int, samples: Sequence | None = None) ->
     return synthetic_batch(task, n, _EVAL_BASE + seed)
 
 
-def target_token_lengths(task, family, tokenizer, samples: Sequence) -> np.ndarray:
+def target_token_lengths(task, family, tokenizer, samples: Sequence, prefix: str = "") -> np.ndarray:
     """(N, 2) int array: the token counts of each sample's SFT target thought (up to and with
     ``</think>``) and answer (the rest, plus the end-of-turn token the answer stops on), as the
-    RL rollouts count them against ``max_thought_tokens`` / ``max_answer_tokens``."""
-    from vlm_grpo_ma.format import split_completion
+    RL rollouts count them against ``max_thought_tokens`` / ``max_answer_tokens``.  ``prefix``:
+    what the generation prompt already wrote (``"<think>\\n"``, thinking templates), not generated."""
+    from vlm_grpo_ma.format import completion_after_prefix, split_completion
 
     out = np.zeros((len(samples), 2), dtype=np.int64)
     for i, sample in enumerate(samples):
-        thought, answer = split_completion(task.sft_target(sample, family))
+        thought, answer = split_completion(completion_after_prefix(task.sft_target(sample, family), prefix))
         out[i] = (len(tokenizer(thought, add_special_tokens=False)["input_ids"]),
                   len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + 1)
     return out

@@ -52,15 +52,19 @@ def collate_micro_batches(stage: Stage, cfg: TrainConfig, task, samples: list) -
     """This rank's ``samples`` as SFT micro-batches (CPU tensors) and the number dropped as too
     long.  Pure CPU work: ``run_sft`` prepares the next step's batches in a background thread."""
     from vlm_grpo_ma.data.collate import build_sft_batch
+    from vlm_grpo_ma.format import completion_after_prefix
+    from vlm_grpo_ma.models.chat_templates import generation_prefix
 
     family = stage.family
+    # a thinking template's prompt already opened the thought: teach only what follows it
+    prefix = generation_prefix(stage.processor)
     batches, dropped = [], 0
     for i in range(0, len(samples), stage.micro_batch):
         chunk = samples[i : i + stage.micro_batch]
         b = build_sft_batch(
             stage.processor,
             [task.messages(s, family) for s in chunk],
-            [task.sft_target(s, family) for s in chunk],
+            [completion_after_prefix(task.sft_target(s, family), prefix) for s in chunk],
             cfg.data.max_length,
         )
         dropped += len(b.dropped)
