@@ -798,6 +798,12 @@ def test_platform_defaults_sleep_mode_and_kv_cache(fake_vllm, tiny_model_dir, mo
     assert kw["enable_sleep_mode"] is (not cpu) and be.enable_sleep_mode is (not cpu)
     assert kw.get("kv_cache_memory_bytes") == (DEFAULT_CPU_KV_CACHE_BYTES if cpu else None)
     assert ("no sleep mode" in caplog.text) is cpu
+    # vLLM 0.32's CPU platform cannot rewind a request's own generator (a chunked prefill then
+    # crashes): no per-request seeds there, and seeds on GPU platforms
+    be.generate_tree_from_messages(_messages(), 2, 2, SamplingParams(temperature=1.0, max_thought_tokens=6,
+                                                                      max_answer_tokens=4, seed=3))
+    seeds = [getattr(params, "seed", None) for _, params in be.llm.requests]
+    assert seeds and all((s is None) is cpu for s in seeds)
     # an explicit size wins on every platform
     be, _ = _fake_backend(fake_vllm, tiny_model_dir, kv_cache_bytes=123 << 20)
     assert be.llm.kw["kv_cache_memory_bytes"] == 123 << 20

@@ -52,6 +52,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the colocated de
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+#: the tiny model of each case: the two families, and Qwen3-VL with the Thinking template (the
+#: prompt already opens "<think>\n"; the backends put it in front of the generated text)
+MODELS = {"qwen2_5_vl": TINY_REAL_BY_FAMILY["qwen2_5_vl"], "qwen3_vl": TINY_REAL_BY_FAMILY["qwen3_vl"],
+          "qwen3_vl_thinking": "tiny-qwen3-vl-thinking-real"}
 TASKS = ("detection", "affordance", "trajectory", "vqa", "math", "code")
 #: pixel bounds of these tests' engines and trainers: up to 256 merged tokens per image
 MAX_TOKENS = 256
@@ -109,8 +113,8 @@ class ForceTargets(LogitsProcessor):
 @functools.lru_cache(maxsize=None)
 def trainer(family: str):
     """The trainer side: the same checkpoint in transformers, float32, same pixel bounds."""
-    path = str(ensure_tiny(TINY_REAL_BY_FAMILY[family]))
-    factor = 32 if family == "qwen3_vl" else 28
+    path = str(ensure_tiny(MODELS[family]))
+    factor = 32 if family.startswith("qwen3_vl") else 28
     return load_policy(path, dtype="float32", device=DEVICE, max_pixels=MAX_TOKENS * factor**2)
 
 
@@ -119,7 +123,7 @@ def engine(family: str):
     from vlm_grpo_ma.rollout.vllm import VLLMBackend
 
     pol = trainer(family)
-    return VLLMBackend(str(ensure_tiny(TINY_REAL_BY_FAMILY[family])), processor=pol.processor, family=pol.family,
+    return VLLMBackend(str(ensure_tiny(MODELS[family])), processor=pol.processor, family=pol.family,
                        dtype="float32", gpu_memory_utilization=0.2, kv_cache_bytes=None if DEVICE == "cuda" else 256 << 20,
                        enforce_eager=True, seed=0, engine_kwargs={"logits_processors": [ForceTargets]})
 
@@ -152,13 +156,19 @@ def _key(policy, messages) -> tuple[int, ...]:
     return tuple(ids[last + 1:])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_vl_thinking"])
 def test_sft_targets_through_a_real_vllm_tree_score_as_their_text(family):
     """Every task's SFT target forced through a K=2 x M=2 tree on the real engine: each thought
     stops at ``</think>`` (on Qwen2.5-VL the string stop's token ``><`` carries the ``<`` of
     ``<answer>``), each of the K x M (thought, answer) texts is the target and scores exactly
-    what the target text scores, and no thought or answer is flagged truncated."""
+    what the target text scores, and no thought or answer is flagged truncated.  With the
+    Thinking template the prompt already wrote ``<think>\n``: the model writes the rest of the
+    target, and the backend's texts (prefix + generated) are the whole target again."""
+    from vlm_grpo_ma.format import completion_after_prefix
+
     pol, be = trainer(family), engine(family)
+    prefix = be.completion_prefix
+    assert prefix == ("<think>\n" if family == "qwen3_vl_thinking" else "")
     tok = pol.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     cases = []
@@ -167,7 +177,7 @@ def test_sft_targets_through_a_real_vllm_tree_score_as_their_text(family):
         sample = task.synthetic(1, seed=1)[0]
         cases.append((task, sample, task.sft_target(sample, pol.family)))
     messages = [t.messages(s, pol.family) for t, s, _ in cases]
-    targets = [tok(x, add_special_tokens=False)["input_ids"] + [end] for _, _, x in cases]
+    targets = [tok(completion_after_prefix(x, prefix), add_special_tokens=False)["input_ids"] + [end] for _, _, x in cases]
     keys = [_key(pol, m) for m in messages]
     assert len(set(keys)) == len(keys)
     longest = max(len(t) for t in targets)
@@ -182,14 +192,14 @@ def test_sft_targets_through_a_real_vllm_tree_score_as_their_text(family):
         want = task.reward(*split_completion(target), sample, pol.family)
         assert want.reason is None and want.total > 0, f"the SFT target itself fails: {want}"
         last = tok.decode(tree.thought_ids[b][0][-1:].tolist())
-        assert last == ("</think>" if family == "qwen3_vl" else "><")
+        assert last == ("</think>" if family.startswith("qwen3_vl") else "><")
         for k in range(2):
             assert tree.thought_texts[b][k].endswith("</think>")
             for m in range(2):
                 ids = torch.cat([tree.thought_ids[b][k], tree.answer_ids[b][k][m]]).tolist()
                 assert ids == targets[b], f"{task.name}: the engine's tree did not follow the target"
                 thought, answer = tree.thought_texts[b][k], tree.answer_texts[b][k][m]
-                assert thought + answer == target
+                assert thought + answer == prefix + completion_after_prefix(target, prefix)
                 got = task.reward(thought, answer, sample, pol.family)
                 assert (got.total, got.parts, got.reason) == (want.total, want.parts, want.reason), task.name
 

@@ -161,14 +161,6 @@ def _vllm_backend(model: str, *, min_pixels: int | None = None, max_pixels: int 
         be = VLLMBackend(model, min_pixels=min_pixels, max_pixels=max_pixels, **kw)
     except ImportError as e:
         raise BackendUnavailable(f"--backend vllm: vLLM is not importable here ({e}); use --backend hf") from e
-    from vlm_grpo_ma.models.chat_templates import template_kind
-
-    # the vLLM backend does not yet put a thinking template's opened "<think>" in front of its
-    # texts: every completion would fail the format rule, so refuse instead of scoring 0
-    kind = template_kind(be.processor)
-    if kind != "plain" and not getattr(be, "completion_prefix", ""):
-        raise BackendUnavailable(f"--backend vllm: {model} has a {kind!r} chat template (the prompt opens <think>), "
-                                 "which the vLLM backend does not support yet; use --backend hf")
     return RolloutAdapter(be, be.family, "vllm", getattr(be, "model_path", model))
 
 

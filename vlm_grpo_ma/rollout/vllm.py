@@ -457,6 +457,11 @@ class VLLMBackend:
         self.tokenizer = processor.tokenizer
         self.family = family if family is not None else ModelFamily.from_processor(model_type, processor)
         self.ids = RolloutTokenIds.from_tokenizer(self.tokenizer)
+        # what the chat template's generation prompt already wrote ("<think>\n" for Qwen3-VL
+        # Thinking): put in front of every thought / completion text, as the transformers backend does
+        from vlm_grpo_ma.models.chat_templates import generation_prefix
+
+        self.completion_prefix = generation_prefix(self.processor)
         self.image_pad = int(self.tokenizer.convert_tokens_to_ids("<|image_pad|>"))
         platform = _vllm_platform(vllm)
         self.platform = getattr(platform, "device_name", None) or getattr(platform, "device_type", "?")
@@ -467,6 +472,11 @@ class VLLMBackend:
         if kv_cache_bytes is None and _is_cpu(platform) and "kv_cache_memory_bytes" not in (engine_kwargs or {}):
             kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
             log.info("vLLM CPU platform: KV cache %.2f GiB of host RAM (kv_cache_bytes)", kv_cache_bytes / 2**30)
+        # vLLM 0.32's CPU platform crashes on a seeded request whose prefill is chunked ("CPU
+        # Generator does not use offset": the model runner rewinds the request's generator for the
+        # discarded token, which only CUDA generators can).  There requests go without their own
+        # seed: sampling is still seeded by the engine's seed, not per request.
+        self.per_request_seeds = not _is_cpu(platform)
         self.enable_sleep_mode = bool(enable_sleep_mode)
         self.sleep_level = int(sleep_level)
         self.bucket_bytes = int(bucket_bytes)
@@ -528,7 +538,8 @@ class VLLMBackend:
         self.wake_up()
         flat, owner = split_greedy_requests(requests)
         prompts = [r.prompt for r in flat]
-        params = [self._vllm.SamplingParams(**r.sampling) for r in flat]
+        drop = () if self.per_request_seeds else ("seed",)
+        params = [self._vllm.SamplingParams(**{k: v for k, v in r.sampling.items() if k not in drop}) for r in flat]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return merge_split_outputs(outs, owner, len(requests))
 
@@ -566,9 +577,9 @@ class VLLMBackend:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _tree_texts(self, thought: Sequence[int], answers: Sequence[Sequence[int]]) -> tuple[str, list[str]]:
-        """(thought text cut right after ``</think>``, [carried tail + answer text])."""
+        """(completion prefix + thought text cut right after ``</think>``, [carried tail + answer text])."""
         thought_text, carried = split_completion(self._text(thought))
-        return thought_text, [carried + self._text(a, drop_stop=True) for a in answers]
+        return self.completion_prefix + thought_text, [carried + self._text(a, drop_stop=True) for a in answers]
 
     def _check_expansion(self, outs: Sequence[Any], prompt_ids: list[torch.Tensor]) -> None:
         for b, out in enumerate(outs):
@@ -687,7 +698,8 @@ class VLLMBackend:
         collapsed = [collapse_image_pads(p.tolist(), self.image_pad) for p in prompt_ids]
         outs = self._run(build_completion_requests(collapsed, imgs, n, sampling, self.ids, max_new))
         self._check_expansion(outs, prompt_ids)
-        texts = [[self._text(c.token_ids, drop_stop=True) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        texts = [[self.completion_prefix + self._text(c.token_ids, drop_stop=True)
+                  for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
         if self.enable_sleep_mode:
             self.sleep()
         return texts

@@ -185,18 +185,6 @@ def _run(argv: Sequence[str] | None = None) -> dict:
                      ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.startswith("eval/parse")))
             _write_json(summary_path, summary)
 
-    def check_template(stage) -> None:
-        """Stop at start on a chat template the chosen rollout backend cannot continue: the vLLM
-        backend does not yet put a thinking template's opened ``<think>`` in front of its texts
-        (:func:`vlm_grpo_ma.models.chat_templates.generation_prefix`), so every completion would
-        fail the format rule.  (An unknown template already stopped in ``load_policy``.)"""
-        from vlm_grpo_ma.models.chat_templates import template_kind
-
-        kind = template_kind(stage.processor)
-        if kind != "plain" and cfg.rl.rl_steps > 0 and cfg.rl.rollout_backend == "vllm":
-            raise ValueError(f"{model_path}: its chat template is a {kind!r} one (the prompt opens <think>), which "
-                             "--rollout_backend vllm does not support yet: use --rollout_backend hf")
-
     def check_length_caps(stage) -> None:
         """Warn (once) when SFT targets do not fit the RL length caps: a config error that would
         otherwise only show as a lower reward (see data.length_cap_report)."""
@@ -233,7 +221,6 @@ def _run(argv: Sequence[str] | None = None) -> dict:
             st = stg.build_stage(cfg, "sft", model_path, global_batch=cfg.sft.sft_batch_size,
                                  micro=cfg.sft.sft_micro_batch_size, lr=cfg.sft.sft_lr,
                                  warmup=cfg.sft.sft_warmup_steps, total_optimizer_steps=cfg.sft.sft_steps)
-            check_template(st)
             check_length_caps(st)
             resumed = stg.maybe_resume(st, cfg)
             start = resumed["step"] if resumed else 0
@@ -262,7 +249,6 @@ def _run(argv: Sequence[str] | None = None) -> dict:
                                  total_optimizer_steps=cfg.rl.rl_steps * cfg.rl.ppo_epochs)
             if cfg.rl.kl_coef > 0:
                 st.reference = build_reference(cfg.model, model_path, st.ds_config)
-            check_template(st)
             check_length_caps(st)
             state = RLState(task)
             resumed = stg.maybe_resume(st, cfg)
