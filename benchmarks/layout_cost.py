@@ -9,6 +9,8 @@ scored and back-propagated (``score_tokens`` + the clipped loss + ``backward``) 
 - ``naive``: K*M rows prompt + thought + answer (the prompt and image K*M times);
 - ``packed``: K rows prompt + thought + M answers (the prompt and image K times);
 - ``tree``: one row per prompt (prompt and image once, every thought and answer once, 4D mask);
+- ``tree_eager`` (only when asked for): the tree layout on eager attention, which takes the mask
+  as an additive float tensor and materialises the [heads, L, L] scores;
 - ``limit``: the unique-token limit: the tree's rows (each prompt, thought and answer once)
   with plain causal attention and no mask, the cheapest forward that computes every unique
   token once.
@@ -42,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wide_model import add_width_args, build_wide_model, width_label  # noqa: E402
 LAYOUTS = ("tree", "limit", "packed", "naive")
+#: also measurable (``--layouts``): the tree layout on eager attention (its additive mask, scores materialised)
+EXTRA = ("tree_eager",)
 SETTINGS = {"T16A1": (16, 1), "T4A4": (4, 4)}
 
 
@@ -92,13 +96,15 @@ def worker(a) -> None:
     from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens
 
     torch.manual_seed(0)
-    policy = load_policy(a.model, dtype=torch.float32, attn_implementation="sdpa")
+    attn = "eager" if a.layout.endswith("_eager") else "sdpa"
+    policy = load_policy(a.model, dtype=torch.float32, attn_implementation=attn)
     model = policy.model.train()
     tree = synthetic_tree(policy.processor, a.prompts, a.K, a.M, a.thought, a.answer, seed=1)
     T, A = tree.thought_lengths(), tree.answer_lengths()
     w_t, w_a = aggregation_weights("token-mean", T, A)
     adv_t, adv_a = torch.randn(a.prompts, a.K), torch.randn(a.prompts, a.K, a.M)
-    batch = build_train_batch(model, tree, adv_t, adv_a, w_t, w_a, layout="tree" if a.layout == "limit" else a.layout,
+    layout = {"limit": "tree", "tree_eager": "tree"}.get(a.layout, a.layout)
+    batch = build_train_batch(model, tree, adv_t, adv_a, w_t, w_a, layout=layout,
                               pad_id=policy.tokenizer.pad_token_id or 0)
     if a.layout == "limit":
         batch.attention_mask = None  # plain causal attention over the same unique tokens
