@@ -45,7 +45,8 @@ attention. transformers 5.x takes a 4D mask as it is (``masking_utils``: a 4D te
 FlexAttention ``BlockMask`` skips the mask construction), and the Qwen-VL models take position ids
 [3, R, L] (mRoPE) or [4, R, L] (a leading text row, used only to build a mask when none is given).
 Why SDPA with a boolean mask: its fused kernels (the CPU flash kernel; on CUDA the
-memory-efficient one, since the flash kernel takes no mask) never materialise the [heads, L, L]
+memory-efficient one, which takes arbitrary masks since PyTorch 2.1, pytorch/pytorch#96099,
+while the flash kernel takes none; not measured here, no GPU) never materialise the [heads, L, L]
 scores, so the only L x L tensors are the mask itself (one byte per query-key pair per row, and
 SDPA's additive copy of it). Measured on the CPU (``benchmarks/layout_cost.py``, a 2-layer
 Qwen2.5-VL of half the 3B's widths, one 256-token image, T16A1 with 100-token thoughts and
