@@ -2,19 +2,23 @@
 
 Both spend 16 rewards per prompt on the same prompts and model. The step is the trainer's own
 ``vlm_grpo_ma.training.rl.rl_step`` on a DeepSpeed ZeRO-3 engine (one process): tree rollout on
-gathered parameters, the affordance task's reward, GRPO-MA advantages, the packed training
-layout (each thought computed once) and one optimizer step. The paper reports about 40% less
-time per step for T4A4; our target is a T4A4 / T16A1 ratio of at most 0.5.
+gathered parameters, the affordance task's reward, GRPO-MA advantages, the training layout
+(``--layout``, default the trainer's ``tree``: each prompt, thought and answer computed once)
+and one optimizer step. The paper reports about 40% less time per step for T4A4; our target is
+a T4A4 / T16A1 ratio of at most 0.5.
 
 The model is a random Qwen2.5-VL with the tiny model's tokenizer and processor, rebuilt at
 ``--hidden`` / ``--layers`` so that the network, not Python overhead, dominates a step on the
-CPU (``benchmarks/rollout_cost.py`` builds it the same way). A random model rarely samples
+CPU (``benchmarks/rollout_cost.py`` builds it the same way); with ``--image_tokens`` it is the
+released 3B's shapes at that width, vision tower included, with images of that many visual
+tokens (``benchmarks/wide_model.py``). A random model rarely samples
 ``</think>`` or ``<|im_end|>``, so thoughts and answers run to their limits: the lengths are the
 ones asked for. After one warm-up step per setting, each repeat runs both settings back to back
 (alternating which goes first); medians are reported.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/step_cost.py
     .venv/bin/python benchmarks/step_cost.py --hidden 64 --layers 2 --repeats 2   # the demo-size model
+    .venv/bin/python benchmarks/step_cost.py --hidden 1024 --layers 2 --image_tokens 256 --prompts 1   # real prompt lengths
 
 Prints a table and writes ``benchmarks/results/step_cost.json``.
 """
@@ -47,7 +51,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per RL step (B)")
     ap.add_argument("--thought-tokens", type=int, default=96)
     ap.add_argument("--answer-tokens", type=int, default=16)
-    ap.add_argument("--layout", default="packed", choices=("packed", "naive"))
+    ap.add_argument("--layout", default="tree", choices=("tree", "packed", "naive"))
+    ap.add_argument("--vision_hidden", type=int, default=0,
+                    help="with --image_tokens: vision width (0: hidden * 5 / 8, as 1280 / 2048)")
+    ap.add_argument("--vision_layers", type=int, default=2, help="with --image_tokens: vision blocks")
+    ap.add_argument("--image_tokens", type=int, default=0,
+                    help="> 0: a random Qwen2.5-VL of the released 3B's shapes at --hidden width whose images "
+                         "become this many visual tokens (benchmarks/wide_model.py); 0: the tiny model's "
+                         "vision tower and image sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--seed", type=int, default=0)
@@ -65,7 +76,17 @@ def main(argv=None) -> dict:
     from vlm_grpo_ma.training.cli import parse_train_config
     from vlm_grpo_ma.training.rl import RLState, rl_step
 
-    policy, spec = build_model(args.family, args.hidden, args.layers, args.seed)
+    if args.image_tokens:
+        from wide_model import build_wide_model
+
+        wide_dir = Path(tempfile.mkdtemp(prefix="step_cost-"))
+        build_wide_model(wide_dir, hidden=args.hidden, layers=args.layers, vision_hidden=args.vision_hidden,
+                         vision_layers=args.vision_layers, image_tokens=args.image_tokens, seed=args.seed)
+        from vlm_grpo_ma.models import load_policy
+
+        policy = load_policy(str(wide_dir))
+    else:
+        policy, spec = build_model(args.family, args.hidden, args.layers, args.seed)
     n_params = sum(p.numel() for p in policy.model.parameters())
     task = get_task("affordance")
     samples = task.synthetic(args.prompts, seed=args.seed)

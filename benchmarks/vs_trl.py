@@ -34,6 +34,19 @@ then over rounds (the machine is shared: the load average is recorded before and
     .venv/bin/python benchmarks/vs_trl.py                     # everything: table + benchmarks/results/vs_trl.json
     .venv/bin/python benchmarks/vs_trl.py --worlds 1 --steps 3  # one process only, shorter
 
+At real prompt lengths: ``--hidden`` builds a random Qwen2.5-VL of the released 3B's shapes at that
+width (``benchmarks/wide_model.py``: ``--layers`` / ``--vision_hidden`` / ``--vision_layers``; the
+tiny model's tokenizer) whose processor turns every image into ``--image_tokens`` visual tokens
+(or a few more), and ``--thought_tokens`` / ``--answer_tokens`` set the length limits (TRL's
+``max_completion_length`` is their sum)::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/vs_trl.py --worlds 1 --prompts 1 --steps 2 --warmup 1 \
+        --hidden 1024 --image_tokens 256 --thought_tokens 100 --answer_tokens 20
+
+Beside each row: the tokens its training forward computed per step (``fwd positions``, padding
+included: TRL's prompt + completion rows; ours the layout's rows) and the unique-token limit of
+our tree (each prompt once, each thought once, each answer once), as a ratio.
+
 The random tiny model almost never closes ``</think>`` or ends its answer, so completions run to
 the length limits on both sides and rewards are mostly 0: every step still does all the work
 (neither side skips zero-advantage groups), which is what a step-time comparison needs.
@@ -57,6 +70,8 @@ from pathlib import Path
 from statistics import mean, pstdev
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wide_model import add_width_args, build_wide_model, width_label  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 DS_ZERO3 = REPO / "configs" / "deepspeed" / "zero3.json"
 
@@ -64,7 +79,7 @@ DS_ZERO3 = REPO / "configs" / "deepspeed" / "zero3.json"
 MODEL = "tiny-qwen2.5-vl"
 TASK = "affordance"
 G = 16  # samples (rewards) per prompt
-MAX_THOUGHT, MAX_ANSWER = 32, 24  # configs/affordance.tiny.yaml; TRL max_completion_length = 56
+MAX_THOUGHT, MAX_ANSWER = 32, 24  # configs/affordance.tiny.yaml; TRL max_completion_length = 56 (the defaults)
 LR = 1e-4
 SEED = 0
 
@@ -179,7 +194,7 @@ def run_trl(a) -> None:
     from vlm_grpo_ma import get_task
     from vlm_grpo_ma.models import ensure_tiny, load_policy, vision_token_ids
 
-    path = str(ensure_tiny(MODEL))
+    path = a.model_dir or str(ensure_tiny(MODEL))
     policy = load_policy(path)
     task = get_task(TASK)
     total = a.warmup + a.steps
@@ -200,7 +215,7 @@ def run_trl(a) -> None:
         log_completions=False, disable_tqdm=True, seed=SEED, data_seed=SEED, shuffle_dataset=False,
         max_steps=total, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         num_generations=G, per_device_train_batch_size=a.prompts * G // world, gradient_accumulation_steps=1,
-        max_completion_length=MAX_THOUGHT + MAX_ANSWER, temperature=1.0, top_k=0, top_p=1.0,
+        max_completion_length=a.thought_tokens + a.answer_tokens, temperature=1.0, top_k=0, top_p=1.0,
         generation_kwargs={"suppress_tokens": list(vision_token_ids(policy.tokenizer))},
         loss_type="dapo", beta=0.0, epsilon=0.2, num_iterations=1, scale_rewards="group",
         bf16=False, gradient_checkpointing=False, dataloader_num_workers=0, **kw,
@@ -241,6 +256,16 @@ def run_trl(a) -> None:
         return out
 
     trainer._generate = timed_generate
+    # the positions of the training forward (the one with gradients; prompt + completion rows)
+    positions: list[int] = []
+    per_token = trainer._get_per_token_logps_and_entropies
+
+    def counted(model, input_ids, *args, **kw):
+        if torch.is_grad_enabled():
+            positions.append(int(input_ids.numel()))
+        return per_token(model, input_ids, *args, **kw)
+
+    trainer._get_per_token_logps_and_entropies = counted
     trainer.train()
     engine = type(trainer.model_wrapped).__name__
     if world > 1 and engine != "DeepSpeedEngine":
@@ -255,6 +280,7 @@ def run_trl(a) -> None:
             "phases": {"time/rollout": mean(rollout_times[a.warmup:]),
                        "time/rest": mean(times[a.warmup:]) - mean(rollout_times[a.warmup:])},
             "torch_threads": torch.get_num_threads(), "engine": engine,
+            "fwd_positions": mean(positions[a.warmup:]) * world if len(positions) > a.warmup else None,
             "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if world > 1 else None,
         })
 
@@ -274,13 +300,27 @@ def run_ours(a) -> None:
     from vlm_grpo_ma.training.data import SampleStream
     from vlm_grpo_ma.training.rl import RLState, rl_step
 
-    path = str(ensure_tiny(MODEL))
+    from vlm_grpo_ma.training import rl as rl_mod
+
+    path = a.model_dir or str(ensure_tiny(MODEL))
     total = a.warmup + a.steps
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_ours_"))
+    # the positions of the training forward and the tree's unique tokens, per step
+    counts = {"positions": 0, "unique": 0}
+    build = rl_mod.build_train_batch
+
+    def counted(model, rollout, *args, **kw):
+        batch = build(model, rollout, *args, **kw)
+        counts["positions"] += batch.num_positions
+        counts["unique"] += sum(len(p) for p in rollout.prompt_ids) + batch.num_tokens
+        return batch
+
+    rl_mod.build_train_batch = counted
     cfg = parse_train_config([
         "--task", TASK, "--model", path, "--stage", "rl", "--output_dir", str(tmp), "--seed", str(SEED),
         "--num_thoughts", str(a.K), "--answers_per_thought", str(a.M), "--prompts_per_step", str(a.prompts),
-        "--max_thought_tokens", str(MAX_THOUGHT), "--max_answer_tokens", str(MAX_ANSWER),
+        "--max_thought_tokens", str(a.thought_tokens), "--max_answer_tokens", str(a.answer_tokens),
+        "--train_layout", a.layout,
         "--temperature", "1.0", "--top_k", "0", "--top_p", "1.0", "--rl_lr", str(LR), "--rl_warmup_steps", "0",
         "--rl_steps", str(total), "--ppo_epochs", "1", "--kl_coef", "0", "--loss_agg_mode", "token-mean",
         "--clip_low", "0.2", "--clip_high", "0.2", "--max_grad_norm", "1.0", "--weight_decay", "0",
@@ -294,13 +334,16 @@ def run_ours(a) -> None:
     state = RLState(task)
     stream = SampleStream(task, a.prompts, SEED, "rl")
     st.engine.train()
-    times, cpu, metrics = [], [], []
+    times, cpu, metrics, positions, unique = [], [], [], [], []
     for step in range(total):
+        counts.update(positions=0, unique=0)
         t0, c0 = time.perf_counter(), time.process_time()
         m = rl_step(st, cfg, task, state, dist.shard(stream.batch(step)))
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         metrics.append(m)
+        positions.append(dist.all_reduce_sum(float(counts["positions"])))
+        unique.append(dist.all_reduce_sum(float(counts["unique"])))
     if dist.is_main():
         kept = metrics[a.warmup:]
         _write_result(a.out, {
@@ -310,7 +353,8 @@ def run_ours(a) -> None:
             "reward_mean": mean(m["reward/mean"] for m in metrics),
             "phases": {k: mean(m[k] for m in kept) for k in ("time/rollout", "time/reward", "time/update")},
             "tokens_decoded": mean(m["rollout/tokens_decoded"] for m in kept),
-            "torch_threads": torch.get_num_threads(),
+            "fwd_positions": mean(positions[a.warmup:]), "unique_tokens": mean(unique[a.warmup:]),
+            "layout": a.layout, "torch_threads": torch.get_num_threads(),
         })
     dist.barrier()
 
@@ -334,7 +378,10 @@ def _bin(name: str) -> str:
 def command(side: str, K: int, M: int, world: int, a, out: Path) -> list[str]:
     """The exact command line of one run."""
     worker = [str(Path(__file__).resolve()), "--worker", side, "--K", str(K), "--M", str(M),
-              "--prompts", str(a.prompts), "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out)]
+              "--prompts", str(a.prompts), "--steps", str(a.steps), "--warmup", str(a.warmup), "--out", str(out),
+              "--thought_tokens", str(a.thought_tokens), "--answer_tokens", str(a.answer_tokens), "--layout", a.layout]
+    if a.model_dir:
+        worker += ["--model_dir", a.model_dir]
     if world == 1:
         return [sys.executable] + worker
     if side == "trl":
@@ -369,11 +416,16 @@ def launch(label: str, side: str, K: int, M: int, world: int, a, tmp: Path) -> d
     return r
 
 
-def table(results: dict) -> str:
+#: targets of the step-time ratio to TRL: the tiny model (issue 4), real prompt lengths (issue 22)
+TARGETS_TINY = {"ours T16A1": "<= 1.0x", "ours T4A4": "<= 0.5x"}
+TARGETS_REAL = {"ours T16A1": "<= 0.45x", "ours T4A4": "<= 0.25x"}
+
+
+def table(results: dict, real: bool = False) -> str:
     """Rows per world size: step time, ratio to TRL, the targets."""
     lines = [f"{'world':>5}  {'run':<12}{'s/step':>9}{'+-':>7}{'x TRL':>8}{'CPU s/step':>12}{'x TRL':>8}"
-             f"{'rollout s':>11}{'tokens/path':>13}   target (wall)"]
-    targets = {"ours T16A1": "<= 1.0x", "ours T4A4": "<= 0.5x"}
+             f"{'rollout s':>11}{'tokens/path':>13}{'fwd positions':>15}{'x unique':>10}   target (wall)"]
+    targets = TARGETS_REAL if real else TARGETS_TINY
     for world, rows in results.items():
         trl = rows.get("trl")
         for label, *_ in VARIANTS:
@@ -387,9 +439,14 @@ def table(results: dict) -> str:
             if label in targets:
                 ok = ratio <= float(targets[label].split()[1].rstrip("x"))
                 tgt = f"{targets[label]} {'met' if ok else 'NOT met'}"
+            # unique-token limit: each prompt, thought and answer once (ours; TRL beside the same
+            # prompts' T16A1 tree, whose unique tokens are its prompts and completions once)
+            uniq = r.get("unique_tokens") or rows.get("ours T16A1", {}).get("unique_tokens")
+            pos = r.get("fwd_positions")
+            xu = f"{pos / uniq:>9.2f}x" if pos and uniq else f"{'-':>10}"
             lines.append(f"{world:>5}  {label:<12}{r['step_mean']:>9.2f}{r['step_std']:>7.2f}{ratio:>7.2f}x"
                          f"{r['cpu_mean']:>12.2f}{cpu_ratio:>7.2f}x{r['rollout_mean']:>11.2f}"
-                         f"{r['completion_len']:>13.1f}   {tgt}")
+                         f"{r['completion_len']:>13.1f}{(pos or 0):>15.0f}{xu}   {tgt}")
     return "\n".join(lines)
 
 
@@ -408,6 +465,11 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=1, help="repeat the runs, reversing the order every other round")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (same for both sides)")
     p.add_argument("--only", default="", help="comma-separated row labels to run (default: all rows)")
+    p.add_argument("--thought_tokens", type=int, default=MAX_THOUGHT, help="thought length limit (random models run to it)")
+    p.add_argument("--answer_tokens", type=int, default=MAX_ANSWER, help="answer length limit")
+    p.add_argument("--layout", default="tree", choices=("tree", "packed", "naive"), help="our training layout")
+    add_width_args(p)
+    p.add_argument("--model_dir", help=argparse.SUPPRESS)  # the wide model's folder, built by the driver
     p.add_argument("--output", default=str(RESULTS / "vs_trl.json"))
     a = p.parse_args(argv)
     if a.worker == "trl":
@@ -422,6 +484,10 @@ def main(argv=None) -> dict:
 
     worlds = [int(w) for w in a.worlds.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="vs_trl_"))
+    if a.hidden:
+        a.model_dir = str(build_wide_model(tmp / "model", hidden=a.hidden, layers=a.layers,
+                                           vision_hidden=a.vision_hidden, vision_layers=a.vision_layers,
+                                           image_tokens=a.image_tokens, seed=SEED))
     runs: dict[int, dict[str, list[dict]]] = {w: {} for w in worlds}
     t_start = time.time()
     for rnd in range(a.rounds):
@@ -443,16 +509,19 @@ def main(argv=None) -> dict:
                 "cpu_mean": mean(r["cpu_mean"] for r in rs),
                 "rollout_mean": mean(r["phases"]["time/rollout"] for r in rs),
                 "completion_len": mean(r["completion_len"] for r in rs),
+                "fwd_positions": mean(r["fwd_positions"] for r in rs) if rs[0].get("fwd_positions") else None,
+                "unique_tokens": mean(r["unique_tokens"] for r in rs) if rs[0].get("unique_tokens") else None,
                 "runs": rs,
             }
-    text = table(results)
-    print(f"\nTime per RL step ({a.prompts} prompts x {G} samples; lower is better; x TRL = run / TRL on the same "
-          "number of ranks; CPU = process CPU time of rank 0; rollout = wall time of the sampling phase)")
+    text = table(results, real=bool(a.hidden))
+    print(f"\nTime per RL step ({width_label(a)}, {a.prompts} prompts x {G} samples; lower is better; x TRL = run / TRL "
+          "on the same number of ranks; CPU = process CPU time of rank 0; rollout = wall time of the sampling phase; "
+          "fwd positions = tokens of the training forward per step, x unique = / the tree's unique tokens)")
     print(text)
     report = {
-        "settings": {"model": MODEL, "task": TASK, "prompts_per_step": a.prompts, "samples_per_prompt": G,
-                     "max_thought_tokens": MAX_THOUGHT, "max_answer_tokens": MAX_ANSWER,
-                     "trl_max_completion_length": MAX_THOUGHT + MAX_ANSWER, "temperature": 1.0, "lr": LR,
+        "settings": {"model": width_label(a), "task": TASK, "prompts_per_step": a.prompts, "samples_per_prompt": G,
+                     "max_thought_tokens": a.thought_tokens, "max_answer_tokens": a.answer_tokens,
+                     "trl_max_completion_length": a.thought_tokens + a.answer_tokens, "our_layout": a.layout, "temperature": 1.0, "lr": LR,
                      "loss": "token-mean (TRL dapo)", "precision": "fp32", "warmup_steps": a.warmup,
                      "measured_steps": a.steps, "rounds": a.rounds, "omp_threads_per_process": a.threads,
                      "ds_config": str(DS_ZERO3.relative_to(REPO))},

@@ -1,7 +1,8 @@
-"""The training layout of a tree: packed (one row per thought, 4D mask, restarting positions)
-equals naive (K*M rows, thought trained once) in per-token log-probs, loss and gradients, on the
-three tiny Qwen-VL families with images; both equal the rollout's sampling log-probs; with M = 1
-the loss and gradients equal plain GRPO's on the same completions."""
+"""The training layout of a tree: tree (one row per prompt, 4D mask, positions as sampled) and
+packed (one row per thought) equal naive (K*M rows, thought trained once) in per-token log-probs,
+loss and gradients, on the three tiny Qwen-VL families with images; all equal the rollout's
+sampling log-probs; with M = 1 the loss and gradients equal plain GRPO's on the same completions;
+the tree layout runs the vision tower once per prompt."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from vlm_grpo_ma.rollout.layout import (
     _mask_for_attention,
     build_train_batch,
     packed_attention_mask,
+    resolve_layout,
     score_tokens,
+    tree_attention_mask,
 )
 
 from tests.test_rollout import FAMILIES, _messages, prompt_inputs
@@ -60,20 +63,32 @@ def _perturbed_old(batch):
     return batch.old_logp + 0.2 * torch.randn(batch.old_logp.shape, generator=g)
 
 
+@pytest.mark.parametrize("layout", ["tree", "packed"])
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_packed_equals_naive(policy, tree, mode):
+def test_layout_equals_naive(policy, tree, mode, layout):
+    check_layout_equals_naive(policy, tree, mode, layout)
+
+
+def check_layout_equals_naive(policy, tree, mode, layout):
+    """``layout`` (tree or packed) == naive: same trained tokens, log-probs, loss and gradients."""
     rewards = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(1))
     t_adv, a_adv = grpo_ma_advantages(rewards)
     pad = policy.tokenizer.pad_token_id
     naive = build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree, mode), layout="naive", pad_id=pad)
-    packed = build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree, mode), layout="packed", pad_id=pad)
-    assert naive.input_ids.shape[0] == 2 * 3 * 3 and packed.input_ids.shape[0] == 2 * 3
-    assert packed.attention_mask.shape == (6, 1, packed.input_ids.shape[1], packed.input_ids.shape[1])
+    packed = build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree, mode), layout=layout, pad_id=pad)
+    rows = {"tree": 2, "packed": 2 * 3}[layout]
+    assert naive.input_ids.shape[0] == 2 * 3 * 3 and packed.input_ids.shape[0] == rows
+    assert packed.attention_mask.shape == (rows, 1, packed.input_ids.shape[1], packed.input_ids.shape[1])
     # same trained tokens, same order, same per-token values
     N = int(tree.thought_lengths().sum() + tree.answer_lengths().sum())
     assert naive.num_tokens == packed.num_tokens == N
     for f in ("targets", "is_thought", "old_logp", "advantages", "weights"):
         assert torch.equal(getattr(naive, f), getattr(packed, f)), f
+    if layout == "tree":
+        # the whole tree, each prompt once: the forward computes exactly the unique tokens
+        P = sum(len(p) for p in tree.prompt_ids)
+        assert int((packed.input_ids != pad).sum()) <= P + N <= packed.num_positions
+        assert packed.pixel_values.shape[0] == sum(int(g.prod(-1).sum()) for g in tree.image_grid_thw)
     old = _perturbed_old(naive)
     lp_n, loss_n, g_n = _loss_and_grads(policy.model, naive, old)
     lp_p, loss_p, g_p = _loss_and_grads(policy.model, packed, old)
@@ -90,6 +105,23 @@ def test_packed_equals_naive(policy, tree, mode):
         assert packed.weights[0].item() == pytest.approx(1.0 / N)
 
 
+def test_tree_runs_vision_tower_once_per_prompt(policy, tree):
+    """The vision tower sees each prompt's patches once in the tree layout, K times in packed."""
+    seen = []
+    hook = policy.model.model.visual.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    try:
+        t_adv, a_adv = torch.zeros(2, 3), torch.zeros(2, 3, 3)
+        patches = sum(int(g.prod(-1).sum()) for g in tree.image_grid_thw)
+        for layout, times in (("tree", 1), ("packed", 3)):
+            seen.clear()
+            with torch.no_grad():
+                score_tokens(policy.model, build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree),
+                                                             layout=layout))
+            assert sum(seen) == times * patches, layout
+    finally:
+        hook.remove()
+
+
 def test_all_aggregation_modes_packed_equals_naive():
     """Every aggregation mode, one family (the model forward is shared; only weights change)."""
     policy = load_policy("tiny-qwen2.5-vl")
@@ -99,13 +131,14 @@ def test_all_aggregation_modes_packed_equals_naive():
     t_adv, a_adv = grpo_ma_advantages(torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(3)))
     for mode in AGGREGATION_MODES:
         n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout="naive")
-        p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout="packed")
         old = _perturbed_old(n)
         _, loss_n, g_n = _loss_and_grads(policy.model, n, old)
-        _, loss_p, g_p = _loss_and_grads(policy.model, p, old)
-        torch.testing.assert_close(loss_p, loss_n, atol=1e-6, rtol=1e-5, msg=mode)
-        for name in g_n:
-            torch.testing.assert_close(g_p[name], g_n[name], atol=1e-6, rtol=1e-4, msg=f"{mode} {name}")
+        for layout in ("tree", "packed"):
+            p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout=layout)
+            _, loss_p, g_p = _loss_and_grads(policy.model, p, old)
+            torch.testing.assert_close(loss_p, loss_n, atol=1e-6, rtol=1e-5, msg=f"{layout} {mode}")
+            for name in g_n:
+                torch.testing.assert_close(g_p[name], g_n[name], atol=1e-6, rtol=1e-4, msg=f"{layout} {mode} {name}")
 
 
 def test_packed_equals_naive_eager_attention():
@@ -115,14 +148,15 @@ def test_packed_equals_naive_eager_attention():
                                sampling=SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=9))
     t_adv, a_adv = grpo_ma_advantages(torch.rand(2, 2, 2, generator=torch.Generator().manual_seed(5)))
     n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="naive")
-    p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="packed")
-    with torch.no_grad():
-        torch.testing.assert_close(score_tokens(policy.model, p), score_tokens(policy.model, n), atol=1e-5, rtol=0)
-        torch.testing.assert_close(score_tokens(policy.model, p), p.old_logp, atol=1e-4, rtol=0)
+    for layout in ("tree", "packed"):
+        p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout=layout)
+        with torch.no_grad():
+            torch.testing.assert_close(score_tokens(policy.model, p), score_tokens(policy.model, n), atol=1e-5, rtol=0)
+            torch.testing.assert_close(score_tokens(policy.model, p), p.old_logp, atol=1e-4, rtol=0)
 
 
 def test_m1_equals_plain_grpo(policy):
-    """M = 1: the tree loss (packed layout, GRPO-MA advantages) and its gradients equal plain
+    """M = 1: the tree loss (tree and packed layouts, GRPO-MA advantages) and its gradients equal plain
     GRPO's: one right-padded completion per row scored by the model's own forward, GRPO
     advantages, ``masked_clipped_policy_loss`` (verl-style [G, T] aggregation)."""
     backend = HFRolloutBackend(policy.model, policy.tokenizer)
@@ -132,8 +166,8 @@ def test_m1_equals_plain_grpo(policy):
     t_adv, a_adv = grpo_ma_advantages(rewards[..., None])
     adv = grpo_advantages(rewards)  # [B, G]
     torch.testing.assert_close(t_adv, adv)
-    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        batch = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout="packed")
+    for mode, layout in (("token-mean", "tree"), ("seq-mean-token-mean", "packed"), ("seq-mean-token-sum-norm", "tree")):
+        batch = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout=layout)
         old = _perturbed_old(batch)
         _, loss_tree, g_tree = _loss_and_grads(policy.model, batch, old)
 
@@ -181,7 +215,8 @@ def _text_tree() -> TreeRollout:
 def test_packed_positions_and_targets_by_hand():
     policy = load_policy("tiny-qwen2-vl")
     tr = _text_tree()
-    p = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), *_weights(tr), pad_id=0)
+    p = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), *_weights(tr),
+                          layout="packed", pad_id=0)
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
     # positions restart for each answer at the thought's end (text: the same on all 3 rows)
     assert p.position_ids[:, 0].tolist() == [[0, 1, 2, 3, 4, 5, 6, 5]] * 3
@@ -219,7 +254,7 @@ def test_bad_inputs_and_unsupported_attention():
     with pytest.raises(ValueError, match="thought_adv"):
         build_train_batch(policy.model, tr, torch.zeros(2, 1), torch.zeros(1, 1, 2), *_weights(tr))
     with pytest.raises(ValueError, match="layout"):
-        build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), *_weights(tr), layout="tree")
+        build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), *_weights(tr), layout="trie")
     with pytest.raises(ValueError, match="thought_weights"):
         build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), torch.zeros(1, 2), torch.zeros(1, 1, 2))
 
@@ -232,3 +267,74 @@ def test_bad_inputs_and_unsupported_attention():
 
     with pytest.raises(NotImplementedError, match="naive"):
         _mask_for_attention(Fake(), torch.ones(1, 1, 2, 2, dtype=torch.bool), torch.float32)
+    # a kernel that cannot take the 4D mask falls back to naive, with a warning (once), never a crash
+    from vlm_grpo_ma.rollout import layout as layout_mod
+
+    layout_mod._warned.discard("flash_attention_2")
+    with pytest.warns(UserWarning, match="naive layout instead"):
+        assert resolve_layout(Fake(), "tree") == "naive"
+    assert resolve_layout(Fake(), "packed") == "naive" and resolve_layout(Fake(), "naive") == "naive"
+    assert resolve_layout(policy.model, "tree") == "tree" and resolve_layout(policy.model, "packed") == "packed"
+
+
+def _text_tree2() -> TreeRollout:
+    """B=1 prompt of 3 tokens, K=2 thoughts (2 and 1 tokens), M=2 answers each (2,1 and 1,2)."""
+    t = lambda *x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    f = lambda *x: torch.tensor(x, dtype=torch.float)  # noqa: E731
+    return TreeRollout(
+        prompt_ids=[t(5, 6, 7)], prompt_mm_token_type_ids=[t(0, 0, 0)], pixel_values=[None], image_grid_thw=[None],
+        thought_ids=[[t(8, 9), t(20)]], thought_logprobs=[[f(-1.0, -2.0), f(-6.0)]],
+        thought_truncated=torch.tensor([[False, False]]),
+        answer_ids=[[[t(10, 11), t(12)], [t(21), t(22, 23)]]],
+        answer_logprobs=[[[f(-3.0, -4.0), f(-5.0)], [f(-7.0), f(-8.0, -9.0)]]],
+        answer_truncated=torch.tensor([[[False, False], [False, False]]]),
+    )
+
+
+def test_tree_positions_targets_and_mask_by_hand():
+    policy = load_policy("tiny-qwen2-vl")
+    tr = _text_tree2()
+    t_adv, a_adv = torch.tensor([[0.5, -0.5]]), torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
+    p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="tree", pad_id=0)
+    #                            prompt    th0   a00     a01 th1 a10 a11
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 23]]
+    # thoughts continue from the prompt's end, answers from their own thought's end
+    assert p.position_ids[:, 0].tolist() == [[0, 1, 2, 3, 4, 5, 6, 5, 3, 4, 4, 5]] * 3
+    # both thoughts' first tokens are predicted from the prompt's last position (2), the answers'
+    # first tokens from their thought's last position (4 for thought 0, 8 for thought 1)
+    assert p.logit_cols.tolist() == [2, 3, 4, 5, 4, 2, 8, 8, 10]
+    assert p.targets.tolist() == [8, 9, 10, 11, 12, 20, 21, 22, 23]
+    assert p.is_thought.tolist() == [True, True, False, False, False, True, False, False, False]
+    assert p.old_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0]
+    assert p.advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0, -0.5, 2.0, -2.0, -2.0]
+    m = p.attention_mask[0, 0].int().tolist()
+    assert m == [
+        # 5  6  7  8  9 10 11 12 20 21 22 23
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0],  # thought 0
+        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0],  # answer 00: prompt, thought 0, itself
+        [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0],  # answer 01: not answer 00
+        [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0],  # thought 1: the prompt and itself only
+        [1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0],  # answer 10: prompt, thought 1, itself
+        [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0],  # answer 11
+        [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1],
+    ]
+    n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="naive", pad_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(score_tokens(policy.model, p), score_tokens(policy.model, n), atol=1e-5, rtol=0)
+
+
+def test_tree_attention_mask_padding():
+    branch = torch.tensor([[-1, 0, 0, 1, -2]])
+    answer = torch.tensor([[-1, -1, 0, -1, -1]])
+    assert tree_attention_mask(branch, answer)[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 0, 0, 1, 0],  # thought 1 never sees thought 0 or its answers
+        [0, 0, 0, 0, 1],  # padding sees only itself
+    ]

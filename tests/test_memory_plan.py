@@ -258,7 +258,7 @@ def test_plan_arithmetic_by_hand():
     base = dict(world_size=4, bf16=True, prefetch_bucket=0, reduce_bucket=10, prompts_per_step=8, num_thoughts=2,
                 answers_per_thought=3, max_thought_tokens=5, max_answer_tokens=2, image_pixels=14 * 14 * 4,
                 text_prompt_tokens=9, run_sft=False)
-    z3 = plan_memory(shape, Setting(zero_stage=3, **base)).components
+    z3 = plan_memory(shape, Setting(zero_stage=3, layout="packed", **base)).components
     # bf16: weights 2 B / 4 ranks; grads 2 B x 600 / 4; optimizer (4 + 8 + 4) B x 600 / 4
     assert (z3["rl_step"]["params"], z3["rl_step"]["grads"], z3["rl_step"]["optimizer"]) == (500, 300, 2400)
     assert z3["rl_step"]["gathered_layer"] == 4 * 100 and z3["rl_step"]["grad_bucket"] == 20
@@ -269,6 +269,11 @@ def test_plan_arithmetic_by_hand():
     per_layer = 2 * (13 * 8 + 2 * 4 + 4 * 16)
     assert z3["rl_step"]["activations"] == 4 * 21 * 2 * per_layer
     assert z3["rl_step"]["lm_head"] == 4 * 11 * 50 * (2 + 4)
+    assert z3["rl_step"]["attention_mask"] == 4 * 21 * 21 * (1 + 2)  # bool mask + its bf16 additive copy
+    # tree RL step (the default): 2 rows (one per prompt) of 10 + 2 x (5 + 3 x 2) = 32 tokens
+    tree = plan_memory(shape, Setting(zero_stage=3, **base)).components["rl_step"]
+    assert tree["activations"] == 2 * 32 * 2 * per_layer and tree["lm_head"] == z3["rl_step"]["lm_head"]
+    assert tree["attention_mask"] == 2 * 32 * 32 * 3
     z2 = plan_memory(shape, Setting(zero_stage=2, **base)).components["rl_step"]
     assert (z2["params"], z2["grads"], z2["optimizer"]) == (2000, 300, 2400)
     off = plan_memory(shape, Setting(zero_stage=3, offload_optimizer=True, offload_params=True, **base))

@@ -7,7 +7,7 @@ rollout (K=2, M=2) of the real-vocabulary tiny models of all three families, and
 (thought, answer) texts must score exactly what the target text scores.  Also: the equality tests
 of the rollout (greedy continuation == generate from scratch, rollout log-probs == fresh forward)
 on the real-vocabulary models with their released architectural features, and the layout tests
-(packed == naive in log-probs, loss and gradients; M = 1 == GRPO).
+(tree == naive and packed == naive in log-probs, loss and gradients; M = 1 == GRPO).
 
 Thinking templates (Qwen3-VL Thinking, ``tiny-qwen3-vl-thinking-real``): the prompt ends with
 ``<think>\n``; the same tree check with the model writing only what follows it, the SFT labels
@@ -207,7 +207,7 @@ def test_real_vocab_greedy_continuation_equals_generate(family):
 @pytest.mark.slow  # 10-20 s a family: gradients of the 151,936-row embedding, three loss modes
 @pytest.mark.parametrize("family", FAMILIES)
 def test_real_vocab_packed_equals_naive_and_m1_equals_grpo(family):
-    """The layout tests of tests/test_layout.py on the real-vocabulary models: packed == naive in
+    """The layout tests of tests/test_layout.py on the real-vocabulary models: tree == naive and packed == naive in
     log-probs, loss and gradients (tied 151,936-row embedding included), and M = 1 == GRPO."""
     from tests import test_layout
 
@@ -215,7 +215,8 @@ def test_real_vocab_packed_equals_naive_and_m1_equals_grpo(family):
     backend = HFRolloutBackend(policy.model, policy.tokenizer)
     inputs = dict(build_generation_inputs(policy.processor, _image_messages()))
     tree = backend.generate_tree(inputs, K=3, M=3, sampling=SamplingParams(max_thought_tokens=9, max_answer_tokens=5, seed=2))
-    test_layout.test_packed_equals_naive(policy, tree, "token-mean")
+    for layout in ("tree", "packed"):
+        test_layout.check_layout_equals_naive(policy, tree, "token-mean", layout)
     test_layout.test_m1_equals_plain_grpo(policy)
 
 

@@ -130,7 +130,7 @@ def _shaped_task():
     return task
 
 
-@pytest.mark.parametrize("k,m,layout", [(2, 2, "packed"), (4, 1, "naive")])
+@pytest.mark.parametrize("k,m,layout", [(2, 2, "tree"), (2, 2, "packed"), (4, 1, "naive")])
 def test_rl_step_updates_the_policy(tmp_path, k, m, layout):
     from vlm_grpo_ma.training import stage as stg
     from vlm_grpo_ma.training.rl import RLState, rl_step

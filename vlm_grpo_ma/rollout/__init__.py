@@ -2,7 +2,7 @@
 
 - :mod:`.types`: :class:`SamplingParams`, :class:`TreeRollout`, the :class:`RolloutBackend` protocol;
 - :mod:`.hf`: :class:`HFRolloutBackend`, the transformers backend (prefill once, shared KV cache);
-- :mod:`.layout`: the naive and packed training layouts and ``score_tokens``.
+- :mod:`.layout`: the tree (default), packed and naive training layouts and ``score_tokens``.
 """
 
 from vlm_grpo_ma.rollout.hf import HFRolloutBackend, RolloutTokenIds, sample_categorical, sample_next

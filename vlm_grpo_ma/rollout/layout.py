@@ -1,7 +1,7 @@
 r"""The training layout of a tree rollout: each thought's tokens are trained once.
 
 A tree of B prompts x K thoughts x M answers has ``sum T_bk + sum A_bkm`` unique generated
-tokens. Both layouts below produce the per-token log-probs of exactly these tokens, in one
+tokens. The three layouts below produce the per-token log-probs of exactly these tokens, in one
 canonical flat order (the order of ``vlm_grpo_ma.algorithms.expand_to_tokens``)::
 
     for b in prompts: for k in thoughts: [T_bk thought tokens], [A_bk0 answer tokens], ..., [A_bk(M-1)]
@@ -19,7 +19,18 @@ is the GRPO-MA loss whichever layout computed it.
     attends to the whole prompt + thought and causally to itself, never to a sibling answer.
     Position ids restart for each answer at the end of the thought, so every answer sees the
     positions it was sampled with. The first token of every answer is predicted from the logits
-    at the thought's last position (``</think>``), shared by the M answers.
+    at the thought's last position (``</think>``), shared by the M answers. The prompt (and its
+    image, through the vision tower) is still computed K times.
+``tree`` (the default): one row per prompt, the whole tree in it::
+
+        prompt, thought_0, answer_00 .. answer_0(M-1), thought_1, answer_10 .. , thought_(K-1), ..
+
+    with a 4D mask: the prompt is causal, each thought attends to the prompt and causally to
+    itself (never to a sibling thought), each answer to the prompt, its own thought and causally
+    to itself. Every thought's positions continue from the prompt's end and every answer's from
+    its thought's end, as they were sampled; the first token of every thought is predicted from
+    the prompt's last position. The prompt and its images are computed once per prompt: the
+    forward computes exactly the tree's unique tokens (plus the padding of shorter rows).
 
 Positions are mRoPE [3, R, L]: the prompt's come from the model's own ``get_rope_index`` (image
 tokens get their temporal/height/width grid positions) and generated tokens continue with the
@@ -30,8 +41,25 @@ transformers would derive its own packed-sequence mask, while here the 4D mask s
 Qwen2.5-VL silently falls back to 1D positions).
 
 The 4D mask is passed as a boolean mask to SDPA and as an additive float mask to eager
-attention; FlashAttention-2 (varlen) cannot take an arbitrary 4D mask, so ``packed`` raises
-there and ``naive`` is the layout to use.
+attention. transformers 5.x takes a 4D mask as it is (``masking_utils``: a 4D tensor or a
+FlexAttention ``BlockMask`` skips the mask construction), and the Qwen-VL models take position ids
+[3, R, L] (mRoPE) or [4, R, L] (a leading text row, used only to build a mask when none is given).
+Why SDPA with a boolean mask: its fused kernels (the CPU flash kernel; on CUDA the
+memory-efficient one, which takes arbitrary masks since PyTorch 2.1, pytorch/pytorch#96099,
+while the flash kernel takes none; not measured here, no GPU) never materialise the [heads, L, L]
+scores, so the only L x L tensors are the mask itself (one byte per query-key pair per row, and
+SDPA's additive copy of it). Measured on the CPU (``benchmarks/layout_cost.py``, a 2-layer
+Qwen2.5-VL of half the 3B's widths, one 256-token image, T16A1 with 100-token thoughts and
+20-token answers, rows of 2,255 tokens): the tree's forward + backward took 1.10x the CPU time of
+the same tokens under plain causal attention (no mask) and 1.07x its peak memory, against 4.2x the
+time and 3.7x the memory for ``packed``. FlexAttention's block mask would also skip the masked
+blocks (attention FLOPs, a small share at these lengths), but needs ``torch.compile`` and
+recompiles per shape. Eager attention materialises the scores: 1.29x the tree's peak on SDPA in
+the same measurement (2 layers of 8 heads; the scores kept for the backward grow with layers x
+heads x L^2: 4 bytes x 16 heads x 2,255^2 = 0.3 GiB a layer at the 3B's 16 heads, 11 GiB over
+its 36 layers). FlashAttention-2/3 (varlen)
+cannot take an arbitrary 4D mask: :func:`resolve_layout` then falls back to ``naive`` with a
+warning, so a run on such a kernel trains the same loss, only slower.
 """
 
 from __future__ import annotations
@@ -39,23 +67,25 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
+import warnings
+
 import torch
 
 from vlm_grpo_ma.algorithms import expand_to_tokens, selective_log_softmax
 from vlm_grpo_ma.models.loading import unwrap_model
 from vlm_grpo_ma.rollout.types import TreeRollout
 
-LAYOUTS = ("packed", "naive")
+LAYOUTS = ("tree", "packed", "naive")
 
 
 @dataclass
 class TrainBatch:
     """Model inputs of a tree and its flat trained tokens (N = sum T_bk + sum A_bkm).
 
-    Model inputs (R rows of length L; R = B*K packed, B*K*M naive):
+    Model inputs (R rows of length L; R = B tree, B*K packed, B*K*M naive):
 
     - ``input_ids`` [R, L] long, right-padded;
-    - ``attention_mask``: [R, L] long (naive) or [R, 1, L, L] bool (packed; True = may attend);
+    - ``attention_mask``: [R, L] long (naive) or [R, 1, L, L] bool (tree, packed; True = may attend);
     - ``position_ids`` [3, R, L] long (mRoPE temporal, height, width);
     - ``mm_token_type_ids`` [R, L] long (0 over generated tokens and padding);
     - ``pixel_values`` [sum patches over rows, D] and ``image_grid_thw`` [images over rows, 3]
@@ -134,19 +164,27 @@ def tree_old_logp(rollout: TreeRollout) -> torch.Tensor:
 
 
 def _segment_rows(rollout: TreeRollout, layout: str):
-    """Yield (b, row token segments) per training row: a list of (kind, m, ids) with kind in
-    {'prompt', 'thought', 'answer'}."""
+    """Yield (b, segments) per training row: a list of (kind, k, m, ids) with kind in
+    {'prompt', 'thought', 'answer'} (k, m: the thought and answer index; m of a naive row's
+    thought is the row's answer, so that only the m = 0 copy is trained)."""
     for b in range(rollout.B):
+        prompt = [("prompt", -1, -1, rollout.prompt_ids[b])]
+        if layout == "tree":
+            segs = list(prompt)
+            for k in range(rollout.K):
+                segs.append(("thought", k, -1, rollout.thought_ids[b][k]))
+                segs.extend(("answer", k, m, rollout.answer_ids[b][k][m]) for m in range(rollout.M))
+            yield b, segs
+            continue
         for k in range(rollout.K):
             th = rollout.thought_ids[b][k]
             if layout == "packed":
-                yield b, k, [("prompt", -1, rollout.prompt_ids[b]), ("thought", -1, th)] + [
-                    ("answer", m, rollout.answer_ids[b][k][m]) for m in range(rollout.M)
+                yield b, prompt + [("thought", k, -1, th)] + [
+                    ("answer", k, m, rollout.answer_ids[b][k][m]) for m in range(rollout.M)
                 ]
             else:
                 for m in range(rollout.M):
-                    yield b, k, [("prompt", -1, rollout.prompt_ids[b]), ("thought", m, th),
-                                 ("answer", m, rollout.answer_ids[b][k][m])]
+                    yield b, prompt + [("thought", k, m, th), ("answer", k, m, rollout.answer_ids[b][k][m])]
 
 
 def build_train_batch(
@@ -157,7 +195,7 @@ def build_train_batch(
     thought_weights: torch.Tensor,
     answer_weights: torch.Tensor,
     *,
-    layout: str = "packed",
+    layout: str = "tree",
     pad_id: int = 0,
 ) -> TrainBatch:
     """Lay out a tree rollout for the training forward.
@@ -168,13 +206,14 @@ def build_train_batch(
         thought_adv: [B, K] thought advantages A^T; answer_adv: [B, K, M] answer advantages A^A.
         thought_weights: [B, K], answer_weights: [B, K, M]: the loss weight of each token of a
             segment (``aggregation_weights``, times ``cross_rank_scale`` in training).
-        layout: ``"packed"`` (one row per thought, 4D mask) or ``"naive"`` (K*M rows).
+        layout: ``"tree"`` (one row per prompt, 4D mask), ``"packed"`` (one row per thought, 4D
+            mask) or ``"naive"`` (K*M rows); a layout the attention kernel cannot run falls
+            back to ``"naive"`` (:func:`resolve_layout`).
         pad_id: the padding token id (never trained, masked).
     Returns:
         a :class:`TrainBatch` on the CPU (``.to(device)`` it).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    layout = resolve_layout(model, layout)
     B, K, M = rollout.B, rollout.K, rollout.M
     for name, t, a in (("adv", thought_adv, answer_adv), ("weights", thought_weights, answer_weights)):
         if tuple(t.shape) != (B, K) or tuple(a.shape) != (B, K, M):
@@ -187,48 +226,53 @@ def build_train_batch(
 
     rows = list(_segment_rows(rollout, layout))
     R = len(rows)
-    L = max(sum(len(ids) for _, _, ids in segs) for _, _, segs in rows)
+    L = max(sum(len(ids) for *_, ids in segs) for _, segs in rows)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros(3, R, L, dtype=torch.long)
     mm = torch.zeros(R, L, dtype=torch.long)
-    segment = torch.full((R, L), -2, dtype=torch.long)  # -2 pad, -1 prompt+thought, m answer m
+    branch = torch.full((R, L), -2, dtype=torch.long)  # -2 pad, -1 prompt, k thought k and its answers
+    answer = torch.full((R, L), -1, dtype=torch.long)  # m on the tokens of answer m, else -1
     pix, grids = [], []
     # trained tokens, keyed by canonical (b, k, segment 0 = thought / 1+m = answer m)
     picks: dict[tuple[int, int, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
-    for r, (b, k, segs) in enumerate(rows):
+    for r, (b, segs) in enumerate(rows):
         P = len(rollout.prompt_ids[b])
         text0 = int(prompt_pos[b].max()) + 1 if P else 0  # text position after the prompt
         col = 0
-        thought_end = -1
-        for kind, m, ids in segs:
+        thought_end: dict[int, int] = {}
+        for kind, k, m, ids in segs:
             n = len(ids)
             input_ids[r, col : col + n] = ids
             if kind == "prompt":
                 position_ids[:, r, :n] = prompt_pos[b]
                 mm[r, :n] = rollout.prompt_mm_token_type_ids[b]
-                segment[r, :n] = -1
+                branch[r, :n] = -1
             elif kind == "thought":
+                # every thought continues from the prompt's end, as it was sampled
                 position_ids[:, r, col : col + n] = text0 + torch.arange(n)
-                segment[r, col : col + n] = -1
-                thought_end = col + n - 1
-                if layout == "packed" or m == 0:  # naive: the thought is trained in row m = 0 only
-                    cols = torch.arange(col - 1, col + n - 1)
+                branch[r, col : col + n] = k
+                thought_end[k] = col + n - 1
+                if m <= 0:  # naive: the thought is trained in row m = 0 only
+                    # the first thought token is predicted from the prompt's last position
+                    cols = torch.cat([torch.tensor([P - 1]), torch.arange(col, col + n - 1)])[:n]
                     picks[(b, k, 0)] = (r, cols, ids)
             else:
+                # every answer continues from its thought's end, as it was sampled
                 base = text0 + len(rollout.thought_ids[b][k])
                 position_ids[:, r, col : col + n] = base + torch.arange(n)
-                segment[r, col : col + n] = m
-                cols = torch.cat([torch.tensor([thought_end]), torch.arange(col, col + n - 1)])[:n]
+                branch[r, col : col + n] = k
+                answer[r, col : col + n] = m
+                cols = torch.cat([torch.tensor([thought_end[k]]), torch.arange(col, col + n - 1)])[:n]
                 picks[(b, k, 1 + m)] = (r, cols, ids)
             col += n
         if rollout.pixel_values[b] is not None:
             pix.append(rollout.pixel_values[b])
             grids.append(rollout.image_grid_thw[b])
 
-    if layout == "packed":
-        attention_mask = packed_attention_mask(segment)
+    if layout == "naive":
+        attention_mask = (branch != -2).long()
     else:
-        attention_mask = (segment != -2).long()
+        attention_mask = tree_attention_mask(branch, answer)
 
     lrows, lcols, targets, is_thought = [], [], [], []
     for b in range(B):
@@ -259,32 +303,76 @@ def build_train_batch(
     )
 
 
+def tree_attention_mask(branch: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """Boolean 4D mask [R, 1, L, L] (True = query i may attend key j) of tree or packed rows.
+
+    ``branch`` [R, L]: -1 on the prompt, k on thought k and on its answers, -2 on padding;
+    ``answer`` [R, L]: m on the tokens of answer m, -1 elsewhere. Query i attends key j iff
+    ``j <= i`` and key j is in the prompt, or in the same branch and either in its thought or in
+    the same answer as i: a thought sees the prompt and itself, an answer sees the prompt, its
+    own thought and itself, never a sibling. A padding query attends only itself (a fully
+    masked row would give NaN).
+    """
+    L = branch.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=branch.device).tril()
+    qb, kb = branch[:, :, None], branch[:, None, :]
+    qa, ka = answer[:, :, None], answer[:, None, :]
+    visible = (kb == -1) | ((kb == qb) & ((ka == -1) | (ka == qa)))
+    allowed = causal & visible & (kb != -2) & (qb != -2)
+    pad_q = (branch == -2)[:, :, None] & torch.eye(L, dtype=torch.bool, device=branch.device)
+    return (allowed | pad_q)[:, None]
+
+
 def packed_attention_mask(segment: torch.Tensor) -> torch.Tensor:
-    """Boolean 4D mask [R, 1, L, L] (True = query i may attend key j) of packed rows.
+    """Boolean 4D mask [R, 1, L, L] of packed rows (one thought per row).
 
     ``segment`` [R, L]: -1 on the shared prefix (prompt + thought), m on the tokens of answer m,
     -2 on padding. Query i attends key j iff ``j <= i`` and key j is in the prefix or in the
-    same answer as i. A padding query attends only itself (a fully masked row would give NaN).
+    same answer as i (:func:`tree_attention_mask` with one branch).
     """
-    L = segment.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    q = segment[:, :, None]
-    kv = segment[:, None, :]
-    allowed = causal & ((kv == -1) | (kv == q)) & (kv != -2) & (q != -2)
-    pad_q = (segment == -2)[:, :, None] & torch.eye(L, dtype=torch.bool)
-    return (allowed | pad_q)[:, None]
+    branch = torch.where(segment == -2, -2, torch.where(segment == -1, -1, 0))
+    answer = torch.where(segment >= 0, segment, -1)
+    return tree_attention_mask(branch, answer)
+
+
+#: attention implementations that take an arbitrary boolean / additive 4D mask
+MASK_ATTENTION = ("sdpa", "eager")
+_warned: set[str] = set()
+
+
+def attention_implementation(model: Any) -> str:
+    return getattr(unwrap_model(model).config, "_attn_implementation", "sdpa") or "sdpa"
+
+
+def resolve_layout(model: Any, layout: str) -> str:
+    """``layout``, or ``"naive"`` where the model's attention kernel cannot take the 4D mask of
+    ``tree`` / ``packed`` (FlashAttention-2/3 varlen, ...), with a one-time warning."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    impl = attention_implementation(model)
+    if layout == "naive" or impl in MASK_ATTENTION:
+        return layout
+    if impl not in _warned:
+        _warned.add(impl)
+        warnings.warn(
+            f"train_layout {layout!r} needs an arbitrary 4D attention mask, which attn_implementation={impl!r} "
+            "cannot take: training with the naive layout instead (same loss, K*M rows); use "
+            "attn_implementation='sdpa' for the faster layout",
+            stacklevel=2,
+        )
+    return "naive"
 
 
 def _mask_for_attention(model: Any, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dim() != 4:
         return mask
-    impl = getattr(unwrap_model(model).config, "_attn_implementation", "sdpa") or "sdpa"
+    impl = attention_implementation(model)
     if impl == "sdpa":
         return mask
     if impl == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     raise NotImplementedError(
-        f"the packed layout needs an arbitrary 4D attention mask, which attn_implementation={impl!r} "
+        f"the tree and packed layouts need an arbitrary 4D attention mask, which attn_implementation={impl!r} "
         "cannot take; use layout='naive' (or attn_implementation='sdpa' / 'eager')"
     )
 

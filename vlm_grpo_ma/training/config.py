@@ -169,8 +169,8 @@ class RLArgs:
     )
     adv_eps: float = field(default=1e-6, metadata={"help": "eps added to the std when scaling advantages."})
     train_layout: str = field(
-        default="packed",
-        metadata={"help": "Training forward layout: packed (one sequence per thought with its M answers; a thought is computed once) or naive (K*M sequences)."},
+        default="tree",
+        metadata={"help": "Training forward layout: tree (one sequence per prompt: the prompt and its images once, every thought and answer once, under a 4D mask), packed (one sequence per thought with its M answers: the prompt K times) or naive (K*M sequences). tree and packed need an attention kernel that takes a 4D mask (sdpa, eager); others fall back to naive."},
     )
     rollout_backend: str = field(
         default="hf",
@@ -260,8 +260,8 @@ class TrainConfig:
         if self.rl.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
         self._validate_algorithms()
-        if self.rl.train_layout not in ("packed", "naive"):
-            raise ValueError(f"train_layout must be packed or naive, got {self.rl.train_layout!r}")
+        if self.rl.train_layout not in ("tree", "packed", "naive"):
+            raise ValueError(f"train_layout must be tree, packed or naive, got {self.rl.train_layout!r}")
         if self.rl.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"rollout_backend must be hf or vllm, got {self.rl.rollout_backend!r}")
         if self.rl.vllm_kv_cache_gib < 0:

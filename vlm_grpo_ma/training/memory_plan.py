@@ -11,7 +11,8 @@ rollout with its token limits and the micro-batches, per rank:
   holds and ours covers LoRA, frozen towers and fp32;
 - rollout: the whole model gathered for generation (ZeRO-3, ``engine.gathered_parameters``), the
   KV cache of the K thoughts and of the K x M answers, the sampling logits;
-- training: the saved activations of one micro-batch in the chosen layout (packed: K sequences of
+- training: the saved activations of one micro-batch in the chosen layout (tree: one sequence of
+  prompt + K thoughts + K x M answers per prompt, its images once; packed: K sequences of
   prompt + thought + M answers per prompt; naive: K x M sequences), with or without gradient
   checkpointing, the LM head's logits of the scored tokens, and the ZeRO-3 gathered layers;
 - peak = max(rollout, SFT step, RL step) + a fixed allowance on GPUs (CUDA context and allocator
@@ -129,7 +130,7 @@ class Setting:
     answers_per_thought: int = 4
     max_thought_tokens: int = 48
     max_answer_tokens: int = 32
-    layout: str = "packed"
+    layout: str = "tree"
     kl_reference: bool = False
     # SFT
     sft_micro_batch: int = 1
@@ -276,12 +277,18 @@ def plan_memory(shape: ModelShape, s: Setting) -> Plan:
         plan.components["rollout"] = dict(states, gathered_model=gathered, kv_cache=kv,
                                           sampling=local * K * M * shape.vocab * 4 * 2, prefill=prefill)
         micro = s.rl_micro_batch or local
-        if s.layout == "packed":
+        if s.layout == "tree":  # one row per prompt: its images once
+            seqs, length, scored, images = micro, prompt + K * (T + M * A), micro * K * (T + M * A), micro
+        elif s.layout == "packed":
             seqs, length, scored = micro * K, prompt + T + M * A, micro * K * (T + M * A)
+            images = seqs
         else:
             seqs, length, scored = micro * K * M, prompt + T + A, micro * K * M * (T + A)
+            images = seqs
+        # tree / packed: the boolean 4D mask and the additive mask SDPA makes of it ([rows, 1, L, L])
+        mask = seqs * length * length * (1 + e) if s.layout in ("tree", "packed") else 0
         plan.components["rl_step"] = dict(states, gathered_layer=gathered_layer, grad_bucket=grad_bucket,
-                                          **act_bytes(seqs * length, scored, seqs))
+                                          attention_mask=float(mask), **act_bytes(seqs * length, scored, images))
     if s.run_sft:
         sft_states = {k: v for k, v in states.items() if k != "reference"}
         # an SFT sample is the prompt and its reference thought + answer (max_length caps it);
