@@ -418,6 +418,8 @@ class VLLMBackend:
     """
 
     name = "vllm"
+    #: what the chat template's generation prompt already wrote ("" plain, "<think>\n" thinking)
+    completion_prefix: str = ""
 
     def __init__(
         self,
