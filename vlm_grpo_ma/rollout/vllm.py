@@ -135,6 +135,21 @@ def _sleep_mode_available(platform: Any) -> bool:
     return bool(check()) if callable(check) else True
 
 
+def _quiet_cpu_thread_warning() -> None:
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` by a function that logs a warning,
+    and its own multimodal renderer calls that function for every request with an image: an
+    in-process engine then writes "CPU backend doesn't allow to use `torch.set_num_threads`
+    after the thread binding" once per request (thousands of lines in a training run).  Only
+    that message is dropped."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "torch.set_num_threads" not in record.getMessage()
+
+    lg = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _Drop) or type(f).__name__ == "_Drop" for f in lg.filters):
+        lg.addFilter(_Drop())
+
+
 def import_vllm():
     """``import vllm``, or an ImportError that says how to get it."""
     try:
@@ -479,6 +494,8 @@ class VLLMBackend:
         # discarded token, which only CUDA generators can).  There requests go without their own
         # seed: sampling is still seeded by the engine's seed, not per request.
         self.per_request_seeds = not _is_cpu(platform)
+        if _is_cpu(platform):
+            _quiet_cpu_thread_warning()
         self.enable_sleep_mode = bool(enable_sleep_mode)
         self.sleep_level = int(sleep_level)
         self.bucket_bytes = int(bucket_bytes)
