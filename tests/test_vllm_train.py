@@ -11,7 +11,7 @@ model's head_dim 16).
   second run and resumes; every folder the two runs wrote loads in ``AutoProcessor`` (this
   environment has torchvision) and the RL final model is served by vLLM with the trainer's
   greedy output;
-- 2 ranks under torchrun, ZeRO-3, each rank its own colocated engine (slow);
+- 2 ranks under torchrun, ZeRO-3 with LoRA, each rank its own colocated engine (slow);
 - ``bench run --backend vllm`` gives the same metrics as ``--backend hf`` under greedy decoding.
 """
 
@@ -140,13 +140,14 @@ def test_default_install_sft_then_vllm_rl_resume_and_serving(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_each_with_its_colocated_engine(tmp_path):
-    """torchrun, 2 ranks, ZeRO-3: each rank builds its own engine (external_launcher executor),
-    the ZeRO-3 gathered sync runs on both, RL runs to the end and the two ranks' prompts differ."""
+def test_two_ranks_lora_each_with_its_colocated_engine(tmp_path):
+    """torchrun, 2 ranks, ZeRO-3 and LoRA: each rank builds its own engine (external_launcher
+    executor), the sync gathers and merges on both ranks after every update, RL runs to the end."""
     out = tmp_path / "run"
     _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "scripts/train.py", *COMMON, *VLLM,
-          "--deepspeed", "configs/deepspeed/zero3.json", "--rl_steps", "2", "--output_dir", str(out)], timeout=1100)
+          "--deepspeed", "configs/deepspeed/zero3.json", "--lora_r", "4", "--rl_steps", "2", "--output_dir", str(out)],
+         timeout=1100)
     rl = _rl_records(out)
     assert [r["step"] for r in rl] == [1, 2]
     assert all(r["time/weight_sync"] > 0 for r in rl)
