@@ -94,9 +94,12 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
         run_dir = workdir / task / name
         overrides = [f"--{k}={v}" for k, v in (("rl_steps", args.rl_steps), ("prompts_per_step", args.prompts),
                                                   ("rl_lr", args.rl_lr)) if v]  # else the task's tiny config
-        summary = train([*common, "--stage", "rl", "--model", str(sft_model), "--output_dir", str(run_dir),
-                         "--num_thoughts", str(K), "--answers_per_thought", str(M), *overrides,
-                         *shlex.split(args.rl_extra)])
+        argv = [*common, "--stage", "rl", "--model", str(sft_model), "--output_dir", str(run_dir),
+                "--num_thoughts", str(K), "--answers_per_thought", str(M), *overrides, *shlex.split(args.rl_extra)]
+        if "vllm" in args.rl_extra:  # one process per run: a freed in-process vLLM engine tears down
+            summary = _train_in_child(argv, run_dir)  # torch.distributed, which the next run's DeepSpeed needs
+        else:
+            summary = train(argv)
         recs = read_metrics(run_dir / "metrics.jsonl", "rl")
         metric, before = _metric(summary["evals"].get("before_rl", {}), task)
         _, after = _metric(summary["evals"].get("after_rl", {}), task)
@@ -116,6 +119,16 @@ def run_task(task: str, args, workdir: Path, seed: int) -> dict:
     if out["heldout"].get("after_sft") is None:  # the SFT run's summary lacks it: the same model and
         out["heldout"]["after_sft"] = out["runs"]["T4A4"]["heldout_before_rl"]  # held-out set, read before RL
     return out
+
+
+def _train_in_child(argv: list[str], run_dir: Path) -> dict:
+    """The trainer in a child process (this interpreter, ``scripts/train.py``); its summary."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    subprocess.run([sys.executable, str(script), *argv], check=True)
+    return json.loads((run_dir / "summary.json").read_text())
 
 
 def heldout_baseline(task_name: str, seed: int, eval_samples: int) -> float | None:
