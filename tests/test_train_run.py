@@ -151,6 +151,35 @@ def test_rl_step_updates_the_policy(tmp_path, k, m, layout):
     stg.release(st)
 
 
+@pytest.mark.parametrize("extra", [
+    ["--policy_loss", "clipped", "--importance_sampling_level", "sequence", "--scale_rewards", "batch",
+     "--mask_truncated_completions", "--overlong_penalty_cache", "4"],
+    ["--policy_loss", "cispo", "--cispo_cap", "1.1", "--importance_sampling_level", "sequence"],
+    ["--policy_loss", "sapo", "--loss_agg_mode", "seq-mean-token-mean"],
+    ["--policy_loss", "vespo", "--importance_sampling_level", "sequence"],
+], ids=["gspo-batch-mask-penalty", "cispo-seq", "sapo", "vespo"])
+def test_rl_step_with_the_objective_variants(tmp_path, extra):
+    """Each variant goes through the trainer's step (config -> objective -> loss) and moves the policy."""
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.rl import RLState, rl_step
+
+    cfg = _cfg(tmp_path, "--num_thoughts", "2", "--answers_per_thought", "2", "--ppo_epochs", "2", "--rl_lr", "1e-3",
+               *extra)
+    task = _shaped_task()
+    st = stg.build_stage(cfg, "rl", "tiny-qwen2.5-vl", global_batch=2, micro=1, lr=1e-3, warmup=0, total_optimizer_steps=10)
+    before = _params(st)
+    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=1))
+    assert math.isfinite(out["loss/policy"]) and out["train/skipped_steps"] == 0
+    if cfg.rl.mask_truncated_completions:
+        assert 0.0 <= out["mask/thoughts"] <= 1.0 and 0.0 <= out["mask/answers"] <= 1.0
+        assert out["reward/overlong_penalty"] <= 0.0
+    if cfg.rl.policy_loss == "vespo":
+        assert out["vespo/phi_mean"] > 0
+    if out["mask/answers" if cfg.rl.mask_truncated_completions else "reward/mean"] < 1.0:
+        assert not _same(before, _params(st))
+    stg.release(st)
+
+
 @pytest.mark.parametrize("zero", ["zero3", "zero0"])
 def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch, zero):
     from vlm_grpo_ma.task import get_task

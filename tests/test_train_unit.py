@@ -66,7 +66,12 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--loss_agg_mode", "token_mean"], "loss_agg_mode must be one of token-mean, seq-mean-token-mean"),
     (["--adv_estimator", "gae"], "adv_estimator must be one of grpo, grpo_ma, got 'gae'"),
-    (["--policy_loss", "gspo"], "policy_loss must be one of clipped"),
+    (["--policy_loss", "gspo"], "policy_loss must be one of cispo, clipped, sapo, vespo"),
+    (["--importance_sampling_level", "path"], "importance_sampling_level must be one of token, sequence"),
+    (["--scale_rewards", "global"], "scale_rewards must be one of group, batch, none"),
+    (["--scale_rewards", "batch", "--no_scale_adv_by_std"], "conflicts with scale_rewards batch"),
+    (["--cispo_cap", "0"], "cispo_cap"),
+    (["--overlong_penalty_cache", "-1"], "overlong_penalty_cache"),
     (["--kl_estimator", "k4"], "kl_estimator must be one of k1, k2, k3"),
     (["--adv_estimator", "grpo", "--answers_per_thought", "4"], "grpo needs answers_per_thought = 1"),
 ])
@@ -84,6 +89,14 @@ def test_every_loss_agg_mode_and_registered_name_is_accepted():
         assert parse_train_config(["--kl_estimator", k]).rl.kl_estimator == k
     cfg = parse_train_config(["--adv_estimator", "grpo", "--num_thoughts", "4", "--answers_per_thought", "1"])
     assert cfg.rl.adv_estimator == "grpo"
+    from vlm_grpo_ma.algorithms.registry import POLICY_LOSSES
+    from vlm_grpo_ma.training.config import policy_loss_options
+
+    for name in POLICY_LOSSES.names():  # every registered loss takes the options the config gives it
+        rl = parse_train_config(["--policy_loss", name]).rl
+        opts = policy_loss_options(rl)
+        x = torch.zeros(3)
+        POLICY_LOSSES.get(name)(x, x, x, torch.ones(3), seq_ids=torch.tensor([0, 0, 1]), **opts)
 
 
 def test_every_shipped_config_parses():

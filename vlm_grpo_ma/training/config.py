@@ -159,8 +159,25 @@ class RLArgs:
                   "(plain GRPO, answers_per_thought = 1 only; the same numbers as grpo_ma there)."},
     )
     policy_loss: str = field(
-        default="clipped", metadata={"help": "Policy loss: clipped (the PPO/GRPO clipped surrogate, clip_low/clip_high)."}
+        default="clipped",
+        metadata={"help": "Policy loss: clipped (the PPO/GRPO clipped surrogate, clip_low/clip_high), cispo (MiniMax-M1: "
+                  "REINFORCE with the IS weight capped at cispo_cap), sapo (soft sigmoid gate, sapo_temperature_pos/neg) "
+                  "or vespo (gamma weight of the sequence ratio, vespo_*); formulas as TRL 1.16 (docs/ALGORITHMS.md)."},
     )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={"help": "token: one importance ratio per token; sequence: GSPO's length-normalised ratio per "
+                  "sequence, a sequence being a tree segment (a thought, an answer; the whole path when "
+                  "answers_per_thought = 1), for the clipped, cispo and sapo losses. GSPO = clipped + sequence; "
+                  "LUSPO = that + loss_agg_mode seq-mean-token-sum."},
+    )
+    cispo_cap: float = field(default=5.0, metadata={"help": "cispo: the largest importance weight (TRL's epsilon_high for cispo; ScaleRL recommends 5)."})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "sapo: gate temperature of tokens with a positive advantage."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "sapo: gate temperature of tokens with a non-positive advantage."})
+    vespo_k_pos: float = field(default=2.0, metadata={"help": "vespo: power k of the gamma weight for non-negative advantages."})
+    vespo_lambda_pos: float = field(default=3.0, metadata={"help": "vespo: decay lambda of the gamma weight for non-negative advantages."})
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "vespo: power k of the gamma weight for negative advantages."})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "vespo: decay lambda of the gamma weight for negative advantages."})
     kl_estimator: str = field(
         default="k3", metadata={"help": "Per-token KL estimator of the kl_coef penalty: k1, k2 or k3 (Schulman's)."}
     )
@@ -168,6 +185,24 @@ class RLArgs:
         default=True, metadata={"help": "Divide advantages by the group std (GRPO); False is Dr.GRPO's unscaled advantage."}
     )
     adv_eps: float = field(default=1e-6, metadata={"help": "eps added to the std when scaling advantages."})
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": "Whose std divides the thought and answer advantages (TRL's names): group (each prompt's), "
+                  "batch (one std over the global batch: all thought values / all rewards), none (no division, "
+                  "as --no_scale_adv_by_std, which wins over group)."},
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "DAPO overlong filtering per segment: a truncated answer leaves the loss, a truncated thought "
+                  "too, and a thought whose every answer was truncated (docs/ALGORITHMS.md)."},
+    )
+    overlong_penalty_cache: int = field(
+        default=0,
+        metadata={"help": "DAPO soft overlong punishment: L_cache tokens before each segment's budget over which the "
+                  "reward falls linearly to -overlong_penalty_factor (thought and answer each against their own "
+                  "budget); 0: off."},
+    )
+    overlong_penalty_factor: float = field(default=1.0, metadata={"help": "Scale of the soft overlong punishment."})
     train_layout: str = field(
         default="packed",
         metadata={"help": "Training forward layout: packed (one sequence per thought with its M answers; a thought is computed once) or naive (K*M sequences)."},
@@ -186,6 +221,24 @@ class RLArgs:
         default=0.0,
         metadata={"help": "vllm backend: truncated importance sampling cap C; token weights are multiplied by min(pi_trainer_old / pi_vllm, C) to correct the engine/trainer log-prob mismatch (0: off)."},
     )
+
+
+def policy_loss_options(rl: RLArgs) -> dict:
+    """The keyword arguments of the registered policy loss ``rl.policy_loss`` that come from the
+    config, beside the shared ones (advantages, weights, reference, KL, ``seq_ids``)."""
+    clipped = lambda: {"clip_low": rl.clip_low, "clip_high": rl.clip_high}  # noqa: E731
+    return {
+        "clipped": clipped,
+        "cispo": lambda: {"cap": rl.cispo_cap},
+        "sapo": lambda: {"tau_pos": rl.sapo_temperature_pos, "tau_neg": rl.sapo_temperature_neg},
+        "vespo": lambda: {"k_pos": rl.vespo_k_pos, "lambda_pos": rl.vespo_lambda_pos,
+                          "k_neg": rl.vespo_k_neg, "lambda_neg": rl.vespo_lambda_neg},
+    }.get(rl.policy_loss, clipped)()  # a third-party loss: the clipped loss's signature
+
+
+def effective_scale_rewards(rl: RLArgs) -> str:
+    """``scale_rewards`` with ``scale_adv_by_std: false`` folded in (it means ``none``)."""
+    return rl.scale_rewards if rl.scale_adv_by_std else "none"
 
 
 @dataclass
@@ -253,6 +306,8 @@ class TrainConfig:
             raise ValueError("num_thoughts * answers_per_thought must be >= 2 (a group of one has no advantage)")
         if self.rl.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
+        if self.rl.overlong_penalty_cache < 0:
+            raise ValueError(f"overlong_penalty_cache must be >= 0, got {self.rl.overlong_penalty_cache}")
         self._validate_algorithms()
         if self.rl.train_layout not in ("packed", "naive"):
             raise ValueError(f"train_layout must be packed or naive, got {self.rl.train_layout!r}")
@@ -281,6 +336,17 @@ class TrainConfig:
                                    ("kl_estimator", rl.kl_estimator, KL_ESTIMATORS)):
             if value not in table:
                 raise ValueError(f"{name} must be one of {', '.join(table.names())}, got {value!r}")
+        from vlm_grpo_ma.algorithms import IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS
+
+        if rl.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, "
+                             f"got {rl.importance_sampling_level!r}")
+        if rl.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {rl.scale_rewards!r}")
+        if not rl.scale_adv_by_std and rl.scale_rewards == "batch":
+            raise ValueError("scale_adv_by_std false (no std division) conflicts with scale_rewards batch")
+        if rl.cispo_cap <= 0 or rl.sapo_temperature_pos <= 0 or rl.sapo_temperature_neg <= 0:
+            raise ValueError("cispo_cap, sapo_temperature_pos and sapo_temperature_neg must be > 0")
         if rl.adv_estimator == "grpo" and rl.answers_per_thought != 1:
             raise ValueError(f"adv_estimator grpo needs answers_per_thought = 1 (got {rl.answers_per_thought}); "
                              "use grpo_ma for a tree")

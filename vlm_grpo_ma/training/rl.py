@@ -37,10 +37,10 @@ from tqdm.auto import tqdm
 
 from vlm_grpo_ma.algorithms import (
     GradientSpikeTracker,
-    aggregation_weights,
     cross_rank_scale,
-    get_adv_est,
     get_policy_loss,
+    kept_aggregation_weights,
+    truncation_keep,
     zero_spread_fraction,
 )
 from vlm_grpo_ma.algorithms.tis import tis_metrics, tis_weights
@@ -50,10 +50,15 @@ from vlm_grpo_ma.rollout.layout import TrainBatch, build_train_batch, score_toke
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
+from vlm_grpo_ma.training import objective
 from vlm_grpo_ma.training.config import TrainConfig
 from vlm_grpo_ma.training.data import SampleStream
 from vlm_grpo_ma.training.metrics import MetricsLogger
 from vlm_grpo_ma.training.stage import Stage, lr_of, optimizer_step
+
+
+#: per-token metrics of every policy loss, averaged over the step's trained tokens
+TOKEN_MEAN_METRICS = ("clip/low", "clip/high", "kl/mean", "ratio/mean")
 
 
 def select_prompts(rollout: TreeRollout, idx: Sequence[int]) -> TreeRollout:
@@ -104,6 +109,7 @@ class ScoredRollout:
     part_sums: dict[str, float]  #: each reward part summed over the B*K*M pairs
     reasons: Counter  #: parse-failure (and ``reward_error``) reasons over the pairs
     seconds: dict[str, float] = field(default_factory=dict)  #: ``rollout`` and ``reward`` times
+    penalty: torch.Tensor | None = None  #: [B, K, M] soft overlong punishment added for the advantages
 
 
 @dataclass
@@ -168,9 +174,10 @@ def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samp
                                                                        rl.answers_per_thought, sampling)
     t1 = time.perf_counter()
     rewards, part_sums, reasons = score_rollout(state, rollout, samples, stage.family)
-    thought_adv, answer_adv = get_adv_est(rl.adv_estimator)(rewards, scale_by_std=rl.scale_adv_by_std, eps=rl.adv_eps)
+    penalty = objective.overlong_penalty(cfg, rollout)
+    thought_adv, answer_adv = objective.advantages(cfg, rewards if penalty is None else rewards + penalty)
     return ScoredRollout(rollout, rewards, thought_adv, answer_adv, part_sums, reasons,
-                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1})
+                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1}, penalty)
 
 
 def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list[TrainBatch]:
@@ -180,9 +187,10 @@ def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list
     times ``cross_rank_scale`` so that DeepSpeed's averaging over accumulation steps and ranks
     gives the aggregation of the global batch (one all-reduce of the token count)."""
     rl, rollout = cfg.rl, scored.rollout
-    T_lens, A_lens = rollout.thought_lengths(), rollout.answer_lengths()
-    w_t, w_a = aggregation_weights(rl.loss_agg_mode, T_lens, A_lens, max_len=rl.max_thought_tokens + rl.max_answer_tokens)
-    n_local = float(T_lens.sum() + A_lens.sum())
+    T_lens, A_lens, keep_t, keep_a = objective.loss_lengths(cfg, rollout)  # overlong filtering: masked = 0
+    w_t, w_a = kept_aggregation_weights(rl.loss_agg_mode, T_lens, A_lens, keep_t, keep_a,
+                                        max_len=rl.max_thought_tokens + rl.max_answer_tokens)
+    n_local = float((T_lens * keep_t).sum() + (A_lens * keep_a).sum())  # trained tokens, masked ones out
     n_global = dist.all_reduce_sum(n_local) if rl.loss_agg_mode == "token-mean" else n_local
     scale = cross_rank_scale(rl.loss_agg_mode, n_local, n_global, dist.world_size(), stage.grad_accum)
     pad_id = stage.tokenizer.pad_token_id if stage.tokenizer.pad_token_id is not None else 0
@@ -220,14 +228,15 @@ def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatc
             logp = score_tokens(engine.module, b, rl.temperature)
             old_logp = old[i] if old is not None else logp.detach()
             loss, lm = loss_fn(
-                logp, old_logp, b.advantages, b.weights, clip_low=rl.clip_low, clip_high=rl.clip_high,
-                ref_logp=ref[i] if ref is not None else None, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
+                logp, old_logp, b.advantages, b.weights, ref_logp=ref[i] if ref is not None else None,
+                kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
+                **objective.loss_kwargs(cfg, b.thought_lens, b.answer_lens, logp.device),
             )
             engine.backward(loss)
             for key in ("loss/policy", "loss/kl"):
                 stats.sums[key] += float(lm[key]) / gas  # undo the gas factor in the weights
             n_tok = b.num_tokens
-            for key in ("clip/low", "clip/high", "kl/mean", "ratio/mean"):
+            for key in TOKEN_MEAN_METRICS + tuple(k for k in lm if k.startswith(rl.policy_loss + "/")):
                 stats.sums[key] += float(lm[key]) * n_tok
             stats.sums["tokens"] += n_tok
             if i < len(micro) - 1:
@@ -248,6 +257,7 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
         "rewards": scored.rewards, "parts": scored.part_sums, "reasons": dict(scored.reasons), "sums": dict(upd.sums),
         "T": rollout.thought_lengths(), "A": rollout.answer_lengths(), "ta": scored.thought_adv,
         "aa": scored.answer_adv, "t_trunc": rollout.thought_truncated, "a_trunc": rollout.answer_truncated,
+        "penalty": scored.penalty,
     }
     parts = dist.all_gather_objects(local)
     cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
@@ -268,8 +278,14 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
         tot.update(p["sums"])
     out["loss/policy"] = tot["loss/policy"] / world / rl.ppo_epochs
     out["loss/kl"] = tot["loss/kl"] / world / rl.ppo_epochs
-    for key in ("clip/low", "clip/high", "kl/mean", "ratio/mean"):
+    for key in TOKEN_MEAN_METRICS + tuple(k for k in tot if k.startswith(rl.policy_loss + "/")):
         out[key] = tot[key] / max(tot["tokens"], 1)
+    if scored.penalty is not None:
+        out["reward/overlong_penalty"] = float(cat("penalty").mean())
+    if rl.mask_truncated_completions:
+        keep_t, keep_a = truncation_keep(cat("t_trunc"), cat("a_trunc"))  # shares of segments out of the loss
+        out["mask/thoughts"] = 1.0 - float(keep_t.float().mean())
+        out["mask/answers"] = 1.0 - float(keep_a.float().mean())
     if rl.tis_cap > 0:  # tis/mean, tis/capped over every trained token of the step
         for key in ("tis/mean", "tis/capped"):
             out[key] = tot[key] / max(tot["tis_tokens"], 1)
