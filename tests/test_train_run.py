@@ -157,7 +157,9 @@ def test_rl_step_updates_the_policy(tmp_path, k, m, layout):
     ["--policy_loss", "cispo", "--cispo_cap", "1.1", "--importance_sampling_level", "sequence"],
     ["--policy_loss", "sapo", "--loss_agg_mode", "seq-mean-token-mean"],
     ["--policy_loss", "vespo", "--importance_sampling_level", "sequence"],
-], ids=["gspo-batch-mask-penalty", "cispo-seq", "sapo", "vespo"])
+    ["--dynamic_sampling", "full", "--dynamic_sampling_max_rounds", "1"],
+    ["--dynamic_sampling", "pilot", "--dynamic_sampling_max_rounds", "1"],
+], ids=["gspo-batch-mask-penalty", "cispo-seq", "sapo", "vespo", "dynamic-full", "dynamic-pilot"])
 def test_rl_step_with_the_objective_variants(tmp_path, extra):
     """Each variant goes through the trainer's step (config -> objective -> loss) and moves the policy."""
     from vlm_grpo_ma.training import stage as stg
@@ -168,8 +170,12 @@ def test_rl_step_with_the_objective_variants(tmp_path, extra):
     task = _shaped_task()
     st = stg.build_stage(cfg, "rl", "tiny-qwen2.5-vl", global_batch=2, micro=1, lr=1e-3, warmup=0, total_optimizer_steps=10)
     before = _params(st)
-    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=1))
+    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=1), more=lambda r: task.synthetic(2, seed=10 + r))
     assert math.isfinite(out["loss/policy"]) and out["train/skipped_steps"] == 0
+    if cfg.rl.dynamic_sampling != "off":
+        assert out["dynamic/rounds"] >= 1 and out["dynamic/prompts_trained"] >= 1
+        if out["dynamic/fallback"] == 0:
+            assert out["rollout/zero_spread_frac"] == 0.0
     if cfg.rl.mask_truncated_completions:
         assert 0.0 <= out["mask/thoughts"] <= 1.0 and 0.0 <= out["mask/answers"] <= 1.0
         assert out["reward/overlong_penalty"] <= 0.0

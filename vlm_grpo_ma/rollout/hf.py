@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
@@ -500,6 +500,72 @@ class HFRolloutBackend:
                 "tokens_decoded": float(n_decoded),
                 "tokens_generated": float(t_len.sum() + a_len.sum()),
             },
+        )
+
+    @torch.no_grad()
+    def generate_answers(self, rollout: TreeRollout, M: int, sampling: SamplingParams) -> TreeRollout:
+        """M NEW answers for each thought of an existing tree (the GRPO-MA pilot of dynamic sampling
+        samples one answer per thought first, then the rest for the prompts it keeps).
+
+        Each (prompt, thought) row is prefilled again (its images included; the thought tokens
+        get the text positions they were sampled with, from ``get_rope_index`` over prompt +
+        thought), then stage 2 runs as in :meth:`generate_tree`. Returns a TreeRollout with the
+        same prompts and thoughts and only the M new answers (append them with
+        ``rollout.types.append_answers``); ``stats`` count this call's work.
+        """
+        if M < 1:
+            raise ValueError(f"M must be >= 1, got {M}")
+        B, K = rollout.B, rollout.K
+        rows = [(b, k) for b in range(B) for k in range(K)]
+        seqs = [torch.cat([rollout.prompt_ids[b], rollout.thought_ids[b][k]]) for b, k in rows]
+        mms = [torch.cat([rollout.prompt_mm_token_type_ids[b], torch.zeros(len(rollout.thought_ids[b][k]),
+                                                                          dtype=torch.long)]) for b, k in rows]
+        L = max(len(x) for x in seqs)
+        ids = torch.full((len(rows), L), self.ids.pad, dtype=torch.long)
+        mm = torch.zeros(len(rows), L, dtype=torch.long)
+        attn = torch.zeros(len(rows), L, dtype=torch.long)
+        for r, (x, t) in enumerate(zip(seqs, mms)):  # left padding, as the processor's
+            ids[r, L - len(x):] = x
+            mm[r, L - len(x):] = t
+            attn[r, L - len(x):] = 1
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm}
+        pix = [rollout.pixel_values[b] for b, _ in rows if rollout.pixel_values[b] is not None]
+        if pix:
+            inputs["pixel_values"] = torch.cat(pix)
+            inputs["image_grid_thw"] = torch.cat([rollout.image_grid_thw[b] for b, _ in rows
+                                                  if rollout.image_grid_thw[b] is not None])
+        model = unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        gen = self._generator(sampling.seed)
+        try:
+            with self._context():
+                state, n_prefill = self._prefill(inputs)
+                dev = state.logits.device
+                state.repeat_interleave(M)
+                a_tok, a_lp, a_len, a_trunc, dec = self._decode(
+                    state, sampling, sampling.max_answer_tokens, torch.tensor(self.ids.stop, device=dev), gen)
+        finally:
+            core = model.model
+            if hasattr(core, "rope_deltas"):
+                core.rope_deltas = None
+            model.train(was_training)
+        a_tok, a_lp, a_len = a_tok.cpu(), a_lp.cpu(), a_len.cpu()
+        an_ids, an_lp, an_txt = [], [], []
+        for b in range(B):
+            an_ids.append([]); an_lp.append([]); an_txt.append([])  # noqa: E702
+            for k in range(K):
+                _, carried = split_completion(self._decode_text(rollout.thought_ids[b][k]))
+                q0 = (b * K + k) * M
+                an_ids[b].append([a_tok[q, : a_len[q]] for q in range(q0, q0 + M)])
+                an_lp[b].append([a_lp[q, : a_len[q]] for q in range(q0, q0 + M)])
+                an_txt[b].append([carried + self._decode_text(a_tok[q, : a_len[q]], drop_stop=True)
+                                  for q in range(q0, q0 + M)])
+        return replace(
+            rollout, answer_ids=an_ids, answer_logprobs=an_lp, answer_truncated=a_trunc.cpu().view(B, K, M),
+            answer_texts=an_txt,
+            stats={"tokens_prefilled": float(n_prefill), "tokens_decoded": float(dec),
+                   "tokens_generated": float(a_len.sum())},
         )
 
     def generate_tree_from_messages(

@@ -203,6 +203,16 @@ class RLArgs:
                   "budget); 0: off."},
     )
     overlong_penalty_factor: float = field(default=1.0, metadata={"help": "Scale of the soft overlong punishment."})
+    dynamic_sampling: str = field(
+        default="off",
+        metadata={"help": "Train only on prompts whose rewards have spread: off; full (DAPO: drop prompts whose K*M "
+                  "rewards are all equal after scoring, refill from fresh prompts); pilot (GRPO-MA: after the K "
+                  "thoughts and one answer each, drop prompts whose K pilot rewards are all equal before generating "
+                  "their other answers; hf backend). docs/ALGORITHMS.md."},
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=3, metadata={"help": "Dynamic sampling: extra generation rounds (fresh prompts) allowed per step to refill the batch."}
+    )
     train_layout: str = field(
         default="packed",
         metadata={"help": "Training forward layout: packed (one sequence per thought with its M answers; a thought is computed once) or naive (K*M sequences)."},
@@ -306,6 +316,14 @@ class TrainConfig:
             raise ValueError("num_thoughts * answers_per_thought must be >= 2 (a group of one has no advantage)")
         if self.rl.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
+        from vlm_grpo_ma.training.dynamic_sampling import DYNAMIC_SAMPLING
+
+        if self.rl.dynamic_sampling not in DYNAMIC_SAMPLING:
+            raise ValueError(f"dynamic_sampling must be one of {', '.join(DYNAMIC_SAMPLING)}, got {self.rl.dynamic_sampling!r}")
+        if self.rl.dynamic_sampling_max_rounds < 0:
+            raise ValueError(f"dynamic_sampling_max_rounds must be >= 0, got {self.rl.dynamic_sampling_max_rounds}")
+        if self.rl.dynamic_sampling == "pilot" and self.rl.rollout_backend != "hf":
+            raise ValueError("dynamic_sampling pilot needs rollout_backend hf (it continues given thoughts)")
         if self.rl.overlong_penalty_cache < 0:
             raise ValueError(f"overlong_penalty_cache must be >= 0, got {self.rl.overlong_penalty_cache}")
         self._validate_algorithms()

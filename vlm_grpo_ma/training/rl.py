@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -50,7 +50,7 @@ from vlm_grpo_ma.rollout.layout import TrainBatch, build_train_batch, score_toke
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
-from vlm_grpo_ma.training import objective
+from vlm_grpo_ma.training import dynamic_sampling, objective
 from vlm_grpo_ma.training.config import TrainConfig
 from vlm_grpo_ma.training.data import SampleStream
 from vlm_grpo_ma.training.metrics import MetricsLogger
@@ -110,6 +110,7 @@ class ScoredRollout:
     reasons: Counter  #: parse-failure (and ``reward_error``) reasons over the pairs
     seconds: dict[str, float] = field(default_factory=dict)  #: ``rollout`` and ``reward`` times
     penalty: torch.Tensor | None = None  #: [B, K, M] soft overlong punishment added for the advantages
+    dynamic: dict[str, float] = field(default_factory=dict)  #: dynamic sampling's counters (``dynamic/*``)
 
 
 @dataclass
@@ -125,10 +126,19 @@ class UpdateStats:
 def score_rollout(state: RLState, rollout: TreeRollout, samples: Sequence, family) -> tuple[torch.Tensor, dict, Counter]:
     """Rewards [B, K, M], per-part sums and parse-failure reasons of a rollout, scored in one
     ``reward_batch`` call (the code task runs its sandboxes in parallel there) through the guard."""
+    return summarise_rewards(state, score_pairs(state, rollout, samples, family), rollout.B, rollout.K, rollout.M)
+
+
+def score_pairs(state: RLState, rollout: TreeRollout, samples: Sequence, family) -> list:
+    """The guarded Reward of every (thought, answer) pair, flat order (b * K + k) * M + m."""
     B, K, M = rollout.B, rollout.K, rollout.M
     items = [(rollout.thought_texts[b][k], rollout.answer_texts[b][k][m], samples[b], family)
-             for b in range(B) for k in range(K) for m in range(M)]  # flat order (b * K + k) * M + m
-    scored = state.reward_fn.batch(items)
+             for b in range(B) for k in range(K) for m in range(M)]
+    return state.reward_fn.batch(items)
+
+
+def summarise_rewards(state: RLState, scored: list, B: int, K: int, M: int) -> tuple[torch.Tensor, dict, Counter]:
+    """Rewards [B, K, M], per-part sums and reasons of the flat Rewards of a tree."""
     rewards = torch.tensor([float(r.total) for r in scored], dtype=torch.float32).reshape(B, K, M)
     part_sums: dict[str, float] = {p: 0.0 for p in state.reward_fn.task.reward_parts}
     reasons: Counter = Counter()
@@ -162,22 +172,41 @@ def rollout_backend(stage: Stage, cfg: TrainConfig):
     return stage.vllm_backend
 
 
-def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence) -> ScoredRollout:
+def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence,
+                      more: Callable[[int], Sequence] | None = None) -> ScoredRollout:
     """Sample the tree of this rank's ``samples``, score every pair, and compute the advantages
-    (per prompt, so rank-local)."""
+    (per prompt; ``scale_rewards: batch`` gathers over ranks). With ``dynamic_sampling`` full or
+    pilot, prompts without spread are dropped and refilled from ``more(round)``
+    (``training/dynamic_sampling.py``); ``time/reward`` is then inside ``time/rollout``."""
     rl = cfg.rl
     t0 = time.perf_counter()
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                               max_thought_tokens=rl.max_thought_tokens, max_answer_tokens=rl.max_answer_tokens)
-    messages = [task.messages(s, stage.family) for s in samples]
-    rollout = rollout_backend(stage, cfg).generate_tree_from_messages(messages, rl.num_thoughts,
-                                                                       rl.answers_per_thought, sampling)
-    t1 = time.perf_counter()
-    rewards, part_sums, reasons = score_rollout(state, rollout, samples, stage.family)
+    backend = rollout_backend(stage, cfg)
+    dyn: dict[str, float] = {}
+    if rl.dynamic_sampling != "off":
+        got = dynamic_sampling.collect(
+            rl.dynamic_sampling, samples, K=rl.num_thoughts, M=rl.answers_per_thought, target=len(samples),
+            max_rounds=rl.dynamic_sampling_max_rounds,
+            generate=lambda ss, m: backend.generate_tree_from_messages(
+                [task.messages(x, stage.family) for x in ss], rl.num_thoughts, m, sampling),
+            extend=lambda tree, m: backend.generate_answers(tree, m, sampling),
+            score=lambda tree, ss: score_pairs(state, tree, ss, stage.family),
+            penalty=lambda tree: objective.overlong_penalty(cfg, tree), more=more or (lambda r: samples),
+            any_rank=lambda flag: dist.all_reduce_sum(float(flag)) > 0,
+            min_rank=lambda n: int(min(dist.all_gather_objects(n))))
+        rollout, samples, dyn = got.rollout, got.samples, got.stats
+        t1 = time.perf_counter()
+        rewards, part_sums, reasons = summarise_rewards(state, got.scored, rollout.B, rollout.K, rollout.M)
+    else:
+        messages = [task.messages(s, stage.family) for s in samples]
+        rollout = backend.generate_tree_from_messages(messages, rl.num_thoughts, rl.answers_per_thought, sampling)
+        t1 = time.perf_counter()
+        rewards, part_sums, reasons = score_rollout(state, rollout, samples, stage.family)
     penalty = objective.overlong_penalty(cfg, rollout)
     thought_adv, answer_adv = objective.advantages(cfg, rewards if penalty is None else rewards + penalty)
     return ScoredRollout(rollout, rewards, thought_adv, answer_adv, part_sums, reasons,
-                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1}, penalty)
+                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1}, penalty, dyn)
 
 
 def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list[TrainBatch]:
@@ -257,7 +286,7 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
         "rewards": scored.rewards, "parts": scored.part_sums, "reasons": dict(scored.reasons), "sums": dict(upd.sums),
         "T": rollout.thought_lengths(), "A": rollout.answer_lengths(), "ta": scored.thought_adv,
         "aa": scored.answer_adv, "t_trunc": rollout.thought_truncated, "a_trunc": rollout.answer_truncated,
-        "penalty": scored.penalty,
+        "penalty": scored.penalty, "dynamic": scored.dynamic,
     }
     parts = dist.all_gather_objects(local)
     cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
@@ -280,6 +309,8 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     out["loss/kl"] = tot["loss/kl"] / world / rl.ppo_epochs
     for key in TOKEN_MEAN_METRICS + tuple(k for k in tot if k.startswith(rl.policy_loss + "/")):
         out[key] = tot[key] / max(tot["tokens"], 1)
+    for key in parts[0]["dynamic"]:  # dynamic sampling: counts summed over ranks
+        out[key] = sum(p["dynamic"][key] for p in parts)
     if scored.penalty is not None:
         out["reward/overlong_penalty"] = float(cat("penalty").mean())
     if rl.mask_truncated_completions:
@@ -303,13 +334,15 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     return out
 
 
-def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence, ref_engine: Any = None) -> dict:
+def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence, ref_engine: Any = None,
+            more: Callable[[int], Sequence] | None = None) -> dict:
     """One GRPO-MA step on this rank's ``samples``; returns the step's (global) metrics.
 
-    ``ref_engine``: the frozen reference of the KL term (default ``stage.reference``'s engine)."""
+    ``ref_engine``: the frozen reference of the KL term (default ``stage.reference``'s engine);
+    ``more(round)``: this rank's fresh prompts for dynamic sampling's extra rounds."""
     if ref_engine is None and stage.reference is not None:
         ref_engine = stage.reference.engine
-    scored = rollout_and_score(stage, cfg, task, state, samples)
+    scored = rollout_and_score(stage, cfg, task, state, samples, more)
     t0 = time.perf_counter()
     upd = update(stage, cfg, state, micro_batches(stage, cfg, scored), ref_engine)
     t_update = time.perf_counter() - t0
@@ -332,7 +365,8 @@ def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: R
         t0 = time.perf_counter()
         local = dist.shard(stream.batch(step))
         lr = lr_of(stage)
-        metrics = rl_step(stage, cfg, task, state, local)
+        metrics = rl_step(stage, cfg, task, state, local,
+                          more=lambda r, step=step: dist.shard(stream.extra(step, r)))
         metrics["lr"] = lr
         metrics["time/step"] = time.perf_counter() - t0
         logger.log("rl", step + 1, metrics)
