@@ -391,3 +391,68 @@ def test_rollout_backend_config_is_checked(tmp_path):
         _cfg(tmp_path, "--rollout_backend", "sglang")
     with pytest.raises(ValueError, match="tis_cap"):
         _cfg(tmp_path, "--tis_cap", "2.0")  # TIS only means something with vLLM rollouts
+
+
+def test_eval_every_logs_the_heldout_curve_images_and_keeps_best(tmp_path):
+    """Evaluation during training through the trainer's own entry point: held-out records at the
+    due steps of both stages (JSONL and TensorBoard, with drawn predictions), a kept best model."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlm_grpo_ma.training.cli import main
+    from vlm_grpo_ma.training.metrics import read_metrics
+
+    summary = main(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_steps", "5", "--sft_batch_size", "4",
+                    "--sft_warmup_steps", "0", "--rl_steps", "3", "--prompts_per_step", "2", "--num_thoughts", "2",
+                    "--answers_per_thought", "2", "--eval_samples", "4", "--eval_batch_size", "4",
+                    "--max_thought_tokens", "12", "--max_answer_tokens", "10", "--eval_every", "2",
+                    "--eval_images", "2", "--keep_best_metric", "reward", "--report_to", "tensorboard",
+                    "--deepspeed", "configs/deepspeed/zero3.json"])
+    sft = read_metrics(tmp_path / "metrics.jsonl", "sft_eval")
+    rl = read_metrics(tmp_path / "metrics.jsonl", "rl_eval")
+    assert [r["step"] for r in sft] == [2, 4, 5] and [r["step"] for r in rl] == [2, 3]  # every 2 and the last
+    for r in sft + rl:
+        assert {"heldout/mean_iou", "heldout/reward", "heldout/format_rate", "time/eval", "heldout/best"} <= set(r)
+    assert summary["periodic_eval"]["evaluations"] == 5 and summary["periodic_eval"]["seconds"] > 0
+    for stage in ("sft", "rl"):
+        rec = json.loads((tmp_path / stage / "best" / "stage_record.json").read_text())
+        assert rec["metric"] == "reward" and rec["stage"] == stage
+        assert (tmp_path / stage / "best" / "config.json").is_file()
+        acc = EventAccumulator(str(tmp_path / "tensorboard" / f"{stage}_eval"), size_guidance={"images": 0})
+        acc.Reload()
+        assert {"heldout/predictions/0", "heldout/predictions/1"} <= set(acc.Tags()["images"])
+        assert "heldout/mean_iou" in acc.Tags()["scalars"]
+
+
+def test_keep_best_saves_only_on_improvement(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vlm_grpo_ma.training import periodic_eval as pe
+
+    values = iter([0.2, 0.5, 0.4, 0.7, 0.1])
+    monkeypatch.setattr(pe, "evaluate", lambda *a, **k: {"accuracy": next(values), "eval/reward": 0.0})
+    saved, logged = [], []
+    logger = SimpleNamespace(log=lambda stage, step, m: logged.append((stage, step, m)),
+                             log_images=lambda *a: None)
+    stage = SimpleNamespace(name="rl", dir=tmp_path, engine=SimpleNamespace(module=None), processor=None,
+                            family=None, gather=None)
+
+    def save(st, path, record):
+        saved.append(record["step"])
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "stage_record.json").write_text(json.dumps(record))
+
+    ev = pe.PeriodicEval(SimpleNamespace(name="vqa"), ["x"], logger, every=1, images=0, keep_best_metric="accuracy",
+                         save_model=save)
+    for step in (1, 2, 3):
+        ev(stage, step, 10)
+    assert saved == [1, 2] and [m["heldout/best"] for _, _, m in logged] == [0.2, 0.5, 0.5]
+    # a resumed run reads the best back from the kept folder: 0.7 beats it, a fresh 0.45 would not
+    ev2 = pe.PeriodicEval(SimpleNamespace(name="vqa"), ["x"], logger, every=1, images=0, keep_best_metric="accuracy",
+                          save_model=save)
+    ev2(stage, 4, 10)
+    assert saved == [1, 2, 4]
+    with pytest.raises(KeyError, match="keep_best_metric"):
+        pe.PeriodicEval(SimpleNamespace(name="vqa"), ["x"], logger, every=1, images=0, keep_best_metric="iou",
+                        save_model=save)(stage, 5, 10)
+    assert not ev.due(3, 10) or ev.every == 1
+    assert pe.PeriodicEval(None, ["x"], logger, every=4).due(10, 10) and not pe.PeriodicEval(None, ["x"], logger, every=4).due(9, 10)

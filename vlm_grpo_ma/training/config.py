@@ -89,6 +89,19 @@ class DataArgs:
         default=64, metadata={"help": "Number of held-out samples evaluated (greedy decoding) before SFT, after SFT and after RL; 0 skips evaluation."}
     )
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call in evaluation."})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Held-out evaluation (greedy, the eval_samples) every N steps of SFT and of RL and at each "
+                  "stage's last step, logged as heldout/* under <stage>_eval (JSONL and TensorBoard); 0: only before "
+                  "and after the stages."},
+    )
+    eval_images: int = field(default=4, metadata={"help": "Drawn held-out predictions logged to TensorBoard per evaluation during training."})
+    keep_best_metric: Optional[str] = field(
+        default=None,
+        metadata={"help": "With eval_every: keep the policy with the best value of this held-out metric (e.g. accuracy, "
+                  "reward) in <stage>/best; None: keep none."},
+    )
+    keep_best_mode: str = field(default="max", metadata={"help": "keep_best_metric: max (higher is better) or min."})
     skip_invalid: bool = field(
         default=False,
         metadata={"help": "Skip (and count) invalid records of train/eval data instead of raising an error naming file, line and field."},
@@ -337,6 +350,12 @@ class TrainConfig:
             raise ValueError(f"memory_plan must be check, warn or off, got {self.run.memory_plan!r}")
         if self.run.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be cosine or constant, got {self.run.lr_schedule!r}")
+        if self.data.eval_every < 0 or self.data.eval_images < 0:
+            raise ValueError("eval_every and eval_images must be >= 0")
+        if self.data.keep_best_mode not in ("max", "min"):
+            raise ValueError(f"keep_best_mode must be max or min, got {self.data.keep_best_mode!r}")
+        if self.data.keep_best_metric and not (self.data.eval_every > 0 and self.data.eval_samples > 0):
+            raise ValueError("keep_best_metric needs eval_every > 0 and eval_samples > 0")
         if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
             raise ValueError("sft_batch_size and prompts_per_step must be >= 1")
 

@@ -95,6 +95,7 @@ def collect(
     more: Callable[[int], Sequence],
     any_rank: Callable[[bool], bool] = lambda flag: flag,
     min_rank: Callable[[int], int] = lambda n: n,
+    on_drop: Optional[Callable[[TreeRollout, list, list], None]] = None,
 ) -> Collected:
     """Run the rounds of ``full`` or ``pilot`` dynamic sampling on this rank.
 
@@ -110,6 +111,8 @@ def collect(
         penalty: ``tree -> [B, K, m]`` added to the rewards before the spread test, or None.
         more: ``round -> samples``: fresh prompts for extra round 1, 2, ...
         any_rank, min_rank: the collectives (identity on one rank).
+        on_drop: pilot only, called with ``(pilot tree, samples, pilot Rewards)`` of the prompts a
+            round drops (the benchmark completes them to count false drops).
 
     Returns:
         :class:`Collected`; ``stats``: ``dynamic/rounds`` (generation rounds run),
@@ -153,6 +156,10 @@ def collect(
                 first = (pilot, samples, p_scored)
             idx = [i for i, k in enumerate(keep) if k]
             stats["dynamic/pilot_dropped"] += len(samples) - len(idx)
+            gone = [i for i, k in enumerate(keep) if not k]
+            if on_drop is not None and gone:
+                on_drop(_select(pilot, gone), [samples[i] for i in gone],
+                        [x for b in gone for x in p_scored[b * K:(b + 1) * K]])
             if M > 1 and any_rank(bool(idx)):  # every rank extends (the ZeRO-3 gather is collective)
                 sub = _select(pilot, idx if idx else [0])
                 rest = count(extend(sub, M - 1))

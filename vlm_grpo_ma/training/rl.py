@@ -354,8 +354,9 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
 
 
 def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: RLState, start_step: int = 0,
-           train_samples=None) -> dict:
-    """RL steps ``start_step .. rl_steps - 1`` with checkpoints; returns the last step's metrics."""
+           train_samples=None, periodic=None) -> dict:
+    """RL steps ``start_step .. rl_steps - 1`` with checkpoints; returns the last step's metrics.
+    ``periodic(stage, step, last_step)``: the evaluation during training (``periodic_eval``)."""
     stream = SampleStream(task, cfg.rl.prompts_per_step, cfg.run.seed, "rl", train_samples)
     bar = tqdm(total=cfg.rl.rl_steps, initial=start_step, desc=f"RL T{cfg.rl.num_thoughts}A{cfg.rl.answers_per_thought}",
                disable=not dist.is_main(), dynamic_ncols=True)
@@ -378,6 +379,8 @@ def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: R
                       f"thought/answer len {metrics['rollout/thought_len']:.1f}/{metrics['rollout/answer_len']:.1f}  "
                       f"zero-spread {metrics['rollout/zero_spread_frac']:.2f}  loss {metrics['loss/policy']:+.4f}  "
                       f"grad/norm {metrics['grad/norm']:.3f}  GSS {metrics['grad/gss']:.2f}  {metrics['time/step']:.2f} s/step")
+        if periodic is not None:
+            periodic(stage, step + 1, cfg.rl.rl_steps)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.rl_steps:
             ckpt.save_checkpoint(stage.engine, stage.dir, step + 1,
                                  {"skipped_steps": stage.skipped_steps, "rl": state.state_dict()}, cfg.run.keep_last)
