@@ -456,3 +456,27 @@ def test_keep_best_saves_only_on_improvement(tmp_path, monkeypatch):
                         save_model=save)(stage, 5, 10)
     assert not ev.due(3, 10) or ev.every == 1
     assert pe.PeriodicEval(None, ["x"], logger, every=4).due(10, 10) and not pe.PeriodicEval(None, ["x"], logger, every=4).due(9, 10)
+
+
+def test_eval_suite_by_name_during_training(tmp_path):
+    """--eval_suite: a benchmark suite (here a file) evaluated during training through bench's
+    suite loader, which the command line hands to the trainer."""
+    from vlm_grpo_ma.cli import register_training_hooks
+    from vlm_grpo_ma.training import periodic_eval
+    from vlm_grpo_ma.training.cli import main
+    from vlm_grpo_ma.training.metrics import read_metrics
+
+    suite = tmp_path / "tiny-vqa.yaml"
+    suite.write_text("name: tiny-vqa\ntask: vqa\ndata: {format: synthetic, n: 3, seed: 5}\n"
+                     "generation: {max_new_tokens: 16, batch_size: 3}\n")
+    register_training_hooks()
+    try:
+        main(["--task", "affordance", "--stage", "sft", "--output_dir", str(tmp_path / "run"), "--sft_steps", "2",
+              "--sft_batch_size", "2", "--sft_warmup_steps", "0", "--eval_samples", "0", "--eval_every", "2",
+              "--eval_suite", str(suite), "--eval_images", "1", "--deepspeed", "configs/deepspeed/zero3.json"])
+    finally:
+        periodic_eval.set_suite_resolver(None)
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl", "sft_eval")
+    assert [r["step"] for r in rec] == [2] and "heldout/accuracy" in rec[0]  # the suite's task: vqa metrics
+    with pytest.raises(ValueError, match="no suite resolver"):
+        periodic_eval.resolve_suite("synthetic-vqa")

@@ -72,6 +72,12 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
     (["--scale_rewards", "batch", "--no_scale_adv_by_std"], "conflicts with scale_rewards batch"),
     (["--cispo_cap", "0"], "cispo_cap"),
     (["--overlong_penalty_cache", "-1"], "overlong_penalty_cache"),
+    (["--dynamic_sampling", "dapo"], "dynamic_sampling must be one of off, full, pilot"),
+    (["--dynamic_sampling", "pilot", "--rollout_backend", "vllm"], "pilot needs rollout_backend hf"),
+    (["--dynamic_sampling_max_rounds", "-1"], "dynamic_sampling_max_rounds"),
+    (["--eval_suite", "synthetic-vqa"], "eval_suite is evaluated during training"),
+    (["--keep_best_metric", "accuracy"], "keep_best_metric needs eval_every"),
+    (["--eval_every", "5", "--keep_best_mode", "highest"], "keep_best_mode"),
     (["--kl_estimator", "k4"], "kl_estimator must be one of k1, k2, k3"),
     (["--adv_estimator", "grpo", "--answers_per_thought", "4"], "grpo needs answers_per_thought = 1"),
 ])

@@ -188,8 +188,13 @@ def _run(argv: Sequence[str] | None = None) -> dict:
     from vlm_grpo_ma.training import checkpoint as ckpt
     from vlm_grpo_ma.training.periodic_eval import PeriodicEval
 
+    p_task, p_samples, p_max_new, p_batch = task, heldout, max_new, cfg.data.eval_batch_size
+    if cfg.data.eval_suite:  # a benchmark suite by name, resolved by the command line (bench's loader)
+        from vlm_grpo_ma.training.periodic_eval import resolve_suite
+
+        p_task, p_samples, p_max_new, p_batch = resolve_suite(cfg.data.eval_suite)
     periodic = PeriodicEval(
-        task, heldout, logger, every=cfg.data.eval_every, batch_size=cfg.data.eval_batch_size, max_new_tokens=max_new,
+        p_task, p_samples, logger, every=cfg.data.eval_every, batch_size=p_batch, max_new_tokens=p_max_new,
         images=cfg.data.eval_images, keep_best_metric=cfg.data.keep_best_metric, keep_best_mode=cfg.data.keep_best_mode,
         save_model=lambda st, path, record: ckpt.save_hf_model(st.engine, path, st.processor,
                                                               lora_scale=st.lora_scale(cfg), record=record),

@@ -95,6 +95,12 @@ class DataArgs:
                   "stage's last step, logged as heldout/* under <stage>_eval (JSONL and TensorBoard); 0: only before "
                   "and after the stages."},
     )
+    eval_suite: Optional[str] = field(
+        default=None,
+        metadata={"help": "With eval_every: evaluate a benchmark suite (name, e.g. synthetic-vqa, or YAML file) during "
+                  "training instead of the run's held-out samples: its task options, data and max_new_tokens, decoded "
+                  "greedily and scored as bench run scores."},
+    )
     eval_images: int = field(default=4, metadata={"help": "Drawn held-out predictions logged to TensorBoard per evaluation during training."})
     keep_best_metric: Optional[str] = field(
         default=None,
@@ -354,8 +360,10 @@ class TrainConfig:
             raise ValueError("eval_every and eval_images must be >= 0")
         if self.data.keep_best_mode not in ("max", "min"):
             raise ValueError(f"keep_best_mode must be max or min, got {self.data.keep_best_mode!r}")
-        if self.data.keep_best_metric and not (self.data.eval_every > 0 and self.data.eval_samples > 0):
-            raise ValueError("keep_best_metric needs eval_every > 0 and eval_samples > 0")
+        if self.data.keep_best_metric and not (self.data.eval_every > 0 and (self.data.eval_samples > 0 or self.data.eval_suite)):
+            raise ValueError("keep_best_metric needs eval_every > 0 and held-out samples (eval_samples > 0 or eval_suite)")
+        if self.data.eval_suite and self.data.eval_every <= 0:
+            raise ValueError("eval_suite is evaluated during training: it needs eval_every > 0")
         if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
             raise ValueError("sft_batch_size and prompts_per_step must be >= 1")
 

@@ -4,7 +4,8 @@ Every peer evaluates as it trains (TRL ``eval_steps``, verl ``test_freq``, EasyR
 At step s (s a multiple of ``eval_every``, and the stage's last step) of SFT (optimizer steps) or
 RL (rollout batches), :class:`PeriodicEval`:
 
-- decodes the run's held-out samples greedily and scores them with
+- decodes the run's held-out samples (or, with ``eval_suite``, a benchmark suite's task, task
+  options, samples and ``max_new_tokens``: ``bench``'s suite loader) greedily and scores them with
   :func:`vlm_grpo_ma.training.evaluate.evaluate`: the strict format rule and the task's parser
   (``vlm_grpo_ma.format.parse_completion``), the task's reward through the reward guard, and
   ``task.metrics`` over the whole set: the pieces ``bench run`` scores with;
@@ -39,6 +40,24 @@ from vlm_grpo_ma.training.evaluate import evaluate
 log = logging.getLogger(__name__)
 
 BEST = "best"
+
+_suite_resolver: Optional[Callable] = None
+
+
+def set_suite_resolver(fn: Optional[Callable]) -> None:
+    """Install ``fn(name) -> (task, samples, max_new_tokens, batch_size)``, the resolution of
+    ``--eval_suite`` (a benchmark suite by name). The command line (``vlm_grpo_ma.cli``,
+    ``scripts/train.py``) installs ``bench``'s; ``training`` cannot import ``bench`` (a peer)."""
+    global _suite_resolver
+    _suite_resolver = fn
+
+
+def resolve_suite(name: str):
+    """``(task, samples, max_new_tokens, batch_size)`` of the benchmark suite ``name``."""
+    if _suite_resolver is None:
+        raise ValueError(f"eval_suite {name!r}: no suite resolver installed; run the trainer as `vlm-grpo-ma train` "
+                         "or scripts/train.py (or call vlm_grpo_ma.cli.register_training_hooks() first)")
+    return _suite_resolver(name)
 
 
 def draw_prediction(sample, completion: str, prediction: Any, reason: Optional[str], width: int = 320):
