@@ -77,19 +77,23 @@ def main(argv=None) -> dict:
         return guard.batch([(tree.thought_texts[b][k], tree.answer_texts[b][k][m], samples[b], family)
                             for b in range(tree.B) for k in range(tree.K) for m in range(tree.M)])
 
-    results: dict = {}
-    for mode in MODES:
-        acc = dict(seconds=0.0, trained=0, informative=0, zero_spread=0, rounds=0, sampled=0, tokens_decoded=0.0,
-                   pilot_dropped=0, false_drops=0, answers_saved=0, fallback=0)
-        for step in range(args.steps):
+    results: dict = {mode: dict(seconds=0.0, cpu_seconds=0.0, trained=0, informative=0, zero_spread=0, rounds=0,
+                                sampled=0, tokens_decoded=0.0, pilot_dropped=0, false_drops=0, answers_saved=0,
+                                fallback=0) for mode in MODES}
+    for step in range(args.steps):
+        samples = stream.batch(step)
+        # modes take turns within a step (rotating who goes first), so a machine shared with other
+        # work slows them alike; CPU seconds of this process are reported beside wall seconds
+        for mode in MODES[step % 3:] + MODES[: step % 3]:
+            acc = results[mode]
             sampling = SamplingParams(temperature=args.temperature, max_thought_tokens=args.max_thought_tokens,
                                       max_answer_tokens=args.max_answer_tokens, seed=args.seed * 100_003 + step)
-            gen = lambda ss, m: backend.generate_tree_from_messages([task.messages(x, family) for x in ss], K, m, sampling)  # noqa: E731
-            samples = stream.batch(step)
-            hidden = [0.0]
+            gen = lambda ss, m, sp=sampling: backend.generate_tree_from_messages(  # noqa: E731
+                [task.messages(x, family) for x in ss], K, m, sp)
+            hidden = [0.0, 0.0]
 
-            def on_drop(tree, ss, pilot_scored):  # the counterfactual, outside the timed region
-                t = time.perf_counter()
+            def on_drop(tree, ss, pilot_scored, acc=acc, sampling=sampling, hidden=hidden):
+                t, c = time.perf_counter(), time.process_time()  # the counterfactual, outside the timing
                 rest = backend.generate_answers(tree, M - 1, sampling)
                 rest_scored = score(rest, ss)
                 for b in range(tree.B):
@@ -98,8 +102,9 @@ def main(argv=None) -> dict:
                     acc["false_drops"] += int(len(set(r)) > 1)
                 acc["answers_saved"] += tree.B * K * (M - 1)
                 hidden[0] += time.perf_counter() - t
+                hidden[1] += time.process_time() - c
 
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if mode == "off":
                 tree = gen(samples, M)
                 scored = score(tree, samples)
@@ -107,10 +112,13 @@ def main(argv=None) -> dict:
                          "dynamic/fallback": 0}
             else:
                 got = collect(mode, samples, K=K, M=M, target=B, max_rounds=args.max_rounds, generate=gen,
-                              extend=lambda tr, m: backend.generate_answers(tr, m, sampling), score=score,
-                              more=lambda r: stream.extra(step, r), on_drop=on_drop if mode == "pilot" else None)
+                              extend=lambda tr, m, sp=sampling: backend.generate_answers(tr, m, sp), score=score,
+                              more=lambda r, step=step: stream.extra(step, r),
+                              on_drop=on_drop if mode == "pilot" else None)
                 tree, scored, stats = got.rollout, got.scored, got.stats
-            acc["seconds"] += time.perf_counter() - t0 - hidden[0]
+            wall = time.perf_counter() - t0 - hidden[0]
+            acc["seconds"] += wall
+            acc["cpu_seconds"] += time.process_time() - c0 - hidden[1]
             rewards = torch.tensor([x.total for x in scored]).reshape(tree.B, K, M)
             spread = has_spread(rewards)
             acc["trained"] += tree.B
@@ -121,28 +129,32 @@ def main(argv=None) -> dict:
             acc["pilot_dropped"] += int(stats["dynamic/pilot_dropped"])
             acc["fallback"] += int(stats["dynamic/fallback"])
             acc["tokens_decoded"] += float(tree.stats.get("tokens_decoded", 0.0))
-            print(f"{mode:5s} step {step}: trained {tree.B} informative {int(spread.sum())} "
-                  f"rounds {int(stats['dynamic/rounds'])} {time.perf_counter() - t0 - hidden[0]:.1f} s", flush=True)
+            print(f"step {step} {mode:5s}: trained {tree.B} informative {int(spread.sum())} "
+                  f"rounds {int(stats['dynamic/rounds'])} {wall:.1f} s", flush=True)
+    for mode, acc in results.items():
         acc["zero_spread_share"] = acc["zero_spread"] / max(acc["trained"], 1)
         acc["seconds_per_step"] = acc["seconds"] / args.steps
         acc["seconds_per_informative"] = acc["seconds"] / max(acc["informative"], 1)
+        acc["cpu_seconds_per_informative"] = acc["cpu_seconds"] / max(acc["informative"], 1)
         acc["informative_per_step"] = acc["informative"] / args.steps
         if mode == "pilot":
             acc["false_drop_share"] = acc["false_drops"] / max(acc["pilot_dropped"], 1)
-        results[mode] = acc
     for mode in ("full", "pilot"):
         results[mode]["time_per_informative_vs_off"] = (results[mode]["seconds_per_informative"]
                                                        / results["off"]["seconds_per_informative"])
+        results[mode]["cpu_per_informative_vs_off"] = (results[mode]["cpu_seconds_per_informative"]
+                                                      / results["off"]["cpu_seconds_per_informative"])
     out = {"args": vars(args), "machine": platform.platform(), "torch_threads": torch.get_num_threads(),
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\n{'mode':6s} {'zero-spread':>11s} {'inform./step':>12s} {'s/step':>7s} {'s/inform.':>9s} "
-          f"{'vs off':>7s} {'rounds':>6s}")
+    print(f"\n{'mode':6s} {'zero-spread':>11s} {'inform./step':>12s} {'rounds':>6s} {'s/step':>7s} {'s/inform.':>9s} "
+          f"{'vs off':>7s} {'CPU s/inf.':>10s} {'vs off':>7s}")
     for mode, r in results.items():
-        print(f"{mode:6s} {r['zero_spread_share']:11.2f} {r['informative_per_step']:12.2f} {r['seconds_per_step']:7.1f} "
-              f"{r['seconds_per_informative']:9.2f} {r.get('time_per_informative_vs_off', 1.0):7.2f} "
-              f"{r['rounds'] / args.steps:6.2f}")
+        print(f"{mode:6s} {r['zero_spread_share']:11.2f} {r['informative_per_step']:12.2f} {r['rounds'] / args.steps:6.2f} "
+              f"{r['seconds_per_step']:7.2f} {r['seconds_per_informative']:9.3f} "
+              f"{r.get('time_per_informative_vs_off', 1.0):7.2f} {r['cpu_seconds_per_informative']:10.3f} "
+              f"{r.get('cpu_per_informative_vs_off', 1.0):7.2f}")
     p = results["pilot"]
     print(f"pilot: dropped {p['pilot_dropped']} prompts, {p['false_drops']} of them would have had spread "
           f"(false-drop share {p.get('false_drop_share', 0):.2f}); {p['answers_saved']} answers not generated")

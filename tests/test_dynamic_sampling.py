@@ -182,3 +182,17 @@ def test_generate_answers_continues_the_given_thoughts(tiny):
     with torch.no_grad():
         logp = score_tokens(policy.model, batch, 1.0)
     assert torch.allclose(logp, batch.old_logp, atol=1e-4)
+
+
+def test_refill_rounds_draw_what_the_shortfall_needs():
+    fake = Fake()
+    batch = [S(f"p{i}", SPREAD) for i in range(7)] + [S("flat", FLAT0)]
+    got = collect("full", batch, K=K, M=M, target=8, max_rounds=2, generate=fake.generate, extend=fake.extend,
+                  score=fake.score, more=lambda r: [S(f"x{r}_{i}", SPREAD) for i in range(8)])
+    # 7 of 8 kept (rate 7/8): one missing prompt -> ceil(1 / 0.875) + 1 = 3 drawn, not a whole batch
+    assert fake.generated[1] == (["x1_0", "x1_1", "x1_2"], M)
+    assert got.rollout.B == 8 and got.stats["dynamic/prompts_sampled"] == 11
+    fake = Fake()  # nothing kept yet: a whole batch
+    collect("full", [S("a", FLAT0), S("b", FLAT0)], K=K, M=M, target=2, max_rounds=1, generate=fake.generate,
+            extend=fake.extend, score=fake.score, more=lambda r: [S(f"x{i}", FLAT0) for i in range(5)])
+    assert fake.generated[1][0] == ["x0", "x1"]

@@ -8,7 +8,8 @@ teaches nothing (``rollout/zero_spread_frac``). ``dynamic_sampling`` (config) ch
 ``full`` (DAPO)
     sample the whole tree of the step's prompts, score it, drop the prompts without spread, and
     refill from fresh prompts (``more(round)``), round after round, until this rank holds its
-    share of the batch or ``dynamic_sampling_max_rounds`` extra rounds were spent.
+    share of the batch or ``dynamic_sampling_max_rounds`` extra rounds were spent. A refill round
+    draws about what the shortfall needs at the keep rate seen so far, plus one (at most a batch).
 ``pilot`` (GRPO-MA only: no single-sample trainer can do it)
     sample the K thoughts and ONE answer each, score those K pilot pairs, drop a prompt whose K
     pilot rewards are all equal BEFORE generating its other M-1 answers per thought, then
@@ -32,6 +33,7 @@ them, and ``generate`` / ``extend`` (ZeRO-3 gathers inside), the same number of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from collections import Counter
 from typing import Callable, Optional, Sequence
 
@@ -180,7 +182,12 @@ def collect(
         if rnd >= max_rounds or not any_rank(short):
             break
         rnd += 1
-        samples = more(rnd)
+        # refill with about what the shortfall needs at the keep rate seen so far (+1 spare), at
+        # least 1 prompt, at most a whole batch: a round for one missing prompt draws few
+        rate = len(kept_samples) / max(stats["dynamic/prompts_sampled"], 1.0)
+        need = max(1, target - len(kept_samples))
+        n_draw = target if rate <= 0 else min(target, math.ceil(need / rate) + 1)
+        samples = list(more(rnd))[: max(1, min(n_draw, target))]
     stats["dynamic/prompts_kept"] = float(len(kept_samples))
     n = min_rank(min(len(kept_samples), target))
     stats["dynamic/fallback"] = float(n == 0)
