@@ -55,6 +55,11 @@ def main(argv=None) -> dict:
             "best": max(r[key] for r in ev),
         }
     out["before_after"] = {k: v.get(args.metric) for k, v in summary.get("evals", {}).items()}
+    # step 0 of each stage: the evaluation before it (the same held-out samples)
+    for stage, label in (("sft", "before_sft"), ("rl", "after_sft")):
+        if stage in curves and out["before_after"].get(label) is not None:
+            x, y = curves[stage]
+            curves[stage] = ([0] + x, [out["before_after"][label]] + y)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -480,3 +480,19 @@ def test_eval_suite_by_name_during_training(tmp_path):
     assert [r["step"] for r in rec] == [2] and "heldout/accuracy" in rec[0]  # the suite's task: vqa metrics
     with pytest.raises(ValueError, match="no suite resolver"):
         periodic_eval.resolve_suite("synthetic-vqa")
+
+
+def test_drawn_prediction_marks_reference_and_prediction():
+    from vlm_grpo_ma import get_task
+    from dataclasses import replace
+
+    from vlm_grpo_ma.training.periodic_eval import _shapes, draw_prediction
+
+    sample = get_task("affordance").synthetic(1, seed=3)[0]
+    boxes, points = _shapes({"box": [0.1, 0.2, 0.5, 0.6], "p": [[0.3, 0.4]], "n": [3, 4]})
+    assert boxes == [[0.1, 0.2, 0.5, 0.6]] and points == [[0.3, 0.4]]  # [3, 4] is not canonical geometry
+    img = draw_prediction(sample, "<think>x</think><answer>[1, 2]</answer>", [0.1, 0.1, 0.4, 0.4], None)
+    red = sum(1 for px in img.getdata() if px == (255, 40, 40))
+    assert img.width == 320 and red > 50  # the predicted box is drawn
+    text_only = draw_prediction(replace(sample, images=[], target={"answer": "red"}), "x", None, "no_answer")
+    assert text_only.height > 20

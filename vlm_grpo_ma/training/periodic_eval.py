@@ -60,8 +60,33 @@ def resolve_suite(name: str):
     return _suite_resolver(name)
 
 
+def _shapes(obj: Any, depth: int = 0) -> tuple[list, list]:
+    """Boxes ``[x1, y1, x2, y2]`` and points ``[x, y]`` (canonical floats in [0, 1]) found in a target
+    or prediction (nested lists / dicts; polygons are point lists). Returns (boxes, points)."""
+    boxes: list = []
+    points: list = []
+    if depth > 6 or obj is None:
+        return boxes, points
+    if isinstance(obj, dict):
+        for v in obj.values():
+            b, p = _shapes(v, depth + 1)
+            boxes += b
+            points += p
+    elif isinstance(obj, (list, tuple)):
+        nums = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj)
+        if nums and len(obj) in (2, 4) and all(0.0 <= float(v) <= 1.0 for v in obj):
+            (boxes if len(obj) == 4 else points).append([float(v) for v in obj])
+        elif not nums:
+            for v in obj:
+                b, p = _shapes(v, depth + 1)
+                boxes += b
+                points += p
+    return boxes, points
+
+
 def draw_prediction(sample, completion: str, prediction: Any, reason: Optional[str], width: int = 320):
-    """A PIL image: the sample's first image (if any) above the reference and the prediction as text."""
+    """A PIL image: the sample's first image (if any) with the reference's geometry in green and the
+    prediction's in red (boxes and points in canonical [0, 1] coordinates), above both as text."""
     from PIL import Image, ImageDraw
 
     img = None
@@ -73,6 +98,15 @@ def draw_prediction(sample, completion: str, prediction: Any, reason: Optional[s
             img = None
     if img is not None:
         img = img.resize((width, max(1, round(img.height * width / max(img.width, 1)))))
+        pen = ImageDraw.Draw(img)
+        for obj, colour in ((sample.target, (0, 220, 0)), (prediction, (255, 40, 40))):
+            boxes, points = _shapes(obj)
+            for x1, y1, x2, y2 in boxes[:20]:
+                if x2 >= x1 and y2 >= y1:
+                    pen.rectangle([x1 * img.width, y1 * img.height, x2 * img.width, y2 * img.height], outline=colour, width=2)
+            for x, y in points[:40]:
+                cx, cy = x * img.width, y * img.height
+                pen.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], outline=colour, width=2)
     lines = [f"id {sample.id}", f"target: {json.dumps(sample.target, default=str)[:200]}",
              f"prediction: {json.dumps(prediction, default=str)[:200]}" if reason is None else f"parse error: {reason}",
              f"raw: {completion[-160:]!r}"]
