@@ -39,7 +39,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from vlm_grpo_ma.rollout.types import TreeRollout, append_answers, cat_prompts
+from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout, append_answers, cat_prompts
 
 DYNAMIC_SAMPLING = ("off", "full", "pilot")
 
@@ -210,3 +210,23 @@ def collect(
     tree.stats = dict(work)
     stats["dynamic/prompts_trained"] = float(n)
     return Collected(tree, kept_samples[:n], kept_scored[: n * K * M], stats)
+
+
+def run(cfg, backend, task, family, samples: Sequence, sampling: SamplingParams, more: Callable[[int], Sequence],
+        score: Callable[[TreeRollout, Sequence], list]) -> Collected:
+    """:func:`collect` with the trainer's pieces: ``cfg.rl``'s mode, tree and cap, the rollout
+    ``backend`` (``generate_tree_from_messages``, ``generate_answers``), the task's messages, the
+    soft overlong punishment and the collectives over the ranks. Every rank calls it."""
+    from vlm_grpo_ma.training import distributed as dist
+    from vlm_grpo_ma.training import objective
+
+    rl = cfg.rl
+    return collect(
+        rl.dynamic_sampling, samples, K=rl.num_thoughts, M=rl.answers_per_thought, target=len(samples),
+        max_rounds=rl.dynamic_sampling_max_rounds,
+        generate=lambda ss, m: backend.generate_tree_from_messages([task.messages(x, family) for x in ss],
+                                                                   rl.num_thoughts, m, sampling),
+        extend=lambda tree, m: backend.generate_answers(tree, m, sampling),
+        score=score, penalty=lambda tree: objective.overlong_penalty(cfg, tree), more=more,
+        any_rank=lambda flag: dist.all_reduce_sum(float(flag)) > 0,
+        min_rank=lambda n: int(min(dist.all_gather_objects(n))))

@@ -185,16 +185,8 @@ def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samp
     backend = rollout_backend(stage, cfg)
     dyn: dict[str, float] = {}
     if rl.dynamic_sampling != "off":
-        got = dynamic_sampling.collect(
-            rl.dynamic_sampling, samples, K=rl.num_thoughts, M=rl.answers_per_thought, target=len(samples),
-            max_rounds=rl.dynamic_sampling_max_rounds,
-            generate=lambda ss, m: backend.generate_tree_from_messages(
-                [task.messages(x, stage.family) for x in ss], rl.num_thoughts, m, sampling),
-            extend=lambda tree, m: backend.generate_answers(tree, m, sampling),
-            score=lambda tree, ss: score_pairs(state, tree, ss, stage.family),
-            penalty=lambda tree: objective.overlong_penalty(cfg, tree), more=more or (lambda r: samples),
-            any_rank=lambda flag: dist.all_reduce_sum(float(flag)) > 0,
-            min_rank=lambda n: int(min(dist.all_gather_objects(n))))
+        got = dynamic_sampling.run(cfg, backend, task, stage.family, samples, sampling, more or (lambda r: samples),
+                                   score=lambda tree, ss: score_pairs(state, tree, ss, stage.family))
         rollout, samples, dyn = got.rollout, got.samples, got.stats
         t1 = time.perf_counter()
         rewards, part_sums, reasons = summarise_rewards(state, got.scored, rollout.B, rollout.K, rollout.M)
