@@ -252,3 +252,15 @@ def test_lr_schedule_is_checked():
     assert parse_train_config(["--task", "affordance", "--lr_schedule", "constant"]).run.lr_schedule == "constant"
     with pytest.raises(ValueError, match="lr_schedule"):
         parse_train_config(["--task", "affordance", "--lr_schedule", "linear"])
+
+
+def test_loss_kwargs_pass_sequence_ids_for_sequence_level_and_vespo():
+    from vlm_grpo_ma.training.objective import loss_kwargs
+
+    T, A = torch.tensor([[2, 1]]), torch.tensor([[[1, 2], [1, 0]]])
+    assert "seq_ids" not in loss_kwargs(parse_train_config([]), T, A)
+    kw = loss_kwargs(parse_train_config(["--importance_sampling_level", "sequence"]), T, A)
+    assert kw["seq_ids"].tolist() == [0, 0, 1, 2, 2, 3, 4] and kw["clip_low"] == 0.2
+    kw = loss_kwargs(parse_train_config(["--policy_loss", "vespo"]), T, A)  # sequence-level by construction
+    assert "seq_ids" in kw and kw["k_pos"] == 2.0
+    assert loss_kwargs(parse_train_config(["--policy_loss", "cispo", "--cispo_cap", "3"]), T, A) == {"cap": 3.0}

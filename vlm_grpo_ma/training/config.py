@@ -181,7 +181,7 @@ class RLArgs:
         default="clipped",
         metadata={"help": "Policy loss: clipped (the PPO/GRPO clipped surrogate, clip_low/clip_high), cispo (MiniMax-M1: "
                   "REINFORCE with the IS weight capped at cispo_cap), sapo (soft sigmoid gate, sapo_temperature_pos/neg) "
-                  "or vespo (gamma weight of the sequence ratio, vespo_*); formulas as TRL 1.16 (docs/ALGORITHMS.md)."},
+                  "or vespo (gamma weight of the sequence ratio, vespo_*; always sequence-level); formulas as TRL 1.16 (docs/ALGORITHMS.md)."},
     )
     importance_sampling_level: str = field(
         default="token",

@@ -62,8 +62,9 @@ def loss_lengths(cfg: TrainConfig, rollout: TreeRollout):
 
 def loss_kwargs(cfg: TrainConfig, thought_lens: torch.Tensor, answer_lens: torch.Tensor, device=None) -> dict:
     """Keyword arguments of the registered policy loss for one training batch: its own options and,
-    at ``importance_sampling_level: sequence``, the batch's sequence ids (``tree_sequence_ids``)."""
+    at ``importance_sampling_level: sequence`` (and always for ``vespo``, sequence-level by
+    construction, as TRL's), the batch's sequence ids (``tree_sequence_ids``)."""
     kw = policy_loss_options(cfg.rl)
-    if cfg.rl.importance_sampling_level == "sequence":
+    if cfg.rl.importance_sampling_level == "sequence" or cfg.rl.policy_loss == "vespo":  # VESPO: by construction
         kw["seq_ids"] = tree_sequence_ids(thought_lens.cpu(), answer_lens.cpu()).to(device)
     return kw
