@@ -143,14 +143,14 @@ def test_append_answers_and_cat_prompts():
         cat_prompts([a, t])
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(scope="module", params=["tiny-qwen2.5-vl", "tiny-qwen2-vl", "tiny-qwen3-vl"])
+def tiny(request):
     from vlm_grpo_ma import get_task
     from vlm_grpo_ma.models import load_policy
     from vlm_grpo_ma.rollout import HFRolloutBackend
 
     torch.manual_seed(0)
-    policy = load_policy("tiny-qwen2.5-vl")
+    policy = load_policy(request.param)
     task = get_task("affordance")
     msgs = [task.messages(s, policy.family) for s in task.synthetic(2, seed=4)]
     return policy, HFRolloutBackend(policy.model, processor=policy.processor), msgs
