@@ -7,7 +7,8 @@ trainer's own code (``collect``, the HF backend, the task's guarded reward):
 
 - ``off``: the step's B prompts as sampled;
 - ``full`` (DAPO): drop prompts whose K*M rewards are all equal, refill (``--max-rounds``);
-- ``pilot`` (GRPO-MA): drop after the K thoughts and one answer each, refill likewise.
+- ``pilot`` (GRPO-MA): drop after the K thoughts and one answer each, refill likewise (the
+  trainer's one-pass pilot: the kept thoughts continue their KV cache).
 
 Reported per mode: the share of trained groups with zero spread (their advantages are 0), the
 informative prompts trained per step, generation time (rollout + reward) per step and per
@@ -42,7 +43,7 @@ from vlm_grpo_ma.reward_guard import RewardGuard
 from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
 from vlm_grpo_ma.rollout.types import append_answers
 from vlm_grpo_ma.training.data import SampleStream
-from vlm_grpo_ma.training.dynamic_sampling import collect, has_spread
+from vlm_grpo_ma.training.dynamic_sampling import collect, has_spread, pilot_pass
 
 MODES = ("off", "full", "pilot")
 
@@ -114,7 +115,8 @@ def main(argv=None) -> dict:
                 got = collect(mode, samples, K=K, M=M, target=B, max_rounds=args.max_rounds, generate=gen,
                               extend=lambda tr, m, sp=sampling: backend.generate_answers(tr, m, sp), score=score,
                               more=lambda r, step=step: stream.extra(step, r),
-                              on_drop=on_drop if mode == "pilot" else None)
+                              on_drop=on_drop if mode == "pilot" else None,
+                              generate_pilot=pilot_pass(backend, task, family, K, M, sampling))
                 tree, scored, stats = got.rollout, got.scored, got.stats
             wall = time.perf_counter() - t0 - hidden[0]
             acc["saved_seconds"] += hidden[0]  # what completing the dropped prompts would have cost

@@ -92,10 +92,24 @@ def test_full_drops_refills_and_trims():
     assert got.rollout.stats["tokens_decoded"] == 5 * K * (M + 1)  # the work of every round counted
 
 
-def test_pilot_drops_before_the_other_answers_and_completes_the_kept():
+def one_pass(fake):
+    """A fake ``generate_pilot``: the pilot tree, ``decide``, then the kept prompts' other answers."""
+    def run(samples, decide):
+        pilot = fake.generate(samples, 1)
+        kept = list(decide(pilot))
+        if not kept:
+            return pilot, None
+        sub = _tree([samples[i] for i in kept], 1)
+        return pilot, fake.extend(sub, M - 1)
+    return run
+
+
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_pilot_drops_before_the_other_answers_and_completes_the_kept(single_pass):
     fake = Fake()
     got = collect("pilot", [S("a", FLAT0), S("b", SPREAD), S("c", LATE)], K=K, M=M, target=3, max_rounds=0,
-                  generate=fake.generate, extend=fake.extend, score=fake.score, more=lambda r: [])
+                  generate=fake.generate, extend=fake.extend, score=fake.score, more=lambda r: [],
+                  generate_pilot=one_pass(fake) if single_pass else None)
     assert fake.generated == [(["a", "b", "c"], 1)]  # thoughts + one answer each
     assert fake.extended == [(["b"], M - 1)]  # only the kept prompt gets its other answers
     assert [s["name"] for s in got.samples] == ["b"] and got.rollout.M == M
@@ -196,3 +210,32 @@ def test_refill_rounds_draw_what_the_shortfall_needs():
     collect("full", [S("a", FLAT0), S("b", FLAT0)], K=K, M=M, target=2, max_rounds=1, generate=fake.generate,
             extend=fake.extend, score=fake.score, more=lambda r: [S(f"x{i}", FLAT0) for i in range(5)])
     assert fake.generated[1][0] == ["x0", "x1"]
+
+
+def test_generate_tree_pilot_continues_the_thoughts_cache(tiny):
+    from vlm_grpo_ma.algorithms import aggregation_weights
+    from vlm_grpo_ma.data.collate import build_generation_inputs
+    from vlm_grpo_ma.rollout import SamplingParams
+    from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens
+
+    policy, backend, msgs = tiny
+    inputs = build_generation_inputs(policy.processor, msgs)
+    greedy = SamplingParams(temperature=0.0, max_thought_tokens=8, max_answer_tokens=6)
+    seen = []
+    pilot, rest = backend.generate_tree_pilot(inputs, 2, 3, greedy, lambda t: seen.append(t.M) or [1])
+    tree = backend.generate_tree(inputs, 2, 1, greedy)
+    assert seen == [1] and pilot.M == 1 and rest.B == 1 and rest.M == 2
+    for k in range(2):  # greedy: the pilot is the plain tree, and the kept prompt's answers repeat it
+        assert torch.equal(pilot.answer_ids[1][k][0], tree.answer_ids[1][k][0])
+        assert all(torch.equal(a, tree.answer_ids[1][k][0]) for a in rest.answer_ids[0][k])
+    assert backend.generate_tree_pilot(inputs, 2, 3, greedy, lambda t: [])[1] is None
+    # sampled: the kept prompts' new answers have the log-probs the training forward gives them
+    sampling = SamplingParams(temperature=1.0, max_thought_tokens=8, max_answer_tokens=6, seed=3)
+    pilot, rest = backend.generate_tree_pilot(inputs, 2, 3, sampling, lambda t: [0, 1])
+    full = append_answers(pilot, rest)
+    T, A = full.thought_lengths(), full.answer_lengths()
+    w_t, w_a = aggregation_weights("token-mean", T, A)
+    batch = build_train_batch(policy.model, full, torch.zeros_like(w_t), torch.zeros_like(w_a), w_t, w_a)
+    with torch.no_grad():
+        logp = score_tokens(policy.model, batch, 1.0)
+    assert torch.allclose(logp, batch.old_logp, atol=1e-4)

@@ -550,6 +550,13 @@ class HFRolloutBackend:
             if hasattr(core, "rope_deltas"):
                 core.rope_deltas = None
             model.train(was_training)
+        return self._new_answers(rollout, M, a_tok, a_lp, a_len, a_trunc,
+                                 {"tokens_prefilled": float(n_prefill), "tokens_decoded": float(dec)})
+
+    def _new_answers(self, rollout: TreeRollout, M: int, a_tok, a_lp, a_len, a_trunc, stats: dict) -> TreeRollout:
+        """``rollout`` (its prompts and thoughts) with only the M answers per thought decoded here
+        (rows ``(b * K + k) * M + m``)."""
+        B, K = rollout.B, rollout.K
         a_tok, a_lp, a_len = a_tok.cpu(), a_lp.cpu(), a_len.cpu()
         an_ids, an_lp, an_txt = [], [], []
         for b in range(B):
@@ -563,10 +570,82 @@ class HFRolloutBackend:
                                   for q in range(q0, q0 + M)])
         return replace(
             rollout, answer_ids=an_ids, answer_logprobs=an_lp, answer_truncated=a_trunc.cpu().view(B, K, M),
-            answer_texts=an_txt,
-            stats={"tokens_prefilled": float(n_prefill), "tokens_decoded": float(dec),
-                   "tokens_generated": float(a_len.sum())},
+            answer_texts=an_txt, stats={**stats, "tokens_generated": float(a_len.sum())},
         )
+
+    @torch.no_grad()
+    def generate_tree_pilot(
+        self, prompts_inputs: Mapping[str, Any], K: int, M: int, sampling: SamplingParams,
+        decide: Callable[[TreeRollout], Sequence[int]],
+    ) -> tuple[TreeRollout, TreeRollout | None]:
+        """The GRPO-MA pilot of dynamic sampling in one pass: K thoughts per prompt and ONE answer
+        each (the pilot tree, M = 1), then ``decide(pilot tree)`` returns the prompts to complete,
+        and only those get their other M - 1 answers per thought, continuing the cache the thoughts
+        left (copied before the pilot answers; rows selected, nothing prefilled again).
+
+        Returns ``(pilot tree, tree of the kept prompts with their M - 1 new answers, or None)``;
+        ``decide`` runs inside the generation context (it may score, and call collectives that
+        every rank reaches). The pilot tree's stats count stage 1 and the pilot answers.
+        """
+        import copy
+
+        if K < 1 or M < 2:
+            raise ValueError(f"the pilot needs K >= 1 and M >= 2, got K={K}, M={M}")
+        model = unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        gen = self._generator(sampling.seed)
+        rest = None
+        try:
+            with self._context():
+                state, n_prefill = self._prefill(prompts_inputs)
+                dev = state.logits.device
+                B = state.logits.shape[0]
+                state.repeat_interleave(K)
+                text_stop = self.ids.think_end is None
+                t_tok, t_lp, t_len, t_trunc, dec1 = self._decode(
+                    state, sampling, sampling.max_thought_tokens,
+                    None if text_stop else torch.tensor([self.ids.think_end], device=dev), gen,
+                    close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
+                )
+                saved = _DecodeState(copy.deepcopy(state.cache), state.attention_mask.clone(), state.next_pos.clone(),
+                                     state.logits.clone())
+                stop = torch.tensor(self.ids.stop, device=dev)
+                a_tok, a_lp, a_len, a_trunc, dec2 = self._decode(state, sampling, sampling.max_answer_tokens, stop, gen)
+                del state
+                pilot = self._assemble(prompts_inputs, B, K, 1, t_tok, t_lp, t_len, t_trunc, a_tok, a_lp, a_len,
+                                       a_trunc, n_prefill, dec1 + dec2)
+                kept = list(decide(pilot))
+                if kept:
+                    rows = torch.tensor([b * K + k for b in kept for k in range(K)], device=dev)
+                    saved.cache.batch_select_indices(rows)
+                    saved.attention_mask = saved.attention_mask[rows]
+                    saved.next_pos = saved.next_pos[rows]
+                    saved.logits = saved.logits[rows]
+                    saved.repeat_interleave(M - 1)
+                    r_tok, r_lp, r_len, r_trunc, dec3 = self._decode(saved, sampling, sampling.max_answer_tokens,
+                                                                     stop, gen)
+                    sub = replace(pilot, prompt_ids=[pilot.prompt_ids[b] for b in kept],
+                                  prompt_mm_token_type_ids=[pilot.prompt_mm_token_type_ids[b] for b in kept],
+                                  pixel_values=[pilot.pixel_values[b] for b in kept],
+                                  image_grid_thw=[pilot.image_grid_thw[b] for b in kept],
+                                  thought_ids=[pilot.thought_ids[b] for b in kept],
+                                  thought_logprobs=[pilot.thought_logprobs[b] for b in kept],
+                                  thought_truncated=pilot.thought_truncated[kept],
+                                  answer_ids=[pilot.answer_ids[b] for b in kept],
+                                  answer_logprobs=[pilot.answer_logprobs[b] for b in kept],
+                                  answer_truncated=pilot.answer_truncated[kept],
+                                  thought_texts=[pilot.thought_texts[b] for b in kept],
+                                  answer_texts=[pilot.answer_texts[b] for b in kept], stats={})
+                    rest = self._new_answers(sub, M - 1, r_tok, r_lp, r_len, r_trunc,
+                                             {"tokens_prefilled": 0.0, "tokens_decoded": float(dec3)})
+                del saved
+        finally:
+            core = model.model
+            if hasattr(core, "rope_deltas"):
+                core.rope_deltas = None
+            model.train(was_training)
+        return pilot, rest
 
     def generate_tree_from_messages(
         self, messages_batch: Sequence[list[dict]], K: int, M: int, sampling: SamplingParams

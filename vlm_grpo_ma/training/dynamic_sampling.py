@@ -98,6 +98,7 @@ def collect(
     any_rank: Callable[[bool], bool] = lambda flag: flag,
     min_rank: Callable[[int], int] = lambda n: n,
     on_drop: Optional[Callable[[TreeRollout, list, list], None]] = None,
+    generate_pilot: Optional[Callable] = None,
 ) -> Collected:
     """Run the rounds of ``full`` or ``pilot`` dynamic sampling on this rank.
 
@@ -115,6 +116,9 @@ def collect(
         any_rank, min_rank: the collectives (identity on one rank).
         on_drop: pilot only, called with ``(pilot tree, samples, pilot Rewards)`` of the prompts a
             round drops (the benchmark completes them to count false drops).
+        generate_pilot: pilot only, ``(samples, decide) -> (pilot tree, new-answers tree or None)``
+            doing both halves in one pass (``HFRolloutBackend.generate_tree_pilot``: the kept
+            thoughts continue their cache); without it, ``generate(samples, 1)`` then ``extend``.
 
     Returns:
         :class:`Collected`; ``stats``: ``dynamic/rounds`` (generation rounds run),
@@ -151,29 +155,48 @@ def collect(
                 kept_samples.append(samples[b])
                 kept_scored.extend(scored[b * K * M:(b + 1) * K * M])
         else:
-            pilot = count(generate(samples, 1))
-            p_scored = score(pilot, samples)
-            keep = has_spread(_rewards(p_scored, pilot.B, K, 1, penalty(pilot))).tolist()
+            got: dict = {}
+
+            def decide(pilot, samples=samples, got=got):
+                """Score the pilot pairs, drop the flat prompts; the prompts to complete ([] when no
+                rank completes any, so every rank takes the same path)."""
+                count(pilot)
+                p_scored = score(pilot, samples)
+                keep = has_spread(_rewards(p_scored, pilot.B, K, 1, penalty(pilot))).tolist()
+                idx = [i for i, k in enumerate(keep) if k]
+                stats["dynamic/pilot_dropped"] += len(samples) - len(idx)
+                gone = [i for i, k in enumerate(keep) if not k]
+                if on_drop is not None and gone:
+                    on_drop(_select(pilot, gone), [samples[i] for i in gone],
+                            [x for b in gone for x in p_scored[b * K:(b + 1) * K]])
+                got.update(pilot=pilot, p_scored=p_scored, idx=idx)
+                got["go"] = M > 1 and any_rank(bool(idx))  # every rank extends (a ZeRO-3 gather is collective)
+                return idx if got["go"] else []
+
+            if generate_pilot is not None and M > 1:
+                _, rest = generate_pilot(samples, decide)
+                pilot, p_scored, idx = got["pilot"], got["p_scored"], got["idx"]
+                if rest is not None:
+                    count(rest)
+            else:
+                pilot = generate(samples, 1)
+                decide(pilot)
+                p_scored, idx = got["p_scored"], got["idx"]
+                rest = None
+                if got["go"]:
+                    sub = _select(pilot, idx if idx else [0])
+                    rest = count(extend(sub, M - 1))
             if first is None:
                 first = (pilot, samples, p_scored)
-            idx = [i for i, k in enumerate(keep) if k]
-            stats["dynamic/pilot_dropped"] += len(samples) - len(idx)
-            gone = [i for i, k in enumerate(keep) if not k]
-            if on_drop is not None and gone:
-                on_drop(_select(pilot, gone), [samples[i] for i in gone],
-                        [x for b in gone for x in p_scored[b * K:(b + 1) * K]])
-            if M > 1 and any_rank(bool(idx)):  # every rank extends (the ZeRO-3 gather is collective)
-                sub = _select(pilot, idx if idx else [0])
-                rest = count(extend(sub, M - 1))
-                if idx:
-                    full_tree = append_answers(sub, rest)
-                    rest_scored = score(rest, [samples[i] for i in idx])
-                    kept_trees.append(full_tree)
-                    kept_samples.extend(samples[i] for i in idx)
-                    for j, b in enumerate(idx):
-                        for k in range(K):
-                            kept_scored.append(p_scored[b * K + k])
-                            kept_scored.extend(rest_scored[(j * K + k) * (M - 1):(j * K + k + 1) * (M - 1)])
+            if M > 1 and idx and rest is not None:
+                full_tree = append_answers(_select(pilot, idx), rest)
+                rest_scored = score(rest, [samples[i] for i in idx])
+                kept_trees.append(full_tree)
+                kept_samples.extend(samples[i] for i in idx)
+                for j, b in enumerate(idx):
+                    for k in range(K):
+                        kept_scored.append(p_scored[b * K + k])
+                        kept_scored.extend(rest_scored[(j * K + k) * (M - 1):(j * K + k + 1) * (M - 1)])
             elif M == 1 and idx:
                 kept_trees.append(_select(pilot, idx))
                 kept_samples.extend(samples[i] for i in idx)
@@ -227,6 +250,21 @@ def run(cfg, backend, task, family, samples: Sequence, sampling: SamplingParams,
         generate=lambda ss, m: backend.generate_tree_from_messages([task.messages(x, family) for x in ss],
                                                                    rl.num_thoughts, m, sampling),
         extend=lambda tree, m: backend.generate_answers(tree, m, sampling),
+        generate_pilot=pilot_pass(backend, task, family, rl.num_thoughts, rl.answers_per_thought, sampling),
         score=score, penalty=lambda tree: objective.overlong_penalty(cfg, tree), more=more,
         any_rank=lambda flag: dist.all_reduce_sum(float(flag)) > 0,
         min_rank=lambda n: int(min(dist.all_gather_objects(n))))
+
+
+def pilot_pass(backend, task, family, K: int, M: int, sampling: SamplingParams) -> Optional[Callable]:
+    """``generate_pilot`` for :func:`collect` from a backend that has ``generate_tree_pilot`` (the HF
+    one), else None (the pilot then prefills the kept thoughts again, ``generate_answers``)."""
+    if not hasattr(backend, "generate_tree_pilot") or M < 2:
+        return None
+    from vlm_grpo_ma.data.collate import build_generation_inputs
+
+    def run_pilot(samples, decide):
+        inputs = build_generation_inputs(backend.processor, [task.messages(x, family) for x in samples])
+        return backend.generate_tree_pilot(inputs, K, M, sampling, decide)
+
+    return run_pilot
