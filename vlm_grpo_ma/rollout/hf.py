@@ -6,6 +6,10 @@ The closing token is fed too, so when stage 1 ends the cache holds prompt + thou
 (prompt, thought) row.  Stage 2 repeats that cache M times and samples M answers per thought
 until the end token.  Nothing is ever prefilled twice: the prompt and the thought are each
 computed once, whatever K and M (the way nanochat's engine prefills once and clones its cache).
+``generate_tree_pilot`` (dynamic sampling's GRPO-MA pilot) keeps that property: one answer per
+thought first, then the other answers of the kept prompts from a copy of the thoughts' cache.
+``generate_answers`` is the one exception: it continues thoughts handed in from outside, so it
+prefills prompt + thought again.
 
 The decode loop is written here rather than delegated to ``model.generate`` so that every
 position is explicit (no ``generate`` state such as a cached ``rope_deltas`` is relied on):
