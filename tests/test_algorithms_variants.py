@@ -83,8 +83,8 @@ def test_gspo_tree_loss_and_gradient_by_hand():
 
 
 def test_tree_sequence_is_not_the_path():
-    """At M > 1 the thought's ratio is its own: the same tokens with path sequences (thought counted
-    in each of its answers' sequences is impossible here; the merged M = 1 ids) give another loss."""
+    """At M > 1 the thought's ratio is its own: grouping each thought with its answers into one
+    sequence (what the M = 1 merge would do) gives another loss on the same tokens."""
     logp, old = _inputs()
     seg = get_policy_loss("clipped")(logp, old, ADV, W, clip_low=0.1, clip_high=0.1,
                                      seq_ids=tree_sequence_ids(T_LENS, A_LENS))[0]
