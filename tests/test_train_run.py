@@ -496,3 +496,44 @@ def test_drawn_prediction_marks_reference_and_prediction():
     assert img.width == 320 and red > 50  # the predicted box is drawn
     text_only = draw_prediction(replace(sample, images=[], target={"answer": "red"}), "x", None, "no_answer")
     assert text_only.height > 20
+
+
+def test_sft_evaluation_never_overlaps_the_collate_thread(tmp_path, monkeypatch):
+    """SFT collates step s+1 in a thread while step s trains; the processor's tokenizer is not
+    thread-safe (its padding state is shared), so an evaluation waits for that thread."""
+    import threading
+    import time as _time
+
+    from vlm_grpo_ma.training import sft
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.metrics import MetricsLogger
+
+    busy = threading.Event()
+    real = sft.collate_micro_batches
+
+    def slow_collate(*a, **k):
+        busy.set()
+        _time.sleep(0.3)
+        try:
+            return real(*a, **k)
+        finally:
+            busy.clear()
+
+    monkeypatch.setattr(sft, "collate_micro_batches", slow_collate)
+    seen = []
+
+    class Periodic:
+        def due(self, step, last):
+            return True
+
+        def __call__(self, stage, step, last):
+            seen.append(busy.is_set())
+
+    cfg = _cfg(tmp_path, "--sft_steps", "3")
+    from vlm_grpo_ma import get_task
+
+    task = get_task("affordance")
+    st = stg.build_stage(cfg, "sft", "tiny-qwen2.5-vl", global_batch=4, micro=0, lr=1e-3, warmup=0, total_optimizer_steps=3)
+    sft.run_sft(st, cfg, task, MetricsLogger(tmp_path, "none"), periodic=Periodic())
+    stg.release(st)
+    assert seen == [False, False, False]

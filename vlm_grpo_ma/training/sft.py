@@ -129,7 +129,9 @@ def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_s
             if dist.is_main() and cfg.run.log_every and (step + 1) % cfg.run.log_every == 0:
                 bar.write(f"sft step {step + 1}: loss {metrics['loss/sft']:.4f}  grad/norm {metrics['grad/norm']:.3f}  "
                           f"lr {lr:.2e}  {metrics['time/step']:.2f} s/step")
-            if periodic is not None:
+            if periodic is not None and periodic.due(step + 1, cfg.sft.sft_steps):
+                if pending is not None:  # the collate thread shares the processor's tokenizer (its padding
+                    pending.result()  # state is not thread-safe): let it finish before evaluating
                 periodic(stage, step + 1, cfg.sft.sft_steps)
             if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.sft_steps:
                 ckpt.save_checkpoint(stage.engine, stage.dir, step + 1, {"skipped_steps": stage.skipped_steps},
