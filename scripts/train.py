@@ -17,7 +17,9 @@ import torch
 if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator (gloo) must be chosen before its import
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from vlm_grpo_ma.cli import register_training_hooks  # noqa: E402
 from vlm_grpo_ma.training.cli import main  # noqa: E402
 
 if __name__ == "__main__":
+    register_training_hooks()  # --eval_suite: benchmark suites by name
     main()

@@ -125,3 +125,21 @@ def test_sigkill_then_resume_continues_exactly(tmp_path):
     wa, wb = _weights(ref / "rl" / "final"), _weights(run / "rl" / "final")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-8, msg=k)
+
+
+def test_two_ranks_run_the_objective_variants_dynamic_sampling_and_periodic_eval(tmp_path):
+    """The collectives of the new paths on 2 ranks: batch reward scaling (gathered rewards),
+    dynamic sampling's rounds and the fallback (every rank generates the same number of times),
+    evaluation during training with keep-best (a collective save): the run finishes."""
+    deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    run = tmp_path / "two"
+    args = COMMON + ["--stage", "rl", "--rl_steps", "2", "--eval_samples", "4", "--eval_every", "1",
+                     "--keep_best_metric", "reward", "--dynamic_sampling", "pilot", "--dynamic_sampling_max_rounds", "1",
+                     "--scale_rewards", "batch", "--importance_sampling_level", "sequence",
+                     "--mask_truncated_completions", "--output_dir", str(run)]
+    _run([*deepspeed, "--num_accelerators", "2", "--master_port", str(free_port()), SCRIPT, *args])
+    rl = _metrics(run, "rl")
+    assert [r["step"] for r in rl] == [1, 2] and all(math.isfinite(r["loss/policy"]) for r in rl)
+    assert all(r["dynamic/rounds"] >= 2 and r["dynamic/prompts_trained"] >= 2 for r in rl)  # summed over ranks
+    assert [r["step"] for r in _metrics(run, "rl_eval")] == [1, 2]
+    assert (run / "rl" / "best" / "stage_record.json").is_file()

@@ -151,6 +151,41 @@ def test_rl_step_updates_the_policy(tmp_path, k, m, layout):
     stg.release(st)
 
 
+@pytest.mark.parametrize("extra", [
+    ["--policy_loss", "clipped", "--importance_sampling_level", "sequence", "--scale_rewards", "batch",
+     "--mask_truncated_completions", "--overlong_penalty_cache", "4"],
+    ["--policy_loss", "cispo", "--cispo_cap", "1.1", "--importance_sampling_level", "sequence"],
+    ["--policy_loss", "sapo", "--loss_agg_mode", "seq-mean-token-mean"],
+    ["--policy_loss", "vespo", "--importance_sampling_level", "sequence"],
+    ["--dynamic_sampling", "full", "--dynamic_sampling_max_rounds", "1"],
+    ["--dynamic_sampling", "pilot", "--dynamic_sampling_max_rounds", "1"],
+], ids=["gspo-batch-mask-penalty", "cispo-seq", "sapo", "vespo", "dynamic-full", "dynamic-pilot"])
+def test_rl_step_with_the_objective_variants(tmp_path, extra):
+    """Each variant goes through the trainer's step (config -> objective -> loss) and moves the policy."""
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.rl import RLState, rl_step
+
+    cfg = _cfg(tmp_path, "--num_thoughts", "2", "--answers_per_thought", "2", "--ppo_epochs", "2", "--rl_lr", "1e-3",
+               *extra)
+    task = _shaped_task()
+    st = stg.build_stage(cfg, "rl", "tiny-qwen2.5-vl", global_batch=2, micro=1, lr=1e-3, warmup=0, total_optimizer_steps=10)
+    before = _params(st)
+    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=1), more=lambda r: task.synthetic(2, seed=10 + r))
+    assert math.isfinite(out["loss/policy"]) and out["train/skipped_steps"] == 0
+    if cfg.rl.dynamic_sampling != "off":
+        assert out["dynamic/rounds"] >= 1 and out["dynamic/prompts_trained"] >= 1
+        if out["dynamic/fallback"] == 0:
+            assert out["rollout/zero_spread_frac"] == 0.0
+    if cfg.rl.mask_truncated_completions:
+        assert 0.0 <= out["mask/thoughts"] <= 1.0 and 0.0 <= out["mask/answers"] <= 1.0
+        assert out["reward/overlong_penalty"] <= 0.0
+    if cfg.rl.policy_loss == "vespo":
+        assert out["vespo/phi_mean"] > 0
+    if out["mask/answers" if cfg.rl.mask_truncated_completions else "reward/mean"] < 1.0:
+        assert not _same(before, _params(st))
+    stg.release(st)
+
+
 @pytest.mark.parametrize("zero", ["zero3", "zero0"])
 def test_nonfinite_loss_skips_the_step(tmp_path, monkeypatch, zero):
     from vlm_grpo_ma.task import get_task
@@ -356,3 +391,149 @@ def test_rollout_backend_config_is_checked(tmp_path):
         _cfg(tmp_path, "--rollout_backend", "sglang")
     with pytest.raises(ValueError, match="tis_cap"):
         _cfg(tmp_path, "--tis_cap", "2.0")  # TIS only means something with vLLM rollouts
+
+
+def test_eval_every_logs_the_heldout_curve_images_and_keeps_best(tmp_path):
+    """Evaluation during training through the trainer's own entry point: held-out records at the
+    due steps of both stages (JSONL and TensorBoard, with drawn predictions), a kept best model."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlm_grpo_ma.training.cli import main
+    from vlm_grpo_ma.training.metrics import read_metrics
+
+    summary = main(["--task", "affordance", "--output_dir", str(tmp_path), "--sft_steps", "5", "--sft_batch_size", "4",
+                    "--sft_warmup_steps", "0", "--rl_steps", "3", "--prompts_per_step", "2", "--num_thoughts", "2",
+                    "--answers_per_thought", "2", "--eval_samples", "4", "--eval_batch_size", "4",
+                    "--max_thought_tokens", "12", "--max_answer_tokens", "10", "--eval_every", "2",
+                    "--eval_images", "2", "--keep_best_metric", "reward", "--report_to", "tensorboard",
+                    "--deepspeed", "configs/deepspeed/zero3.json"])
+    sft = read_metrics(tmp_path / "metrics.jsonl", "sft_eval")
+    rl = read_metrics(tmp_path / "metrics.jsonl", "rl_eval")
+    assert [r["step"] for r in sft] == [2, 4, 5] and [r["step"] for r in rl] == [2, 3]  # every 2 and the last
+    for r in sft + rl:
+        assert {"heldout/mean_iou", "heldout/reward", "heldout/format_rate", "time/eval", "heldout/best"} <= set(r)
+    assert summary["periodic_eval"]["evaluations"] == 5 and summary["periodic_eval"]["seconds"] > 0
+    for stage in ("sft", "rl"):
+        rec = json.loads((tmp_path / stage / "best" / "stage_record.json").read_text())
+        assert rec["metric"] == "reward" and rec["stage"] == stage
+        assert (tmp_path / stage / "best" / "config.json").is_file()
+        acc = EventAccumulator(str(tmp_path / "tensorboard" / f"{stage}_eval"), size_guidance={"images": 0})
+        acc.Reload()
+        assert {"heldout/predictions/0", "heldout/predictions/1"} <= set(acc.Tags()["images"])
+        assert "heldout/mean_iou" in acc.Tags()["scalars"]
+
+
+def test_keep_best_saves_only_on_improvement(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from vlm_grpo_ma.training import periodic_eval as pe
+
+    values = iter([0.2, 0.5, 0.4, 0.7, 0.1])
+    monkeypatch.setattr(pe, "evaluate", lambda *a, **k: {"accuracy": next(values), "eval/reward": 0.0})
+    saved, logged = [], []
+    logger = SimpleNamespace(log=lambda stage, step, m: logged.append((stage, step, m)),
+                             log_images=lambda *a: None)
+    stage = SimpleNamespace(name="rl", dir=tmp_path, engine=SimpleNamespace(module=None), processor=None,
+                            family=None, gather=None)
+
+    def save(st, path, record):
+        saved.append(record["step"])
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "stage_record.json").write_text(json.dumps(record))
+
+    ev = pe.PeriodicEval(SimpleNamespace(name="vqa"), ["x"], logger, every=1, images=0, keep_best_metric="accuracy",
+                         save_model=save)
+    for step in (1, 2, 3):
+        ev(stage, step, 10)
+    assert saved == [1, 2] and [m["heldout/best"] for _, _, m in logged] == [0.2, 0.5, 0.5]
+    # a resumed run reads the best back from the kept folder: 0.7 beats it, a fresh 0.45 would not
+    ev2 = pe.PeriodicEval(SimpleNamespace(name="vqa"), ["x"], logger, every=1, images=0, keep_best_metric="accuracy",
+                          save_model=save)
+    ev2(stage, 4, 10)
+    assert saved == [1, 2, 4]
+    with pytest.raises(KeyError, match="keep_best_metric"):
+        pe.PeriodicEval(SimpleNamespace(name="vqa"), ["x"], logger, every=1, images=0, keep_best_metric="iou",
+                        save_model=save)(stage, 5, 10)
+    assert not ev.due(3, 10) or ev.every == 1
+    assert pe.PeriodicEval(None, ["x"], logger, every=4).due(10, 10) and not pe.PeriodicEval(None, ["x"], logger, every=4).due(9, 10)
+
+
+def test_eval_suite_by_name_during_training(tmp_path):
+    """--eval_suite: a benchmark suite (here a file) evaluated during training through bench's
+    suite loader, which the command line hands to the trainer."""
+    from vlm_grpo_ma.cli import register_training_hooks
+    from vlm_grpo_ma.training import periodic_eval
+    from vlm_grpo_ma.training.cli import main
+    from vlm_grpo_ma.training.metrics import read_metrics
+
+    suite = tmp_path / "tiny-vqa.yaml"
+    suite.write_text("name: tiny-vqa\ntask: vqa\ndata: {format: synthetic, n: 3, seed: 5}\n"
+                     "generation: {max_new_tokens: 16, batch_size: 3}\n")
+    register_training_hooks()
+    try:
+        main(["--task", "affordance", "--stage", "sft", "--output_dir", str(tmp_path / "run"), "--sft_steps", "2",
+              "--sft_batch_size", "2", "--sft_warmup_steps", "0", "--eval_samples", "0", "--eval_every", "2",
+              "--eval_suite", str(suite), "--eval_images", "1", "--deepspeed", "configs/deepspeed/zero3.json"])
+    finally:
+        periodic_eval.set_suite_resolver(None)
+    rec = read_metrics(tmp_path / "run" / "metrics.jsonl", "sft_eval")
+    assert [r["step"] for r in rec] == [2] and "heldout/accuracy" in rec[0]  # the suite's task: vqa metrics
+    with pytest.raises(ValueError, match="no suite resolver"):
+        periodic_eval.resolve_suite("synthetic-vqa")
+
+
+def test_drawn_prediction_marks_reference_and_prediction():
+    from vlm_grpo_ma import get_task
+    from dataclasses import replace
+
+    from vlm_grpo_ma.training.periodic_eval import _shapes, draw_prediction
+
+    sample = get_task("affordance").synthetic(1, seed=3)[0]
+    boxes, points = _shapes({"box": [0.1, 0.2, 0.5, 0.6], "p": [[0.3, 0.4]], "n": [3, 4]})
+    assert boxes == [[0.1, 0.2, 0.5, 0.6]] and points == [[0.3, 0.4]]  # [3, 4] is not canonical geometry
+    img = draw_prediction(sample, "<think>x</think><answer>[1, 2]</answer>", [0.1, 0.1, 0.4, 0.4], None)
+    red = sum(1 for px in img.getdata() if px == (255, 40, 40))
+    assert img.width == 320 and red > 50  # the predicted box is drawn
+    text_only = draw_prediction(replace(sample, images=[], target={"answer": "red"}), "x", None, "no_answer")
+    assert text_only.height > 20
+
+
+def test_sft_evaluation_never_overlaps_the_collate_thread(tmp_path, monkeypatch):
+    """SFT collates step s+1 in a thread while step s trains; the processor's tokenizer is not
+    thread-safe (its padding state is shared), so an evaluation waits for that thread."""
+    import threading
+    import time as _time
+
+    from vlm_grpo_ma.training import sft
+    from vlm_grpo_ma.training import stage as stg
+    from vlm_grpo_ma.training.metrics import MetricsLogger
+
+    busy = threading.Event()
+    real = sft.collate_micro_batches
+
+    def slow_collate(*a, **k):
+        busy.set()
+        _time.sleep(0.3)
+        try:
+            return real(*a, **k)
+        finally:
+            busy.clear()
+
+    monkeypatch.setattr(sft, "collate_micro_batches", slow_collate)
+    seen = []
+
+    class Periodic:
+        def due(self, step, last):
+            return True
+
+        def __call__(self, stage, step, last):
+            seen.append(busy.is_set())
+
+    cfg = _cfg(tmp_path, "--sft_steps", "3")
+    from vlm_grpo_ma import get_task
+
+    task = get_task("affordance")
+    st = stg.build_stage(cfg, "sft", "tiny-qwen2.5-vl", global_batch=4, micro=0, lr=1e-3, warmup=0, total_optimizer_steps=3)
+    sft.run_sft(st, cfg, task, MetricsLogger(tmp_path, "none"), periodic=Periodic())
+    stg.release(st)
+    assert seen == [False, False, False]

@@ -66,7 +66,18 @@ def test_config_defaults_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("args, match", [
     (["--loss_agg_mode", "token_mean"], "loss_agg_mode must be one of token-mean, seq-mean-token-mean"),
     (["--adv_estimator", "gae"], "adv_estimator must be one of grpo, grpo_ma, got 'gae'"),
-    (["--policy_loss", "gspo"], "policy_loss must be one of clipped"),
+    (["--policy_loss", "gspo"], "policy_loss must be one of cispo, clipped, sapo, vespo"),
+    (["--importance_sampling_level", "path"], "importance_sampling_level must be one of token, sequence"),
+    (["--scale_rewards", "global"], "scale_rewards must be one of group, batch, none"),
+    (["--scale_rewards", "batch", "--no_scale_adv_by_std"], "conflicts with scale_rewards batch"),
+    (["--cispo_cap", "0"], "cispo_cap"),
+    (["--overlong_penalty_cache", "-1"], "overlong_penalty_cache"),
+    (["--dynamic_sampling", "dapo"], "dynamic_sampling must be one of off, full, pilot"),
+    (["--dynamic_sampling", "pilot", "--rollout_backend", "vllm"], "pilot needs rollout_backend hf"),
+    (["--dynamic_sampling_max_rounds", "-1"], "dynamic_sampling_max_rounds"),
+    (["--eval_suite", "synthetic-vqa"], "eval_suite is evaluated during training"),
+    (["--keep_best_metric", "accuracy"], "keep_best_metric needs eval_every"),
+    (["--eval_every", "5", "--keep_best_mode", "highest"], "keep_best_mode"),
     (["--kl_estimator", "k4"], "kl_estimator must be one of k1, k2, k3"),
     (["--adv_estimator", "grpo", "--answers_per_thought", "4"], "grpo needs answers_per_thought = 1"),
 ])
@@ -84,6 +95,14 @@ def test_every_loss_agg_mode_and_registered_name_is_accepted():
         assert parse_train_config(["--kl_estimator", k]).rl.kl_estimator == k
     cfg = parse_train_config(["--adv_estimator", "grpo", "--num_thoughts", "4", "--answers_per_thought", "1"])
     assert cfg.rl.adv_estimator == "grpo"
+    from vlm_grpo_ma.algorithms.registry import POLICY_LOSSES
+    from vlm_grpo_ma.training.config import policy_loss_options
+
+    for name in POLICY_LOSSES.names():  # every registered loss takes the options the config gives it
+        rl = parse_train_config(["--policy_loss", name]).rl
+        opts = policy_loss_options(rl)
+        x = torch.zeros(3)
+        POLICY_LOSSES.get(name)(x, x, x, torch.ones(3), seq_ids=torch.tensor([0, 0, 1]), **opts)
 
 
 def test_every_shipped_config_parses():
@@ -233,3 +252,15 @@ def test_lr_schedule_is_checked():
     assert parse_train_config(["--task", "affordance", "--lr_schedule", "constant"]).run.lr_schedule == "constant"
     with pytest.raises(ValueError, match="lr_schedule"):
         parse_train_config(["--task", "affordance", "--lr_schedule", "linear"])
+
+
+def test_loss_kwargs_pass_sequence_ids_for_sequence_level_and_vespo():
+    from vlm_grpo_ma.training.objective import loss_kwargs
+
+    T, A = torch.tensor([[2, 1]]), torch.tensor([[[1, 2], [1, 0]]])
+    assert "seq_ids" not in loss_kwargs(parse_train_config([]), T, A)
+    kw = loss_kwargs(parse_train_config(["--importance_sampling_level", "sequence"]), T, A)
+    assert kw["seq_ids"].tolist() == [0, 0, 1, 2, 2, 3, 4] and kw["clip_low"] == 0.2
+    kw = loss_kwargs(parse_train_config(["--policy_loss", "vespo"]), T, A)  # sequence-level by construction
+    assert "seq_ids" in kw and kw["k_pos"] == 2.0
+    assert loss_kwargs(parse_train_config(["--policy_loss", "cispo", "--cispo_cap", "3"]), T, A) == {"cap": 3.0}

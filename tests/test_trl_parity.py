@@ -29,12 +29,29 @@ for ``scale_rewards="group"``, ``r - mean_g`` for ``"none"``; ours with ``unbias
 and ``scale_by_std`` accordingly.  Clipping: TRL ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)``
 is our ``max(-A rho, -A clip(rho))``.
 
-No exact counterpart (left out here): ``cispo`` (clips the detached IS weight, a REINFORCE-style
-loss), ``sapo`` (soft sigmoid gate instead of a clip), ``vespo`` (sequence-level gamma weights),
-``luspo`` (sequence-level importance ratio; our ratios are per token), ``scale_rewards="batch"``
-(one std over the whole batch; ours standardises per group), and ``dapo``/``bnpo`` under several
-processes or accumulation steps, where their normalisers differ from each other (ours is the
-``dapo`` one: 1 / the global number of trained tokens).
+The 2025-26 variants (``test_variant_equals_trl``), each against TRL on the same samples:
+
+=======================================================  ==========================================
+TRL ``GRPOConfig``                                        ours (``RLArgs``)
+=======================================================  ==========================================
+``importance_sampling_level="sequence"``, ``grpo``        ``clipped`` + ``importance_sampling_level:
+(GSPO)                                                   sequence`` + seq-mean-token-mean
+``luspo`` (sequence level)                               the same + seq-mean-token-sum
+``cispo``, ``epsilon_high`` = the cap (token level and    ``cispo``, ``cispo_cap`` + token-mean
+sequence level)
+``sapo`` (token and sequence level)                      ``sapo`` + seq-mean-token-mean
+``vespo``                                                ``vespo`` (sequence ids) + token-mean
+``scale_rewards="batch"``                                ``scale_rewards: batch``
+``mask_truncated_completions=True``                      ``mask_truncated_completions: true``
+=======================================================  ==========================================
+
+With M = 1 the tree's "sequence" is the path (thought + answer), TRL's completion
+(``algorithms/sequences.py``). For the mask case some completions are made to end in
+``<|im_end|>`` (answer not truncated) and the others not (truncated), on both sides.
+
+Not compared: ``dapo``/``bnpo`` under several processes or accumulation steps, where their
+normalisers differ from each other (ours is the ``dapo`` one: 1 / the global number of trained
+tokens).
 """
 
 from __future__ import annotations
@@ -52,7 +69,14 @@ import torch
 trl = pytest.importorskip("trl", minversion="1.16")
 
 from vlm_grpo_ma import get_task  # noqa: E402
-from vlm_grpo_ma.algorithms import aggregation_weights, clipped_policy_loss, grpo_tree_advantages  # noqa: E402
+from vlm_grpo_ma.algorithms import (  # noqa: E402
+    aggregation_weights,
+    clipped_policy_loss,
+    get_policy_loss,
+    grpo_tree_advantages,
+    tree_sequence_ids,
+    truncation_keep,
+)
 from vlm_grpo_ma.data.collate import build_generation_inputs  # noqa: E402
 from vlm_grpo_ma.models import load_policy  # noqa: E402
 from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams  # noqa: E402
@@ -110,7 +134,7 @@ def setup():
     return policy, messages, rollout, old
 
 
-def trl_loss(policy, messages, rollout, old, loss_type, scale_rewards):
+def trl_loss(policy, messages, rollout, old, loss_type, scale_rewards, **config):
     """TRL's loss (and its model, for the gradients) on our completions."""
     from trl import GRPOConfig, GRPOTrainer
 
@@ -124,12 +148,12 @@ def trl_loss(policy, messages, rollout, old, loss_type, scale_rewards):
     for b, msgs in enumerate(messages):
         prompt, image = trl_prompt(msgs)
         rows += [{"prompt": prompt, "image": image, "row": b * K + k} for k in range(K)]
-    args = GRPOConfig(
+    args = GRPOConfig(**{**dict(
         output_dir="/tmp/trl-parity-unused", use_cpu=True, report_to="none", save_strategy="no",
         num_generations=K, per_device_train_batch_size=B * K, gradient_accumulation_steps=1,
         max_completion_length=BUDGET, temperature=TEMPERATURE, loss_type=loss_type, scale_rewards=scale_rewards,
         beta=0.0, epsilon=EPS_LOW, epsilon_high=EPS_HIGH, num_iterations=1, bf16=False,
-    )
+    ), **config})
     model = copy.deepcopy(policy.model)  # TRL patches the forward of the model it gets
     # TRL left-pads prompt_ids itself but takes mm_token_type_ids from ``processor(..., padding=True)``,
     # which pads on the tokenizer's side: with a right-padding tokenizer (ours, and transformers'
@@ -201,3 +225,95 @@ def test_loss_equals_trl(setup, loss_type, scale_rewards, mode, scale_by_std):
         assert torch.allclose(p.grad, q.grad, atol=1e-5 * scale, rtol=1e-4), name
     policy.model.zero_grad(set_to_none=True)
 
+
+
+# ----------------------------------------------------------------------------- the 2025-26 variants
+#: (id, TRL GRPOConfig fields, our loss name, its options, level, loss_agg_mode, scale_rewards, mask)
+GSPO_EPS = dict(epsilon=0.03, epsilon_high=0.04)  # sequence ratios move less than token ratios
+VARIANTS = [
+    ("gspo", dict(loss_type="grpo", importance_sampling_level="sequence", **GSPO_EPS),
+     "clipped", dict(clip_low=0.03, clip_high=0.04), "sequence", "seq-mean-token-mean", "group", False),
+    ("luspo", dict(loss_type="luspo", importance_sampling_level="sequence", **GSPO_EPS),
+     "clipped", dict(clip_low=0.03, clip_high=0.04), "sequence", "seq-mean-token-sum", "group", False),
+    ("cispo", dict(loss_type="cispo", epsilon_high=1.15),
+     "cispo", dict(cap=1.15), "token", "token-mean", "group", False),
+    ("cispo-seq", dict(loss_type="cispo", epsilon_high=1.02, importance_sampling_level="sequence"),
+     "cispo", dict(cap=1.02), "sequence", "token-mean", "group", False),
+    ("sapo", dict(loss_type="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05),
+     "sapo", dict(tau_pos=1.0, tau_neg=1.05), "token", "seq-mean-token-mean", "group", False),
+    ("sapo-seq", dict(loss_type="sapo", importance_sampling_level="sequence", sapo_temperature_pos=2.0,
+                      sapo_temperature_neg=3.0),
+     "sapo", dict(tau_pos=2.0, tau_neg=3.0), "sequence", "seq-mean-token-mean", "group", False),
+    ("vespo", dict(loss_type="vespo"), "vespo", {}, "sequence", "token-mean", "group", False),
+    ("batch-scale", dict(loss_type="grpo", scale_rewards="batch"),
+     "clipped", dict(clip_low=EPS_LOW, clip_high=EPS_HIGH), "token", "seq-mean-token-mean", "batch", False),
+    ("mask-truncated", dict(loss_type="dapo", mask_truncated_completions=True),
+     "clipped", dict(clip_low=EPS_LOW, clip_high=EPS_HIGH), "token", "token-mean", "group", True),
+    ("mask-truncated-grpo", dict(loss_type="grpo", mask_truncated_completions=True),
+     "clipped", dict(clip_low=EPS_LOW, clip_high=EPS_HIGH), "token", "seq-mean-token-mean", "group", True),
+]
+
+
+def end_some_completions(policy, rollout):
+    """A copy of the rollout where completions 0, 2, 5, 7, 9, 11 end in ``<|im_end|>`` (answer not
+    truncated) and the others in another token (truncated); thoughts count as finished (TRL has
+    no thought limit)."""
+    rollout = copy.deepcopy(rollout)
+    end = policy.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    other = policy.processor.tokenizer.convert_tokens_to_ids("a")
+    ended = {0, 2, 5, 7, 9, 11}
+    for b in range(B):
+        for k in range(K):
+            ids = rollout.answer_ids[b][k][0].clone()
+            ids[-1] = end if b * K + k in ended else other
+            rollout.answer_ids[b][k][0] = ids
+            rollout.answer_truncated[b, k, 0] = b * K + k not in ended
+    rollout.thought_truncated[:] = False
+    return rollout
+
+
+@pytest.mark.parametrize("case", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_variant_equals_trl(setup, case):
+    name, trl_config, loss_name, options, level, mode, scale, mask = case
+    policy, messages, rollout, old = setup
+    if mask:
+        rollout = end_some_completions(policy, rollout)
+    loss_type = trl_config.pop("loss_type")
+    trl_scale = trl_config.pop("scale_rewards", "group")
+    theirs, their_adv, their_model = trl_loss(policy, messages, rollout, old, loss_type, trl_scale, **trl_config)
+    trl_config.update(loss_type=loss_type)  # the parametrised dict is shared between runs: restore it
+
+    policy.model.zero_grad(set_to_none=True)
+    t_adv, a_adv = grpo_tree_advantages(REWARDS.unsqueeze(-1), eps=1e-4, unbiased=True, scale_rewards=scale)
+    T, A = rollout.thought_lengths(), rollout.answer_lengths()
+    keep_t, keep_a = truncation_keep(rollout.thought_truncated, rollout.answer_truncated) if mask else (
+        torch.ones_like(T, dtype=torch.bool), torch.ones_like(A, dtype=torch.bool))
+    w_t, w_a = aggregation_weights(mode, T * keep_t, A * keep_a, max_len=BUDGET)
+    batch = build_train_batch(policy.model, rollout, t_adv, a_adv, w_t * keep_t, w_a * keep_a, layout="packed")
+    old_flat = torch.cat([o for per_prompt in old for o in per_prompt])
+    logp = score_tokens(policy.model, batch, TEMPERATURE)
+    seq_ids = tree_sequence_ids(T, A) if level == "sequence" else None
+    ours, metrics = get_policy_loss(loss_name)(logp, old_flat, batch.advantages, batch.weights, seq_ids=seq_ids,
+                                               **options)
+
+    assert torch.allclose(their_adv.cpu().float(), a_adv.reshape(-1), atol=1e-6, rtol=0)
+    assert abs(float(ours)) > 1e-3
+    if mask:  # the case is not trivial: some completions masked, some kept
+        assert 0 < int((~keep_a).sum()) < B * K
+    if loss_name in ("clipped", "cispo"):  # and the clip (or cap) acts on some tokens
+        assert float(metrics["clip/low"]) + float(metrics["clip/high"]) > 0
+    if loss_name == "sapo" and level == "sequence":
+        assert float(metrics["ratio/max"]) != float(metrics["ratio/min"])
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-6, rel=1e-6)
+
+    theirs.backward()
+    ours.backward()
+    their_grads = dict(their_model.named_parameters())
+    for pname, p in policy.model.named_parameters():
+        q = their_grads[pname]
+        if p.grad is None:
+            assert q.grad is None or float(q.grad.abs().max()) == 0.0, pname
+            continue
+        gscale = float(p.grad.abs().max()) + 1e-8
+        assert torch.allclose(p.grad, q.grad, atol=1e-5 * gscale, rtol=1e-4), pname
+    policy.model.zero_grad(set_to_none=True)

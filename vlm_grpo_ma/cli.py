@@ -41,6 +41,25 @@ def _launcher_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return lead, argv
 
 
+def resolve_eval_suite(name: str):
+    """A benchmark suite (name or file) as the trainer's held-out evaluation: ``(task, samples,
+    max_new_tokens, batch_size)`` from ``bench``'s own suite loader (the trainer cannot import
+    ``bench``, a peer; this layer can and hands it over, ``register_training_hooks``)."""
+    from vlm_grpo_ma.bench.engine import load_samples, make_task
+    from vlm_grpo_ma.bench.suite import load_suite
+
+    suite = load_suite(name)
+    task = make_task(suite)
+    return task, load_samples(suite, task), suite.generation.max_new_tokens, suite.generation.batch_size
+
+
+def register_training_hooks() -> None:
+    """Give the trainer what lives above it: ``--eval_suite`` resolution through ``bench``."""
+    from vlm_grpo_ma.training import periodic_eval
+
+    periodic_eval.set_suite_resolver(resolve_eval_suite)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``vlm-grpo-ma train`` (and the ``vlm-grpo-ma-train`` alias): the two-stage trainer.
 
@@ -50,6 +69,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     distributed.prepare_environment()  # DS_ACCELERATOR=cpu without CUDA, before DeepSpeed is imported
     from vlm_grpo_ma.training.cli import main
 
+    register_training_hooks()
     main(None if argv is None else list(argv))
     return 0
 

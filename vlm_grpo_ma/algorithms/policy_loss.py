@@ -1,4 +1,4 @@
-r"""The clipped surrogate policy loss (PPO / GRPO / DAPO) over weighted trained tokens.
+r"""The clipped surrogate policy loss (PPO / GRPO / DAPO / GSPO) over weighted trained tokens.
 
 Per trained token t with advantage A_t and ratio ``rho_t = pi_theta(y_t) / pi_old(y_t)``::
 
@@ -11,6 +11,13 @@ carry the aggregation mode (``aggregation.py``): for a GRPO-MA tree each unique 
 once, thought tokens with the thought advantage A^T_k, answer tokens with the answer advantage
 A^A_km. Because the function works on flat tokens it serves any layout (one packed row per
 thought, or the naive K*M rows with thought weights divided by M).
+
+Sequence-level ratios (GSPO, arXiv 2507.18071; TRL's ``importance_sampling_level="sequence"``):
+given ``seq_ids`` (``sequences.tree_sequence_ids``: a thought is one sequence, each answer one;
+the path when M = 1), every token of sequence i uses the same ratio
+``s_i = exp(mean_{t in i, w_t > 0} (log pi_theta(y_t) - log pi_old(y_t)))`` in place of rho_t,
+with the gradient through the mean. The other losses of the registry (``policy_loss_variants``:
+CISPO, SAPO, VESPO) share :func:`importance_log_ratio` and the KL part.
 """
 
 from __future__ import annotations
@@ -21,8 +28,76 @@ import torch
 
 from .aggregation import AGGREGATION_MODES
 from .registry import get_kl_estimator, register_policy_loss
+from .sequences import segment_mean
 
-__all__ = ["clipped_policy_loss", "masked_clipped_policy_loss", "masked_agg_weights"]
+__all__ = ["clipped_policy_loss", "masked_clipped_policy_loss", "masked_agg_weights", "importance_log_ratio",
+           "kl_part", "ratio_metrics"]
+
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def check_loss_inputs(logp, old_logp, advantages, weights, seq_ids, ref_logp, kl_coef) -> None:
+    """Shape and argument checks shared by every registered policy loss."""
+    if not (logp.shape == old_logp.shape == advantages.shape == weights.shape):
+        raise ValueError(
+            f"logp, old_logp, advantages, weights must have one shape, got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(advantages.shape)}, {tuple(weights.shape)}"
+        )
+    if seq_ids is not None and seq_ids.shape != logp.shape:
+        raise ValueError(f"seq_ids must have the shape of logp {tuple(logp.shape)}, got {tuple(seq_ids.shape)}")
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp")
+
+
+def importance_log_ratio(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    weights: torch.Tensor,
+    seq_ids: Optional[torch.Tensor] = None,
+    log_ratio_clamp: float = 20.0,
+) -> torch.Tensor:
+    """Per-token log importance ratio [N] (with gradient through ``logp``).
+
+    ``seq_ids`` None: token level, ``log pi_theta(y_t) - log pi_old(y_t)``. Given ([N] long):
+    sequence level (GSPO), the mean of the token log-ratios over the token's sequence, trained
+    tokens only (``weights > 0``; TRL's ``(log_ratio * mask).sum(-1) / mask.sum(-1)``). The
+    result is clamped to +-``log_ratio_clamp`` (verl uses 20) so that its exp never overflows.
+    """
+    log_ratio = logp - old_logp.detach()
+    if seq_ids is not None:
+        log_ratio = segment_mean(log_ratio, seq_ids, weights.detach() > 0)
+    return log_ratio.clamp(min=-log_ratio_clamp, max=log_ratio_clamp)
+
+
+def kl_part(logp, ref_logp, weights, kl_coef, kl_estimator, kl_clamp):
+    """``(kl [N], kl_term)``: the per-token KL estimate and ``kl_coef * sum_t w_t KL_t`` (0 without a reference)."""
+    if ref_logp is not None:
+        kl = get_kl_estimator(kl_estimator)(logp, ref_logp.detach(), clamp=kl_clamp)  # [N]
+        return kl, kl_coef * (weights * kl).sum()
+    return torch.zeros_like(logp), torch.zeros((), dtype=logp.dtype, device=logp.device)
+
+
+@torch.no_grad()
+def ratio_metrics(ratio, weights, kl, policy_term, kl_term, clipped_low, clipped_high) -> dict[str, torch.Tensor]:
+    """The metrics every policy loss returns (see :func:`clipped_policy_loss`), detached 0-dim tensors."""
+    trained = weights > 0
+    n = trained.sum().clamp(min=1).to(ratio.dtype)
+    r = ratio.detach()
+    one = torch.ones((), dtype=r.dtype, device=r.device)
+    inf = torch.full((), float("inf"), dtype=r.dtype, device=r.device)
+    any_trained = trained.any()  # tensor ops only: no host sync
+    ratio_max = torch.where(any_trained, torch.where(trained, r, -inf).amax(), one) if r.numel() else one
+    ratio_min = torch.where(any_trained, torch.where(trained, r, inf).amin(), one) if r.numel() else one
+    return {
+        "loss/policy": policy_term.detach(),
+        "loss/kl": kl_term.detach(),
+        "kl/mean": (kl.detach() * trained).sum() / n,
+        "clip/low": (clipped_low & trained).sum() / n,
+        "clip/high": (clipped_high & trained).sum() / n,
+        "ratio/mean": torch.where(any_trained, (r * trained).sum() / n, one),
+        "ratio/max": ratio_max,
+        "ratio/min": ratio_min,
+    }
 
 
 @register_policy_loss("clipped")
@@ -39,6 +114,7 @@ def clipped_policy_loss(
     kl_clamp: Optional[float] = 10.0,
     kl_estimator: str = "k3",
     log_ratio_clamp: float = 20.0,
+    seq_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss with optional KL penalty, summed with per-token weights.
 
@@ -54,6 +130,8 @@ def clipped_policy_loss(
         kl_clamp: clamp of the log-ratio inside the KL estimator (see ``kl.py``).
         kl_estimator: registered KL estimator name (``k1``, ``k2``, ``k3``).
         log_ratio_clamp: ``log rho`` is clamped to +-this before the exp (verl uses 20).
+        seq_ids: [N] long sequence ids (``sequences.tree_sequence_ids``) for sequence-level
+            ratios (GSPO); None (default) for per-token ratios.
 
     Returns:
         ``(loss, metrics)``: loss is a 0-dim tensor; metrics are detached 0-dim tensors (call
@@ -65,58 +143,27 @@ def clipped_policy_loss(
         - ``clip/low``: fraction of trained tokens with ``A < 0`` and ``rho < 1 - clip_low``;
         - ``clip/high``: fraction of trained tokens with ``A > 0`` and ``rho > 1 + clip_high``;
           these are exactly the tokens whose gradient the clip zeroes;
-        - ``ratio/mean``, ``ratio/max``, ``ratio/min``: of rho over trained tokens (1 if none).
+        - ``ratio/mean``, ``ratio/max``, ``ratio/min``: of rho over trained tokens (1 if none);
+          at sequence level rho is the token's sequence ratio (so ``clip/*`` count the tokens of
+          clipped sequences).
 
         "Trained tokens" are those with ``weight > 0``; fractions and means are plain
         (unweighted) averages over them, every unique token counted once.
     """
-    if not (logp.shape == old_logp.shape == advantages.shape == weights.shape):
-        raise ValueError(
-            f"logp, old_logp, advantages, weights must have one shape, got {tuple(logp.shape)}, "
-            f"{tuple(old_logp.shape)}, {tuple(advantages.shape)}, {tuple(weights.shape)}"
-        )
-    if kl_coef > 0 and ref_logp is None:
-        raise ValueError("kl_coef > 0 needs ref_logp")
-    old_logp = old_logp.detach()
+    check_loss_inputs(logp, old_logp, advantages, weights, seq_ids, ref_logp, kl_coef)
     advantages = advantages.detach().to(logp.dtype)
     weights = weights.detach().to(logp.dtype)
 
-    log_ratio = (logp - old_logp).clamp(min=-log_ratio_clamp, max=log_ratio_clamp)
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(importance_log_ratio(logp, old_logp, weights, seq_ids, log_ratio_clamp))
     pg_unclipped = -advantages * ratio
     pg_clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     pg = torch.maximum(pg_unclipped, pg_clipped)  # [N]
     policy_term = (weights * pg).sum()
-
-    if ref_logp is not None:
-        kl = get_kl_estimator(kl_estimator)(logp, ref_logp.detach(), clamp=kl_clamp)  # [N]
-        kl_term = kl_coef * (weights * kl).sum()
-    else:
-        kl = torch.zeros_like(logp)
-        kl_term = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    kl, kl_term = kl_part(logp, ref_logp, weights, kl_coef, kl_estimator, kl_clamp)
     loss = policy_term + kl_term if kl_coef > 0 else policy_term
-
-    with torch.no_grad():
-        trained = weights > 0
-        n = trained.sum().clamp(min=1).to(logp.dtype)
-        r = ratio.detach()
-        clipped_high = trained & (advantages > 0) & (r > 1.0 + clip_high)
-        clipped_low = trained & (advantages < 0) & (r < 1.0 - clip_low)
-        one = torch.ones((), dtype=r.dtype, device=r.device)
-        inf = torch.full((), float("inf"), dtype=r.dtype, device=r.device)
-        any_trained = trained.any()  # tensor ops only: no host sync
-        ratio_max = torch.where(any_trained, torch.where(trained, r, -inf).amax(), one) if r.numel() else one
-        ratio_min = torch.where(any_trained, torch.where(trained, r, inf).amin(), one) if r.numel() else one
-        metrics = {
-            "loss/policy": policy_term.detach(),
-            "loss/kl": kl_term.detach(),
-            "kl/mean": (kl.detach() * trained).sum() / n,
-            "clip/low": clipped_low.sum() / n,
-            "clip/high": clipped_high.sum() / n,
-            "ratio/mean": torch.where(any_trained, (r * trained).sum() / n, one),
-            "ratio/max": ratio_max,
-            "ratio/min": ratio_min,
-        }
+    r = ratio.detach()
+    metrics = ratio_metrics(r, weights, kl, policy_term, kl_term,
+                            (advantages < 0) & (r < 1.0 - clip_low), (advantages > 0) & (r > 1.0 + clip_high))
     return loss, metrics
 
 

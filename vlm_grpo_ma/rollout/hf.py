@@ -6,6 +6,10 @@ The closing token is fed too, so when stage 1 ends the cache holds prompt + thou
 (prompt, thought) row.  Stage 2 repeats that cache M times and samples M answers per thought
 until the end token.  Nothing is ever prefilled twice: the prompt and the thought are each
 computed once, whatever K and M (the way nanochat's engine prefills once and clones its cache).
+``generate_tree_pilot`` (dynamic sampling's GRPO-MA pilot) keeps that property: one answer per
+thought first, then the other answers of the kept prompts from a copy of the thoughts' cache.
+``generate_answers`` is the one exception: it continues thoughts handed in from outside, so it
+prefills prompt + thought again.
 
 The decode loop is written here rather than delegated to ``model.generate`` so that every
 position is explicit (no ``generate`` state such as a cached ``rope_deltas`` is relied on):
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
@@ -513,6 +517,151 @@ class HFRolloutBackend:
                 "tokens_generated": float(t_len.sum() + a_len.sum()),
             },
         )
+
+    @torch.no_grad()
+    def generate_answers(self, rollout: TreeRollout, M: int, sampling: SamplingParams) -> TreeRollout:
+        """M NEW answers for each thought of an existing tree (the GRPO-MA pilot of dynamic sampling
+        samples one answer per thought first, then the rest for the prompts it keeps).
+
+        Each (prompt, thought) row is prefilled again (its images included; the thought tokens
+        get the text positions they were sampled with, from ``get_rope_index`` over prompt +
+        thought), then stage 2 runs as in :meth:`generate_tree`. Returns a TreeRollout with the
+        same prompts and thoughts and only the M new answers (append them with
+        ``rollout.types.append_answers``); ``stats`` count this call's work.
+        """
+        if M < 1:
+            raise ValueError(f"M must be >= 1, got {M}")
+        B, K = rollout.B, rollout.K
+        rows = [(b, k) for b in range(B) for k in range(K)]
+        seqs = [torch.cat([rollout.prompt_ids[b], rollout.thought_ids[b][k]]) for b, k in rows]
+        mms = [torch.cat([rollout.prompt_mm_token_type_ids[b], torch.zeros(len(rollout.thought_ids[b][k]),
+                                                                          dtype=torch.long)]) for b, k in rows]
+        L = max(len(x) for x in seqs)
+        ids = torch.full((len(rows), L), self.ids.pad, dtype=torch.long)
+        mm = torch.zeros(len(rows), L, dtype=torch.long)
+        attn = torch.zeros(len(rows), L, dtype=torch.long)
+        for r, (x, t) in enumerate(zip(seqs, mms)):  # left padding, as the processor's
+            ids[r, L - len(x):] = x
+            mm[r, L - len(x):] = t
+            attn[r, L - len(x):] = 1
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm}
+        pix = [rollout.pixel_values[b] for b, _ in rows if rollout.pixel_values[b] is not None]
+        if pix:
+            inputs["pixel_values"] = torch.cat(pix)
+            inputs["image_grid_thw"] = torch.cat([rollout.image_grid_thw[b] for b, _ in rows
+                                                  if rollout.image_grid_thw[b] is not None])
+        model = unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        gen = self._generator(sampling.seed)
+        try:
+            with self._context():
+                state, n_prefill = self._prefill(inputs)
+                dev = state.logits.device
+                state.repeat_interleave(M)
+                a_tok, a_lp, a_len, a_trunc, dec = self._decode(
+                    state, sampling, sampling.max_answer_tokens, torch.tensor(self.ids.stop, device=dev), gen)
+        finally:
+            core = model.model
+            if hasattr(core, "rope_deltas"):
+                core.rope_deltas = None
+            model.train(was_training)
+        return self._new_answers(rollout, M, a_tok, a_lp, a_len, a_trunc,
+                                 {"tokens_prefilled": float(n_prefill), "tokens_decoded": float(dec)})
+
+    def _new_answers(self, rollout: TreeRollout, M: int, a_tok, a_lp, a_len, a_trunc, stats: dict) -> TreeRollout:
+        """``rollout`` (its prompts and thoughts) with only the M answers per thought decoded here
+        (rows ``(b * K + k) * M + m``)."""
+        B, K = rollout.B, rollout.K
+        a_tok, a_lp, a_len = a_tok.cpu(), a_lp.cpu(), a_len.cpu()
+        an_ids, an_lp, an_txt = [], [], []
+        for b in range(B):
+            an_ids.append([]); an_lp.append([]); an_txt.append([])  # noqa: E702
+            for k in range(K):
+                _, carried = split_completion(self._decode_text(rollout.thought_ids[b][k]))
+                q0 = (b * K + k) * M
+                an_ids[b].append([a_tok[q, : a_len[q]] for q in range(q0, q0 + M)])
+                an_lp[b].append([a_lp[q, : a_len[q]] for q in range(q0, q0 + M)])
+                an_txt[b].append([carried + self._decode_text(a_tok[q, : a_len[q]], drop_stop=True)
+                                  for q in range(q0, q0 + M)])
+        return replace(
+            rollout, answer_ids=an_ids, answer_logprobs=an_lp, answer_truncated=a_trunc.cpu().view(B, K, M),
+            answer_texts=an_txt, stats={**stats, "tokens_generated": float(a_len.sum())},
+        )
+
+    @torch.no_grad()
+    def generate_tree_pilot(
+        self, prompts_inputs: Mapping[str, Any], K: int, M: int, sampling: SamplingParams,
+        decide: Callable[[TreeRollout], Sequence[int]],
+    ) -> tuple[TreeRollout, TreeRollout | None]:
+        """The GRPO-MA pilot of dynamic sampling in one pass: K thoughts per prompt and ONE answer
+        each (the pilot tree, M = 1), then ``decide(pilot tree)`` returns the prompts to complete,
+        and only those get their other M - 1 answers per thought, continuing the cache the thoughts
+        left (copied before the pilot answers; rows selected, nothing prefilled again).
+
+        Returns ``(pilot tree, tree of the kept prompts with their M - 1 new answers, or None)``;
+        ``decide`` runs inside the generation context (it may score, and call collectives that
+        every rank reaches). The pilot tree's stats count stage 1 and the pilot answers.
+        """
+        import copy
+
+        if K < 1 or M < 2:
+            raise ValueError(f"the pilot needs K >= 1 and M >= 2, got K={K}, M={M}")
+        model = unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        gen = self._generator(sampling.seed)
+        rest = None
+        try:
+            with self._context():
+                state, n_prefill = self._prefill(prompts_inputs)
+                dev = state.logits.device
+                B = state.logits.shape[0]
+                state.repeat_interleave(K)
+                text_stop = self.ids.think_end is None
+                t_tok, t_lp, t_len, t_trunc, dec1 = self._decode(
+                    state, sampling, sampling.max_thought_tokens,
+                    None if text_stop else torch.tensor([self.ids.think_end], device=dev), gen,
+                    close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
+                )
+                saved = _DecodeState(copy.deepcopy(state.cache), state.attention_mask.clone(), state.next_pos.clone(),
+                                     state.logits.clone())
+                stop = torch.tensor(self.ids.stop, device=dev)
+                a_tok, a_lp, a_len, a_trunc, dec2 = self._decode(state, sampling, sampling.max_answer_tokens, stop, gen)
+                del state
+                pilot = self._assemble(prompts_inputs, B, K, 1, t_tok, t_lp, t_len, t_trunc, a_tok, a_lp, a_len,
+                                       a_trunc, n_prefill, dec1 + dec2)
+                kept = list(decide(pilot))
+                if kept:
+                    rows = torch.tensor([b * K + k for b in kept for k in range(K)], device=dev)
+                    saved.cache.batch_select_indices(rows)
+                    saved.attention_mask = saved.attention_mask[rows]
+                    saved.next_pos = saved.next_pos[rows]
+                    saved.logits = saved.logits[rows]
+                    saved.repeat_interleave(M - 1)
+                    r_tok, r_lp, r_len, r_trunc, dec3 = self._decode(saved, sampling, sampling.max_answer_tokens,
+                                                                     stop, gen)
+                    sub = replace(pilot, prompt_ids=[pilot.prompt_ids[b] for b in kept],
+                                  prompt_mm_token_type_ids=[pilot.prompt_mm_token_type_ids[b] for b in kept],
+                                  pixel_values=[pilot.pixel_values[b] for b in kept],
+                                  image_grid_thw=[pilot.image_grid_thw[b] for b in kept],
+                                  thought_ids=[pilot.thought_ids[b] for b in kept],
+                                  thought_logprobs=[pilot.thought_logprobs[b] for b in kept],
+                                  thought_truncated=pilot.thought_truncated[kept],
+                                  answer_ids=[pilot.answer_ids[b] for b in kept],
+                                  answer_logprobs=[pilot.answer_logprobs[b] for b in kept],
+                                  answer_truncated=pilot.answer_truncated[kept],
+                                  thought_texts=[pilot.thought_texts[b] for b in kept],
+                                  answer_texts=[pilot.answer_texts[b] for b in kept], stats={})
+                    rest = self._new_answers(sub, M - 1, r_tok, r_lp, r_len, r_trunc,
+                                             {"tokens_prefilled": 0.0, "tokens_decoded": float(dec3)})
+                del saved
+        finally:
+            core = model.model
+            if hasattr(core, "rope_deltas"):
+                core.rope_deltas = None
+            model.train(was_training)
+        return pilot, rest
 
     def generate_tree_from_messages(
         self, messages_batch: Sequence[list[dict]], K: int, M: int, sampling: SamplingParams

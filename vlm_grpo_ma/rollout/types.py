@@ -169,3 +169,39 @@ class RolloutBackend(Protocol):
     ) -> list[list[str]]:
         """Completion texts [B][n] in one stage (no stop at ``</think>``), greedy by default."""
         ...
+
+
+def append_answers(tree: TreeRollout, more: TreeRollout) -> TreeRollout:
+    """``tree`` with the answers of ``more`` (same prompts and thoughts) appended to each thought's:
+    M = tree.M + more.M, answers of ``tree`` first. Stats are summed."""
+    if (tree.B, tree.K) != (more.B, more.K):
+        raise ValueError(f"append_answers: trees of {tree.B}x{tree.K} and {more.B}x{more.K} prompts x thoughts")
+    join = lambda x, y: [[x[b][k] + y[b][k] for k in range(tree.K)] for b in range(tree.B)]  # noqa: E731
+    stats = {key: tree.stats.get(key, 0.0) + more.stats.get(key, 0.0) for key in set(tree.stats) | set(more.stats)}
+    return TreeRollout(
+        prompt_ids=tree.prompt_ids, prompt_mm_token_type_ids=tree.prompt_mm_token_type_ids,
+        pixel_values=tree.pixel_values, image_grid_thw=tree.image_grid_thw, thought_ids=tree.thought_ids,
+        thought_logprobs=tree.thought_logprobs, thought_truncated=tree.thought_truncated,
+        answer_ids=join(tree.answer_ids, more.answer_ids),
+        answer_logprobs=join(tree.answer_logprobs, more.answer_logprobs),
+        answer_truncated=torch.cat([tree.answer_truncated, more.answer_truncated], dim=2),
+        thought_texts=tree.thought_texts, answer_texts=join(tree.answer_texts, more.answer_texts), stats=stats,
+    )
+
+
+def cat_prompts(trees: Sequence[TreeRollout]) -> TreeRollout:
+    """The trees of several prompt batches (same K and M) as one, prompts in order. Stats summed."""
+    if len(trees) == 1:
+        return trees[0]
+    if len({(t.K, t.M) for t in trees}) != 1:
+        raise ValueError(f"cat_prompts: trees of different shapes {[(t.K, t.M) for t in trees]}")
+    flat = lambda name: [x for t in trees for x in getattr(t, name)]  # noqa: E731
+    keys = set().union(*(t.stats for t in trees))
+    return TreeRollout(
+        prompt_ids=flat("prompt_ids"), prompt_mm_token_type_ids=flat("prompt_mm_token_type_ids"),
+        pixel_values=flat("pixel_values"), image_grid_thw=flat("image_grid_thw"), thought_ids=flat("thought_ids"),
+        thought_logprobs=flat("thought_logprobs"), thought_truncated=torch.cat([t.thought_truncated for t in trees]),
+        answer_ids=flat("answer_ids"), answer_logprobs=flat("answer_logprobs"),
+        answer_truncated=torch.cat([t.answer_truncated for t in trees]), thought_texts=flat("thought_texts"),
+        answer_texts=flat("answer_texts"), stats={k: sum(t.stats.get(k, 0.0) for t in trees) for k in keys},
+    )

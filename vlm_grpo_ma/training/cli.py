@@ -185,6 +185,21 @@ def _run(argv: Sequence[str] | None = None) -> dict:
                      ", ".join(f"{k}={v:.4f}" for k, v in m.items() if not k.startswith("eval/parse")))
             _write_json(summary_path, summary)
 
+    from vlm_grpo_ma.training import checkpoint as ckpt
+    from vlm_grpo_ma.training.periodic_eval import PeriodicEval
+
+    p_task, p_samples, p_max_new, p_batch = task, heldout, max_new, cfg.data.eval_batch_size
+    if cfg.data.eval_suite:  # a benchmark suite by name, resolved by the command line (bench's loader)
+        from vlm_grpo_ma.training.periodic_eval import resolve_suite
+
+        p_task, p_samples, p_max_new, p_batch = resolve_suite(cfg.data.eval_suite)
+    periodic = PeriodicEval(
+        p_task, p_samples, logger, every=cfg.data.eval_every, batch_size=p_batch, max_new_tokens=p_max_new,
+        images=cfg.data.eval_images, keep_best_metric=cfg.data.keep_best_metric, keep_best_mode=cfg.data.keep_best_mode,
+        save_model=lambda st, path, record: ckpt.save_hf_model(st.engine, path, st.processor,
+                                                              lora_scale=st.lora_scale(cfg), record=record),
+    ) if cfg.data.eval_every > 0 else None
+
     def check_length_caps(stage) -> None:
         """Warn (once) when SFT targets do not fit the RL length caps: a config error that would
         otherwise only show as a lower reward (see data.length_cap_report)."""
@@ -228,7 +243,7 @@ def _run(argv: Sequence[str] | None = None) -> dict:
             if start == 0 and "before_sft" not in summary["evals"]:
                 held_out_eval(st, "before_sft")
             t0 = time.perf_counter()
-            last = run_sft(st, cfg, task, logger, start, train_samples)
+            last = run_sft(st, cfg, task, logger, start, train_samples, periodic=periodic)
             summary["sft"] = {"steps": cfg.sft.sft_steps, "last": last, "seconds": time.perf_counter() - t0,
                               "skipped_steps": st.skipped_steps}
             stg.save_final(st, cfg)
@@ -259,7 +274,7 @@ def _run(argv: Sequence[str] | None = None) -> dict:
             if start == 0 and cfg.run.stage == "rl" and "before_rl" not in summary["evals"]:
                 held_out_eval(st, "before_rl")
             t0 = time.perf_counter()
-            last = run_rl(st, cfg, task, logger, state, start, train_samples)
+            last = run_rl(st, cfg, task, logger, state, start, train_samples, periodic=periodic)
             summary["rl"] = {"steps": cfg.rl.rl_steps, "tree": f"T{cfg.rl.num_thoughts}A{cfg.rl.answers_per_thought}",
                              "last": last, "seconds": time.perf_counter() - t0, "skipped_steps": st.skipped_steps}
             stg.save_final(st, cfg)
@@ -267,6 +282,8 @@ def _run(argv: Sequence[str] | None = None) -> dict:
             stg.release(st)
 
     # --- summary --------------------------------------------------------------------------------
+    if periodic is not None:
+        summary["periodic_eval"] = periodic.totals()  # its cost: evaluations and their seconds
     summary["paths"] = {
         "run_dir": str(out.resolve()),
         "config": str((out / "config.yaml").resolve()),

@@ -89,6 +89,25 @@ class DataArgs:
         default=64, metadata={"help": "Number of held-out samples evaluated (greedy decoding) before SFT, after SFT and after RL; 0 skips evaluation."}
     )
     eval_batch_size: int = field(default=16, metadata={"help": "Prompts per generate call in evaluation."})
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Held-out evaluation (greedy, the eval_samples) every N steps of SFT and of RL and at each "
+                  "stage's last step, logged as heldout/* under <stage>_eval (JSONL and TensorBoard); 0: only before "
+                  "and after the stages."},
+    )
+    eval_suite: Optional[str] = field(
+        default=None,
+        metadata={"help": "With eval_every: evaluate a benchmark suite (name, e.g. synthetic-vqa, or YAML file) during "
+                  "training instead of the run's held-out samples: its task options, data and max_new_tokens, decoded "
+                  "greedily and scored as bench run scores."},
+    )
+    eval_images: int = field(default=4, metadata={"help": "Drawn held-out predictions logged to TensorBoard per evaluation during training."})
+    keep_best_metric: Optional[str] = field(
+        default=None,
+        metadata={"help": "With eval_every: keep the policy with the best value of this held-out metric (e.g. accuracy, "
+                  "reward) in <stage>/best; None: keep none."},
+    )
+    keep_best_mode: str = field(default="max", metadata={"help": "keep_best_metric: max (higher is better) or min."})
     skip_invalid: bool = field(
         default=False,
         metadata={"help": "Skip (and count) invalid records of train/eval data instead of raising an error naming file, line and field."},
@@ -159,8 +178,25 @@ class RLArgs:
                   "(plain GRPO, answers_per_thought = 1 only; the same numbers as grpo_ma there)."},
     )
     policy_loss: str = field(
-        default="clipped", metadata={"help": "Policy loss: clipped (the PPO/GRPO clipped surrogate, clip_low/clip_high)."}
+        default="clipped",
+        metadata={"help": "Policy loss: clipped (the PPO/GRPO clipped surrogate, clip_low/clip_high), cispo (MiniMax-M1: "
+                  "REINFORCE with the IS weight capped at cispo_cap), sapo (soft sigmoid gate, sapo_temperature_pos/neg) "
+                  "or vespo (gamma weight of the sequence ratio, vespo_*; always sequence-level); formulas as TRL 1.16 (docs/ALGORITHMS.md)."},
     )
+    importance_sampling_level: str = field(
+        default="token",
+        metadata={"help": "token: one importance ratio per token; sequence: GSPO's length-normalised ratio per "
+                  "sequence, a sequence being a tree segment (a thought, an answer; the whole path when "
+                  "answers_per_thought = 1), for the clipped, cispo and sapo losses. GSPO = clipped + sequence; "
+                  "LUSPO = that + loss_agg_mode seq-mean-token-sum."},
+    )
+    cispo_cap: float = field(default=5.0, metadata={"help": "cispo: the largest importance weight (TRL's epsilon_high for cispo; ScaleRL recommends 5)."})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "sapo: gate temperature of tokens with a positive advantage."})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "sapo: gate temperature of tokens with a non-positive advantage."})
+    vespo_k_pos: float = field(default=2.0, metadata={"help": "vespo: power k of the gamma weight for non-negative advantages."})
+    vespo_lambda_pos: float = field(default=3.0, metadata={"help": "vespo: decay lambda of the gamma weight for non-negative advantages."})
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "vespo: power k of the gamma weight for negative advantages."})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "vespo: decay lambda of the gamma weight for negative advantages."})
     kl_estimator: str = field(
         default="k3", metadata={"help": "Per-token KL estimator of the kl_coef penalty: k1, k2 or k3 (Schulman's)."}
     )
@@ -168,6 +204,34 @@ class RLArgs:
         default=True, metadata={"help": "Divide advantages by the group std (GRPO); False is Dr.GRPO's unscaled advantage."}
     )
     adv_eps: float = field(default=1e-6, metadata={"help": "eps added to the std when scaling advantages."})
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": "Whose std divides the thought and answer advantages (TRL's names): group (each prompt's), "
+                  "batch (one std over the global batch: all thought values / all rewards), none (no division, "
+                  "as --no_scale_adv_by_std, which wins over group)."},
+    )
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "DAPO overlong filtering per segment: a truncated answer leaves the loss, a truncated thought "
+                  "too, and a thought whose every answer was truncated (docs/ALGORITHMS.md)."},
+    )
+    overlong_penalty_cache: int = field(
+        default=0,
+        metadata={"help": "DAPO soft overlong punishment: L_cache tokens before each segment's budget over which the "
+                  "reward falls linearly to -overlong_penalty_factor (thought and answer each against their own "
+                  "budget); 0: off."},
+    )
+    overlong_penalty_factor: float = field(default=1.0, metadata={"help": "Scale of the soft overlong punishment."})
+    dynamic_sampling: str = field(
+        default="off",
+        metadata={"help": "Train only on prompts whose rewards have spread: off; full (DAPO: drop prompts whose K*M "
+                  "rewards are all equal after scoring, refill from fresh prompts); pilot (GRPO-MA: after the K "
+                  "thoughts and one answer each, drop prompts whose K pilot rewards are all equal before generating "
+                  "their other answers; hf backend). docs/ALGORITHMS.md."},
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=3, metadata={"help": "Dynamic sampling: extra generation rounds (fresh prompts) allowed per step to refill the batch."}
+    )
     train_layout: str = field(
         default="tree",
         metadata={"help": "Training forward layout: tree (one sequence per prompt: the prompt and its images once, every thought and answer once, under a 4D mask), packed (one sequence per thought with its M answers: the prompt K times) or naive (K*M sequences). tree and packed need an attention kernel that takes a 4D mask (sdpa, eager); others fall back to naive."},
@@ -192,6 +256,24 @@ class RLArgs:
         default=0.0,
         metadata={"help": "vllm backend: truncated importance sampling cap C; token weights are multiplied by min(pi_trainer_old / pi_vllm, C) to correct the engine/trainer log-prob mismatch (0: off)."},
     )
+
+
+def policy_loss_options(rl: RLArgs) -> dict:
+    """The keyword arguments of the registered policy loss ``rl.policy_loss`` that come from the
+    config, beside the shared ones (advantages, weights, reference, KL, ``seq_ids``)."""
+    clipped = lambda: {"clip_low": rl.clip_low, "clip_high": rl.clip_high}  # noqa: E731
+    return {
+        "clipped": clipped,
+        "cispo": lambda: {"cap": rl.cispo_cap},
+        "sapo": lambda: {"tau_pos": rl.sapo_temperature_pos, "tau_neg": rl.sapo_temperature_neg},
+        "vespo": lambda: {"k_pos": rl.vespo_k_pos, "lambda_pos": rl.vespo_lambda_pos,
+                          "k_neg": rl.vespo_k_neg, "lambda_neg": rl.vespo_lambda_neg},
+    }.get(rl.policy_loss, clipped)()  # a third-party loss: the clipped loss's signature
+
+
+def effective_scale_rewards(rl: RLArgs) -> str:
+    """``scale_rewards`` with ``scale_adv_by_std: false`` folded in (it means ``none``)."""
+    return rl.scale_rewards if rl.scale_adv_by_std else "none"
 
 
 @dataclass
@@ -259,6 +341,16 @@ class TrainConfig:
             raise ValueError("num_thoughts * answers_per_thought must be >= 2 (a group of one has no advantage)")
         if self.rl.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
+        from vlm_grpo_ma.training.dynamic_sampling import DYNAMIC_SAMPLING
+
+        if self.rl.dynamic_sampling not in DYNAMIC_SAMPLING:
+            raise ValueError(f"dynamic_sampling must be one of {', '.join(DYNAMIC_SAMPLING)}, got {self.rl.dynamic_sampling!r}")
+        if self.rl.dynamic_sampling_max_rounds < 0:
+            raise ValueError(f"dynamic_sampling_max_rounds must be >= 0, got {self.rl.dynamic_sampling_max_rounds}")
+        if self.rl.dynamic_sampling == "pilot" and self.rl.rollout_backend != "hf":
+            raise ValueError("dynamic_sampling pilot needs rollout_backend hf (it continues given thoughts)")
+        if self.rl.overlong_penalty_cache < 0:
+            raise ValueError(f"overlong_penalty_cache must be >= 0, got {self.rl.overlong_penalty_cache}")
         self._validate_algorithms()
         if self.rl.train_layout not in ("tree", "packed", "naive"):
             raise ValueError(f"train_layout must be tree, packed or naive, got {self.rl.train_layout!r}")
@@ -272,6 +364,14 @@ class TrainConfig:
             raise ValueError(f"memory_plan must be check, warn or off, got {self.run.memory_plan!r}")
         if self.run.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be cosine or constant, got {self.run.lr_schedule!r}")
+        if self.data.eval_every < 0 or self.data.eval_images < 0:
+            raise ValueError("eval_every and eval_images must be >= 0")
+        if self.data.keep_best_mode not in ("max", "min"):
+            raise ValueError(f"keep_best_mode must be max or min, got {self.data.keep_best_mode!r}")
+        if self.data.keep_best_metric and not (self.data.eval_every > 0 and (self.data.eval_samples > 0 or self.data.eval_suite)):
+            raise ValueError("keep_best_metric needs eval_every > 0 and held-out samples (eval_samples > 0 or eval_suite)")
+        if self.data.eval_suite and self.data.eval_every <= 0:
+            raise ValueError("eval_suite is evaluated during training: it needs eval_every > 0")
         if self.sft.sft_batch_size < 1 or self.rl.prompts_per_step < 1:
             raise ValueError("sft_batch_size and prompts_per_step must be >= 1")
 
@@ -289,6 +389,17 @@ class TrainConfig:
                                    ("kl_estimator", rl.kl_estimator, KL_ESTIMATORS)):
             if value not in table:
                 raise ValueError(f"{name} must be one of {', '.join(table.names())}, got {value!r}")
+        from vlm_grpo_ma.algorithms import IMPORTANCE_SAMPLING_LEVELS, SCALE_REWARDS
+
+        if rl.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, "
+                             f"got {rl.importance_sampling_level!r}")
+        if rl.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}, got {rl.scale_rewards!r}")
+        if not rl.scale_adv_by_std and rl.scale_rewards == "batch":
+            raise ValueError("scale_adv_by_std false (no std division) conflicts with scale_rewards batch")
+        if rl.cispo_cap <= 0 or rl.sapo_temperature_pos <= 0 or rl.sapo_temperature_neg <= 0:
+            raise ValueError("cispo_cap, sapo_temperature_pos and sapo_temperature_neg must be > 0")
         if rl.adv_estimator == "grpo" and rl.answers_per_thought != 1:
             raise ValueError(f"adv_estimator grpo needs answers_per_thought = 1 (got {rl.answers_per_thought}); "
                              "use grpo_ma for a tree")

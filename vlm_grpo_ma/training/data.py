@@ -19,6 +19,8 @@ import numpy as np
 #: synthetic training seeds are seed * _STRIDE + offset + step; evaluation seeds start at _EVAL_BASE
 _STRIDE = 1_000_003
 _EVAL_BASE = 2_000_000_000
+#: dynamic sampling's refill rounds: seeds from _EXTRA_BASE on (64 rounds per step at most)
+_EXTRA_BASE = 3_000_000_000
 STAGE_OFFSETS = {"sft": 0, "rl": 500_000}
 
 
@@ -62,6 +64,18 @@ class SampleStream:
             epoch, pos = divmod(i, n)
             out.append(self.samples[int(self._permutation(epoch)[pos])])
         return out
+
+
+    def extra(self, step: int, rnd: int) -> list:
+        """``batch_size`` fresh samples for extra round ``rnd`` >= 1 of ``step`` (dynamic sampling's
+        refill), the same on every rank and every run: synthetic ones from a seed range no step
+        uses, or a dataset's samples drawn at random (without replacement within the round)."""
+        if self.samples is None:
+            return synthetic_batch(self.task, self.batch_size, _EXTRA_BASE + (self.seed * _STRIDE + step) * 64 + rnd)
+        rng = np.random.default_rng([self.seed, STAGE_OFFSETS[self.stage], 7, step, rnd])
+        n = len(self.samples)
+        idx = rng.permutation(n)[: self.batch_size] if self.batch_size <= n else rng.integers(0, n, self.batch_size)
+        return [self.samples[int(i)] for i in idx]
 
 
 def synthetic_batch(task, n: int, seed: int) -> list:

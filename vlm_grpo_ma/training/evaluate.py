@@ -39,6 +39,7 @@ def evaluate(
     max_new_tokens: int = 96,
     gather_context=None,
     sampling=None,
+    completions_out: dict | None = None,
 ) -> dict[str, float]:
     """The task's metrics of greedy predictions on ``samples``, plus ``eval/reward`` (the mean
     task reward, what RL maximises), ``eval/format_rate`` and ``eval/parse/<reason>`` counts.
@@ -51,6 +52,8 @@ def evaluate(
         sampling: a ``SamplingParams`` to sample one completion per sample with (e.g. at the
             RL temperature) instead of decoding greedily; its length limits are replaced by
             ``max_new_tokens``.
+        completions_out: a dict filled (on every rank) with ``{i: (completion, prediction,
+            parse-failure reason)}`` of every sample, for drawing predictions.
     """
     from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
 
@@ -85,6 +88,8 @@ def evaluate(
         preds.append(pred)
         if reason:
             reasons[reason] += 1
+        if completions_out is not None:
+            completions_out[j] = (merged[j], pred, reason)
     # the task reward of each completion, through the one reward guard (as the trainer scores)
     rewards = [r.total for r in RewardGuard(task).batch([(*split_completion(merged[j]), samples[j], family)
                                                          for j in range(n)])]

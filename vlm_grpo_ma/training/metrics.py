@@ -85,6 +85,21 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{stage}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))})
 
+    def log_images(self, stage: str, step: int, tag: str, images) -> None:
+        """PIL images as TensorBoard images ``<tag>/<i>`` of ``stage`` at ``step`` (TensorBoard only)."""
+        if not self.enabled or not self._use_tb or not images:
+            return
+        import numpy as np
+
+        w = self._tb.get(stage)
+        if w is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            w = self._tb[stage] = SummaryWriter(str(self.run_dir / "tensorboard" / stage))
+        for i, img in enumerate(images):
+            w.add_image(f"{tag}/{i}", np.asarray(img.convert("RGB")), step, dataformats="HWC")
+        w.flush()
+
     def close(self) -> None:
         for w in self._tb.values():
             w.close()

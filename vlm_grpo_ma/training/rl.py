@@ -30,17 +30,17 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from vlm_grpo_ma.algorithms import (
     GradientSpikeTracker,
-    aggregation_weights,
     cross_rank_scale,
-    get_adv_est,
     get_policy_loss,
+    kept_aggregation_weights,
+    truncation_keep,
     zero_spread_fraction,
 )
 from vlm_grpo_ma.algorithms.tis import tis_metrics, tis_weights
@@ -50,10 +50,15 @@ from vlm_grpo_ma.rollout.layout import TrainBatch, build_train_batch, score_toke
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
+from vlm_grpo_ma.training import dynamic_sampling, objective
 from vlm_grpo_ma.training.config import TrainConfig
 from vlm_grpo_ma.training.data import SampleStream
 from vlm_grpo_ma.training.metrics import MetricsLogger
 from vlm_grpo_ma.training.stage import Stage, lr_of, optimizer_step
+
+
+#: per-token metrics of every policy loss, averaged over the step's trained tokens
+TOKEN_MEAN_METRICS = ("clip/low", "clip/high", "kl/mean", "ratio/mean")
 
 
 def select_prompts(rollout: TreeRollout, idx: Sequence[int]) -> TreeRollout:
@@ -104,6 +109,8 @@ class ScoredRollout:
     part_sums: dict[str, float]  #: each reward part summed over the B*K*M pairs
     reasons: Counter  #: parse-failure (and ``reward_error``) reasons over the pairs
     seconds: dict[str, float] = field(default_factory=dict)  #: ``rollout`` and ``reward`` times
+    penalty: torch.Tensor | None = None  #: [B, K, M] soft overlong punishment added for the advantages
+    dynamic: dict[str, float] = field(default_factory=dict)  #: dynamic sampling's counters (``dynamic/*``)
 
 
 @dataclass
@@ -119,10 +126,19 @@ class UpdateStats:
 def score_rollout(state: RLState, rollout: TreeRollout, samples: Sequence, family) -> tuple[torch.Tensor, dict, Counter]:
     """Rewards [B, K, M], per-part sums and parse-failure reasons of a rollout, scored in one
     ``reward_batch`` call (the code task runs its sandboxes in parallel there) through the guard."""
+    return summarise_rewards(state, score_pairs(state, rollout, samples, family), rollout.B, rollout.K, rollout.M)
+
+
+def score_pairs(state: RLState, rollout: TreeRollout, samples: Sequence, family) -> list:
+    """The guarded Reward of every (thought, answer) pair, flat order (b * K + k) * M + m."""
     B, K, M = rollout.B, rollout.K, rollout.M
     items = [(rollout.thought_texts[b][k], rollout.answer_texts[b][k][m], samples[b], family)
-             for b in range(B) for k in range(K) for m in range(M)]  # flat order (b * K + k) * M + m
-    scored = state.reward_fn.batch(items)
+             for b in range(B) for k in range(K) for m in range(M)]
+    return state.reward_fn.batch(items)
+
+
+def summarise_rewards(state: RLState, scored: list, B: int, K: int, M: int) -> tuple[torch.Tensor, dict, Counter]:
+    """Rewards [B, K, M], per-part sums and reasons of the flat Rewards of a tree."""
     rewards = torch.tensor([float(r.total) for r in scored], dtype=torch.float32).reshape(B, K, M)
     part_sums: dict[str, float] = {p: 0.0 for p in state.reward_fn.task.reward_parts}
     reasons: Counter = Counter()
@@ -159,21 +175,33 @@ def rollout_backend(stage: Stage, cfg: TrainConfig):
     return stage.vllm_backend
 
 
-def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence) -> ScoredRollout:
+def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence,
+                      more: Callable[[int], Sequence] | None = None) -> ScoredRollout:
     """Sample the tree of this rank's ``samples``, score every pair, and compute the advantages
-    (per prompt, so rank-local)."""
+    (per prompt; ``scale_rewards: batch`` gathers over ranks). With ``dynamic_sampling`` full or
+    pilot, prompts without spread are dropped and refilled from ``more(round)``
+    (``training/dynamic_sampling.py``); ``time/reward`` is then inside ``time/rollout``."""
     rl = cfg.rl
     t0 = time.perf_counter()
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                               max_thought_tokens=rl.max_thought_tokens, max_answer_tokens=rl.max_answer_tokens)
-    messages = [task.messages(s, stage.family) for s in samples]
-    rollout = rollout_backend(stage, cfg).generate_tree_from_messages(messages, rl.num_thoughts,
-                                                                       rl.answers_per_thought, sampling)
-    t1 = time.perf_counter()
-    rewards, part_sums, reasons = score_rollout(state, rollout, samples, stage.family)
-    thought_adv, answer_adv = get_adv_est(rl.adv_estimator)(rewards, scale_by_std=rl.scale_adv_by_std, eps=rl.adv_eps)
+    backend = rollout_backend(stage, cfg)
+    dyn: dict[str, float] = {}
+    if rl.dynamic_sampling != "off":
+        got = dynamic_sampling.run(cfg, backend, task, stage.family, samples, sampling, more or (lambda r: samples),
+                                   score=lambda tree, ss: score_pairs(state, tree, ss, stage.family))
+        rollout, samples, dyn = got.rollout, got.samples, got.stats
+        t1 = time.perf_counter()
+        rewards, part_sums, reasons = summarise_rewards(state, got.scored, rollout.B, rollout.K, rollout.M)
+    else:
+        messages = [task.messages(s, stage.family) for s in samples]
+        rollout = backend.generate_tree_from_messages(messages, rl.num_thoughts, rl.answers_per_thought, sampling)
+        t1 = time.perf_counter()
+        rewards, part_sums, reasons = score_rollout(state, rollout, samples, stage.family)
+    penalty = objective.overlong_penalty(cfg, rollout)
+    thought_adv, answer_adv = objective.advantages(cfg, rewards if penalty is None else rewards + penalty)
     return ScoredRollout(rollout, rewards, thought_adv, answer_adv, part_sums, reasons,
-                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1})
+                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1}, penalty, dyn)
 
 
 def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list[TrainBatch]:
@@ -183,9 +211,10 @@ def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list
     times ``cross_rank_scale`` so that DeepSpeed's averaging over accumulation steps and ranks
     gives the aggregation of the global batch (one all-reduce of the token count)."""
     rl, rollout = cfg.rl, scored.rollout
-    T_lens, A_lens = rollout.thought_lengths(), rollout.answer_lengths()
-    w_t, w_a = aggregation_weights(rl.loss_agg_mode, T_lens, A_lens, max_len=rl.max_thought_tokens + rl.max_answer_tokens)
-    n_local = float(T_lens.sum() + A_lens.sum())
+    T_lens, A_lens, keep_t, keep_a = objective.loss_lengths(cfg, rollout)  # overlong filtering: masked = 0
+    w_t, w_a = kept_aggregation_weights(rl.loss_agg_mode, T_lens, A_lens, keep_t, keep_a,
+                                        max_len=rl.max_thought_tokens + rl.max_answer_tokens)
+    n_local = float((T_lens * keep_t).sum() + (A_lens * keep_a).sum())  # trained tokens, masked ones out
     n_global = dist.all_reduce_sum(n_local) if rl.loss_agg_mode == "token-mean" else n_local
     scale = cross_rank_scale(rl.loss_agg_mode, n_local, n_global, dist.world_size(), stage.grad_accum)
     pad_id = stage.tokenizer.pad_token_id if stage.tokenizer.pad_token_id is not None else 0
@@ -223,14 +252,15 @@ def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatc
             logp = score_tokens(engine.module, b, rl.temperature)
             old_logp = old[i] if old is not None else logp.detach()
             loss, lm = loss_fn(
-                logp, old_logp, b.advantages, b.weights, clip_low=rl.clip_low, clip_high=rl.clip_high,
-                ref_logp=ref[i] if ref is not None else None, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
+                logp, old_logp, b.advantages, b.weights, ref_logp=ref[i] if ref is not None else None,
+                kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
+                **objective.loss_kwargs(cfg, b.thought_lens, b.answer_lens, logp.device),
             )
             engine.backward(loss)
             for key in ("loss/policy", "loss/kl"):
                 stats.sums[key] += float(lm[key]) / gas  # undo the gas factor in the weights
             n_tok = b.num_tokens
-            for key in ("clip/low", "clip/high", "kl/mean", "ratio/mean"):
+            for key in TOKEN_MEAN_METRICS + tuple(k for k in lm if k.startswith(rl.policy_loss + "/")):
                 stats.sums[key] += float(lm[key]) * n_tok
             stats.sums["tokens"] += n_tok
             if i < len(micro) - 1:
@@ -251,6 +281,7 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
         "rewards": scored.rewards, "parts": scored.part_sums, "reasons": dict(scored.reasons), "sums": dict(upd.sums),
         "T": rollout.thought_lengths(), "A": rollout.answer_lengths(), "ta": scored.thought_adv,
         "aa": scored.answer_adv, "t_trunc": rollout.thought_truncated, "a_trunc": rollout.answer_truncated,
+        "penalty": scored.penalty, "dynamic": scored.dynamic,
     }
     parts = dist.all_gather_objects(local)
     cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
@@ -271,8 +302,16 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
         tot.update(p["sums"])
     out["loss/policy"] = tot["loss/policy"] / world / rl.ppo_epochs
     out["loss/kl"] = tot["loss/kl"] / world / rl.ppo_epochs
-    for key in ("clip/low", "clip/high", "kl/mean", "ratio/mean"):
+    for key in TOKEN_MEAN_METRICS + tuple(k for k in tot if k.startswith(rl.policy_loss + "/")):
         out[key] = tot[key] / max(tot["tokens"], 1)
+    for key in parts[0]["dynamic"]:  # dynamic sampling: counts summed over ranks
+        out[key] = sum(p["dynamic"][key] for p in parts)
+    if scored.penalty is not None:
+        out["reward/overlong_penalty"] = float(cat("penalty").mean())
+    if rl.mask_truncated_completions:
+        keep_t, keep_a = truncation_keep(cat("t_trunc"), cat("a_trunc"))  # shares of segments out of the loss
+        out["mask/thoughts"] = 1.0 - float(keep_t.float().mean())
+        out["mask/answers"] = 1.0 - float(keep_a.float().mean())
     if rl.tis_cap > 0:  # tis/mean, tis/capped over every trained token of the step
         for key in ("tis/mean", "tis/capped"):
             out[key] = tot[key] / max(tot["tis_tokens"], 1)
@@ -296,13 +335,15 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     return out
 
 
-def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence, ref_engine: Any = None) -> dict:
+def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Sequence, ref_engine: Any = None,
+            more: Callable[[int], Sequence] | None = None) -> dict:
     """One GRPO-MA step on this rank's ``samples``; returns the step's (global) metrics.
 
-    ``ref_engine``: the frozen reference of the KL term (default ``stage.reference``'s engine)."""
+    ``ref_engine``: the frozen reference of the KL term (default ``stage.reference``'s engine);
+    ``more(round)``: this rank's fresh prompts for dynamic sampling's extra rounds."""
     if ref_engine is None and stage.reference is not None:
         ref_engine = stage.reference.engine
-    scored = rollout_and_score(stage, cfg, task, state, samples)
+    scored = rollout_and_score(stage, cfg, task, state, samples, more)
     t0 = time.perf_counter()
     upd = update(stage, cfg, state, micro_batches(stage, cfg, scored), ref_engine)
     t_update = time.perf_counter() - t0
@@ -314,8 +355,9 @@ def rl_step(stage: Stage, cfg: TrainConfig, task, state: RLState, samples: Seque
 
 
 def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: RLState, start_step: int = 0,
-           train_samples=None) -> dict:
-    """RL steps ``start_step .. rl_steps - 1`` with checkpoints; returns the last step's metrics."""
+           train_samples=None, periodic=None) -> dict:
+    """RL steps ``start_step .. rl_steps - 1`` with checkpoints; returns the last step's metrics.
+    ``periodic(stage, step, last_step)``: the evaluation during training (``periodic_eval``)."""
     stream = SampleStream(task, cfg.rl.prompts_per_step, cfg.run.seed, "rl", train_samples)
     bar = tqdm(total=cfg.rl.rl_steps, initial=start_step, desc=f"RL T{cfg.rl.num_thoughts}A{cfg.rl.answers_per_thought}",
                disable=not dist.is_main(), dynamic_ncols=True)
@@ -325,7 +367,8 @@ def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: R
         t0 = time.perf_counter()
         local = dist.shard(stream.batch(step))
         lr = lr_of(stage)
-        metrics = rl_step(stage, cfg, task, state, local)
+        metrics = rl_step(stage, cfg, task, state, local,
+                          more=lambda r, step=step: dist.shard(stream.extra(step, r)))
         metrics["lr"] = lr
         metrics["time/step"] = time.perf_counter() - t0
         logger.log("rl", step + 1, metrics)
@@ -337,6 +380,8 @@ def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: R
                       f"thought/answer len {metrics['rollout/thought_len']:.1f}/{metrics['rollout/answer_len']:.1f}  "
                       f"zero-spread {metrics['rollout/zero_spread_frac']:.2f}  loss {metrics['loss/policy']:+.4f}  "
                       f"grad/norm {metrics['grad/norm']:.3f}  GSS {metrics['grad/gss']:.2f}  {metrics['time/step']:.2f} s/step")
+        if periodic is not None:
+            periodic(stage, step + 1, cfg.rl.rl_steps)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.rl_steps:
             ckpt.save_checkpoint(stage.engine, stage.dir, step + 1,
                                  {"skipped_steps": stage.skipped_steps, "rl": state.state_dict()}, cfg.run.keep_last)

@@ -103,8 +103,10 @@ def sft_step(stage: Stage, batches: list, dropped: int = 0) -> dict:
     }
 
 
-def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_step: int = 0, train_samples=None) -> dict:
-    """SFT steps ``start_step .. sft_steps - 1`` with checkpoints; returns the last step's metrics."""
+def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_step: int = 0, train_samples=None,
+            periodic=None) -> dict:
+    """SFT steps ``start_step .. sft_steps - 1`` with checkpoints; returns the last step's metrics.
+    ``periodic(stage, step, last_step)``: the evaluation during training (``periodic_eval``)."""
     stream = SampleStream(task, cfg.sft.sft_batch_size, cfg.run.seed, "sft", train_samples)
     bar = tqdm(total=cfg.sft.sft_steps, initial=start_step, desc="SFT", disable=not dist.is_main(), dynamic_ncols=True)
     stage.engine.train()
@@ -131,6 +133,10 @@ def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_s
             if dist.is_main() and cfg.run.log_every and (step + 1) % cfg.run.log_every == 0:
                 bar.write(f"sft step {step + 1}: loss {metrics['loss/sft']:.4f}  grad/norm {metrics['grad/norm']:.3f}  "
                           f"lr {lr:.2e}  {metrics['time/step']:.2f} s/step")
+            if periodic is not None and periodic.due(step + 1, cfg.sft.sft_steps):
+                if pending is not None:  # the collate thread shares the processor's tokenizer (its padding
+                    pending.result()  # state is not thread-safe): let it finish before evaluating
+                periodic(stage, step + 1, cfg.sft.sft_steps)
             if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.sft_steps:
                 ckpt.save_checkpoint(stage.engine, stage.dir, step + 1, {"skipped_steps": stage.skipped_steps},
                                      cfg.run.keep_last)
