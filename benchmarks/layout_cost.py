@@ -122,7 +122,7 @@ def worker(a) -> None:
             logp = lay.selective_log_softmax(model.lm_head(h), batch.targets)
         else:
             logp = score_tokens(model, batch)
-        loss, _ = clipped_policy_loss(logp, batch.old_logp, batch.advantages, batch.weights, clip_low=0.2, clip_high=0.2)
+        loss, _ = clipped_policy_loss(logp, batch.rollout_logp, batch.advantages, batch.weights, clip_low=0.2, clip_high=0.2)
         loss.backward()
         return time.perf_counter() - t0, time.process_time() - c0
 

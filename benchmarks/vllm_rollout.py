@@ -68,7 +68,7 @@ def logprob_mismatch(policy, backend, messages, sampling, cap: float = 2.0) -> d
                               pad_id=policy.tokenizer.pad_token_id or 0)
     with torch.no_grad():
         mine = score_tokens(policy.model, batch, sampling.temperature).float().cpu()
-    theirs = batch.old_logp.float().cpu()
+    theirs = batch.rollout_logp.float().cpu()
     ok = torch.isfinite(theirs)
     d = (mine[ok] - theirs[ok]).abs()
     w = tis_weights(mine, theirs, cap)

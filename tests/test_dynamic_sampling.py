@@ -195,7 +195,7 @@ def test_generate_answers_continues_the_given_thoughts(tiny):
     batch = build_train_batch(policy.model, full, torch.zeros_like(w_t), torch.zeros_like(w_a), w_t, w_a)
     with torch.no_grad():
         logp = score_tokens(policy.model, batch, 1.0)
-    assert torch.allclose(logp, batch.old_logp, atol=1e-4)
+    assert torch.allclose(logp, batch.rollout_logp, atol=1e-4)
 
 
 def test_refill_rounds_draw_what_the_shortfall_needs():
@@ -238,4 +238,4 @@ def test_generate_tree_pilot_continues_the_thoughts_cache(tiny):
     batch = build_train_batch(policy.model, full, torch.zeros_like(w_t), torch.zeros_like(w_a), w_t, w_a)
     with torch.no_grad():
         logp = score_tokens(policy.model, batch, 1.0)
-    assert torch.allclose(logp, batch.old_logp, atol=1e-4)
+    assert torch.allclose(logp, batch.rollout_logp, atol=1e-4)

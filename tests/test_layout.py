@@ -60,7 +60,7 @@ def _loss_and_grads(model, batch, old_logp, **kw):
 def _perturbed_old(batch):
     """Old log-probs a little off the current policy, so some ratios clip."""
     g = torch.Generator().manual_seed(0)
-    return batch.old_logp + 0.2 * torch.randn(batch.old_logp.shape, generator=g)
+    return batch.rollout_logp + 0.2 * torch.randn(batch.rollout_logp.shape, generator=g)
 
 
 @pytest.mark.parametrize("layout", ["tree", "packed"])
@@ -82,7 +82,7 @@ def check_layout_equals_naive(policy, tree, mode, layout):
     # same trained tokens, same order, same per-token values
     N = int(tree.thought_lengths().sum() + tree.answer_lengths().sum())
     assert naive.num_tokens == packed.num_tokens == N
-    for f in ("targets", "is_thought", "old_logp", "advantages", "weights"):
+    for f in ("targets", "is_thought", "rollout_logp", "advantages", "weights"):
         assert torch.equal(getattr(naive, f), getattr(packed, f)), f
     if layout == "tree":
         # the whole tree, each prompt once: the forward computes exactly the unique tokens
@@ -98,7 +98,7 @@ def check_layout_equals_naive(policy, tree, mode, layout):
     for name in g_n:
         torch.testing.assert_close(g_p[name], g_n[name], atol=1e-6, rtol=1e-4, msg=name)
     # both equal the sampling log-probs of the rollout
-    torch.testing.assert_close(lp_p, packed.old_logp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lp_p, packed.rollout_logp, atol=1e-4, rtol=0)
     # each thought token is trained once: the weights of a token-mean loss sum to 1
     if mode == "token-mean":
         assert packed.weights.sum().item() == pytest.approx(1.0, abs=1e-6)
@@ -152,7 +152,7 @@ def test_packed_equals_naive_eager_attention():
         p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout=layout)
         with torch.no_grad():
             torch.testing.assert_close(score_tokens(policy.model, p), score_tokens(policy.model, n), atol=1e-5, rtol=0)
-            torch.testing.assert_close(score_tokens(policy.model, p), p.old_logp, atol=1e-4, rtol=0)
+            torch.testing.assert_close(score_tokens(policy.model, p), p.rollout_logp, atol=1e-4, rtol=0)
 
 
 def test_m1_equals_plain_grpo(policy):
@@ -224,7 +224,7 @@ def test_packed_positions_and_targets_by_hand():
     assert p.logit_cols.tolist() == [2, 3, 4, 5, 4]
     assert p.targets.tolist() == [8, 9, 10, 11, 12]
     assert p.is_thought.tolist() == [True, True, False, False, False]
-    assert p.old_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0]
+    assert p.rollout_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0]
     assert p.advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0]
     assert p.weights.tolist() == pytest.approx([0.2] * 5)
     n = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), *_weights(tr), layout="naive", pad_id=0)
@@ -305,7 +305,7 @@ def test_tree_positions_targets_and_mask_by_hand():
     assert p.logit_cols.tolist() == [2, 3, 4, 5, 4, 2, 8, 8, 10]
     assert p.targets.tolist() == [8, 9, 10, 11, 12, 20, 21, 22, 23]
     assert p.is_thought.tolist() == [True, True, False, False, False, True, False, False, False]
-    assert p.old_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0]
+    assert p.rollout_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0]
     assert p.advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0, -0.5, 2.0, -2.0, -2.0]
     m = p.attention_mask[0, 0].int().tolist()
     assert m == [

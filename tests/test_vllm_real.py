@@ -233,7 +233,7 @@ def test_sampled_tree_prefix_cache_and_logprobs_against_the_trainer(family):
                               pad_id=pol.tokenizer.pad_token_id or 0)
     with torch.no_grad():
         mine = score_tokens(pol.model, batch, sp.temperature).cpu()
-    theirs = batch.old_logp.cpu()
+    theirs = batch.rollout_logp.cpu()
     finite = torch.isfinite(theirs)  # NaN only at a </think> the backend appended to a truncated thought
     diff = (mine[finite] - theirs[finite]).abs()
     print(f"{family}: log-prob mismatch engine vs trainer (float32) over {int(finite.sum())} tokens: "

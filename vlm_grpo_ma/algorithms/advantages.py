@@ -10,7 +10,8 @@ GRPO-MA (per prompt K thoughts ``t_k``, each with M answers ``a_km``, rewards ``
     A^T_k  = (V_k  - mean_j V_j)      / (std_j V_j      + eps)        over the K thoughts
     A^A_km = (r_km - mean_{j,n} r_jn) / (std_{j,n} r_jn + eps)        over all K*M answers
 
-Conventions (all configurable):
+Conventions (keyword arguments of these functions; the trainer exposes ``scale_adv_by_std``,
+``scale_rewards`` and ``adv_eps``, not ``unbiased``):
 
 * ``std`` is the population standard deviation (``unbiased=False``); ``unbiased=True`` uses the
   N-1 denominator (what ``torch.std`` does by default, and what verl's GRPO uses);

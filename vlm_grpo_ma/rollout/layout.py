@@ -6,10 +6,12 @@ canonical flat order (the order of ``vlm_grpo_ma.algorithms.expand_to_tokens``):
 
     for b in prompts: for k in thoughts: [T_bk thought tokens], [A_bk0 answer tokens], ..., [A_bk(M-1)]
 
-so the old log-probs, the advantages (thought tokens ``A^T_bk``, answer tokens ``A^A_bkm``) and the
-aggregation weights (``aggregation_weights``) line up with them, and
-``clipped_policy_loss(score_tokens(model, batch), batch.old_logp, batch.advantages, batch.weights)``
-is the GRPO-MA loss whichever layout computed it.
+so the sampler's log-probs, the advantages (thought tokens ``A^T_bk``, answer tokens ``A^A_bkm``)
+and the aggregation weights (``aggregation_weights``) line up with them, and
+``clipped_policy_loss(score_tokens(model, batch), old_logp, batch.advantages, batch.weights)`` is
+the GRPO-MA loss whichever layout computed it, ``old_logp`` being the policy's log-probs before the
+update (the trainer's own scoring; ``batch.rollout_logp`` holds the SAMPLER's, which differ when
+vLLM sampled: they are what truncated importance sampling compares against).
 
 ``naive``: K*M rows ``prompt + thought_k + answer_km`` (right-padded, 2D attention mask). The
     thought is recomputed in each of its M rows but its tokens are read (trained) from the row
@@ -95,7 +97,8 @@ class TrainBatch:
 
     - ``logit_rows``, ``logit_cols`` [N] long: the position whose logits predict the token;
     - ``targets`` [N] long: the token; ``is_thought`` [N] bool: segment label;
-    - ``old_logp`` [N] float32: sampling log-probs; ``advantages`` [N]; ``weights`` [N];
+    - ``rollout_logp`` [N] float32: the sampler's log-probs (NaN where the sampler did not score
+      the token, e.g. a ``</think>`` vLLM did not sample); ``advantages`` [N]; ``weights`` [N];
     - ``thought_lens`` [B, K], ``answer_lens`` [B, K, M]: the tree's segment lengths.
     """
 
@@ -110,7 +113,7 @@ class TrainBatch:
     logit_cols: torch.Tensor
     targets: torch.Tensor
     is_thought: torch.Tensor
-    old_logp: torch.Tensor
+    rollout_logp: torch.Tensor
     advantages: torch.Tensor
     weights: torch.Tensor
     thought_lens: torch.Tensor
@@ -153,7 +156,7 @@ def tree_token_values(
     return expand_to_tokens(thought_values, answer_values, rollout.thought_lengths(), rollout.answer_lengths())
 
 
-def tree_old_logp(rollout: TreeRollout) -> torch.Tensor:
+def tree_rollout_logp(rollout: TreeRollout) -> torch.Tensor:
     """[N] the rollout's sampling log-probs in canonical order."""
     parts = []
     for b in range(rollout.B):
@@ -295,7 +298,7 @@ def build_train_batch(
         logit_cols=torch.cat(lcols),
         targets=torch.cat(targets).long(),
         is_thought=torch.cat(is_thought),
-        old_logp=tree_old_logp(rollout),
+        rollout_logp=tree_rollout_logp(rollout),
         advantages=tree_token_values(rollout, thought_adv.float(), answer_adv.float()),
         weights=tree_token_values(rollout, thought_weights.float(), answer_weights.float()),
         thought_lens=T_lens,

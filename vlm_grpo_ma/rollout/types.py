@@ -17,7 +17,7 @@ layout, :meth:`TreeRollout.index`) is prompt-major: ``row = (b * K + k) * M + m`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -127,6 +127,27 @@ class TreeRollout:
             (self.thought_texts[b][k], self.answer_texts[b][k][m])
             for b, k, m in self.index().tolist()
         ]
+
+    def select(self, idx: Sequence[int], *, keep_stats: bool = True) -> "TreeRollout":
+        """The sub-tree of prompts ``idx`` (in that order), for micro-batches and dropped prompts.
+
+        Every per-prompt field is sliced by walking the dataclass fields: lists are indexed by
+        prompt, tensors along their first (B) dimension, so a field added to this type is sliced
+        with the others.  ``stats`` is copied (``keep_stats=False``: empty: the counters of the
+        whole rollout do not describe a part)."""
+        idx = [int(i) for i in idx]
+        kw: dict = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "stats":
+                kw[f.name] = dict(v) if keep_stats else {}
+            elif torch.is_tensor(v):
+                kw[f.name] = v[idx]
+            elif isinstance(v, list):
+                kw[f.name] = [v[i] for i in idx] if v else []
+            else:  # a new kind of field: decide here how it is sliced
+                raise TypeError(f"TreeRollout.select: do not know how to slice field {f.name!r} ({type(v).__name__})")
+        return TreeRollout(**kw)
 
     def thought_lengths(self) -> torch.Tensor:
         """LongTensor [B, K]: T_bk."""

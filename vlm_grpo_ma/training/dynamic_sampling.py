@@ -64,17 +64,8 @@ class Collected:
 
 
 def _select(tree: TreeRollout, idx: Sequence[int]) -> TreeRollout:
-    idx = list(idx)
-    pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-    return TreeRollout(
-        prompt_ids=pick(tree.prompt_ids), prompt_mm_token_type_ids=pick(tree.prompt_mm_token_type_ids),
-        pixel_values=pick(tree.pixel_values), image_grid_thw=pick(tree.image_grid_thw),
-        thought_ids=pick(tree.thought_ids), thought_logprobs=pick(tree.thought_logprobs),
-        thought_truncated=tree.thought_truncated[idx], answer_ids=pick(tree.answer_ids),
-        answer_logprobs=pick(tree.answer_logprobs), answer_truncated=tree.answer_truncated[idx],
-        thought_texts=pick(tree.thought_texts) if tree.thought_texts else [],
-        answer_texts=pick(tree.answer_texts) if tree.answer_texts else [], stats={},
-    )
+    """Prompts ``idx`` of ``tree``, without the whole rollout's counters."""
+    return tree.select(idx, keep_stats=False)
 
 
 def _rewards(scored: Sequence, B: int, K: int, M: int, penalty: Optional[torch.Tensor]) -> torch.Tensor:

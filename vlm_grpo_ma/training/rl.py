@@ -15,21 +15,26 @@ One RL step on B prompts (each rank holds B / world of them), in four functions:
    (``algorithms.aggregation_weights`` x ``algorithms.cross_rank_scale``);
 3. :func:`update`: ``ppo_epochs`` passes of the registered policy loss (``policy_loss``,
    ``clipped``) against the old log-probs, each ended by ``engine.step()`` (a non-finite loss or
-   gradient skips the step and is counted).  Old log-probs: with ``ppo_epochs = 1`` the current
-   ones, detached (ratio 1: the exact on-policy gradient, no extra forward); with more epochs (or
-   vLLM rollouts) one no-grad scoring pass in the training layout before the first update (as
-   verl recomputes them), so every epoch's ratio is against the policy that sampled;
+   gradient skips the step and is counted).  Old log-probs are always the TRAINER's: with
+   ``ppo_epochs = 1`` the current ones, detached (ratio 1: the exact on-policy gradient, no extra
+   forward); with more epochs, or with TIS (``tis_cap > 0``, for vLLM rollouts), one no-grad
+   scoring pass in the training layout before the first update (as verl recomputes them).  The
+   sampler's own log-probs (``TrainBatch.rollout_logp``) are used only by TIS, which reweights
+   each token by min(trainer old / sampler, cap); without TIS a vLLM rollout's tokens are trained
+   as if the trainer had sampled them.  After the update the vLLM engine gets the new weights;
 4. :func:`step_metrics`: the step's metrics gathered over all ranks.
 
-Only plumbing lives here: the math (advantages, aggregation and its cross-rank scaling, the loss)
-is in ``vlm_grpo_ma.algorithms``, the task logic in the task plugins.
+The math (advantages, aggregation, the losses, TIS) is in ``vlm_grpo_ma.algorithms``, chosen from
+the config by ``training.objective``; what is combined here (which token gets which advantage in
+the layout, the cross-rank scale, the old log-probs) is plumbing around those functions, and the
+task logic is in the task plugins.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -59,28 +64,6 @@ from vlm_grpo_ma.training.stage import Stage, lr_of, optimizer_step
 
 #: per-token metrics of every policy loss, averaged over the step's trained tokens
 TOKEN_MEAN_METRICS = ("clip/low", "clip/high", "kl/mean", "ratio/mean")
-
-
-def select_prompts(rollout: TreeRollout, idx: Sequence[int]) -> TreeRollout:
-    """The sub-tree of prompts ``idx`` of a TreeRollout (for micro-batching the update)."""
-    idx = list(idx)
-    pick = lambda xs: [xs[i] for i in idx] if xs else xs  # noqa: E731
-    return replace(
-        rollout,
-        prompt_ids=pick(rollout.prompt_ids),
-        prompt_mm_token_type_ids=pick(rollout.prompt_mm_token_type_ids),
-        pixel_values=pick(rollout.pixel_values),
-        image_grid_thw=pick(rollout.image_grid_thw),
-        thought_ids=pick(rollout.thought_ids),
-        thought_logprobs=pick(rollout.thought_logprobs),
-        thought_truncated=rollout.thought_truncated[idx],
-        answer_ids=pick(rollout.answer_ids),
-        answer_logprobs=pick(rollout.answer_logprobs),
-        answer_truncated=rollout.answer_truncated[idx],
-        thought_texts=pick(rollout.thought_texts),
-        answer_texts=pick(rollout.answer_texts),
-        stats=dict(rollout.stats),
-    )
 
 
 class RLState:
@@ -221,7 +204,7 @@ def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list
     out = []
     for i in range(0, rollout.B, stage.micro_batch):
         idx = list(range(i, min(i + stage.micro_batch, rollout.B)))
-        batch = build_train_batch(stage.engine.module, select_prompts(rollout, idx), scored.thought_adv[idx],
+        batch = build_train_batch(stage.engine.module, rollout.select(idx), scored.thought_adv[idx],
                                   scored.answer_adv[idx], w_t[idx] * scale, w_a[idx] * scale,
                                   layout=rl.train_layout, pad_id=pad_id)
         out.append(batch.to(dist.device()))
@@ -240,7 +223,7 @@ def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatc
         old = [score_tokens(engine.module, b, rl.temperature).detach() for b in micro] if need_old else None
         if rl.tis_cap > 0:
             for b, o in zip(micro, old):
-                w = tis_weights(o, b.old_logp, rl.tis_cap).to(b.weights.device)
+                w = tis_weights(o, b.rollout_logp, rl.tis_cap).to(b.weights.device)
                 b.weights = b.weights * w
                 for key, v in tis_metrics(w, rl.tis_cap).items():  # token-weighted, averaged in step_metrics
                     stats.sums[key] += v * w.numel()
@@ -279,8 +262,8 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     rl, rollout, world = cfg.rl, scored.rollout, dist.world_size()
     local = {
         "rewards": scored.rewards, "parts": scored.part_sums, "reasons": dict(scored.reasons), "sums": dict(upd.sums),
-        "T": rollout.thought_lengths(), "A": rollout.answer_lengths(), "ta": scored.thought_adv,
-        "aa": scored.answer_adv, "t_trunc": rollout.thought_truncated, "a_trunc": rollout.answer_truncated,
+        "T": rollout.thought_lengths(), "A": rollout.answer_lengths(), "thought_adv": scored.thought_adv,
+        "answer_adv": scored.answer_adv, "t_trunc": rollout.thought_truncated, "a_trunc": rollout.answer_truncated,
         "penalty": scored.penalty, "dynamic": scored.dynamic,
     }
     parts = dist.all_gather_objects(local)
@@ -295,8 +278,8 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     out["rollout/thought_truncated"] = float(cat("t_trunc").float().mean())
     out["rollout/answer_truncated"] = float(cat("a_trunc").float().mean())
     out["rollout/zero_spread_frac"] = float(zero_spread_fraction(R))
-    out["adv/thought_std"] = float(cat("ta").std(correction=0))
-    out["adv/answer_std"] = float(cat("aa").std(correction=0))
+    out["adv/thought_std"] = float(cat("thought_adv").std(correction=0))
+    out["adv/answer_std"] = float(cat("answer_adv").std(correction=0))
     tot: Counter = Counter()
     for p in parts:
         tot.update(p["sums"])
