@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .aggregation import AGGREGATION_MODES
+from .aggregation import aggregation_weights
 from .registry import get_kl_estimator, register_policy_loss
 from .sequences import segment_mean
 
@@ -170,24 +170,19 @@ def clipped_policy_loss(
 def masked_agg_weights(mask: torch.Tensor, mode: str = "token-mean", max_len: Optional[int] = None) -> torch.Tensor:
     """Aggregation weights of a plain [G, T] completion batch (each row one completion).
 
-    The M = 1 special case of ``aggregation_weights`` in the padded layout: ``token-mean`` ->
-    1/sum(mask); ``seq-mean-token-mean`` -> 1/(G * L_i); ``seq-mean-token-sum`` -> 1/G;
-    ``seq-mean-token-sum-norm`` -> 1/(G * L_max) with ``L_max = max_len`` or T (the padded length,
-    as verl). Returns [G, T] weights, 0 where ``mask`` is 0.
+    The M = 1 case of :func:`~vlm_grpo_ma.algorithms.aggregation.aggregation_weights` (the one
+    place the four modes are defined): each row is a path of ``L_i = sum(mask[i])`` tokens and no
+    answer, so ``token-mean`` -> 1/sum(mask); ``seq-mean-token-mean`` -> 1/(G * L_i);
+    ``seq-mean-token-sum`` -> 1/G; ``seq-mean-token-sum-norm`` -> 1/(G * L_max) with
+    ``L_max = max_len`` or T (the padded length, as verl). Returns [G, T] float64 weights, 0 where
+    ``mask`` is 0.
     """
     m = mask.to(torch.float64)
     g, t = m.shape
-    if mode == "token-mean":
-        w = m / m.sum().clamp(min=1)
-    elif mode == "seq-mean-token-mean":
-        w = m / (g * m.sum(dim=-1, keepdim=True).clamp(min=1))
-    elif mode == "seq-mean-token-sum":
-        w = m / g
-    elif mode == "seq-mean-token-sum-norm":
-        w = m / (g * (t if max_len is None else max_len))
-    else:
-        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {AGGREGATION_MODES}")
-    return w
+    lens = m.sum(dim=-1).round().long().unsqueeze(0)  # [1, G]: one "thought" per row
+    w_row, _ = aggregation_weights(mode, lens, torch.zeros(1, g, 1, dtype=torch.long),
+                                   max_len=t if max_len is None else max_len, dtype=torch.float64)
+    return m * w_row[0].unsqueeze(-1)
 
 
 def masked_clipped_policy_loss(
