@@ -168,7 +168,7 @@ def _serve() -> None:
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C in the trainer is the trainer's
     from vlm_grpo_ma.task import ParseError
-    from vlm_grpo_ma.tasks.math import math_compare, math_parse
+    from vlm_grpo_ma.tasks._math_verify import math_compare, math_parse
 
     @functools.lru_cache(maxsize=4096)
     def parsed(text: str, timeout_s: float, max_exponent: int) -> tuple[Any, str | None]:

@@ -11,7 +11,8 @@ from PIL import Image
 
 from vlm_grpo_ma.data.errors import DataError
 from vlm_grpo_ma.data.coco import load_coco
-from vlm_grpo_ma.data.loaders import load_json, load_jsonl, load_samples
+from vlm_grpo_ma.data.loaders import load_json, load_jsonl
+from vlm_grpo_ma.data.sources import load_samples
 from vlm_grpo_ma.task import get_task
 
 DEEP = "[" * 100_000 + "]" * 100_000

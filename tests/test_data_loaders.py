@@ -20,9 +20,9 @@ from vlm_grpo_ma.data.loaders import (
     LoadedSamples,
     load_json,
     load_jsonl,
-    load_samples,
     record_to_sample,
 )
+from vlm_grpo_ma.data.sources import load_samples
 from vlm_grpo_ma.data.validate import convert_box, convert_point, convert_region, convert_target
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "data")

@@ -127,3 +127,75 @@ def test_the_checker_catches_each_kind_of_violation(tmp_path, where, src, expect
     (tmp_path / "vlm_grpo_ma" / where / "planted.py").write_text(src)
     why = list(_violations(tmp_path).values())
     assert len(why) == 1 and expected in why[0], why
+
+
+def _module_of(target: str, names: list[str], mods: dict[str, Path]) -> list[str]:
+    """The package modules an import statement reaches (``from pkg import mod`` names a module)."""
+    hits = [f"{target}.{n}" for n in names if f"{target}.{n}" in mods]
+    return hits or ([target] if target in mods else [])
+
+
+def _circles(root: Path = REPO) -> list[list[str]]:
+    """Import circles between modules of one folder (imports at the top or inside functions;
+    a package's ``__init__`` re-exporting its modules is not an edge): each as the list of
+    modules on it."""
+    mods = _modules(root)
+    folder = lambda m: m.rpartition(".")[0]  # noqa: E731
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for module, path in mods.items():
+        if path.name == "__init__.py":
+            continue
+        for target, names, _ in _imports(module, path):
+            for dst in _module_of(target, names, mods):
+                if dst != module and folder(dst) == folder(module) and mods[dst].name != "__init__.py":
+                    edges[module].add(dst)
+    # strongly connected components (Tarjan) of more than one module
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles_inside_a_folder():
+    """Downward also inside a layer's folder: no module of a folder imports (at the top or inside a
+    function) a module that imports it back, directly or through others of that folder."""
+    assert _circles() == [], f"import circles: {_circles()}"
+
+
+def test_the_circle_checker_finds_a_planted_circle(tmp_path):
+    pkg = tmp_path / "vlm_grpo_ma" / "data"
+    pkg.mkdir(parents=True)
+    (tmp_path / "tasks").mkdir()
+    (pkg / "__init__.py").write_text("from .a import x\nfrom .b import y\n")  # re-exports are no edges
+    (pkg / "a.py").write_text("from vlm_grpo_ma.data.b import y\nx = 1\n")
+    (pkg / "b.py").write_text("y = 2\n")
+    assert _circles(tmp_path) == []
+    (pkg / "b.py").write_text("def f():\n    from vlm_grpo_ma.data import a\ny = 2\n")  # hidden in a function
+    assert _circles(tmp_path) == [["vlm_grpo_ma.data.a", "vlm_grpo_ma.data.b"]]

@@ -21,6 +21,14 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
+#: model_type -> model class name in transformers
+MODEL_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
+
 REL1000 = "rel1000"
 ABS_RESIZED = "abs_resized"
 

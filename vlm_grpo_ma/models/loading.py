@@ -17,17 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .chat_templates import generation_prefix
-from .family import ModelFamily
+from .family import MODEL_CLASSES, ModelFamily  # noqa: F401  (MODEL_CLASSES re-exported)
 from .processor import load_processor
 from .tiny import ensure_tiny, resolve_tiny_name
-
-#: model_type -> model class name in transformers
-MODEL_CLASSES = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
-}
 
 
 @dataclass

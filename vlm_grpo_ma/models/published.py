@@ -86,7 +86,7 @@ def build_random_checkpoint(name: str, out_dir: str | Path, *, text_layers: int 
     import torch
     import transformers
 
-    from .loading import MODEL_CLASSES
+    from .family import MODEL_CLASSES
     from .processor import has_torchvision, image_only_processor_class, save_processor
     from .real_vocab import load_real_tokenizer
 

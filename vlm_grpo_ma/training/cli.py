@@ -143,7 +143,7 @@ def _run(argv: Sequence[str] | None = None) -> dict:
     task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     train_samples = eval_samples = None
     if cfg.data.train_data or cfg.data.eval_data:
-        from vlm_grpo_ma.data.loaders import load_samples
+        from vlm_grpo_ma.data.sources import load_samples
 
         if cfg.data.train_data:
             train_samples = load_samples(cfg.data.train_data, task.name, synthesize=task.synthetic,

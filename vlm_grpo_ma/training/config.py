@@ -21,6 +21,10 @@ from vlm_grpo_ma.config import JsonObject
 DEFAULT_DEEPSPEED_CONFIG = "configs/deepspeed/zero3.json"
 
 
+#: the dynamic-sampling modes (training/dynamic_sampling.py implements them)
+DYNAMIC_SAMPLING = ("off", "full", "pilot")
+
+
 @dataclass
 class ModelArgs:
     """Which policy to train and how it is held in memory."""
@@ -341,8 +345,6 @@ class TrainConfig:
             raise ValueError("num_thoughts * answers_per_thought must be >= 2 (a group of one has no advantage)")
         if self.rl.ppo_epochs < 1:
             raise ValueError(f"ppo_epochs must be >= 1, got {self.rl.ppo_epochs}")
-        from vlm_grpo_ma.training.dynamic_sampling import DYNAMIC_SAMPLING
-
         if self.rl.dynamic_sampling not in DYNAMIC_SAMPLING:
             raise ValueError(f"dynamic_sampling must be one of {', '.join(DYNAMIC_SAMPLING)}, got {self.rl.dynamic_sampling!r}")
         if self.rl.dynamic_sampling_max_rounds < 0:

@@ -6,7 +6,7 @@ global batch (each rank takes its contiguous slice, :func:`distributed.shard`).
 
 - synthetic (no ``train_data``): fresh samples every step from ``task.synthetic(n, seed)`` with a
   per-step seed; the held-out set uses seeds from a disjoint range;
-- a dataset: loaded once (``vlm_grpo_ma.data.loaders.load_samples``), read in a fresh
+- a dataset: loaded once (``vlm_grpo_ma.data.sources.load_samples``), read in a fresh
   permutation each epoch.
 """
 

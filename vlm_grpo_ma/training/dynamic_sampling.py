@@ -40,8 +40,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout, append_answers, cat_prompts
-
-DYNAMIC_SAMPLING = ("off", "full", "pilot")
+from vlm_grpo_ma.training.config import DYNAMIC_SAMPLING  # the mode names live with the config
 
 __all__ = ["DYNAMIC_SAMPLING", "Collected", "has_spread", "collect"]
 
