@@ -21,7 +21,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlm_grpo_ma.data.sample import Sample
+
 __all__ = [
+    "synthetic_sample",
     "COLOURS",
     "article",
     "GRADIENT_LEVEL",
@@ -196,3 +199,12 @@ def new_canvas(size: tuple[int, int] = DEFAULT_SIZE) -> tuple[Image.Image, Image
     """A gradient background of ``size`` = (width, height) and a drawer on it."""
     img = gradient_background(*size)
     return img, ImageDraw.Draw(img)
+
+
+def synthetic_sample(task: str, seed: int, index: int, *, prompt: dict, target: dict, images: Sequence = (),
+                     image_sizes: Sequence = (), **meta) -> Sample:
+    """One synthetic :class:`~vlm_grpo_ma.data.sample.Sample` of every task the same way: id
+    ``<task>-synthetic-<seed>-<index>``, ``meta`` = ``source: synthetic``, the seed and the index,
+    then the task's own keys (``reasoning``, ...)."""
+    return Sample(id=f"{task}-synthetic-{seed}-{index}", task=task, images=list(images), image_sizes=list(image_sizes),
+                  prompt=prompt, target=target, meta={"source": "synthetic", "seed": seed, "index": index, **meta})

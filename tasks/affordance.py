@@ -224,14 +224,10 @@ class AffordanceTask(GeometricTask):
             where = syn.location_words((fx0 + fx1) / 2 / w, (fy0 + fy1) / 2 / h)
             reasoning = f"The {obj} is at the {where}; its handle points {specs[0]['dir']}, so I grasp the handle."
             out.append(
-                Sample(
-                    id=f"{self.name}-synth-{seed}-{i}",
-                    task=self.name,
-                    images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
-                    image_sizes=[(w, h)],
-                    prompt={"object": obj},
-                    target={"box": box, "region": region, "points": points},
-                    meta={"source": "synthetic", "seed": seed, "index": i, "reasoning": reasoning},
+                syn.synthetic_sample(
+                    self.name, seed, i, images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
+                    image_sizes=[(w, h)], prompt={"object": obj},
+                    target={"box": box, "region": region, "points": points}, reasoning=reasoning,
                 )
             )
         return out

@@ -240,12 +240,9 @@ class CodeTask(AnswerTask):
             rng = syn.rng_for(self.name, seed, i)
             problem, solution, tests, reasoning = _PROBLEMS[i % len(_PROBLEMS)](rng)
             out.append(
-                Sample(
-                    id=f"code-synthetic-{seed}-{i}",
-                    task=self.name,
-                    prompt={"problem": problem},
-                    target={"tests": tests, "solution": solution},
-                    meta={"reasoning": reasoning, "source": "synthetic"},
+                syn.synthetic_sample(
+                    self.name, seed, i, prompt={"problem": problem},
+                    target={"tests": tests, "solution": solution}, reasoning=reasoning,
                 )
             )
         return out

@@ -331,14 +331,10 @@ class DetectionTask(GeometricTask):
                 objs.append((syn.px_box_to_unit(box, w, h), f"{colour} {shape}"))
             objs.sort(key=lambda o: (o[0][0], o[0][1]))
             out.append(
-                Sample(
-                    id=f"{self.name}-synth-{seed}-{i}",
-                    task=self.name,
-                    images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
-                    image_sizes=[(w, h)],
-                    prompt={"object": "shape"},
+                syn.synthetic_sample(
+                    self.name, seed, i, images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
+                    image_sizes=[(w, h)], prompt={"object": "shape"},
                     target={"boxes": [o[0] for o in objs], "labels": [o[1] for o in objs]},
-                    meta={"source": "synthetic", "seed": seed, "index": i},
                 )
             )
         return out

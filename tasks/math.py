@@ -220,14 +220,9 @@ class MathTask(AnswerTask):
             if self.with_images:
                 images, sizes = [self._draw_question(question)], [self.image_size]
             out.append(
-                Sample(
-                    id=f"math-synthetic-{seed}-{i}",
-                    task=self.name,
-                    images=images,
-                    image_sizes=sizes,
-                    prompt={"question": question},
-                    target={"answer": answer},
-                    meta={"reasoning": reasoning, "kind": kind, "source": "synthetic"},
+                syn.synthetic_sample(
+                    self.name, seed, i, images=images, image_sizes=sizes, prompt={"question": question},
+                    target={"answer": answer}, reasoning=reasoning, kind=kind,
                 )
             )
         return out

@@ -164,14 +164,10 @@ class TrajectoryTask(GeometricTask):
                 f"{syn.location_words(*traj[-1])}. {how}"
             )
             out.append(
-                Sample(
-                    id=f"{self.name}-synth-{seed}-{i}",
-                    task=self.name,
-                    images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
-                    image_sizes=[(w, h)],
-                    prompt={"start": start, "goal": goal},
-                    target={"trajectory": traj},
-                    meta={"source": "synthetic", "seed": seed, "index": i, "reasoning": reasoning, "obstacle": block is not None},
+                syn.synthetic_sample(
+                    self.name, seed, i, images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
+                    image_sizes=[(w, h)], prompt={"start": start, "goal": goal}, target={"trajectory": traj},
+                    reasoning=reasoning, obstacle=block is not None,
                 )
             )
         return out

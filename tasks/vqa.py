@@ -522,14 +522,9 @@ class VQATask(AnswerTask):
             else:
                 target = {"answers": [answer], "answer_type": "number" if sub == "count" else "other"}
             out.append(
-                Sample(
-                    id=f"vqa-synthetic-{seed}-{i}",
-                    task=self.name,
-                    images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
-                    image_sizes=[(w, h)],
-                    prompt=prompt,
-                    target=target,
-                    meta={"reasoning": reasoning, "kind": kind, "source": "synthetic"},
+                syn.synthetic_sample(
+                    self.name, seed, i, images=[syn.image_ref(img, self.cache_dir, self.name, seed, i)],
+                    image_sizes=[(w, h)], prompt=prompt, target=target, reasoning=reasoning, kind=kind,
                 )
             )
         return out

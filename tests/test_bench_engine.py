@@ -80,7 +80,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert len(read_predictions(out / "predictions.jsonl")) == 4
     # simulate a kill in the middle of writing a row
     with (out / "predictions.jsonl").open("a") as f:
-        f.write('{"id": "affordance-synth-1000-4", "raw": "<thi')
+        f.write('{"id": "affordance-synthetic-1000-4", "raw": "<thi')
     be2 = JitterBackend(make_task(suite))
     res = run_suite(suite, "jitter", out, backend_obj=be2, limit=9, batch_size=2, report=False)
     assert be2.calls == 3  # 5 samples left in batches of 2: nothing predicted twice
