@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ContextManager, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +244,18 @@ class _DecodeState:
         return self
 
 
+class Decoded(NamedTuple):
+    """One decode stage's output over R rows (right-padded): ``tokens`` [R, T] long, ``logp``
+    [R, T] float32, ``lengths`` [R], ``truncated`` [R] bool, and ``decoded``: the forward
+    positions computed (padding of finished rows included)."""
+
+    tokens: torch.Tensor
+    logp: torch.Tensor
+    lengths: torch.Tensor
+    truncated: torch.Tensor
+    decoded: int
+
+
 class HFRolloutBackend:
     """Tree rollouts (and plain completions) with a transformers Qwen-VL model.
 
@@ -325,7 +337,7 @@ class HFRolloutBackend:
         generator: torch.Generator | None,
         close_ids: tuple[int, ...] = (),
         stop_text: str | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    ) -> Decoded:
         """Sample up to ``max_new`` tokens for every row of ``state`` (mutated in place).
 
         A row stops after a token in ``stop`` or, with ``stop_text``, once its decoded text
@@ -398,7 +410,7 @@ class HFRolloutBackend:
         T = len(toks)
         tokens = torch.stack(toks, 1) if T else torch.empty(N, 0, dtype=torch.long, device=dev)
         logp = torch.stack(lps, 1) if T else torch.empty(N, 0, device=dev)
-        return tokens, logp, lengths, truncated, decoded
+        return Decoded(tokens, logp, lengths, truncated, decoded)
 
     def _text_stopped(self, toks: list[torch.Tensor], active: torch.Tensor, stop_text: str, n_close: int) -> torch.Tensor:
         """[N] bool: rows whose last few generated tokens decode to text containing
@@ -450,14 +462,14 @@ class HFRolloutBackend:
                 # stage 1: K thoughts per prompt from one prefill
                 state.repeat_interleave(K)
                 text_stop = self.ids.think_end is None
-                t_tok, t_lp, t_len, t_trunc, dec1 = self._decode(
+                thoughts = self._decode(
                     state, sampling, sampling.max_thought_tokens,
                     None if text_stop else torch.tensor([self.ids.think_end], device=dev), gen,
                     close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
                 )
                 # stage 2: M answers per thought, continuing the cached prompt + thought
                 state.repeat_interleave(M)
-                a_tok, a_lp, a_len, a_trunc, dec2 = self._decode(
+                answers = self._decode(
                     state, sampling, sampling.max_answer_tokens,
                     torch.tensor(self.ids.stop, device=dev), gen,
                 )
@@ -466,11 +478,15 @@ class HFRolloutBackend:
             if hasattr(core, "rope_deltas"):
                 core.rope_deltas = None
             model.train(was_training)
-        return self._assemble(prompts_inputs, B, K, M, t_tok, t_lp, t_len, t_trunc, a_tok, a_lp, a_len,
-                              a_trunc, n_prefill, dec1 + dec2)
+        return self._assemble(prompts_inputs, B, K, M, thoughts, answers, n_prefill)
 
-    def _assemble(self, inputs, B, K, M, t_tok, t_lp, t_len, t_trunc, a_tok, a_lp, a_len, a_trunc,
-                  n_prefill, n_decoded) -> TreeRollout:
+    def _assemble(self, inputs: Mapping[str, Any], B: int, K: int, M: int, thoughts: Decoded, answers: Decoded,
+                  n_prefill: int) -> TreeRollout:
+        """The TreeRollout of B prompts from the two stages' outputs (thought rows ``b * K + k``,
+        answer rows ``(b * K + k) * M + m``)."""
+        t_tok, t_lp, t_len, t_trunc, _ = thoughts
+        a_tok, a_lp, a_len, a_trunc, _ = answers
+        n_decoded = thoughts.decoded + answers.decoded
         attn = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
         mm = inputs.get("mm_token_type_ids", torch.zeros_like(inputs["input_ids"]))
         prompt_ids = [inputs["input_ids"][b][attn[b]] for b in range(B)]
@@ -559,20 +575,21 @@ class HFRolloutBackend:
                 state, n_prefill = self._prefill(inputs)
                 dev = state.logits.device
                 state.repeat_interleave(M)
-                a_tok, a_lp, a_len, a_trunc, dec = self._decode(
+                answers = self._decode(
                     state, sampling, sampling.max_answer_tokens, torch.tensor(self.ids.stop, device=dev), gen)
         finally:
             core = model.model
             if hasattr(core, "rope_deltas"):
                 core.rope_deltas = None
             model.train(was_training)
-        return self._new_answers(rollout, M, a_tok, a_lp, a_len, a_trunc,
-                                 {"tokens_prefilled": float(n_prefill), "tokens_decoded": float(dec)})
+        return self._new_answers(rollout, M, answers, {"tokens_prefilled": float(n_prefill)})
 
-    def _new_answers(self, rollout: TreeRollout, M: int, a_tok, a_lp, a_len, a_trunc, stats: dict) -> TreeRollout:
+    def _new_answers(self, rollout: TreeRollout, M: int, answers: Decoded, stats: dict) -> TreeRollout:
         """``rollout`` (its prompts and thoughts) with only the M answers per thought decoded here
         (rows ``(b * K + k) * M + m``)."""
         B, K = rollout.B, rollout.K
+        a_tok, a_lp, a_len, a_trunc, _ = answers
+        stats = {**stats, "tokens_decoded": float(answers.decoded)}
         a_tok, a_lp, a_len = a_tok.cpu(), a_lp.cpu(), a_len.cpu()
         an_ids, an_lp, an_txt = [], [], []
         for b in range(B):
@@ -619,7 +636,7 @@ class HFRolloutBackend:
                 B = state.logits.shape[0]
                 state.repeat_interleave(K)
                 text_stop = self.ids.think_end is None
-                t_tok, t_lp, t_len, t_trunc, dec1 = self._decode(
+                thoughts = self._decode(
                     state, sampling, sampling.max_thought_tokens,
                     None if text_stop else torch.tensor([self.ids.think_end], device=dev), gen,
                     close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
@@ -627,10 +644,9 @@ class HFRolloutBackend:
                 saved = _DecodeState(copy.deepcopy(state.cache), state.attention_mask.clone(), state.next_pos.clone(),
                                      state.logits.clone())
                 stop = torch.tensor(self.ids.stop, device=dev)
-                a_tok, a_lp, a_len, a_trunc, dec2 = self._decode(state, sampling, sampling.max_answer_tokens, stop, gen)
+                first = self._decode(state, sampling, sampling.max_answer_tokens, stop, gen)
                 del state
-                pilot = self._assemble(prompts_inputs, B, K, 1, t_tok, t_lp, t_len, t_trunc, a_tok, a_lp, a_len,
-                                       a_trunc, n_prefill, dec1 + dec2)
+                pilot = self._assemble(prompts_inputs, B, K, 1, thoughts, first, n_prefill)
                 kept = list(decide(pilot))
                 if kept:
                     rows = torch.tensor([b * K + k for b in kept for k in range(K)], device=dev)
@@ -639,22 +655,8 @@ class HFRolloutBackend:
                     saved.next_pos = saved.next_pos[rows]
                     saved.logits = saved.logits[rows]
                     saved.repeat_interleave(M - 1)
-                    r_tok, r_lp, r_len, r_trunc, dec3 = self._decode(saved, sampling, sampling.max_answer_tokens,
-                                                                     stop, gen)
-                    sub = replace(pilot, prompt_ids=[pilot.prompt_ids[b] for b in kept],
-                                  prompt_mm_token_type_ids=[pilot.prompt_mm_token_type_ids[b] for b in kept],
-                                  pixel_values=[pilot.pixel_values[b] for b in kept],
-                                  image_grid_thw=[pilot.image_grid_thw[b] for b in kept],
-                                  thought_ids=[pilot.thought_ids[b] for b in kept],
-                                  thought_logprobs=[pilot.thought_logprobs[b] for b in kept],
-                                  thought_truncated=pilot.thought_truncated[kept],
-                                  answer_ids=[pilot.answer_ids[b] for b in kept],
-                                  answer_logprobs=[pilot.answer_logprobs[b] for b in kept],
-                                  answer_truncated=pilot.answer_truncated[kept],
-                                  thought_texts=[pilot.thought_texts[b] for b in kept],
-                                  answer_texts=[pilot.answer_texts[b] for b in kept], stats={})
-                    rest = self._new_answers(sub, M - 1, r_tok, r_lp, r_len, r_trunc,
-                                             {"tokens_prefilled": 0.0, "tokens_decoded": float(dec3)})
+                    more = self._decode(saved, sampling, sampling.max_answer_tokens, stop, gen)
+                    rest = self._new_answers(pilot.select(kept, keep_stats=False), M - 1, more, {"tokens_prefilled": 0.0})
                 del saved
         finally:
             core = model.model
