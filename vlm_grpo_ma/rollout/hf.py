@@ -244,6 +244,14 @@ class _DecodeState:
         return self
 
 
+def _end_generation(model: Any, was_training: bool) -> None:
+    """After a rollout: the model's mode back, and the ``rope_deltas`` the Qwen-VL model keeps
+    from its last forward cleared (a training forward must not reuse a rollout's mRoPE offsets)."""
+    if hasattr(model.model, "rope_deltas"):
+        model.model.rope_deltas = None
+    model.train(was_training)
+
+
 class Decoded(NamedTuple):
     """One decode stage's output over R rows (right-padded): ``tokens`` [R, T] long, ``logp``
     [R, T] float32, ``lengths`` [R], ``truncated`` [R] bool, and ``decoded``: the forward
@@ -423,6 +431,16 @@ class HFRolloutBackend:
             hit[r] = stop_text in self.tokenizer.decode(tail[r].tolist(), skip_special_tokens=False)
         return hit.to(active.device)
 
+    def _decode_thoughts(self, state: "_DecodeState", sampling: SamplingParams, gen) -> "Decoded":
+        """Stage 1 on ``state`` (its rows already repeated K times): until ``</think>`` (the token,
+        or the text where the vocabulary spells it with several tokens)."""
+        text_stop = self.ids.think_end is None
+        return self._decode(
+            state, sampling, sampling.max_thought_tokens,
+            None if text_stop else torch.tensor([self.ids.think_end], device=state.logits.device), gen,
+            close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
+        )
+
     def _decode_text(self, ids: torch.Tensor, drop_stop: bool = False) -> str:
         if self.tokenizer is None:
             return ""
@@ -457,27 +475,14 @@ class HFRolloutBackend:
         try:
             with self._context():
                 state, n_prefill = self._prefill(prompts_inputs)
-                dev = state.logits.device
                 B = state.logits.shape[0]
-                # stage 1: K thoughts per prompt from one prefill
-                state.repeat_interleave(K)
-                text_stop = self.ids.think_end is None
-                thoughts = self._decode(
-                    state, sampling, sampling.max_thought_tokens,
-                    None if text_stop else torch.tensor([self.ids.think_end], device=dev), gen,
-                    close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
-                )
-                # stage 2: M answers per thought, continuing the cached prompt + thought
-                state.repeat_interleave(M)
-                answers = self._decode(
-                    state, sampling, sampling.max_answer_tokens,
-                    torch.tensor(self.ids.stop, device=dev), gen,
-                )
+                state.repeat_interleave(K)  # stage 1: K thoughts per prompt from one prefill
+                thoughts = self._decode_thoughts(state, sampling, gen)
+                state.repeat_interleave(M)  # stage 2: M answers per thought, continuing the cached prompt + thought
+                answers = self._decode(state, sampling, sampling.max_answer_tokens,
+                                       torch.tensor(self.ids.stop, device=state.logits.device), gen)
         finally:
-            core = model.model
-            if hasattr(core, "rope_deltas"):
-                core.rope_deltas = None
-            model.train(was_training)
+            _end_generation(model, was_training)
         return self._assemble(prompts_inputs, B, K, M, thoughts, answers, n_prefill)
 
     def _assemble(self, inputs: Mapping[str, Any], B: int, K: int, M: int, thoughts: Decoded, answers: Decoded,
@@ -573,15 +578,11 @@ class HFRolloutBackend:
         try:
             with self._context():
                 state, n_prefill = self._prefill(inputs)
-                dev = state.logits.device
                 state.repeat_interleave(M)
-                answers = self._decode(
-                    state, sampling, sampling.max_answer_tokens, torch.tensor(self.ids.stop, device=dev), gen)
+                answers = self._decode(state, sampling, sampling.max_answer_tokens,
+                                       torch.tensor(self.ids.stop, device=state.logits.device), gen)
         finally:
-            core = model.model
-            if hasattr(core, "rope_deltas"):
-                core.rope_deltas = None
-            model.train(was_training)
+            _end_generation(model, was_training)
         return self._new_answers(rollout, M, answers, {"tokens_prefilled": float(n_prefill)})
 
     def _new_answers(self, rollout: TreeRollout, M: int, answers: Decoded, stats: dict) -> TreeRollout:
@@ -635,12 +636,7 @@ class HFRolloutBackend:
                 dev = state.logits.device
                 B = state.logits.shape[0]
                 state.repeat_interleave(K)
-                text_stop = self.ids.think_end is None
-                thoughts = self._decode(
-                    state, sampling, sampling.max_thought_tokens,
-                    None if text_stop else torch.tensor([self.ids.think_end], device=dev), gen,
-                    close_ids=self.ids.think_end_ids, stop_text=self.ids.think_end_text if text_stop else None,
-                )
+                thoughts = self._decode_thoughts(state, sampling, gen)
                 saved = _DecodeState(copy.deepcopy(state.cache), state.attention_mask.clone(), state.next_pos.clone(),
                                      state.logits.clone())
                 stop = torch.tensor(self.ids.stop, device=dev)
@@ -659,10 +655,7 @@ class HFRolloutBackend:
                     rest = self._new_answers(pilot.select(kept, keep_stats=False), M - 1, more, {"tokens_prefilled": 0.0})
                 del saved
         finally:
-            core = model.model
-            if hasattr(core, "rope_deltas"):
-                core.rope_deltas = None
-            model.train(was_training)
+            _end_generation(model, was_training)
         return pilot, rest
 
     def generate_tree_from_messages(
@@ -692,9 +685,7 @@ class HFRolloutBackend:
                 stop = torch.tensor(self.ids.stop, device=state.logits.device)
                 tok, lp, length, _, _ = self._decode(state, sampling, max_new, stop, self._generator(sampling.seed))
         finally:
-            if hasattr(model.model, "rope_deltas"):
-                model.model.rope_deltas = None
-            model.train(was_training)
+            _end_generation(model, was_training)
         return tok.cpu(), lp.cpu(), length.cpu()
 
     def generate(
