@@ -244,6 +244,16 @@ class _DecodeState:
         return self
 
 
+def _begin_generation(model: Any) -> tuple[Any, bool]:
+    """Before a rollout: the unwrapped model in eval mode, and whether it was training (for
+    :func:`_end_generation`, called in a ``finally``; a generator-based context manager here kept
+    the model reachable through DeepSpeed's forward-module stack)."""
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    return model, was_training
+
+
 def _end_generation(model: Any, was_training: bool) -> None:
     """After a rollout: the model's mode back, and the ``rope_deltas`` the Qwen-VL model keeps
     from its last forward cleared (a training forward must not reuse a rollout's mRoPE offsets)."""
@@ -468,9 +478,7 @@ class HFRolloutBackend:
         """
         if K < 1 or M < 1:
             raise ValueError(f"K and M must be >= 1, got K={K}, M={M}")
-        model = unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
+        model, was_training = _begin_generation(self.model)
         gen = self._generator(sampling.seed)
         try:
             with self._context():
@@ -571,9 +579,7 @@ class HFRolloutBackend:
             inputs["pixel_values"] = torch.cat(pix)
             inputs["image_grid_thw"] = torch.cat([rollout.image_grid_thw[b] for b, _ in rows
                                                   if rollout.image_grid_thw[b] is not None])
-        model = unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
+        model, was_training = _begin_generation(self.model)
         gen = self._generator(sampling.seed)
         try:
             with self._context():
@@ -625,9 +631,7 @@ class HFRolloutBackend:
 
         if K < 1 or M < 2:
             raise ValueError(f"the pilot needs K >= 1 and M >= 2, got K={K}, M={M}")
-        model = unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
+        model, was_training = _begin_generation(self.model)
         gen = self._generator(sampling.seed)
         rest = None
         try:
@@ -675,9 +679,7 @@ class HFRolloutBackend:
         Returns tokens [B*n, T] (row ``b * n + j``), logp [B*n, T], lengths [B*n]."""
         sampling = sampling or SamplingParams(temperature=0.0)
         max_new = max_new_tokens or (sampling.max_thought_tokens + sampling.max_answer_tokens)
-        model = unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
+        model, was_training = _begin_generation(self.model)
         try:
             with self._context():
                 state, _ = self._prefill(prompts_inputs)
