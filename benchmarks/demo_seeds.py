@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
     from vlm_grpo_ma.bench.stats import mean_std, paired_differences, summarize
     from vlm_grpo_ma.task import get_task
     from vlm_grpo_ma.training.cli import parse_train_config
-    from vlm_grpo_ma.training.data import STAGE_OFFSETS, _STRIDE, heldout_samples
+    from vlm_grpo_ma.training.data import heldout_samples, stage_seed_base
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     metric = HEADLINE.get(args.task, "mean_iou")
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
         cfg = parse_train_config(["--task", args.task, "--seed", str(seed), *overrides])
         task = get_task(args.task, **cfg.data.task_kwargs())
         heldout = heldout_samples(task, cfg.data.eval_samples, seed)
-        baseline = mean_target_baseline(task, heldout, task.synthetic(2048, seed=seed * _STRIDE + STAGE_OFFSETS["sft"]))
+        baseline = mean_target_baseline(task, heldout, task.synthetic(2048, seed=stage_seed_base(seed, "sft")))
         ev = s["evals"]
         sampled_key = next((k for k in ev.get("after_rl", {}) if k.startswith("sampled@")), None)
         per_seed[seed] = {

@@ -60,7 +60,7 @@ def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32, task_opti
     from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
     from vlm_grpo_ma.task import get_task
     from vlm_grpo_ma.tasks._geometry import discrete_frechet
-    from vlm_grpo_ma.training.data import STAGE_OFFSETS, _STRIDE, heldout_samples
+    from vlm_grpo_ma.training.data import heldout_samples, stage_seed_base
     from vlm_grpo_ma.training.evaluate import parse_completion
 
     task = get_task("trajectory", **(task_options or {}))
@@ -85,7 +85,7 @@ def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32, task_opti
         ends.append([*pred[0], *pred[-1]])
         gt_ends.append([*s.target["trajectory"][0], *s.target["trajectory"][-1]])
     spread = lambda a: float(np.asarray(a).std(axis=0).mean()) if a else float("nan")  # noqa: E731
-    base = mean_target_baseline(task, samples, task.synthetic(2048, seed=seed * _STRIDE + STAGE_OFFSETS["sft"]))
+    base = mean_target_baseline(task, samples, task.synthetic(2048, seed=stage_seed_base(seed, "sft")))
     mean = lambda key: float(np.mean([e[key] for e in errs])) if errs else float("nan")  # noqa: E731
     return {
         "model": model_path,

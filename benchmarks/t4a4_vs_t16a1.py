@@ -138,12 +138,12 @@ def heldout_baseline(task_name: str, seed: int, eval_samples: int) -> float | No
     from vlm_grpo_ma.bench.baselines import mean_target_baseline
     from vlm_grpo_ma.task import get_task
     from vlm_grpo_ma.training.cli import parse_train_config
-    from vlm_grpo_ma.training.data import STAGE_OFFSETS, _STRIDE, heldout_samples
+    from vlm_grpo_ma.training.data import heldout_samples, stage_seed_base
 
     cfg = parse_train_config(["--task", task_name, "--seed", str(seed), "--eval_samples", str(eval_samples)])
     task = get_task(task_name, **cfg.data.task_kwargs())
     heldout = heldout_samples(task, eval_samples, seed)
-    m = mean_target_baseline(task, heldout, task.synthetic(2048, seed=seed * _STRIDE + STAGE_OFFSETS["sft"]))
+    m = mean_target_baseline(task, heldout, task.synthetic(2048, seed=stage_seed_base(seed, "sft")))
     return None if m is None else _metric(m, task_name)[1]
 
 

@@ -16,12 +16,24 @@ from typing import Sequence
 
 import numpy as np
 
-#: synthetic training seeds are seed * _STRIDE + offset + step; evaluation seeds start at _EVAL_BASE
+#: synthetic training seeds are stage_seed_base(seed, stage) + step (= seed * _STRIDE + offset + step);
+#: evaluation seeds start at _EVAL_BASE
 _STRIDE = 1_000_003
 _EVAL_BASE = 2_000_000_000
 #: dynamic sampling's refill rounds: seeds from _EXTRA_BASE on (64 rounds per step at most)
 _EXTRA_BASE = 3_000_000_000
 STAGE_OFFSETS = {"sft": 0, "rl": 500_000}
+
+
+def stage_seed_base(seed: int, stage: str) -> int:
+    """The synthetic seed of step 0 of ``stage`` (``"sft"`` or ``"rl"``) in a run with ``seed``:
+    step ``k`` of that stage draws ``task.synthetic(batch_size, seed=stage_seed_base(seed, stage) + k)``
+    (:meth:`SampleStream.batch`).  A run's seeds lie ``_STRIDE`` (1,000,003) apart, so the seed
+    ranges of different runs and of the two stages (``STAGE_OFFSETS``) never meet.  Benchmarks use
+    it to draw samples from a stage's training distribution, e.g. for a mean-target baseline."""
+    if stage not in STAGE_OFFSETS:
+        raise ValueError(f"unknown stage {stage!r}: one of {sorted(STAGE_OFFSETS)}")
+    return int(seed) * _STRIDE + STAGE_OFFSETS[stage]
 
 
 class SampleStream:
@@ -56,7 +68,7 @@ class SampleStream:
     def batch(self, step: int) -> list:
         """The ``batch_size`` samples of ``step`` (same on every rank and every run)."""
         if self.samples is None:
-            s = self.seed * _STRIDE + STAGE_OFFSETS[self.stage] + step
+            s = stage_seed_base(self.seed, self.stage) + step
             return synthetic_batch(self.task, self.batch_size, s)
         n = len(self.samples)
         out = []
