@@ -1,12 +1,22 @@
 """Imports run downward only (the rule of docs/ARCHITECTURE.md, "Import direction").
 
-Every module of the package (and of the task plugins, installed as ``vlm_grpo_ma.tasks``) is
-parsed with ``ast``; each ``import`` / ``from ... import`` of a ``vlm_grpo_ma`` module, at the top
-or inside a function, is checked against the layers below.  A module may import from its own
-layer or a lower one; ``training`` and ``bench`` are peers that never import each other; the
-core never imports the plugin package ``vlm_grpo_ma.tasks`` (it reaches tasks through the
-registry, ``vlm_grpo_ma.task.get_task``); nobody imports a private (``_name``) attribute from
-another layer.
+Every module of the package (and of the task plugins, installed as ``vlm_grpo_ma.tasks``) and
+every ``benchmarks/*.py`` and ``scripts/*.py`` file is parsed with ``ast``; each ``import`` /
+``from ... import`` of a ``vlm_grpo_ma`` module or of a repository folder, at the top or inside a
+function, is checked against the layers below, with no exceptions (``KNOWN`` is empty):
+
+- a package module imports from its own layer or a lower one; ``training`` and ``bench`` are
+  peers that never import each other; the core never imports the plugin package
+  ``vlm_grpo_ma.tasks`` (it reaches tasks through the registry, ``vlm_grpo_ma.task.get_task``);
+- the package never imports from ``benchmarks``, ``scripts`` or ``tests`` (nor a benchmark or
+  script by its bare name, the way they import each other after putting their folder on
+  ``sys.path``);
+- benchmarks and scripts are applications on top of every layer: they may import any public
+  name of the package (``training`` and ``bench`` together, the plugins ``vlm_grpo_ma.tasks``);
+- nobody imports a private (``_name``) attribute across the parts of the package, nor from the
+  package into a benchmark or script;
+- no import circles between the modules of one folder: a folder of the package, ``benchmarks``
+  (``from wide_model import ...``: fine while no circle) or ``scripts``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,11 @@ LAYERS = {
 }
 PLUGINS = "tasks"  # vlm_grpo_ma.tasks: may import layers <= 3 (task, data, models, utilities)
 PLUGIN_LAYER = 3
+#: repository folders whose ``*.py`` files are applications above every layer (and above the plugins)
+APPS = ("benchmarks", "scripts")
+APP_LAYER = 7
+#: repository folders the package never imports from
+OUTSIDE = ("benchmarks", "scripts", "tests")
 
 #: known edges that break the rule, each with the issue that removes it; the test fails when
 #: one of them is gone (so this list cannot go stale) or a new one appears
@@ -49,20 +64,43 @@ def _modules(root: Path = REPO) -> dict[str, Path]:
     return mods
 
 
-def _imports(module: str, path: Path) -> list[tuple[str, list[str], int]]:
-    """(imported module, imported names, line) for every vlm_grpo_ma import in the file."""
+def _apps(root: Path = REPO) -> dict[str, Path]:
+    """The benchmarks and scripts, as ``benchmarks.<stem>`` / ``scripts.<stem>``."""
+    return {f"{folder}.{p.stem}": p for folder in APPS for p in sorted((root / folder).glob("*.py"))}
+
+
+def _local(apps: dict[str, Path], own: str | None = None) -> dict[str, str]:
+    """{bare name: application module}: what ``import wide_model`` means once a benchmark has put
+    its folder on ``sys.path`` (its own folder first, when the name is in both)."""
+    names = {m.partition(".")[2]: m for m in apps if m.partition(".")[0] != own}
+    names.update({m.partition(".")[2]: m for m in apps if m.partition(".")[0] == own})
+    return names
+
+
+def _imports(module: str, path: Path, local: dict[str, str] | None = None) -> list[tuple[str, list[str], int]]:
+    """(imported module, imported names, line) for every import in the file of a vlm_grpo_ma
+    module, of a repository folder in ``OUTSIDE``, or of a bare name in ``local`` (resolved to
+    its application module)."""
+    local = local or {}
     out = []
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def resolve(target: str) -> str | None:
+        first, _, rest = target.partition(".")
+        if first in local:
+            return local[first] + ("." + rest if rest else "")
+        return target if first == "vlm_grpo_ma" or first in OUTSIDE else None
+
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
-            out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "vlm_grpo_ma"]
+            out += [(t, [], node.lineno) for a in node.names if (t := resolve(a.name))]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
-                target = node.module or ""
-            if target.split(".")[0] == "vlm_grpo_ma":
+                target = resolve(node.module or "")
+            if target and target.split(".")[0] in ("vlm_grpo_ma", *OUTSIDE):
                 out.append((target, [a.name for a in node.names], node.lineno))
     return out
 
@@ -72,14 +110,22 @@ def _part(module: str) -> str:
     return parts[1] if len(parts) > 1 else "<root>"
 
 
+def _private(names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith("_") and n != "__version__"]
+
+
 def _violations(root: Path = REPO) -> dict[tuple[str, str], str]:
     """{(importing module, imported module): why} for every import against the rule."""
     bad: dict[tuple[str, str], str] = {}
+    apps = _apps(root)
     for module, path in _modules(root).items():
         src = _part(module)
-        for target, names, line in _imports(module, path):
+        for target, names, line in _imports(module, path, _local(apps)):
             dst = _part(target)
             where = f"{path.relative_to(root)}:{line}"
+            if target.split(".")[0] in OUTSIDE:
+                bad[(module, target)] = f"{where}: the package imports from {target.split('.')[0]}/ ({target})"
+                continue
             if src == dst:
                 continue
             if dst == PLUGINS:
@@ -89,15 +135,33 @@ def _violations(root: Path = REPO) -> dict[tuple[str, str], str]:
             src_layer = PLUGIN_LAYER if src == PLUGINS else LAYERS[src]
             if LAYERS.get(dst, 99) > src_layer or (src_layer == 5 and LAYERS[dst] == 5):
                 bad[(module, target)] = f"{where}: {src} (layer {src_layer}) imports {target} (layer {LAYERS.get(dst)})"
-            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            private = _private(names)
             if private:
                 bad[(module, target)] = f"{where}: private {private} imported from another layer ({target})"
+    for module, path in apps.items():
+        for target, names, line in _imports(module, path, _local(apps, own=module.partition(".")[0])):
+            if target.split(".")[0] != "vlm_grpo_ma":
+                continue  # one application imports another: only circles are wrong (_circles)
+            dst = _part(target)
+            where = f"{path.relative_to(root)}:{line}"
+            if dst != PLUGINS and LAYERS.get(dst, 99) > APP_LAYER:
+                bad[(module, target)] = f"{where}: {module} imports {target}, a part of the package with no layer"
+            private = _private(names)
+            if private:
+                bad[(module, target)] = f"{where}: private {private} imported from the package into {module} ({target})"
     return bad
 
 
 def test_every_part_of_the_package_has_a_layer():
     parts = {_part(m) for m in _modules()} - {PLUGINS}
     assert parts <= set(LAYERS), f"add these to LAYERS (and docs/ARCHITECTURE.md): {sorted(parts - set(LAYERS))}"
+
+
+def test_the_benchmarks_and_scripts_are_checked():
+    """The applications are found, and a benchmark's bare-name import of another is an edge."""
+    apps = _apps()
+    assert {"benchmarks.layout_cost", "benchmarks.wide_model", "scripts.train", "scripts.benchmark"} <= set(apps)
+    assert "benchmarks.wide_model" in _edges()["benchmarks.layout_cost"]
 
 
 def test_imports_run_downward():
@@ -135,20 +199,29 @@ def _module_of(target: str, names: list[str], mods: dict[str, Path]) -> list[str
     return hits or ([target] if target in mods else [])
 
 
-def _circles(root: Path = REPO) -> list[list[str]]:
-    """Import circles between modules of one folder (imports at the top or inside functions;
-    a package's ``__init__`` re-exporting its modules is not an edge): each as the list of
-    modules on it."""
-    mods = _modules(root)
+def _edges(root: Path = REPO) -> dict[str, set[str]]:
+    """{module: the modules of its own folder it imports} over the package's folders,
+    ``benchmarks`` and ``scripts`` (imports at the top or inside functions; a package's
+    ``__init__`` re-exporting its modules is not an edge)."""
+    apps = _apps(root)
+    mods = {**_modules(root), **apps}
     folder = lambda m: m.rpartition(".")[0]  # noqa: E731
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for module, path in mods.items():
         if path.name == "__init__.py":
             continue
-        for target, names, _ in _imports(module, path):
+        own = module.partition(".")[0] if module in apps else None
+        for target, names, _ in _imports(module, path, _local(apps, own=own)):
             for dst in _module_of(target, names, mods):
                 if dst != module and folder(dst) == folder(module) and mods[dst].name != "__init__.py":
                     edges[module].add(dst)
+    return edges
+
+
+def _circles(root: Path = REPO) -> list[list[str]]:
+    """Import circles between modules of one folder (see ``_edges``): each as the list of
+    modules on it."""
+    edges = _edges(root)
     # strongly connected components (Tarjan) of more than one module
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -184,8 +257,9 @@ def _circles(root: Path = REPO) -> list[list[str]]:
 
 
 def test_no_import_circles_inside_a_folder():
-    """Downward also inside a layer's folder: no module of a folder imports (at the top or inside a
-    function) a module that imports it back, directly or through others of that folder."""
+    """Downward also inside a layer's folder (and among the benchmarks, and among the scripts): no
+    module of a folder imports (at the top or inside a function) a module that imports it back,
+    directly or through others of that folder."""
     assert _circles() == [], f"import circles: {_circles()}"
 
 
@@ -199,3 +273,48 @@ def test_the_circle_checker_finds_a_planted_circle(tmp_path):
     assert _circles(tmp_path) == []
     (pkg / "b.py").write_text("def f():\n    from vlm_grpo_ma.data import a\ny = 2\n")  # hidden in a function
     assert _circles(tmp_path) == [["vlm_grpo_ma.data.a", "vlm_grpo_ma.data.b"]]
+
+
+#: a clean application: every layer at once, the plugins, another benchmark by its bare name
+CLEAN_APP = (
+    "from vlm_grpo_ma import __version__, get_task\n"
+    "from vlm_grpo_ma.training import rl\n"
+    "from vlm_grpo_ma.bench import backends\n"
+    "import vlm_grpo_ma.tasks.common\n"
+    "from vlm_grpo_ma.cli import main\n"
+    "from wide_model import build_wide_model\n"
+)
+
+
+@pytest.mark.parametrize("where, src, expected", [
+    ("benchmarks", "def f():\n    from vlm_grpo_ma.training.data import _STRIDE\n",
+     "private ['_STRIDE'] imported from the package into benchmarks.planted"),
+    ("scripts", "from vlm_grpo_ma.tasks import _geometry\n", "private ['_geometry'] imported from the package into scripts.planted"),
+    ("benchmarks", "import vlm_grpo_ma.nowhere\n", "a part of the package with no layer"),
+    ("vlm_grpo_ma/training", "from benchmarks.wide_model import build_wide_model\n", "the package imports from benchmarks/"),
+    ("vlm_grpo_ma/bench", "def f():\n    import wide_model\n", "the package imports from benchmarks/ (benchmarks.wide_model)"),
+    ("vlm_grpo_ma/rollout", "from scripts import train\n", "the package imports from scripts/"),
+    ("vlm_grpo_ma/data", "from tests._launch import free_port\n", "the package imports from tests/"),
+])
+def test_the_checker_catches_each_kind_of_application_violation(tmp_path, where, src, expected):
+    """The rules for benchmarks and scripts: a clean tree (with an application importing every
+    layer) has no violation; one planted bad import is reported."""
+    for folder in ("vlm_grpo_ma/training", "vlm_grpo_ma/bench", "vlm_grpo_ma/rollout", "vlm_grpo_ma/data",
+                   "tasks", "benchmarks", "scripts"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "benchmarks" / "wide_model.py").write_text("def build_wide_model():\n    pass\n")
+    (tmp_path / "benchmarks" / "clean.py").write_text(CLEAN_APP)
+    (tmp_path / "scripts" / "train.py").write_text("from vlm_grpo_ma.training.cli import main\n")
+    assert _violations(tmp_path) == {}
+    (tmp_path / where / "planted.py").write_text(src)
+    why = list(_violations(tmp_path).values())
+    assert len(why) == 1 and expected in why[0], why
+
+
+def test_the_circle_checker_finds_a_planted_circle_among_benchmarks(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "a.py").write_text("import sys\nfrom b import y\nx = 1\n")  # bare name: the folder is on sys.path
+    (tmp_path / "benchmarks" / "b.py").write_text("y = 2\n")
+    assert _circles(tmp_path) == []
+    (tmp_path / "benchmarks" / "b.py").write_text("def f():\n    from benchmarks import a\ny = 2\n")
+    assert _circles(tmp_path) == [["benchmarks.a", "benchmarks.b"]]
