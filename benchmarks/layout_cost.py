@@ -92,6 +92,7 @@ def worker(a) -> None:
     import torch
 
     from vlm_grpo_ma.algorithms import aggregation_weights, clipped_policy_loss
+    from vlm_grpo_ma.algorithms.grpo_ma import ObjectiveSettings, token_terms
     from vlm_grpo_ma.models import load_policy
     from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens
 
@@ -104,8 +105,8 @@ def worker(a) -> None:
     w_t, w_a = aggregation_weights("token-mean", T, A)
     adv_t, adv_a = torch.randn(a.prompts, a.K), torch.randn(a.prompts, a.K, a.M)
     layout = {"limit": "tree", "tree_eager": "tree"}.get(a.layout, a.layout)
-    batch = build_train_batch(model, tree, adv_t, adv_a, w_t, w_a, layout=layout,
-                              pad_id=policy.tokenizer.pad_token_id or 0)
+    terms = token_terms(ObjectiveSettings(), adv_t, adv_a, w_t, w_a, T, A)
+    batch = build_train_batch(model, tree, layout=layout, pad_id=policy.tokenizer.pad_token_id or 0)
     if a.layout == "limit":
         batch.attention_mask = None  # plain causal attention over the same unique tokens
 
@@ -122,7 +123,7 @@ def worker(a) -> None:
             logp = lay.selective_log_softmax(model.lm_head(h), batch.targets)
         else:
             logp = score_tokens(model, batch)
-        loss, _ = clipped_policy_loss(logp, batch.rollout_logp, batch.advantages, batch.weights, clip_low=0.2, clip_high=0.2)
+        loss, _ = clipped_policy_loss(logp, batch.rollout_logp, terms.advantages, terms.weights, clip_low=0.2, clip_high=0.2)
         loss.backward()
         return time.perf_counter() - t0, time.process_time() - c0
 

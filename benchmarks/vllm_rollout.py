@@ -63,9 +63,7 @@ def logprob_mismatch(policy, backend, messages, sampling, cap: float = 2.0) -> d
     from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens
 
     tree = backend.generate_tree_from_messages(messages, 2, 2, sampling)
-    z = torch.zeros(tree.B, 2), torch.zeros(tree.B, 2, 2)
-    batch = build_train_batch(policy.model, tree, z[0], z[1], z[0], z[1], layout="packed",
-                              pad_id=policy.tokenizer.pad_token_id or 0)
+    batch = build_train_batch(policy.model, tree, layout="packed", pad_id=policy.tokenizer.pad_token_id or 0)
     with torch.no_grad():
         mine = score_tokens(policy.model, batch, sampling.temperature).float().cpu()
     theirs = batch.rollout_logp.float().cpu()

@@ -171,7 +171,6 @@ def tiny(request):
 
 
 def test_generate_answers_continues_the_given_thoughts(tiny):
-    from vlm_grpo_ma.algorithms import aggregation_weights
     from vlm_grpo_ma.rollout import SamplingParams
     from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens
 
@@ -190,9 +189,7 @@ def test_generate_answers_continues_the_given_thoughts(tiny):
     pilot = backend.generate_tree_from_messages(msgs, 2, 1, sampling)
     full = append_answers(pilot, backend.generate_answers(pilot, 2, sampling))
     assert full.M == 3 and full.stats["tokens_generated"] > pilot.stats["tokens_generated"]
-    T, A = full.thought_lengths(), full.answer_lengths()
-    w_t, w_a = aggregation_weights("token-mean", T, A)
-    batch = build_train_batch(policy.model, full, torch.zeros_like(w_t), torch.zeros_like(w_a), w_t, w_a)
+    batch = build_train_batch(policy.model, full)
     with torch.no_grad():
         logp = score_tokens(policy.model, batch, 1.0)
     assert torch.allclose(logp, batch.rollout_logp, atol=1e-4)
@@ -213,7 +210,6 @@ def test_refill_rounds_draw_what_the_shortfall_needs():
 
 
 def test_generate_tree_pilot_continues_the_thoughts_cache(tiny):
-    from vlm_grpo_ma.algorithms import aggregation_weights
     from vlm_grpo_ma.data.collate import build_generation_inputs
     from vlm_grpo_ma.rollout import SamplingParams
     from vlm_grpo_ma.rollout.layout import build_train_batch, score_tokens
@@ -233,9 +229,7 @@ def test_generate_tree_pilot_continues_the_thoughts_cache(tiny):
     sampling = SamplingParams(temperature=1.0, max_thought_tokens=8, max_answer_tokens=6, seed=3)
     pilot, rest = backend.generate_tree_pilot(inputs, 2, 3, sampling, lambda t: [0, 1])
     full = append_answers(pilot, rest)
-    T, A = full.thought_lengths(), full.answer_lengths()
-    w_t, w_a = aggregation_weights("token-mean", T, A)
-    batch = build_train_batch(policy.model, full, torch.zeros_like(w_t), torch.zeros_like(w_a), w_t, w_a)
+    batch = build_train_batch(policy.model, full)
     with torch.no_grad():
         logp = score_tokens(policy.model, batch, 1.0)
     assert torch.allclose(logp, batch.rollout_logp, atol=1e-4)

@@ -17,6 +17,7 @@ from vlm_grpo_ma.algorithms import (
     grpo_ma_advantages,
     masked_clipped_policy_loss,
 )
+from vlm_grpo_ma.algorithms.grpo_ma import ObjectiveSettings, token_terms
 from vlm_grpo_ma.models import load_policy
 from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams, TreeRollout
 from vlm_grpo_ma.rollout.layout import (
@@ -31,9 +32,12 @@ from vlm_grpo_ma.rollout.layout import (
 from tests.test_rollout import FAMILIES, _messages, prompt_inputs
 
 
-def _weights(tree, mode="token-mean", max_len=None):
-    """The per-segment loss weights of ``tree`` under ``mode`` (what the trainer passes in)."""
-    return aggregation_weights(mode, tree.thought_lengths(), tree.answer_lengths(), max_len)
+def _terms(tree, t_adv, a_adv, mode="token-mean", max_len=None):
+    """The per-token advantages and weights of ``tree`` under ``mode`` (``grpo_ma.token_terms``, as
+    the trainer computes them; canonical order, the order of every layout's trained tokens)."""
+    T, A = tree.thought_lengths(), tree.answer_lengths()
+    w_t, w_a = aggregation_weights(mode, T, A, max_len)
+    return token_terms(ObjectiveSettings(loss_agg_mode=mode), t_adv, a_adv, w_t, w_a, T, A)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -48,10 +52,10 @@ def tree(policy):
     return backend.generate_tree(prompt_inputs(policy, _messages()), K=3, M=3, sampling=sp)
 
 
-def _loss_and_grads(model, batch, old_logp, **kw):
+def _loss_and_grads(model, batch, terms, old_logp, **kw):
     model.zero_grad(set_to_none=True)
     logp = score_tokens(model, batch)
-    loss, _ = clipped_policy_loss(logp, old_logp, batch.advantages, batch.weights, clip_low=0.1, clip_high=0.3, **kw)
+    loss, _ = clipped_policy_loss(logp, old_logp, terms.advantages, terms.weights, clip_low=0.1, clip_high=0.3, **kw)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return logp.detach(), loss.detach(), grads
@@ -74,24 +78,25 @@ def check_layout_equals_naive(policy, tree, mode, layout):
     rewards = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(1))
     t_adv, a_adv = grpo_ma_advantages(rewards)
     pad = policy.tokenizer.pad_token_id
-    naive = build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree, mode), layout="naive", pad_id=pad)
-    packed = build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree, mode), layout=layout, pad_id=pad)
+    naive = build_train_batch(policy.model, tree, layout="naive", pad_id=pad)
+    packed = build_train_batch(policy.model, tree, layout=layout, pad_id=pad)
     rows = {"tree": 2, "packed": 2 * 3}[layout]
     assert naive.input_ids.shape[0] == 2 * 3 * 3 and packed.input_ids.shape[0] == rows
     assert packed.attention_mask.shape == (rows, 1, packed.input_ids.shape[1], packed.input_ids.shape[1])
     # same trained tokens, same order, same per-token values
     N = int(tree.thought_lengths().sum() + tree.answer_lengths().sum())
     assert naive.num_tokens == packed.num_tokens == N
-    for f in ("targets", "is_thought", "rollout_logp", "advantages", "weights"):
+    for f in ("targets", "is_thought", "rollout_logp", "thought_lens", "answer_lens"):
         assert torch.equal(getattr(naive, f), getattr(packed, f)), f
+    terms = _terms(tree, t_adv, a_adv, mode)
     if layout == "tree":
         # the whole tree, each prompt once: the forward computes exactly the unique tokens
         P = sum(len(p) for p in tree.prompt_ids)
         assert int((packed.input_ids != pad).sum()) <= P + N <= packed.num_positions
         assert packed.pixel_values.shape[0] == sum(int(g.prod(-1).sum()) for g in tree.image_grid_thw)
     old = _perturbed_old(naive)
-    lp_n, loss_n, g_n = _loss_and_grads(policy.model, naive, old)
-    lp_p, loss_p, g_p = _loss_and_grads(policy.model, packed, old)
+    lp_n, loss_n, g_n = _loss_and_grads(policy.model, naive, terms, old)
+    lp_p, loss_p, g_p = _loss_and_grads(policy.model, packed, terms, old)
     torch.testing.assert_close(lp_p, lp_n, atol=1e-5, rtol=0)
     torch.testing.assert_close(loss_p, loss_n, atol=1e-6, rtol=1e-5)
     assert g_n.keys() == g_p.keys() and len(g_n) > 10
@@ -101,8 +106,8 @@ def check_layout_equals_naive(policy, tree, mode, layout):
     torch.testing.assert_close(lp_p, packed.rollout_logp, atol=1e-4, rtol=0)
     # each thought token is trained once: the weights of a token-mean loss sum to 1
     if mode == "token-mean":
-        assert packed.weights.sum().item() == pytest.approx(1.0, abs=1e-6)
-        assert packed.weights[0].item() == pytest.approx(1.0 / N)
+        assert terms.weights.sum().item() == pytest.approx(1.0, abs=1e-6)
+        assert terms.weights[0].item() == pytest.approx(1.0 / N)
 
 
 def test_tree_runs_vision_tower_once_per_prompt(policy, tree):
@@ -110,13 +115,11 @@ def test_tree_runs_vision_tower_once_per_prompt(policy, tree):
     seen = []
     hook = policy.model.model.visual.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
     try:
-        t_adv, a_adv = torch.zeros(2, 3), torch.zeros(2, 3, 3)
         patches = sum(int(g.prod(-1).sum()) for g in tree.image_grid_thw)
         for layout, times in (("tree", 1), ("packed", 3)):
             seen.clear()
             with torch.no_grad():
-                score_tokens(policy.model, build_train_batch(policy.model, tree, t_adv, a_adv, *_weights(tree),
-                                                             layout=layout))
+                score_tokens(policy.model, build_train_batch(policy.model, tree, layout=layout))
             assert sum(seen) == times * patches, layout
     finally:
         hook.remove()
@@ -130,12 +133,13 @@ def test_all_aggregation_modes_packed_equals_naive():
                                sampling=SamplingParams(max_thought_tokens=7, max_answer_tokens=4, seed=4))
     t_adv, a_adv = grpo_ma_advantages(torch.rand(2, 2, 3, generator=torch.Generator().manual_seed(3)))
     for mode in AGGREGATION_MODES:
-        n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout="naive")
+        n = build_train_batch(policy.model, tr, layout="naive")
+        terms = _terms(tr, t_adv, a_adv, mode)
         old = _perturbed_old(n)
-        _, loss_n, g_n = _loss_and_grads(policy.model, n, old)
+        _, loss_n, g_n = _loss_and_grads(policy.model, n, terms, old)
         for layout in ("tree", "packed"):
-            p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout=layout)
-            _, loss_p, g_p = _loss_and_grads(policy.model, p, old)
+            p = build_train_batch(policy.model, tr, layout=layout)
+            _, loss_p, g_p = _loss_and_grads(policy.model, p, terms, old)
             torch.testing.assert_close(loss_p, loss_n, atol=1e-6, rtol=1e-5, msg=f"{layout} {mode}")
             for name in g_n:
                 torch.testing.assert_close(g_p[name], g_n[name], atol=1e-6, rtol=1e-4, msg=f"{layout} {mode} {name}")
@@ -146,10 +150,9 @@ def test_packed_equals_naive_eager_attention():
     backend = HFRolloutBackend(policy.model, policy.tokenizer)
     tr = backend.generate_tree(prompt_inputs(policy, _messages()), K=2, M=2,
                                sampling=SamplingParams(max_thought_tokens=6, max_answer_tokens=4, seed=9))
-    t_adv, a_adv = grpo_ma_advantages(torch.rand(2, 2, 2, generator=torch.Generator().manual_seed(5)))
-    n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="naive")
+    n = build_train_batch(policy.model, tr, layout="naive")
     for layout in ("tree", "packed"):
-        p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout=layout)
+        p = build_train_batch(policy.model, tr, layout=layout)
         with torch.no_grad():
             torch.testing.assert_close(score_tokens(policy.model, p), score_tokens(policy.model, n), atol=1e-5, rtol=0)
             torch.testing.assert_close(score_tokens(policy.model, p), p.rollout_logp, atol=1e-4, rtol=0)
@@ -167,9 +170,9 @@ def test_m1_equals_plain_grpo(policy):
     adv = grpo_advantages(rewards)  # [B, G]
     torch.testing.assert_close(t_adv, adv)
     for mode, layout in (("token-mean", "tree"), ("seq-mean-token-mean", "packed"), ("seq-mean-token-sum-norm", "tree")):
-        batch = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr, mode), layout=layout)
+        batch = build_train_batch(policy.model, tr, layout=layout)
         old = _perturbed_old(batch)
-        _, loss_tree, g_tree = _loss_and_grads(policy.model, batch, old)
+        _, loss_tree, g_tree = _loss_and_grads(policy.model, batch, _terms(tr, t_adv, a_adv, mode), old)
 
         # plain GRPO: G = B*K completions (thought + answer), each scored from prompt + completion
         policy.model.zero_grad(set_to_none=True)
@@ -215,8 +218,7 @@ def _text_tree() -> TreeRollout:
 def test_packed_positions_and_targets_by_hand():
     policy = load_policy("tiny-qwen2-vl")
     tr = _text_tree()
-    p = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), *_weights(tr),
-                          layout="packed", pad_id=0)
+    p = build_train_batch(policy.model, tr, layout="packed", pad_id=0)
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
     # positions restart for each answer at the thought's end (text: the same on all 3 rows)
     assert p.position_ids[:, 0].tolist() == [[0, 1, 2, 3, 4, 5, 6, 5]] * 3
@@ -225,9 +227,10 @@ def test_packed_positions_and_targets_by_hand():
     assert p.targets.tolist() == [8, 9, 10, 11, 12]
     assert p.is_thought.tolist() == [True, True, False, False, False]
     assert p.rollout_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0]
-    assert p.advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0]
-    assert p.weights.tolist() == pytest.approx([0.2] * 5)
-    n = build_train_batch(policy.model, tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]), *_weights(tr), layout="naive", pad_id=0)
+    terms = _terms(tr, torch.tensor([[0.5]]), torch.tensor([[[1.0, -1.0]]]))
+    assert terms.advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0]
+    assert terms.weights.tolist() == pytest.approx([0.2] * 5)
+    n = build_train_batch(policy.model, tr, layout="naive", pad_id=0)
     assert n.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 9, 12, 0]]
     assert n.attention_mask.tolist() == [[1] * 7, [1] * 6 + [0]]
     assert n.logit_rows.tolist() == [0, 0, 0, 0, 1] and n.logit_cols.tolist() == [2, 3, 4, 5, 4]
@@ -251,12 +254,10 @@ def test_packed_attention_mask_by_hand():
 def test_bad_inputs_and_unsupported_attention():
     policy = load_policy("tiny-qwen2-vl")
     tr = _text_tree()
-    with pytest.raises(ValueError, match="thought_adv"):
-        build_train_batch(policy.model, tr, torch.zeros(2, 1), torch.zeros(1, 1, 2), *_weights(tr))
     with pytest.raises(ValueError, match="layout"):
-        build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), *_weights(tr), layout="trie")
-    with pytest.raises(ValueError, match="thought_weights"):
-        build_train_batch(policy.model, tr, torch.zeros(1, 1), torch.zeros(1, 1, 2), torch.zeros(1, 2), torch.zeros(1, 1, 2))
+        build_train_batch(policy.model, tr, layout="trie")
+    with pytest.raises(ValueError, match="thought_lens"):  # per-segment values of another tree's shape
+        _terms(tr, torch.zeros(2, 1), torch.zeros(1, 1, 2))
 
     class Cfg:
         _attn_implementation = "flash_attention_2"
@@ -295,7 +296,7 @@ def test_tree_positions_targets_and_mask_by_hand():
     policy = load_policy("tiny-qwen2-vl")
     tr = _text_tree2()
     t_adv, a_adv = torch.tensor([[0.5, -0.5]]), torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
-    p = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="tree", pad_id=0)
+    p = build_train_batch(policy.model, tr, layout="tree", pad_id=0)
     #                            prompt    th0   a00     a01 th1 a10 a11
     assert p.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 22, 23]]
     # thoughts continue from the prompt's end, answers from their own thought's end
@@ -306,7 +307,7 @@ def test_tree_positions_targets_and_mask_by_hand():
     assert p.targets.tolist() == [8, 9, 10, 11, 12, 20, 21, 22, 23]
     assert p.is_thought.tolist() == [True, True, False, False, False, True, False, False, False]
     assert p.rollout_logp.tolist() == [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0]
-    assert p.advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0, -0.5, 2.0, -2.0, -2.0]
+    assert _terms(tr, t_adv, a_adv).advantages.tolist() == [0.5, 0.5, 1.0, 1.0, -1.0, -0.5, 2.0, -2.0, -2.0]
     m = p.attention_mask[0, 0].int().tolist()
     assert m == [
         # 5  6  7  8  9 10 11 12 20 21 22 23
@@ -323,7 +324,7 @@ def test_tree_positions_targets_and_mask_by_hand():
         [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0],  # answer 11
         [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1],
     ]
-    n = build_train_batch(policy.model, tr, t_adv, a_adv, *_weights(tr), layout="naive", pad_id=0)
+    n = build_train_batch(policy.model, tr, layout="naive", pad_id=0)
     with torch.no_grad():
         torch.testing.assert_close(score_tokens(policy.model, p), score_tokens(policy.model, n), atol=1e-5, rtol=0)
 

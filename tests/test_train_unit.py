@@ -254,13 +254,19 @@ def test_lr_schedule_is_checked():
         parse_train_config(["--task", "affordance", "--lr_schedule", "linear"])
 
 
-def test_loss_kwargs_pass_sequence_ids_for_sequence_level_and_vespo():
-    from vlm_grpo_ma.training.objective import loss_kwargs
+def test_objective_settings_from_the_config():
+    """Every RL option of the objective reaches ``algorithms.grpo_ma.ObjectiveSettings``."""
+    from vlm_grpo_ma.training.config import objective_settings
 
-    T, A = torch.tensor([[2, 1]]), torch.tensor([[[1, 2], [1, 0]]])
-    assert "seq_ids" not in loss_kwargs(parse_train_config([]), T, A)
-    kw = loss_kwargs(parse_train_config(["--importance_sampling_level", "sequence"]), T, A)
-    assert kw["seq_ids"].tolist() == [0, 0, 1, 2, 2, 3, 4] and kw["clip_low"] == 0.2
-    kw = loss_kwargs(parse_train_config(["--policy_loss", "vespo"]), T, A)  # sequence-level by construction
-    assert "seq_ids" in kw and kw["k_pos"] == 2.0
-    assert loss_kwargs(parse_train_config(["--policy_loss", "cispo", "--cispo_cap", "3"]), T, A) == {"cap": 3.0}
+    s = objective_settings(parse_train_config([]).rl)
+    assert not s.sequence_level and s.loss_options == {"clip_low": 0.2, "clip_high": 0.2} and not s.needs_old_logp
+    assert objective_settings(parse_train_config(["--importance_sampling_level", "sequence"]).rl).sequence_level
+    s = objective_settings(parse_train_config(["--policy_loss", "vespo"]).rl)  # sequence-level by construction
+    assert s.sequence_level and s.loss_options["k_pos"] == 2.0
+    assert objective_settings(parse_train_config(["--policy_loss", "cispo", "--cispo_cap", "3"]).rl).loss_options == {"cap": 3.0}
+    s = objective_settings(parse_train_config([
+        "--no_scale_adv_by_std", "--overlong_penalty_cache", "4", "--mask_truncated_completions", "--kl_coef", "0.1",
+        "--kl_estimator", "k2", "--ppo_epochs", "2", "--loss_agg_mode", "seq-mean-token-sum-norm",
+        "--max_thought_tokens", "40", "--max_answer_tokens", "8", "--adv_estimator", "grpo_ma"]).rl)
+    assert (s.scale_rewards, s.overlong_cache, s.mask_truncated, s.kl_coef, s.kl_estimator, s.needs_old_logp,
+            s.loss_agg_mode, s.max_len) == ("none", 4, True, 0.1, "k2", True, "seq-mean-token-sum-norm", 48)

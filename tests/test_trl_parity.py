@@ -7,8 +7,9 @@ sampling log-probs, perturbed so that ratios clip on both sides).  TRL gets them
 code path: its ``_generate_and_score_completions`` (prompt tokenisation by the processor, the
 image inputs, the reward function call, its group advantages) with only the sampler replaced by
 one that returns our completions, then its ``compute_loss`` (its forward with the fused LM head).
-Ours: ``grpo_tree_advantages`` -> ``build_train_batch`` (packed layout) -> ``score_tokens`` ->
-``clipped_policy_loss`` with ``aggregation_weights``: what ``training/rl.py`` calls.
+Ours: ``grpo_tree_advantages`` (with TRL's unbiased std) -> ``build_train_batch`` (packed layout) ->
+``score_tokens`` -> the objective's ``segment_weights`` / ``token_terms`` / ``policy_loss``
+(``algorithms/grpo_ma.py``): what ``training/rl.py`` calls.
 
 TRL 1.16's definitions (``trl/trainer/grpo_trainer.py``, ``_compute_loss`` and
 ``_generate_and_score_completions``), for ``importance_sampling_level="token"``, beta = 0, one
@@ -69,14 +70,8 @@ import torch
 trl = pytest.importorskip("trl", minversion="1.16")
 
 from vlm_grpo_ma import get_task  # noqa: E402
-from vlm_grpo_ma.algorithms import (  # noqa: E402
-    aggregation_weights,
-    clipped_policy_loss,
-    get_policy_loss,
-    grpo_tree_advantages,
-    tree_sequence_ids,
-    truncation_keep,
-)
+from vlm_grpo_ma.algorithms import aggregation_weights, grpo_tree_advantages  # noqa: E402
+from vlm_grpo_ma.algorithms.grpo_ma import ObjectiveSettings, policy_loss, segment_weights, token_terms  # noqa: E402
 from vlm_grpo_ma.data.collate import build_generation_inputs  # noqa: E402
 from vlm_grpo_ma.models import load_policy  # noqa: E402
 from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams  # noqa: E402
@@ -186,15 +181,18 @@ def trl_loss(policy, messages, rollout, old, loss_type, scale_rewards, **config)
 def our_loss(policy, rollout, old, mode, scale_by_std):
     """Our loss on the same samples: the trainer's own pieces."""
     t_adv, a_adv = grpo_tree_advantages(REWARDS.unsqueeze(-1), scale_by_std=scale_by_std, eps=1e-4, unbiased=True)
-    w_t, w_a = aggregation_weights(mode, rollout.thought_lengths(), rollout.answer_lengths(), max_len=BUDGET)
-    batch = build_train_batch(policy.model, rollout, t_adv, a_adv, w_t, w_a, layout="packed")
-    assert torch.allclose(batch.weights, torch.repeat_interleave(
-        torch.stack([w_t, w_a[..., 0]], -1).reshape(-1),
-        torch.stack([rollout.thought_lengths(), rollout.answer_lengths()[..., 0]], -1).reshape(-1)))
+    s = ObjectiveSettings(loss_agg_mode=mode, max_thought_tokens=MAX_THOUGHT, max_answer_tokens=MAX_ANSWER,
+                          loss_options=dict(clip_low=EPS_LOW, clip_high=EPS_HIGH))
+    T, A = rollout.thought_lengths(), rollout.answer_lengths()
+    w_t, w_a = segment_weights(s, T, A, rollout.thought_truncated, rollout.answer_truncated)
+    torch.testing.assert_close((w_t, w_a), aggregation_weights(mode, T, A, max_len=BUDGET), rtol=0, atol=0)
+    terms = token_terms(s, t_adv, a_adv, w_t, w_a, T, A)
+    assert torch.allclose(terms.weights, torch.repeat_interleave(
+        torch.stack([w_t, w_a[..., 0]], -1).reshape(-1), torch.stack([T, A[..., 0]], -1).reshape(-1)))
+    batch = build_train_batch(policy.model, rollout, layout="packed")
     old_flat = torch.cat([o for per_prompt in old for o in per_prompt])  # canonical order (M = 1)
     logp = score_tokens(policy.model, batch, TEMPERATURE)
-    loss, metrics = clipped_policy_loss(logp, old_flat, batch.advantages, batch.weights,
-                                        clip_low=EPS_LOW, clip_high=EPS_HIGH)
+    loss, metrics = policy_loss(s, logp, terms, trainer_old_logp=old_flat)
     return loss, a_adv[..., 0], metrics
 
 
@@ -285,21 +283,23 @@ def test_variant_equals_trl(setup, case):
 
     policy.model.zero_grad(set_to_none=True)
     t_adv, a_adv = grpo_tree_advantages(REWARDS.unsqueeze(-1), eps=1e-4, unbiased=True, scale_rewards=scale)
+    # the trainer's objective (algorithms.grpo_ma) on the same samples, TRL's unbiased std aside
+    s = ObjectiveSettings(loss_agg_mode=mode, max_thought_tokens=MAX_THOUGHT, max_answer_tokens=MAX_ANSWER,
+                          mask_truncated=mask, policy_loss=loss_name, loss_options=options,
+                          importance_sampling_level=level)
     T, A = rollout.thought_lengths(), rollout.answer_lengths()
-    keep_t, keep_a = truncation_keep(rollout.thought_truncated, rollout.answer_truncated) if mask else (
-        torch.ones_like(T, dtype=torch.bool), torch.ones_like(A, dtype=torch.bool))
-    w_t, w_a = aggregation_weights(mode, T * keep_t, A * keep_a, max_len=BUDGET)
-    batch = build_train_batch(policy.model, rollout, t_adv, a_adv, w_t * keep_t, w_a * keep_a, layout="packed")
+    w_t, w_a = segment_weights(s, T, A, rollout.thought_truncated, rollout.answer_truncated)
+    terms = token_terms(s, t_adv, a_adv, w_t, w_a, T, A)
+    assert (terms.seq_ids is not None) == (level == "sequence")
+    batch = build_train_batch(policy.model, rollout, layout="packed")
     old_flat = torch.cat([o for per_prompt in old for o in per_prompt])
     logp = score_tokens(policy.model, batch, TEMPERATURE)
-    seq_ids = tree_sequence_ids(T, A) if level == "sequence" else None
-    ours, metrics = get_policy_loss(loss_name)(logp, old_flat, batch.advantages, batch.weights, seq_ids=seq_ids,
-                                               **options)
+    ours, metrics = policy_loss(s, logp, terms, trainer_old_logp=old_flat)
 
     assert torch.allclose(their_adv.cpu().float(), a_adv.reshape(-1), atol=1e-6, rtol=0)
     assert abs(float(ours)) > 1e-3
     if mask:  # the case is not trivial: some completions masked, some kept
-        assert 0 < int((~keep_a).sum()) < B * K
+        assert 0 < int((w_a == 0).sum()) < B * K
     if loss_name in ("clipped", "cispo"):  # and the clip (or cap) acts on some tokens
         assert float(metrics["clip/low"]) + float(metrics["clip/high"]) > 0
     if loss_name == "sapo" and level == "sequence":

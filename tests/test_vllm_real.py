@@ -228,9 +228,7 @@ def test_sampled_tree_prefix_cache_and_logprobs_against_the_trainer(family):
     # stage 2: each of the B*K requests shares at least the prompt's full 128-token blocks (CPU)
     assert tree.stats["tokens_prefix_cached"] >= 2 * K * 128, tree.stats
     # the engine's log-probs (after temperature: processed_logprobs) against the trainer's forward
-    zeros = torch.zeros(2, K), torch.zeros(2, K, M)
-    batch = build_train_batch(pol.model, tree, zeros[0], zeros[1], zeros[0], zeros[1], layout="packed",
-                              pad_id=pol.tokenizer.pad_token_id or 0)
+    batch = build_train_batch(pol.model, tree, layout="packed", pad_id=pol.tokenizer.pad_token_id or 0)
     with torch.no_grad():
         mine = score_tokens(pol.model, batch, sp.temperature).cpu()
     theirs = batch.rollout_logp.cpu()

@@ -1,5 +1,7 @@
 """GRPO-MA algorithms as pure torch functions (no I/O, no DeepSpeed, no models).
 
+- ``grpo_ma``: the whole objective, rewards [B, K, M] to loss, composed from the modules below in
+  five documented steps (the trainer calls these and nothing else of the math);
 - ``advantages``: GRPO and GRPO-MA (thought / answer) group-relative advantages;
 - ``aggregation``: per-token loss weights for ``token-mean``, ``seq-mean-token-mean``,
   ``seq-mean-token-sum``, ``seq-mean-token-sum-norm`` over a K x M tree, each unique token once,

@@ -6,12 +6,11 @@ canonical flat order (the order of ``vlm_grpo_ma.algorithms.expand_to_tokens``):
 
     for b in prompts: for k in thoughts: [T_bk thought tokens], [A_bk0 answer tokens], ..., [A_bk(M-1)]
 
-so the sampler's log-probs, the advantages (thought tokens ``A^T_bk``, answer tokens ``A^A_bkm``)
-and the aggregation weights (``aggregation_weights``) line up with them, and
-``clipped_policy_loss(score_tokens(model, batch), old_logp, batch.advantages, batch.weights)`` is
-the GRPO-MA loss whichever layout computed it, ``old_logp`` being the policy's log-probs before the
-update (the trainer's own scoring; ``batch.rollout_logp`` holds the SAMPLER's, which differ when
-vLLM sampled: they are what truncated importance sampling compares against).
+so the sampler's log-probs (``batch.rollout_logp``) and the objective's per-token terms
+(``algorithms.grpo_ma.token_terms``: thought tokens take ``A^T_bk``, answer tokens ``A^A_bkm``,
+in the same order) line up with ``score_tokens(model, batch)``, and the GRPO-MA loss is the same
+whichever layout computed the log-probs. This module only lays tokens out: no advantage or weight
+is computed here.
 
 ``naive``: K*M rows ``prompt + thought_k + answer_km`` (right-padded, 2D attention mask). The
     thought is recomputed in each of its M rows but its tokens are read (trained) from the row
@@ -73,7 +72,7 @@ import warnings
 
 import torch
 
-from vlm_grpo_ma.algorithms import expand_to_tokens, selective_log_softmax
+from vlm_grpo_ma.algorithms import selective_log_softmax
 from vlm_grpo_ma.models.loading import unwrap_model
 from vlm_grpo_ma.rollout.types import TreeRollout
 
@@ -98,8 +97,9 @@ class TrainBatch:
     - ``logit_rows``, ``logit_cols`` [N] long: the position whose logits predict the token;
     - ``targets`` [N] long: the token; ``is_thought`` [N] bool: segment label;
     - ``rollout_logp`` [N] float32: the sampler's log-probs (NaN where the sampler did not score
-      the token, e.g. a ``</think>`` vLLM did not sample); ``advantages`` [N]; ``weights`` [N];
-    - ``thought_lens`` [B, K], ``answer_lens`` [B, K, M]: the tree's segment lengths.
+      the token, e.g. a ``</think>`` vLLM did not sample);
+    - ``thought_lens`` [B, K], ``answer_lens`` [B, K, M]: the tree's segment lengths (what
+      ``grpo_ma.token_terms`` expands the per-segment values with).
     """
 
     layout: str
@@ -114,8 +114,6 @@ class TrainBatch:
     targets: torch.Tensor
     is_thought: torch.Tensor
     rollout_logp: torch.Tensor
-    advantages: torch.Tensor
-    weights: torch.Tensor
     thought_lens: torch.Tensor
     answer_lens: torch.Tensor
 
@@ -146,14 +144,6 @@ def prompt_mrope_positions(model: Any, rollout: TreeRollout, b: int) -> torch.Te
         image_grid_thw=rollout.image_grid_thw[b],
     )
     return pos[:, 0]
-
-
-def tree_token_values(
-    rollout: TreeRollout, thought_values: torch.Tensor, answer_values: torch.Tensor
-) -> torch.Tensor:
-    """[N] per-token values in canonical order from thought values [B, K] and answer values
-    [B, K, M] (advantages, weights, ...)."""
-    return expand_to_tokens(thought_values, answer_values, rollout.thought_lengths(), rollout.answer_lengths())
 
 
 def tree_rollout_logp(rollout: TreeRollout) -> torch.Tensor:
@@ -190,25 +180,12 @@ def _segment_rows(rollout: TreeRollout, layout: str):
                     yield b, prompt + [("thought", k, m, th), ("answer", k, m, rollout.answer_ids[b][k][m])]
 
 
-def build_train_batch(
-    model: Any,
-    rollout: TreeRollout,
-    thought_adv: torch.Tensor,
-    answer_adv: torch.Tensor,
-    thought_weights: torch.Tensor,
-    answer_weights: torch.Tensor,
-    *,
-    layout: str = "tree",
-    pad_id: int = 0,
-) -> TrainBatch:
+def build_train_batch(model: Any, rollout: TreeRollout, *, layout: str = "tree", pad_id: int = 0) -> TrainBatch:
     """Lay out a tree rollout for the training forward.
 
     Args:
         model: the policy (``get_rope_index`` gives the prompt's mRoPE positions).
         rollout: the sampled tree (B prompts, K thoughts, M answers).
-        thought_adv: [B, K] thought advantages A^T; answer_adv: [B, K, M] answer advantages A^A.
-        thought_weights: [B, K], answer_weights: [B, K, M]: the loss weight of each token of a
-            segment (``aggregation_weights``, times ``cross_rank_scale`` in training).
         layout: ``"tree"`` (one row per prompt, 4D mask), ``"packed"`` (one row per thought, 4D
             mask) or ``"naive"`` (K*M rows); a layout the attention kernel cannot run falls
             back to ``"naive"`` (:func:`resolve_layout`).
@@ -218,12 +195,6 @@ def build_train_batch(
     """
     layout = resolve_layout(model, layout)
     B, K, M = rollout.B, rollout.K, rollout.M
-    for name, t, a in (("adv", thought_adv, answer_adv), ("weights", thought_weights, answer_weights)):
-        if tuple(t.shape) != (B, K) or tuple(a.shape) != (B, K, M):
-            raise ValueError(
-                f"expected thought_{name} [{B}, {K}] and answer_{name} [{B}, {K}, {M}], got "
-                f"{tuple(t.shape)} and {tuple(a.shape)}"
-            )
     T_lens, A_lens = rollout.thought_lengths(), rollout.answer_lengths()
     prompt_pos = [prompt_mrope_positions(model, rollout, b) for b in range(B)]
 
@@ -299,8 +270,6 @@ def build_train_batch(
         targets=torch.cat(targets).long(),
         is_thought=torch.cat(is_thought),
         rollout_logp=tree_rollout_logp(rollout),
-        advantages=tree_token_values(rollout, thought_adv.float(), answer_adv.float()),
-        weights=tree_token_values(rollout, thought_weights.float(), answer_weights.float()),
         thought_lens=T_lens,
         answer_lens=A_lens,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from vlm_grpo_ma.algorithms.grpo_ma import ObjectiveSettings
 from vlm_grpo_ma.config import JsonObject
 
 #: the shipped default DeepSpeed config (``configs/deepspeed/zero3.json`` in the source tree,
@@ -278,6 +279,18 @@ def policy_loss_options(rl: RLArgs) -> dict:
 def effective_scale_rewards(rl: RLArgs) -> str:
     """``scale_rewards`` with ``scale_adv_by_std: false`` folded in (it means ``none``)."""
     return rl.scale_rewards if rl.scale_adv_by_std else "none"
+
+
+def objective_settings(rl: RLArgs) -> ObjectiveSettings:
+    """The settings of the GRPO-MA objective (``algorithms.grpo_ma``) this config asks for."""
+    return ObjectiveSettings(
+        adv_estimator=rl.adv_estimator, scale_rewards=effective_scale_rewards(rl), adv_eps=rl.adv_eps,
+        overlong_cache=rl.overlong_penalty_cache, overlong_factor=rl.overlong_penalty_factor,
+        max_thought_tokens=rl.max_thought_tokens, max_answer_tokens=rl.max_answer_tokens,
+        mask_truncated=rl.mask_truncated_completions, loss_agg_mode=rl.loss_agg_mode, policy_loss=rl.policy_loss,
+        loss_options=policy_loss_options(rl), importance_sampling_level=rl.importance_sampling_level,
+        kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator, tis_cap=rl.tis_cap, ppo_epochs=rl.ppo_epochs,
+    )
 
 
 @dataclass

@@ -230,10 +230,11 @@ def run(cfg, backend, task, family, samples: Sequence, sampling: SamplingParams,
     """:func:`collect` with the trainer's pieces: ``cfg.rl``'s mode, tree and cap, the rollout
     ``backend`` (``generate_tree_from_messages``, ``generate_answers``), the task's messages, the
     soft overlong punishment and the collectives over the ranks. Every rank calls it."""
+    from vlm_grpo_ma.algorithms.grpo_ma import overlong_penalty
     from vlm_grpo_ma.training import distributed as dist
-    from vlm_grpo_ma.training import objective
+    from vlm_grpo_ma.training.config import objective_settings
 
-    rl = cfg.rl
+    rl, settings = cfg.rl, objective_settings(cfg.rl)
     return collect(
         rl.dynamic_sampling, samples, K=rl.num_thoughts, M=rl.answers_per_thought, target=len(samples),
         max_rounds=rl.dynamic_sampling_max_rounds,
@@ -241,7 +242,7 @@ def run(cfg, backend, task, family, samples: Sequence, sampling: SamplingParams,
                                                                    rl.num_thoughts, m, sampling),
         extend=lambda tree, m: backend.generate_answers(tree, m, sampling),
         generate_pilot=pilot_pass(backend, task, family, rl.num_thoughts, rl.answers_per_thought, sampling),
-        score=score, penalty=lambda tree: objective.overlong_penalty(cfg, tree), more=more,
+        score=score, penalty=lambda tree: overlong_penalty(settings, tree.thought_lengths(), tree.answer_lengths()), more=more,
         any_rank=lambda flag: dist.all_reduce_sum(float(flag)) > 0,
         min_rank=lambda n: int(min(dist.all_gather_objects(n))))
 

@@ -1,4 +1,4 @@
-"""Stage 2, GRPO-MA: tree rollouts, task rewards, thought/answer advantages, the clipped loss.
+"""Stage 2, GRPO-MA: tree rollouts, task rewards, then the objective of ``algorithms/grpo_ma.py``.
 
 One RL step on B prompts (each rank holds B / world of them), in four functions:
 
@@ -7,27 +7,22 @@ One RL step on B prompts (each rank holds B / world of them), in four functions:
    different lengths never wait on each other (no collective inside generation); the B*K*M
    (thought, answer) pairs scored in one ``task.reward_batch`` call through the core's
    :class:`~vlm_grpo_ma.reward_guard.RewardGuard` (a reward function that raises scores 0,
-   counted in ``reward/errors``); the registered advantage estimator (``adv_estimator``,
-   ``grpo_ma``: thought [B, K] and answer [B, K, M] advantages; T16A1, i.e. M = 1, is plain GRPO);
-2. :func:`micro_batches`: the training layout (``rollout.layout.build_train_batch``, each
-   thought's tokens once) of ``rl_micro_batch_size`` prompts at a time, with the aggregation
-   weights of the whole local batch times the data-parallel correction
-   (``algorithms.aggregation_weights`` x ``algorithms.cross_rank_scale``);
-3. :func:`update`: ``ppo_epochs`` passes of the registered policy loss (``policy_loss``,
-   ``clipped``) against the old log-probs, each ended by ``engine.step()`` (a non-finite loss or
-   gradient skips the step and is counted).  Old log-probs are always the TRAINER's: with
-   ``ppo_epochs = 1`` the current ones, detached (ratio 1: the exact on-policy gradient, no extra
-   forward); with more epochs, or with TIS (``tis_cap > 0``, for vLLM rollouts), one no-grad
-   scoring pass in the training layout before the first update (as verl recomputes them).  The
-   sampler's own log-probs (``TrainBatch.rollout_logp``) are used only by TIS, which reweights
-   each token by min(trainer old / sampler, cap); without TIS a vLLM rollout's tokens are trained
-   as if the trainer had sampled them.  After the update the vLLM engine gets the new weights;
+   counted in ``reward/errors``); the advantages (``grpo_ma.tree_advantages``, on every rank's
+   rewards with ``scale_rewards: batch``);
+2. :func:`micro_batches`: the segment weights of the whole local batch with the global token count
+   (``grpo_ma.segment_weights``, one all-reduce), and the training layout
+   (``rollout.layout.build_train_batch``, each thought's tokens once) of ``rl_micro_batch_size``
+   prompts at a time;
+3. :func:`update`: the trainer's own log-probs before the update when the objective needs them
+   (``ppo_epochs > 1`` or TIS: one no-grad scoring pass, as verl recomputes them), the per-token
+   terms of each micro-batch (``grpo_ma.token_terms``), then ``ppo_epochs`` passes of
+   ``grpo_ma.policy_loss``, each ended by ``engine.step()`` (a non-finite loss or gradient skips
+   the step and is counted).  After the update the vLLM engine gets the new weights;
 4. :func:`step_metrics`: the step's metrics gathered over all ranks.
 
-The math (advantages, aggregation, the losses, TIS) is in ``vlm_grpo_ma.algorithms``, chosen from
-the config by ``training.objective``; what is combined here (which token gets which advantage in
-the layout, the cross-rank scale, the old log-probs) is plumbing around those functions, and the
-task logic is in the task plugins.
+Every formula (advantages, aggregation, cross-rank scale, which token takes which advantage, TIS,
+the old log-probs, the losses) is in ``vlm_grpo_ma.algorithms``; this module samples, scores,
+gathers across ranks and runs the model.  The task logic is in the task plugins.
 """
 
 from __future__ import annotations
@@ -40,23 +35,17 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from vlm_grpo_ma.algorithms import (
-    GradientSpikeTracker,
-    cross_rank_scale,
-    get_policy_loss,
-    kept_aggregation_weights,
-    truncation_keep,
-    zero_spread_fraction,
-)
-from vlm_grpo_ma.algorithms.tis import tis_metrics, tis_weights
+from vlm_grpo_ma.algorithms import GradientSpikeTracker, truncation_keep, zero_spread_fraction
+from vlm_grpo_ma.algorithms import grpo_ma
+from vlm_grpo_ma.algorithms.grpo_ma import ObjectiveSettings, TokenTerms, TreeAdvantages
 from vlm_grpo_ma.reward_guard import RewardGuard
 from vlm_grpo_ma.rollout.hf import HFRolloutBackend
 from vlm_grpo_ma.rollout.layout import TrainBatch, build_train_batch, score_tokens
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
 from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
-from vlm_grpo_ma.training import dynamic_sampling, objective
-from vlm_grpo_ma.training.config import TrainConfig
+from vlm_grpo_ma.training import dynamic_sampling
+from vlm_grpo_ma.training.config import TrainConfig, objective_settings
 from vlm_grpo_ma.training.data import SampleStream
 from vlm_grpo_ma.training.metrics import MetricsLogger
 from vlm_grpo_ma.training.stage import Stage, lr_of, optimizer_step
@@ -87,12 +76,10 @@ class ScoredRollout:
 
     rollout: TreeRollout
     rewards: torch.Tensor  #: [B, K, M]
-    thought_adv: torch.Tensor  #: [B, K]
-    answer_adv: torch.Tensor  #: [B, K, M]
+    adv: TreeAdvantages  #: thought [B, K], answer [B, K, M], the overlong punishment [B, K, M] or None
     part_sums: dict[str, float]  #: each reward part summed over the B*K*M pairs
     reasons: Counter  #: parse-failure (and ``reward_error``) reasons over the pairs
     seconds: dict[str, float] = field(default_factory=dict)  #: ``rollout`` and ``reward`` times
-    penalty: torch.Tensor | None = None  #: [B, K, M] soft overlong punishment added for the advantages
     dynamic: dict[str, float] = field(default_factory=dict)  #: dynamic sampling's counters (``dynamic/*``)
 
 
@@ -181,68 +168,88 @@ def rollout_and_score(stage: Stage, cfg: TrainConfig, task, state: RLState, samp
         rollout = backend.generate_tree_from_messages(messages, rl.num_thoughts, rl.answers_per_thought, sampling)
         t1 = time.perf_counter()
         rewards, part_sums, reasons = score_rollout(state, rollout, samples, stage.family)
-    penalty = objective.overlong_penalty(cfg, rollout)
-    thought_adv, answer_adv = objective.advantages(cfg, rewards if penalty is None else rewards + penalty)
-    return ScoredRollout(rollout, rewards, thought_adv, answer_adv, part_sums, reasons,
-                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1}, penalty, dyn)
+    adv = advantages(objective_settings(rl), rollout, rewards)
+    return ScoredRollout(rollout, rewards, adv, part_sums, reasons,
+                         {"rollout": t1 - t0, "reward": time.perf_counter() - t1}, dyn)
 
 
-def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list[TrainBatch]:
-    """The training batches of this rank, ``stage.micro_batch`` prompts each, on the device.
+def advantages(s: ObjectiveSettings, rollout: TreeRollout, rewards: torch.Tensor) -> TreeAdvantages:
+    """``grpo_ma.tree_advantages`` of this rank's tree; with ``scale_rewards: batch`` on several
+    ranks, of every rank's rows (one ``all_gather_objects``), this rank's taken back out."""
+    T, A = rollout.thought_lengths(), rollout.answer_lengths()
+    if s.scale_rewards != "batch" or dist.world_size() == 1:
+        return grpo_ma.tree_advantages(s, rewards, T, A)
+    parts = dist.all_gather_objects((rewards.cpu(), T.cpu(), A.cpu()))
+    start = sum(p[0].shape[0] for p in parts[: dist.rank()])
+    whole = grpo_ma.tree_advantages(s, *(torch.cat([p[i] for p in parts]) for i in range(3)))
+    rows = slice(start, start + rewards.shape[0])
+    return TreeAdvantages(whole.thought[rows], whole.answer[rows], None if whole.penalty is None else whole.penalty[rows])
 
-    The weights are those of the whole local batch (``aggregation_weights`` over all its prompts),
-    times ``cross_rank_scale`` so that DeepSpeed's averaging over accumulation steps and ranks
-    gives the aggregation of the global batch (one all-reduce of the token count)."""
-    rl, rollout = cfg.rl, scored.rollout
-    T_lens, A_lens, keep_t, keep_a = objective.loss_lengths(cfg, rollout)  # overlong filtering: masked = 0
-    w_t, w_a = kept_aggregation_weights(rl.loss_agg_mode, T_lens, A_lens, keep_t, keep_a,
-                                        max_len=rl.max_thought_tokens + rl.max_answer_tokens)
-    n_local = float((T_lens * keep_t).sum() + (A_lens * keep_a).sum())  # trained tokens, masked ones out
-    n_global = dist.all_reduce_sum(n_local) if rl.loss_agg_mode == "token-mean" else n_local
-    scale = cross_rank_scale(rl.loss_agg_mode, n_local, n_global, dist.world_size(), stage.grad_accum)
+
+@dataclass
+class MicroBatch:
+    """One training forward: its tokens (the layout) and the objective's per-segment rows for its prompts."""
+
+    batch: TrainBatch
+    thought_adv: torch.Tensor  #: [b, K]
+    answer_adv: torch.Tensor  #: [b, K, M]
+    thought_weights: torch.Tensor  #: [b, K]
+    answer_weights: torch.Tensor  #: [b, K, M]
+
+    def terms(self, s: ObjectiveSettings, trainer_old_logp: torch.Tensor | None) -> TokenTerms:
+        """``grpo_ma.token_terms`` of this micro-batch, on the training device."""
+        b = self.batch
+        return grpo_ma.token_terms(s, self.thought_adv, self.answer_adv, self.thought_weights, self.answer_weights,
+                                   b.thought_lens, b.answer_lens, trainer_old_logp=trainer_old_logp,
+                                   rollout_logp=b.rollout_logp, device=b.targets.device)
+
+
+def micro_batches(stage: Stage, cfg: TrainConfig, scored: ScoredRollout) -> list[MicroBatch]:
+    """The training micro-batches of this rank, ``stage.micro_batch`` prompts each, on the device.
+
+    The segment weights are those of the whole local batch (``grpo_ma.segment_weights``) with the
+    data-parallel factor of the global token count (one all-reduce for ``token-mean``)."""
+    s, rollout = objective_settings(cfg.rl), scored.rollout
+    lens = (rollout.thought_lengths(), rollout.answer_lengths(), rollout.thought_truncated, rollout.answer_truncated)
+    n_local = grpo_ma.trained_tokens(s, *lens)
+    n_global = dist.all_reduce_sum(n_local) if s.loss_agg_mode == "token-mean" else n_local
+    w_t, w_a = grpo_ma.segment_weights(s, *lens, global_tokens=n_global, world_size=dist.world_size(),
+                                       grad_accum=stage.grad_accum)
     pad_id = stage.tokenizer.pad_token_id if stage.tokenizer.pad_token_id is not None else 0
     out = []
     for i in range(0, rollout.B, stage.micro_batch):
         idx = list(range(i, min(i + stage.micro_batch, rollout.B)))
-        batch = build_train_batch(stage.engine.module, rollout.select(idx), scored.thought_adv[idx],
-                                  scored.answer_adv[idx], w_t[idx] * scale, w_a[idx] * scale,
-                                  layout=rl.train_layout, pad_id=pad_id)
-        out.append(batch.to(dist.device()))
+        batch = build_train_batch(stage.engine.module, rollout.select(idx), layout=cfg.rl.train_layout, pad_id=pad_id)
+        out.append(MicroBatch(batch.to(dist.device()), scored.adv.thought[idx], scored.adv.answer[idx], w_t[idx], w_a[idx]))
     return out
 
 
-def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[TrainBatch], ref_engine=None) -> UpdateStats:
+def update(stage: Stage, cfg: TrainConfig, state: RLState, micro: list[MicroBatch], ref_engine=None) -> UpdateStats:
     """``ppo_epochs`` optimizer steps on the micro-batches (gradient accumulation over them)."""
     rl, engine, gas = cfg.rl, stage.engine, stage.grad_accum
-    loss_fn = get_policy_loss(rl.policy_loss)
+    s = objective_settings(rl)
     stats = UpdateStats(Counter(), [], [])
     with torch.no_grad():
-        # old log-probs from the trainer itself: needed for several epochs, and with vLLM rollouts
-        # (whose sampling log-probs come from other kernels, TIS below)
-        need_old = rl.ppo_epochs > 1 or rl.tis_cap > 0
-        old = [score_tokens(engine.module, b, rl.temperature).detach() for b in micro] if need_old else None
-        if rl.tis_cap > 0:
-            for b, o in zip(micro, old):
-                w = tis_weights(o, b.rollout_logp, rl.tis_cap).to(b.weights.device)
-                b.weights = b.weights * w
-                for key, v in tis_metrics(w, rl.tis_cap).items():  # token-weighted, averaged in step_metrics
-                    stats.sums[key] += v * w.numel()
-                stats.sums["tis_tokens"] += w.numel()
-        ref = [score_tokens(ref_engine.module, b, rl.temperature) for b in micro] if ref_engine is not None else None
+        # the trainer's own log-probs before the update (grpo_ma, step 4), when the objective needs them
+        old = [score_tokens(engine.module, m.batch, rl.temperature).detach() if s.needs_old_logp else None
+               for m in micro]
+        terms = [m.terms(s, o) for m, o in zip(micro, old)]
+        for t in terms:  # TIS: token-weighted, averaged in step_metrics
+            for key, v in t.tis.items():
+                stats.sums[key] += v * t.weights.numel()
+            if t.tis:
+                stats.sums["tis_tokens"] += t.weights.numel()
+        ref = [score_tokens(ref_engine.module, m.batch, rl.temperature) if ref_engine is not None else None
+               for m in micro]
 
     for _ in range(rl.ppo_epochs):
-        for i, b in enumerate(micro):
-            logp = score_tokens(engine.module, b, rl.temperature)
-            old_logp = old[i] if old is not None else logp.detach()
-            loss, lm = loss_fn(
-                logp, old_logp, b.advantages, b.weights, ref_logp=ref[i] if ref is not None else None,
-                kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
-                **objective.loss_kwargs(cfg, b.thought_lens, b.answer_lens, logp.device),
-            )
+        for i, m in enumerate(micro):
+            logp = score_tokens(engine.module, m.batch, rl.temperature)
+            loss, lm = grpo_ma.policy_loss(s, logp, terms[i], trainer_old_logp=old[i], ref_logp=ref[i])
             engine.backward(loss)
             for key in ("loss/policy", "loss/kl"):
                 stats.sums[key] += float(lm[key]) / gas  # undo the gas factor in the weights
-            n_tok = b.num_tokens
+            n_tok = m.batch.num_tokens
             for key in TOKEN_MEAN_METRICS + tuple(k for k in lm if k.startswith(rl.policy_loss + "/")):
                 stats.sums[key] += float(lm[key]) * n_tok
             stats.sums["tokens"] += n_tok
@@ -262,9 +269,9 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
     rl, rollout, world = cfg.rl, scored.rollout, dist.world_size()
     local = {
         "rewards": scored.rewards, "parts": scored.part_sums, "reasons": dict(scored.reasons), "sums": dict(upd.sums),
-        "T": rollout.thought_lengths(), "A": rollout.answer_lengths(), "thought_adv": scored.thought_adv,
-        "answer_adv": scored.answer_adv, "t_trunc": rollout.thought_truncated, "a_trunc": rollout.answer_truncated,
-        "penalty": scored.penalty, "dynamic": scored.dynamic,
+        "T": rollout.thought_lengths(), "A": rollout.answer_lengths(), "thought_adv": scored.adv.thought,
+        "answer_adv": scored.adv.answer, "t_trunc": rollout.thought_truncated, "a_trunc": rollout.answer_truncated,
+        "penalty": scored.adv.penalty, "dynamic": scored.dynamic,
     }
     parts = dist.all_gather_objects(local)
     cat = lambda key: torch.cat([p[key] for p in parts])  # noqa: E731
@@ -289,7 +296,7 @@ def step_metrics(stage: Stage, cfg: TrainConfig, task, state: RLState, scored: S
         out[key] = tot[key] / max(tot["tokens"], 1)
     for key in parts[0]["dynamic"]:  # dynamic sampling: counts summed over ranks
         out[key] = sum(p["dynamic"][key] for p in parts)
-    if scored.penalty is not None:
+    if scored.adv.penalty is not None:
         out["reward/overlong_penalty"] = float(cat("penalty").mean())
     if rl.mask_truncated_completions:
         keep_t, keep_a = truncation_keep(cat("t_trunc"), cat("a_trunc"))  # shares of segments out of the loss
