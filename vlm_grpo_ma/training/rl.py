@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from vlm_grpo_ma.algorithms import GradientSpikeTracker, truncation_keep, zero_spread_fraction
 from vlm_grpo_ma.algorithms import grpo_ma
@@ -42,13 +41,12 @@ from vlm_grpo_ma.reward_guard import RewardGuard
 from vlm_grpo_ma.rollout.hf import HFRolloutBackend
 from vlm_grpo_ma.rollout.layout import TrainBatch, build_train_batch, score_tokens
 from vlm_grpo_ma.rollout.types import SamplingParams, TreeRollout
-from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
 from vlm_grpo_ma.training import dynamic_sampling
 from vlm_grpo_ma.training.config import TrainConfig, objective_settings
 from vlm_grpo_ma.training.data import SampleStream
 from vlm_grpo_ma.training.metrics import MetricsLogger
-from vlm_grpo_ma.training.stage import Stage, lr_of, optimizer_step
+from vlm_grpo_ma.training.stage import Stage, StepLoop, optimizer_step, run_steps
 
 
 #: per-token metrics of every policy loss, averaged over the step's trained tokens
@@ -349,31 +347,18 @@ def run_rl(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, state: R
     """RL steps ``start_step .. rl_steps - 1`` with checkpoints; returns the last step's metrics.
     ``periodic(stage, step, last_step)``: the evaluation during training (``periodic_eval``)."""
     stream = SampleStream(task, cfg.rl.prompts_per_step, cfg.run.seed, "rl", train_samples)
-    bar = tqdm(total=cfg.rl.rl_steps, initial=start_step, desc=f"RL T{cfg.rl.num_thoughts}A{cfg.rl.answers_per_thought}",
-               disable=not dist.is_main(), dynamic_ncols=True)
-    stage.engine.train()
-    last: dict = {}
-    for step in range(start_step, cfg.rl.rl_steps):
-        t0 = time.perf_counter()
-        local = dist.shard(stream.batch(step))
-        lr = lr_of(stage)
-        metrics = rl_step(stage, cfg, task, state, local,
-                          more=lambda r, step=step: dist.shard(stream.extra(step, r)))
-        metrics["lr"] = lr
-        metrics["time/step"] = time.perf_counter() - t0
-        logger.log("rl", step + 1, metrics)
-        last = metrics
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", gss=f"{metrics['grad/gss']:.2f}")
-        if dist.is_main() and cfg.run.log_every and (step + 1) % cfg.run.log_every == 0:
-            bar.write(f"rl step {step + 1}: reward {metrics['reward/mean']:.4f}  "
-                      f"thought/answer len {metrics['rollout/thought_len']:.1f}/{metrics['rollout/answer_len']:.1f}  "
-                      f"zero-spread {metrics['rollout/zero_spread_frac']:.2f}  loss {metrics['loss/policy']:+.4f}  "
-                      f"grad/norm {metrics['grad/norm']:.3f}  GSS {metrics['grad/gss']:.2f}  {metrics['time/step']:.2f} s/step")
-        if periodic is not None:
-            periodic(stage, step + 1, cfg.rl.rl_steps)
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.rl_steps:
-            ckpt.save_checkpoint(stage.engine, stage.dir, step + 1,
-                                 {"skipped_steps": stage.skipped_steps, "rl": state.state_dict()}, cfg.run.keep_last)
-    bar.close()
-    return last
+
+    def step_fn(step: int) -> dict:
+        return rl_step(stage, cfg, task, state, dist.shard(stream.batch(step)),
+                       more=lambda r: dist.shard(stream.extra(step, r)))
+
+    def line(step: int, m: dict) -> str:
+        return (f"rl step {step}: reward {m['reward/mean']:.4f}  "
+                f"thought/answer len {m['rollout/thought_len']:.1f}/{m['rollout/answer_len']:.1f}  "
+                f"zero-spread {m['rollout/zero_spread_frac']:.2f}  loss {m['loss/policy']:+.4f}  "
+                f"grad/norm {m['grad/norm']:.3f}  GSS {m['grad/gss']:.2f}  {m['time/step']:.2f} s/step")
+
+    loop = StepLoop(desc=f"RL T{cfg.rl.num_thoughts}A{cfg.rl.answers_per_thought}", line=line,
+                    postfix=lambda m: {"reward": f"{m['reward/mean']:.3f}", "gss": f"{m['grad/gss']:.2f}"},
+                    checkpoint_state=lambda: {"rl": state.state_dict()})
+    return run_steps(stage, cfg, logger, start_step, cfg.rl.rl_steps, step_fn, loop, periodic)

@@ -14,19 +14,16 @@ rank and N ranks compute the same gradient for the same global batch.
 from __future__ import annotations
 
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from tqdm.auto import tqdm
 
 from vlm_grpo_ma.algorithms import selective_log_softmax
-from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
 from vlm_grpo_ma.training.config import TrainConfig
 from vlm_grpo_ma.training.data import SampleStream
 from vlm_grpo_ma.training.metrics import MetricsLogger
-from vlm_grpo_ma.training.stage import Stage, lr_of, optimizer_step
+from vlm_grpo_ma.training.stage import Stage, StepLoop, optimizer_step, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -106,39 +103,28 @@ def sft_step(stage: Stage, batches: list, dropped: int = 0) -> dict:
 def run_sft(stage: Stage, cfg: TrainConfig, task, logger: MetricsLogger, start_step: int = 0, train_samples=None,
             periodic=None) -> dict:
     """SFT steps ``start_step .. sft_steps - 1`` with checkpoints; returns the last step's metrics.
-    ``periodic(stage, step, last_step)``: the evaluation during training (``periodic_eval``)."""
+    ``periodic(stage, step, last_step)``: the evaluation during training (``periodic_eval``).
+    The next step's micro-batches are collated in a background thread while a step trains."""
     stream = SampleStream(task, cfg.sft.sft_batch_size, cfg.run.seed, "sft", train_samples)
-    bar = tqdm(total=cfg.sft.sft_steps, initial=start_step, desc="SFT", disable=not dist.is_main(), dynamic_ncols=True)
-    stage.engine.train()
-    last: dict = {}
+    total = cfg.sft.sft_steps
 
     def prepare(step: int):
         return collate_micro_batches(stage, cfg, task, dist.shard(stream.batch(step)))
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # collates step s+1 while step s trains
-        pending = pool.submit(prepare, start_step) if start_step < cfg.sft.sft_steps else None
-        for step in range(start_step, cfg.sft.sft_steps):
-            t0 = time.perf_counter()
-            batches, dropped = pending.result()
-            if step + 1 < cfg.sft.sft_steps:
-                pending = pool.submit(prepare, step + 1)
-            lr = lr_of(stage)
-            metrics = sft_step(stage, batches, dropped)
-            metrics["lr"] = lr
-            metrics["time/step"] = time.perf_counter() - t0
-            logger.log("sft", step + 1, metrics)
-            last = metrics
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", lr=f"{lr:.1e}")
-            if dist.is_main() and cfg.run.log_every and (step + 1) % cfg.run.log_every == 0:
-                bar.write(f"sft step {step + 1}: loss {metrics['loss/sft']:.4f}  grad/norm {metrics['grad/norm']:.3f}  "
-                          f"lr {lr:.2e}  {metrics['time/step']:.2f} s/step")
-            if periodic is not None and periodic.due(step + 1, cfg.sft.sft_steps):
-                if pending is not None:  # the collate thread shares the processor's tokenizer (its padding
-                    pending.result()  # state is not thread-safe): let it finish before evaluating
-                periodic(stage, step + 1, cfg.sft.sft_steps)
-            if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.sft_steps:
-                ckpt.save_checkpoint(stage.engine, stage.dir, step + 1, {"skipped_steps": stage.skipped_steps},
-                                     cfg.run.keep_last)
-    bar.close()
-    return last
+        pending = [pool.submit(prepare, start_step) if start_step < total else None]
+
+        def step_fn(step: int) -> dict:
+            batches, dropped = pending[0].result()
+            pending[0] = pool.submit(prepare, step + 1) if step + 1 < total else None
+            return sft_step(stage, batches, dropped)
+
+        def before_eval() -> None:  # the collate thread shares the processor's tokenizer (its padding
+            if pending[0] is not None:  # state is not thread-safe): let it finish before evaluating
+                pending[0].result()
+
+        loop = StepLoop(desc="SFT", postfix=lambda m: {"loss": f"{m['loss/sft']:.3f}", "lr": f"{m['lr']:.1e}"},
+                        line=lambda step, m: (f"sft step {step}: loss {m['loss/sft']:.4f}  grad/norm {m['grad/norm']:.3f}  "
+                                              f"lr {m['lr']:.2e}  {m['time/step']:.2f} s/step"),
+                        before_eval=before_eval)
+        return run_steps(stage, cfg, logger, start_step, total, step_fn, loop, periodic)

@@ -1,5 +1,6 @@
-"""What both stages share: building the engine for a stage, resuming it, stepping it with
-non-finite protection, and exporting its final model.
+"""What both stages share: building the engine for a stage, resuming it, the step loop
+(:func:`run_steps`: progress bar, metrics, evaluation during training, checkpoints), stepping it
+with non-finite protection, and exporting its final model.
 
 A stage (``sft`` or ``rl``) owns ``<run>/<stage>/``: ``checkpoints/step-N`` (resumable) and
 ``final/`` (the Hugging Face model, written when the stage completes).  Each stage builds its own
@@ -11,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from vlm_grpo_ma.training import checkpoint as ckpt
 from vlm_grpo_ma.training import distributed as dist
 from vlm_grpo_ma.training.config import TrainConfig
+from vlm_grpo_ma.training.metrics import MetricsLogger
 from vlm_grpo_ma.training.engine import (
     LoadedPolicy,
     ReferencePolicy,
@@ -166,6 +170,49 @@ def optimizer_step(stage: Stage) -> tuple[bool, float]:
             log.warning("%s: non-finite loss or gradient (norm %s): step skipped (%d so far)",
                         stage.name, norm, stage.skipped_steps)
     return applied, norm
+
+
+@dataclass
+class StepLoop:
+    """How :func:`run_steps` shows and saves one stage's steps."""
+
+    desc: str  #: the progress bar's label
+    postfix: Callable[[dict], dict]  #: the bar's postfix from a step's metrics
+    line: Callable[[int, dict], str]  #: the ``log_every`` line of a step (step number, metrics)
+    checkpoint_state: Callable[[], dict] = dict  #: what the stage adds to a checkpoint's state
+    before_eval: Callable[[], None] = lambda: None  #: called before an evaluation runs
+
+
+def run_steps(stage: Stage, cfg: TrainConfig, logger: MetricsLogger, start_step: int, total: int,
+              step_fn: Callable[[int], dict], loop: StepLoop, periodic: Optional[Callable] = None) -> dict:
+    """Steps ``start_step .. total - 1`` of a stage: ``step_fn(step)`` returns the step's metrics
+    (``lr`` and ``time/step`` are added), logged under the stage's name, shown on a progress bar
+    (main rank), a line every ``log_every`` steps, the evaluation during training when it is due
+    (``periodic_eval``), a checkpoint every ``save_every`` steps but the last (the caller exports
+    the final model).  Returns the last step's metrics."""
+    bar = tqdm(total=total, initial=start_step, desc=loop.desc, disable=not dist.is_main(), dynamic_ncols=True)
+    stage.engine.train()
+    last: dict = {}
+    for step in range(start_step, total):
+        t0 = time.perf_counter()
+        lr = lr_of(stage)
+        metrics = step_fn(step)
+        metrics["lr"] = lr
+        metrics["time/step"] = time.perf_counter() - t0
+        logger.log(stage.name, step + 1, metrics)
+        last = metrics
+        bar.update(1)
+        bar.set_postfix(**loop.postfix(metrics))
+        if dist.is_main() and cfg.run.log_every and (step + 1) % cfg.run.log_every == 0:
+            bar.write(loop.line(step + 1, metrics))
+        if periodic is not None and periodic.due(step + 1, total):
+            loop.before_eval()
+            periodic(stage, step + 1, total)
+        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
+            ckpt.save_checkpoint(stage.engine, stage.dir, step + 1,
+                                 {"skipped_steps": stage.skipped_steps, **loop.checkpoint_state()}, cfg.run.keep_last)
+    bar.close()
+    return last
 
 
 def lr_of(stage: Stage) -> float:
