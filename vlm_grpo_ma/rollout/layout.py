@@ -180,6 +180,74 @@ def _segment_rows(rollout: TreeRollout, layout: str):
                     yield b, prompt + [("thought", k, m, th), ("answer", k, m, rollout.answer_ids[b][k][m])]
 
 
+@dataclass
+class _Rows:
+    """The [R, L] inputs of the training rows while they are filled (see :class:`TrainBatch`), and
+    the segment labels the 4D mask is built from: ``branch`` -2 on padding, -1 on the prompt, k on
+    thought k and its answers; ``answer`` m on the tokens of answer m, else -1."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    branch: torch.Tensor
+    answer: torch.Tensor
+
+    @classmethod
+    def empty(cls, R: int, L: int, pad_id: int) -> "_Rows":
+        return cls(torch.full((R, L), pad_id, dtype=torch.long), torch.zeros(3, R, L, dtype=torch.long),
+                   torch.zeros(R, L, dtype=torch.long), torch.full((R, L), -2, dtype=torch.long),
+                   torch.full((R, L), -1, dtype=torch.long))
+
+
+def _fill_row(rows: _Rows, r: int, rollout: TreeRollout, b: int, segs: list, prompt_pos: torch.Tensor) -> dict:
+    """Write row ``r`` (prompt ``b``'s ``segs``, from :func:`_segment_rows`) into ``rows``; return the
+    trained tokens it holds, ``{(b, k, s): (r, logit columns [n], token ids [n])}`` with s = 0 for
+    thought k and 1 + m for its answer m."""
+    P = len(rollout.prompt_ids[b])
+    text0 = int(prompt_pos.max()) + 1 if P else 0  # text position after the prompt
+    col = 0
+    thought_end: dict[int, int] = {}
+    picks: dict = {}
+    for kind, k, m, ids in segs:
+        n = len(ids)
+        span = slice(col, col + n)
+        rows.input_ids[r, span] = ids
+        if kind == "prompt":
+            rows.position_ids[:, r, span] = prompt_pos
+            rows.mm_token_type_ids[r, span] = rollout.prompt_mm_token_type_ids[b]
+            rows.branch[r, span] = -1
+        elif kind == "thought":
+            # every thought continues from the prompt's end, as it was sampled
+            rows.position_ids[:, r, span] = text0 + torch.arange(n)
+            rows.branch[r, span] = k
+            thought_end[k] = col + n - 1
+            if m <= 0:  # naive: the thought is trained in row m = 0 only
+                # the first thought token is predicted from the prompt's last position
+                picks[(b, k, 0)] = (r, torch.cat([torch.tensor([P - 1]), torch.arange(col, col + n - 1)])[:n], ids)
+        else:
+            # every answer continues from its thought's end, as it was sampled
+            rows.position_ids[:, r, span] = text0 + len(rollout.thought_ids[b][k]) + torch.arange(n)
+            rows.branch[r, span] = k
+            rows.answer[r, span] = m
+            picks[(b, k, 1 + m)] = (r, torch.cat([torch.tensor([thought_end[k]]), torch.arange(col, col + n - 1)])[:n], ids)
+        col += n
+    return picks
+
+
+def _trained_tokens(picks: dict, B: int, K: int, M: int) -> tuple[torch.Tensor, ...]:
+    """``(logit_rows, logit_cols, targets, is_thought)`` [N] of the picked tokens, canonical order."""
+    lrows, lcols, targets, is_thought = [], [], [], []
+    for b in range(B):
+        for k in range(K):
+            for s in range(1 + M):
+                r, cols, ids = picks[(b, k, s)]
+                lrows.append(torch.full((len(ids),), r, dtype=torch.long))
+                lcols.append(cols)
+                targets.append(ids)
+                is_thought.append(torch.full((len(ids),), s == 0))
+    return torch.cat(lrows), torch.cat(lcols), torch.cat(targets).long(), torch.cat(is_thought)
+
+
 def build_train_batch(model: Any, rollout: TreeRollout, *, layout: str = "tree", pad_id: int = 0) -> TrainBatch:
     """Lay out a tree rollout for the training forward.
 
@@ -194,84 +262,32 @@ def build_train_batch(model: Any, rollout: TreeRollout, *, layout: str = "tree",
         a :class:`TrainBatch` on the CPU (``.to(device)`` it).
     """
     layout = resolve_layout(model, layout)
-    B, K, M = rollout.B, rollout.K, rollout.M
-    T_lens, A_lens = rollout.thought_lengths(), rollout.answer_lengths()
-    prompt_pos = [prompt_mrope_positions(model, rollout, b) for b in range(B)]
-
-    rows = list(_segment_rows(rollout, layout))
-    R = len(rows)
-    L = max(sum(len(ids) for *_, ids in segs) for _, segs in rows)
-    input_ids = torch.full((R, L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros(3, R, L, dtype=torch.long)
-    mm = torch.zeros(R, L, dtype=torch.long)
-    branch = torch.full((R, L), -2, dtype=torch.long)  # -2 pad, -1 prompt, k thought k and its answers
-    answer = torch.full((R, L), -1, dtype=torch.long)  # m on the tokens of answer m, else -1
+    prompt_pos = [prompt_mrope_positions(model, rollout, b) for b in range(rollout.B)]
+    segments = list(_segment_rows(rollout, layout))
+    rows = _Rows.empty(len(segments), max(sum(len(ids) for *_, ids in segs) for _, segs in segments), pad_id)
+    picks: dict = {}
     pix, grids = [], []
-    # trained tokens, keyed by canonical (b, k, segment 0 = thought / 1+m = answer m)
-    picks: dict[tuple[int, int, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
-    for r, (b, segs) in enumerate(rows):
-        P = len(rollout.prompt_ids[b])
-        text0 = int(prompt_pos[b].max()) + 1 if P else 0  # text position after the prompt
-        col = 0
-        thought_end: dict[int, int] = {}
-        for kind, k, m, ids in segs:
-            n = len(ids)
-            input_ids[r, col : col + n] = ids
-            if kind == "prompt":
-                position_ids[:, r, :n] = prompt_pos[b]
-                mm[r, :n] = rollout.prompt_mm_token_type_ids[b]
-                branch[r, :n] = -1
-            elif kind == "thought":
-                # every thought continues from the prompt's end, as it was sampled
-                position_ids[:, r, col : col + n] = text0 + torch.arange(n)
-                branch[r, col : col + n] = k
-                thought_end[k] = col + n - 1
-                if m <= 0:  # naive: the thought is trained in row m = 0 only
-                    # the first thought token is predicted from the prompt's last position
-                    cols = torch.cat([torch.tensor([P - 1]), torch.arange(col, col + n - 1)])[:n]
-                    picks[(b, k, 0)] = (r, cols, ids)
-            else:
-                # every answer continues from its thought's end, as it was sampled
-                base = text0 + len(rollout.thought_ids[b][k])
-                position_ids[:, r, col : col + n] = base + torch.arange(n)
-                branch[r, col : col + n] = k
-                answer[r, col : col + n] = m
-                cols = torch.cat([torch.tensor([thought_end[k]]), torch.arange(col, col + n - 1)])[:n]
-                picks[(b, k, 1 + m)] = (r, cols, ids)
-            col += n
-        if rollout.pixel_values[b] is not None:
+    for r, (b, segs) in enumerate(segments):
+        picks.update(_fill_row(rows, r, rollout, b, segs, prompt_pos[b]))
+        if rollout.pixel_values[b] is not None:  # each row carries its prompt's images
             pix.append(rollout.pixel_values[b])
             grids.append(rollout.image_grid_thw[b])
-
-    if layout == "naive":
-        attention_mask = (branch != -2).long()
-    else:
-        attention_mask = tree_attention_mask(branch, answer)
-
-    lrows, lcols, targets, is_thought = [], [], [], []
-    for b in range(B):
-        for k in range(K):
-            for s in range(1 + M):
-                r, cols, ids = picks[(b, k, s)]
-                lrows.append(torch.full((len(ids),), r, dtype=torch.long))
-                lcols.append(cols)
-                targets.append(ids)
-                is_thought.append(torch.full((len(ids),), s == 0))
+    logit_rows, logit_cols, targets, is_thought = _trained_tokens(picks, rollout.B, rollout.K, rollout.M)
     return TrainBatch(
         layout=layout,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        mm_token_type_ids=mm,
+        input_ids=rows.input_ids,
+        attention_mask=(rows.branch != -2).long() if layout == "naive" else tree_attention_mask(rows.branch, rows.answer),
+        position_ids=rows.position_ids,
+        mm_token_type_ids=rows.mm_token_type_ids,
         pixel_values=torch.cat(pix) if pix else None,
         image_grid_thw=torch.cat(grids) if grids else None,
-        logit_rows=torch.cat(lrows),
-        logit_cols=torch.cat(lcols),
-        targets=torch.cat(targets).long(),
-        is_thought=torch.cat(is_thought),
+        logit_rows=logit_rows,
+        logit_cols=logit_cols,
+        targets=targets,
+        is_thought=is_thought,
         rollout_logp=tree_rollout_logp(rollout),
-        thought_lens=T_lens,
-        answer_lens=A_lens,
+        thought_lens=rollout.thought_lengths(),
+        answer_lens=rollout.answer_lengths(),
     )
 
 
