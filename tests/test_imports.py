@@ -318,3 +318,39 @@ def test_the_circle_checker_finds_a_planted_circle_among_benchmarks(tmp_path):
     assert _circles(tmp_path) == []
     (tmp_path / "benchmarks" / "b.py").write_text("def f():\n    from benchmarks import a\ny = 2\n")
     assert _circles(tmp_path) == [["benchmarks.a", "benchmarks.b"]]
+
+
+# ----------------------------------------------------------------------------- the architecture doc
+ARCHITECTURE = REPO / "docs" / "ARCHITECTURE.md"
+
+
+def _documented_files(root: Path = REPO) -> list[str]:
+    """Every module of the package and the plugins, and every script and benchmark, as the path
+    relative to its folder that docs/ARCHITECTURE.md names (``rl.py``, ``vllm_cpu/sitecustomize.py``)."""
+    out = []
+    for folder in ("vlm_grpo_ma", "tasks"):
+        out += [str(p.relative_to(p.parent)) for p in sorted((root / folder).rglob("*.py"))
+                if p.name != "__init__.py" or p.parent.name == "sandbox"]
+    out += [p.name for p in sorted((root / "scripts").glob("*")) if p.is_file()]
+    out += [p.name for p in sorted((root / "benchmarks").glob("*.py"))]
+    return out
+
+
+def test_architecture_doc_names_every_module_and_no_stale_one():
+    """docs/ARCHITECTURE.md is drawn from the code: each module, script and benchmark is named in
+    it (as ``name.py`` in backticks), and each ``folder/name.py`` path it names exists."""
+    import re
+
+    doc = ARCHITECTURE.read_text(encoding="utf-8")
+    named = set(re.findall(r"[\w/]*?(\w+\.(?:py|sh))", doc))
+    missing = [f for f in _documented_files() if Path(f).name not in named]
+    assert not missing, f"name these in docs/ARCHITECTURE.md: {missing}"
+    stale = []
+    for path in set(re.findall(r"`((?:vlm_grpo_ma|tasks|scripts|benchmarks|training|rollout|algorithms|models|data|bench|sandbox)/[\w/]+\.(?:py|sh))", doc)):
+        candidates = [REPO / path, REPO / "vlm_grpo_ma" / path]
+        if not any(c.exists() for c in candidates):
+            stale.append(path)
+    every_file = {p.name for p in REPO.rglob("*.py") if ".venv" not in p.parts} | {
+        p.name for p in (REPO / "scripts").glob("*.sh")}
+    stale += sorted(n for n in named if n not in every_file)
+    assert not stale, f"docs/ARCHITECTURE.md names files that do not exist: {stale}"
