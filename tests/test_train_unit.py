@@ -270,3 +270,32 @@ def test_objective_settings_from_the_config():
         "--max_thought_tokens", "40", "--max_answer_tokens", "8", "--adv_estimator", "grpo_ma"]).rl)
     assert (s.scale_rewards, s.overlong_cache, s.mask_truncated, s.kl_coef, s.kl_estimator, s.needs_old_logp,
             s.loss_agg_mode, s.max_len) == ("none", 4, True, 0.1, "k2", True, "seq-mean-token-sum-norm", 48)
+
+
+def test_batch_scaled_advantages_use_every_ranks_rewards(monkeypatch):
+    """``scale_rewards: batch`` on 2 ranks: each rank's advantages (and overlong punishment) are its
+    rows of the whole batch's, not of its own half (which would use another std)."""
+    from types import SimpleNamespace
+
+    from vlm_grpo_ma.algorithms.grpo_ma import ObjectiveSettings, tree_advantages
+    from vlm_grpo_ma.training import distributed as dist
+    from vlm_grpo_ma.training import rl
+
+    g = torch.Generator().manual_seed(0)
+    R = torch.rand(4, 2, 3, generator=g)
+    R[2:] *= 5  # the second rank's rewards spread wider: its own std differs from the batch's
+    T, A = torch.randint(1, 5, (4, 2), generator=g), torch.randint(1, 5, (4, 2, 3), generator=g)
+    s = ObjectiveSettings(scale_rewards="batch", overlong_cache=2, max_thought_tokens=4, max_answer_tokens=4)
+    whole = tree_advantages(s, R, T, A)
+    halves = [(R[:2], T[:2], A[:2]), (R[2:], T[2:], A[2:])]
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_objects", lambda obj: halves)
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        r, t, a = halves[rank]
+        got = rl.advantages(s, SimpleNamespace(thought_lengths=lambda t=t: t, answer_lengths=lambda a=a: a), r)
+        rows = slice(2 * rank, 2 * rank + 2)
+        assert torch.equal(got.thought, whole.thought[rows]) and torch.equal(got.answer, whole.answer[rows])
+        assert torch.equal(got.penalty, whole.penalty[rows])
+        own = tree_advantages(s, r, t, a)
+        assert not torch.allclose(own.answer, got.answer)  # the gather matters
