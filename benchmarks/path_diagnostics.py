@@ -59,7 +59,7 @@ def diagnose(model_path: str, seed: int, n: int, batch_size: int = 32, task_opti
     from vlm_grpo_ma.models import load_policy
     from vlm_grpo_ma.rollout import HFRolloutBackend, SamplingParams
     from vlm_grpo_ma.task import get_task
-    from vlm_grpo_ma.tasks._geometry import discrete_frechet
+    from vlm_grpo_ma.tasks.trajectory import discrete_frechet
     from vlm_grpo_ma.training.data import heldout_samples, stage_seed_base
     from vlm_grpo_ma.training.evaluate import parse_completion
 
