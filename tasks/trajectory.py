@@ -38,13 +38,13 @@ import numpy as np
 
 from vlm_grpo_ma.tasks import _synthetic as syn
 from vlm_grpo_ma.tasks._geometric import GeometricTask, answer_inner
-from vlm_grpo_ma.tasks._geometry import discrete_frechet, hausdorff, rmse_index_matched  # public here: the metrics' distances
+from vlm_grpo_ma.tasks._geometry import discrete_frechet, hausdorff, rmse_index_matched
 from vlm_grpo_ma.tasks._parsing import parse_points
 from vlm_grpo_ma.tasks.common import check_aligned, format_sft_target
 from vlm_grpo_ma.data.sample import Sample
 from vlm_grpo_ma.task import ParseError
 
-__all__ = ["FAILED_DISTANCE", "TrajectoryTask", "frechet_reward"]
+__all__ = ["FAILED_DISTANCE", "TrajectoryTask", "frechet_reward", "discrete_frechet", "hausdorff", "rmse_index_matched"]
 
 #: the distance a parse failure counts as in the metrics: the diagonal of the unit square
 FAILED_DISTANCE = math.sqrt(2.0)
