@@ -48,7 +48,7 @@ import warnings
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from vlm_grpo_ma.bench.suite import Suite
 from vlm_grpo_ma.data.sample import Sample
@@ -514,8 +514,6 @@ def run_suite(
     Returns:
         the metrics.json content on rank 0 once every sample is predicted, else None.
     """
-    from tqdm.auto import tqdm
-
     rank, world = _dist_env()
     created = _init_dist(world)
     try:
@@ -525,66 +523,22 @@ def run_suite(
         guard = RewardGuard(task)
         samples = load_samples(suite, task, limit)
         gen = dataclasses.replace(suite.generation, **({"batch_size": batch_size} if batch_size else {}))
-        merged = out / PREDICTIONS
-        shard_file = merged if world == 1 else out / f"predictions.rank{rank}-of-{world}.jsonl"
-        if fresh and rank == 0:
-            for p in [merged, out / RUN_INFO, *out.glob("predictions.rank*.jsonl")]:
-                p.unlink(missing_ok=True)
+        merged, shard_file = _prediction_files(out, rank, world, fresh)
         _barrier(world)
 
         index = {s.id: i for i, s in enumerate(samples)}
-        done = {r["id"] for r in read_predictions(merged)} | {r["id"] for r in read_predictions(shard_file)}
-        shard = [s for i, s in enumerate(samples) if i % world == rank]
-        todo = [s for s in shard if s.id not in done]
+        shard, todo = _todo(samples, merged, shard_file, rank, world)
 
         t_load = time.time()
-        be = backend_obj
-        family = None
-        n_new = 0
+        be, family = backend_obj, None
         if todo or not (out / RUN_INFO).is_file():
-            if be is None:
-                from vlm_grpo_ma.bench.backends import load_backend
-
-                be = load_backend(backend, model, task=task, min_pixels=suite.min_pixels, max_pixels=suite.max_pixels)
-            family = resolve_family(suite.family, be.family, suite.min_pixels, suite.max_pixels)
-            info = {"suite": suite.name, "model": model, "backend": getattr(be, "name", backend),
-                    "generation": dataclasses.asdict(dataclasses.replace(gen, batch_size=1)),
-                    "family": dataclasses.asdict(family)}
-            _check_run_info(out, info)
-            if rank == 0:
-                tmp = out / (RUN_INFO + ".tmp")
-                tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
-                os.replace(tmp, out / RUN_INFO)
+            be, family = _start_backend(suite, model, backend, be, task, gen, out, rank)
         load_s = time.time() - t_load
         t0 = time.time()
+        n_new = 0
         if todo:
-            import torch
-
-            _repair(shard_file)
-            torch.manual_seed(gen.seed)
-            bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="sample", dynamic_ncols=True,
-                       desc=f"{suite.name}", disable=rank != 0)
-            rewards: list[float] = []
-            with shard_file.open("a", encoding="utf-8") as f:
-                for start in range(0, len(todo), gen.batch_size):
-                    batch = todo[start:start + gen.batch_size]
-                    if max_samples_this_run is not None and n_new + len(batch) > max_samples_this_run:
-                        batch = batch[: max(0, max_samples_this_run - n_new)]
-                        if not batch:
-                            break
-                    messages = [task.messages(s, family) for s in batch]
-                    texts = be.complete(batch, messages, gen, _batch_seed(gen.seed, index[batch[0].id]))
-                    for s, comps in zip(batch, texts):
-                        row = score_completions(task, s, family, comps, strict, guard)
-                        f.write(json.dumps(jsonable(row), ensure_ascii=False) + "\n")
-                        rewards.append(row["metrics"]["reward"])
-                    f.flush()
-                    n_new += len(batch)
-                    bar.update(len(batch))
-                    bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}")
-                    if max_samples_this_run is not None and n_new >= max_samples_this_run:
-                        break
-            bar.close()
+            n_new = _predict(task, guard, be, family, gen, suite.name, shard, todo, index, shard_file, rank, strict,
+                             max_samples_this_run)
         elapsed = time.time() - t0
         if max_samples_this_run is not None and n_new < len(todo):
             return None
@@ -592,16 +546,7 @@ def run_suite(
         _barrier(world)
         if rank != 0:
             return None
-        rows = {r["id"]: r for r in read_predictions(merged)}
-        for p in sorted(out.glob("predictions.rank*.jsonl")):
-            rows.update({r["id"]: r for r in read_predictions(p)})
-        ordered = [rows[s.id] for s in samples if s.id in rows]
-        # rows of samples outside this run (an earlier run with a larger --limit) are kept, after
-        # the suite's; the metrics and report cover this run's samples only
-        extra = [r for i, r in rows.items() if i not in index]
-        _write_rows(merged, ordered + extra)
-        for p in out.glob("predictions.rank*.jsonl"):
-            p.unlink()
+        ordered = _merge_predictions(out, merged, samples, index)
         if family is None:
             family = ModelFamily(**json.loads((out / RUN_INFO).read_text(encoding="utf-8"))["family"])
         info = {"model": model, "backend": getattr(be, "name", backend) if be is not None else backend,
@@ -614,6 +559,111 @@ def run_suite(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _prediction_files(out: Path, rank: int, world: int, fresh: bool) -> tuple[Path, Path]:
+    """``(merged, shard)``: the run's ``predictions.jsonl`` and the file this rank appends to (the
+    same one on a single process).  ``fresh``: rank 0 deletes earlier predictions and run.json."""
+    merged = out / PREDICTIONS
+    shard_file = merged if world == 1 else out / f"predictions.rank{rank}-of-{world}.jsonl"
+    if fresh and rank == 0:
+        for p in [merged, out / RUN_INFO, *out.glob("predictions.rank*.jsonl")]:
+            p.unlink(missing_ok=True)
+    return merged, shard_file
+
+
+def _todo(samples: Sequence[Sample], merged: Path, shard_file: Path, rank: int,
+          world: int) -> tuple[list[Sample], list[Sample]]:
+    """``(shard, todo)``: this rank's samples (every ``world``-th from ``rank``) and those of them
+    with no row yet in ``merged`` or ``shard_file``."""
+    done = {r["id"] for r in read_predictions(merged)} | {r["id"] for r in read_predictions(shard_file)}
+    shard = [s for i, s in enumerate(samples) if i % world == rank]
+    todo = [s for s in shard if s.id not in done]
+    return shard, todo
+
+
+def _start_backend(suite: Suite, model: str, backend: str, be: Any, task: Any, gen: Any, out: Path,
+                   rank: int) -> tuple[Any, ModelFamily]:
+    """``(backend, family)``: ``be``, or the ``backend`` named, loaded with ``model``, and the
+    coordinate family.  The run's identity (suite, model, backend, generation, family) must match
+    ``run.json`` in ``out`` if there is one (BenchError otherwise); rank 0 (re)writes it."""
+    if be is None:
+        from vlm_grpo_ma.bench.backends import load_backend
+
+        be = load_backend(backend, model, task=task, min_pixels=suite.min_pixels, max_pixels=suite.max_pixels)
+    family = resolve_family(suite.family, be.family, suite.min_pixels, suite.max_pixels)
+    info = {"suite": suite.name, "model": model, "backend": getattr(be, "name", backend),
+            "generation": dataclasses.asdict(dataclasses.replace(gen, batch_size=1)),
+            "family": dataclasses.asdict(family)}
+    _check_run_info(out, info)
+    if rank == 0:
+        tmp = out / (RUN_INFO + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+        os.replace(tmp, out / RUN_INFO)
+    return be, family
+
+
+def _predict(task: Any, guard: RewardGuard, be: Any, family: ModelFamily, gen: Any, desc: str,
+             shard: Sequence[Sample], todo: Sequence[Sample], index: dict[str, int], shard_file: Path, rank: int,
+             strict: bool, max_samples: int | None) -> int:
+    """Predict and score ``todo`` (the rest of this rank's ``shard``) in batches of
+    ``gen.batch_size``, appending each batch's rows to ``shard_file`` (flushed) under a progress
+    bar (rank 0's, named ``desc``); ``index``: sample id -> index in the suite (a batch's sampling
+    seed).  Stops after ``max_samples`` new samples if given; returns how many were predicted."""
+    import torch
+    from tqdm.auto import tqdm
+
+    _repair(shard_file)
+    torch.manual_seed(gen.seed)
+    bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="sample", dynamic_ncols=True,
+               desc=f"{desc}", disable=rank != 0)
+    rewards: list[float] = []
+    n_new = 0
+    with shard_file.open("a", encoding="utf-8") as f:
+        for batch in _batches(todo, gen.batch_size, max_samples):
+            messages = [task.messages(s, family) for s in batch]
+            texts = be.complete(batch, messages, gen, _batch_seed(gen.seed, index[batch[0].id]))
+            for s, comps in zip(batch, texts):
+                row = score_completions(task, s, family, comps, strict, guard)
+                f.write(json.dumps(jsonable(row), ensure_ascii=False) + "\n")
+                rewards.append(row["metrics"]["reward"])
+            f.flush()
+            n_new += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}")
+    bar.close()
+    return n_new
+
+
+def _batches(todo: Sequence[Sample], size: int, max_samples: int | None) -> Iterator[list[Sample]]:
+    """Consecutive batches of ``size`` samples of ``todo``; with ``max_samples``, only that many
+    samples in all (the last batch cut short)."""
+    n = 0
+    for start in range(0, len(todo), size):
+        batch = todo[start:start + size]
+        if max_samples is not None and n + len(batch) > max_samples:
+            batch = batch[: max(0, max_samples - n)]
+            if not batch:
+                return
+        yield batch
+        n += len(batch)
+        if max_samples is not None and n >= max_samples:
+            return
+
+
+def _merge_predictions(out: Path, merged: Path, samples: Sequence[Sample], index: dict[str, int]) -> list[dict]:
+    """Merge the ranks' files into ``merged`` (rows in the suite's order, then rows of samples
+    outside this run, kept from an earlier run with a larger ``--limit``) and delete them;
+    returns the rows of ``samples`` (those the metrics and report cover), in order."""
+    rows = {r["id"]: r for r in read_predictions(merged)}
+    for p in sorted(out.glob("predictions.rank*.jsonl")):
+        rows.update({r["id"]: r for r in read_predictions(p)})
+    ordered = [rows[s.id] for s in samples if s.id in rows]
+    extra = [r for i, r in rows.items() if i not in index]
+    _write_rows(merged, ordered + extra)
+    for p in out.glob("predictions.rank*.jsonl"):
+        p.unlink()
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------

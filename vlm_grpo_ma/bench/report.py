@@ -156,100 +156,156 @@ def write_report(
     for old in files.glob("*.png"):
         old.unlink()
 
-    parts: list[str] = []
-    esc = html.escape
-    parts.append(f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>")
-    parts.append(f"<style>{_CSS}</style></head><body>")
-    parts.append(f"<h1>{esc(title)}</h1>")
-    parts.append(
-        f"<div class='sub'>{esc(str(settings.get('model', '')))} &middot; {len(rows)} samples &middot; "
-        f"{esc(str(settings.get('finished', '')))}</div>"
-    )
+    parts = _head(title, settings, len(rows))
+    parts += _summary_tables(summary, key_metrics)
+    parts += _settings_table(settings)
+    parts += _histogram_section(rows, files)
+    parts += _gallery(rows, samples, task, sort_key, gallery_size, thumb_size, files)
+    parts += _versions_table(versions)
 
-    # --- summary ------------------------------------------------------------------------
-    parts.append("<h2>Summary</h2><table id='summary'><tr><th>metric</th><th>value</th></tr>")
+    page = out / "report.html"
+    page.write_text("\n".join(parts), encoding="utf-8")
+    return page
+
+
+def _head(title: str, settings: dict[str, Any], n_rows: int) -> list[str]:
+    """The page's opening lines: the document head (title, style) and the heading with the
+    model, the number of samples and when the run finished."""
+    esc = html.escape
+    return [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f"<div class='sub'>{esc(str(settings.get('model', '')))} &middot; {n_rows} samples &middot; "
+        f"{esc(str(settings.get('finished', '')))}</div>",
+    ]
+
+
+def _lower_is_better(name: str) -> bool:
+    """Whether metric ``name`` names a distance or an error (:data:`LOWER_IS_BETTER`)."""
+    return any(w in name.lower() for w in LOWER_IS_BETTER)
+
+
+def _summary_tables(summary: dict[str, Any], key_metrics: Sequence[str]) -> list[str]:
+    """The summary table (``key_metrics`` first and bold, then the others by name; a metric
+    where lower is better marked with an arrow), then one table per dict-valued entry (the
+    parse failures: reason -> samples, most frequent first)."""
+    esc = html.escape
+    parts = ["<h2>Summary</h2><table id='summary'><tr><th>metric</th><th>value</th></tr>"]
     ordered = [k for k in key_metrics if k in summary] + sorted(k for k in summary if k not in key_metrics)
     for k in ordered:
         v = summary[k]
         if isinstance(v, dict):
             continue
         cls = " class='key'" if k in key_metrics else ""
-        arrow = " &darr;" if any(w in k.lower() for w in LOWER_IS_BETTER) and "reward" not in k else ""
+        arrow = " &darr;" if _lower_is_better(k) and "reward" not in k else ""
         parts.append(f"<tr{cls}><td>{esc(k)}{arrow}</td><td class='num'>{_fmt(v)}</td></tr>")
     parts.append("</table><div class='sub'>&darr;: lower is better</div>" if any(
-        any(w in k.lower() for w in LOWER_IS_BETTER) for k in ordered) else "</table>")
-    fails = {k: v for k, v in summary.items() if isinstance(v, dict)}
-    for name, d in fails.items():
-        if d:
+        _lower_is_better(k) for k in ordered) else "</table>")
+    for name, d in summary.items():
+        if isinstance(d, dict) and d:
             parts.append(f"<h2>{esc(name)}</h2><table><tr><th>reason</th><th>samples</th></tr>")
             for reason, n in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])):
                 parts.append(f"<tr><td>{esc(str(reason))}</td><td class='num'>{n}</td></tr>")
             parts.append("</table>")
+    return parts
 
-    # --- settings -----------------------------------------------------------------------
-    parts.append("<h2>Settings</h2><table id='settings'>")
-    for k, v in settings.items():
-        parts.append(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>")
-    parts.append("</table>")
 
-    # --- histograms ---------------------------------------------------------------------
+def _settings_table(settings: dict[str, Any]) -> list[str]:
+    """The run's settings, one row per name."""
+    esc = html.escape
+    return (["<h2>Settings</h2><table id='settings'>"]
+            + [f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in settings.items()]
+            + ["</table>"])
+
+
+def _histogram_section(rows: Sequence[dict], files: Path) -> list[str]:
+    """A histogram per per-sample metric of ``rows`` (PNGs written into ``files``); no lines
+    when there is none."""
+    esc = html.escape
     hists = _histograms(numeric_sample_metrics(rows), files)
-    if hists:
-        parts.append("<h2>Per-sample distributions</h2><div class='flex hist'>")
-        for name, src in hists:
-            parts.append(f"<figure><img src='{esc(src)}' alt='histogram of {esc(name)}'></figure>")
-        parts.append("</div>")
+    if not hists:
+        return []
+    return (["<h2>Per-sample distributions</h2><div class='flex hist'>"]
+            + [f"<figure><img src='{esc(src)}' alt='histogram of {esc(name)}'></figure>" for name, src in hists]
+            + ["</div>"])
 
-    # --- gallery ------------------------------------------------------------------------
+
+def _gallery(rows: Sequence[dict], samples: dict[str, Any], task: str, sort_key: str, gallery_size: int,
+             thumb_size: int, files: Path) -> list[str]:
+    """The gallery: the ``gallery_size`` worst rows by ``sort_key``, each a card (its thumbnail
+    written into ``files`` as ``sample_<rank>.png``), with the colour legend when any card has
+    an image."""
+    esc = html.escape
     order = gallery_order(rows, sort_key)[:gallery_size]
-    parts.append(f"<h2>Gallery: {len(order)} of {len(rows)} samples, worst first by {esc(sort_key)}</h2>")
+    parts = [f"<h2>Gallery: {len(order)} of {len(rows)} samples, worst first by {esc(sort_key)}</h2>"]
     if any(getattr(samples.get(str(rows[i].get("id"))), "images", None) for i in order):
         parts.append(f"<div class='legend'>ground truth<span style='background:rgb{GT_COLOUR}'></span>"
                      f"prediction<span style='background:rgb{PRED_COLOUR}'></span></div>")
     parts.append("<div class='flex'>")
     for rank, i in enumerate(order):
-        r = rows[i]
-        s = samples.get(str(r.get("id")))
-        parts.append("<div class='card'>")
-        if s is not None and getattr(s, "images", None):
-            fname = f"sample_{rank:04d}.png"
-            try:
-                thumb = draw_thumbnail(s.images[0], s.target, r.get("prediction"), task=task, size=thumb_size)
-                thumb.save(files / fname)
-                parts.append(f"<img src='{FILES_DIR}/{fname}' alt='sample {esc(str(r.get('id')))}'>")
-            except Exception as e:  # a broken image never breaks the page
-                parts.append(f"<div class='fail'>image unavailable: {esc(str(e))}</div>")
-        parts.append(f"<div class='id'>#{rank + 1} &middot; {esc(str(r.get('id')))}</div>")
-        if s is not None and s.prompt:
-            shown: list[str] = []
-            for k, v in s.prompt.items():  # loaders may give one text under two names: show it once
-                if isinstance(v, (str, int, float)) and str(v) not in [x.split(": ", 1)[1] for x in shown]:
-                    shown.append(f"{k}: {v}")
-            ptxt = "; ".join(shown)
-            if ptxt:
-                parts.append(f"<div class='prompt'>{esc(ptxt[:300])}</div>")
-        if s is not None and not getattr(s, "images", None) and s.target:
-            ref = "; ".join(f"{k}: {v}" for k, v in s.target.items() if isinstance(v, (str, int, float, list)))
-            parts.append(f"<div class='prompt'><b>reference</b> {esc(ref[:300])}</div>")
-        if r.get("parse_error"):
-            parts.append(f"<div class='fail'>parse failure: {esc(str(r['parse_error']))}</div>")
-        m = r.get("metrics") or {}
-        if m:
-            parts.append("<div class='m'>")
-            for k, v in m.items():
-                parts.append(f"<span>{esc(str(k))}</span><span class='num'>{_fmt(v)}</span>")
-            parts.append("</div>")
-        raw = str(r.get("raw", ""))
-        parts.append(f"<details><summary>raw output ({len(raw)} chars)</summary><pre>{esc(raw[:4000])}</pre></details>")
-        parts.append("</div>")
+        parts += _card(rank, rows[i], samples.get(str(rows[i].get("id"))), task, thumb_size, files)
     parts.append("</div>")
+    return parts
 
-    # --- versions -----------------------------------------------------------------------
-    parts.append("<h2>Versions</h2><table id='versions'>")
-    for k, v in versions.items():
-        parts.append(f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>")
-    parts.append("</table></body></html>")
 
-    page = out / "report.html"
-    page.write_text("\n".join(parts), encoding="utf-8")
-    return page
+def _card(rank: int, r: dict, s: Any, task: str, thumb_size: int, files: Path) -> list[str]:
+    """One gallery card: the thumbnail of row ``r``'s sample ``s`` (None if unknown) with the
+    ground truth and the prediction drawn, its id, prompt (or reference, for a sample without
+    images), parse failure, per-sample metrics and raw output."""
+    esc = html.escape
+    parts = ["<div class='card'>"]
+    if s is not None and getattr(s, "images", None):
+        parts.append(_thumbnail(rank, r, s, task, thumb_size, files))
+    parts.append(f"<div class='id'>#{rank + 1} &middot; {esc(str(r.get('id')))}</div>")
+    if s is not None and s.prompt:
+        ptxt = _prompt_text(s.prompt)
+        if ptxt:
+            parts.append(f"<div class='prompt'>{esc(ptxt[:300])}</div>")
+    if s is not None and not getattr(s, "images", None) and s.target:
+        ref = "; ".join(f"{k}: {v}" for k, v in s.target.items() if isinstance(v, (str, int, float, list)))
+        parts.append(f"<div class='prompt'><b>reference</b> {esc(ref[:300])}</div>")
+    if r.get("parse_error"):
+        parts.append(f"<div class='fail'>parse failure: {esc(str(r['parse_error']))}</div>")
+    m = r.get("metrics") or {}
+    if m:
+        parts.append("<div class='m'>")
+        for k, v in m.items():
+            parts.append(f"<span>{esc(str(k))}</span><span class='num'>{_fmt(v)}</span>")
+        parts.append("</div>")
+    raw = str(r.get("raw", ""))
+    parts.append(f"<details><summary>raw output ({len(raw)} chars)</summary><pre>{esc(raw[:4000])}</pre></details>")
+    parts.append("</div>")
+    return parts
+
+
+def _thumbnail(rank: int, r: dict, s: Any, task: str, thumb_size: int, files: Path) -> str:
+    """The card's image line: sample ``s``'s first image with its target and row ``r``'s
+    prediction drawn, saved as ``files/sample_<rank>.png``; a line saying why when it cannot be
+    drawn (a broken image never breaks the page)."""
+    esc = html.escape
+    fname = f"sample_{rank:04d}.png"
+    try:
+        thumb = draw_thumbnail(s.images[0], s.target, r.get("prediction"), task=task, size=thumb_size)
+        thumb.save(files / fname)
+        return f"<img src='{FILES_DIR}/{fname}' alt='sample {esc(str(r.get('id')))}'>"
+    except Exception as e:  # a broken image never breaks the page
+        return f"<div class='fail'>image unavailable: {esc(str(e))}</div>"
+
+
+def _prompt_text(prompt: dict) -> str:
+    """A sample's prompt fields as ``name: value; ...`` (text and numbers only; loaders may give
+    one text under two names: shown once)."""
+    shown: list[str] = []
+    for k, v in prompt.items():
+        if isinstance(v, (str, int, float)) and str(v) not in [x.split(": ", 1)[1] for x in shown]:
+            shown.append(f"{k}: {v}")
+    return "; ".join(shown)
+
+
+def _versions_table(versions: dict[str, str]) -> list[str]:
+    """The package versions, and the end of the page."""
+    esc = html.escape
+    return (["<h2>Versions</h2><table id='versions'>"]
+            + [f"<tr><th>{esc(k)}</th><td>{esc(str(v))}</td></tr>" for k, v in versions.items()]
+            + ["</table></body></html>"])

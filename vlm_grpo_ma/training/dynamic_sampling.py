@@ -118,111 +118,169 @@ def collect(
     """
     if mode not in ("full", "pilot"):
         raise ValueError(f"collect runs dynamic_sampling full or pilot, got {mode!r}")
-    kept_trees: list[TreeRollout] = []
-    kept_samples: list = []
-    kept_scored: list = []
+    rounds = _Rounds(K=K, M=M, generate=generate, extend=extend, score=score, penalty=penalty, any_rank=any_rank,
+                     on_drop=on_drop, generate_pilot=generate_pilot)
+    play = rounds.full_round if mode == "full" else rounds.pilot_round
     first: Optional[tuple] = None
-    stats = {"dynamic/rounds": 0.0, "dynamic/prompts_sampled": 0.0, "dynamic/pilot_dropped": 0.0}
-    work: Counter = Counter()  # the generation work of every call, dropped prompts included
-
-    def count(tree: TreeRollout) -> TreeRollout:
-        work.update(tree.stats)
-        return tree
-
     rnd = 0
     while True:
         samples = list(samples)
-        stats["dynamic/rounds"] += 1
-        stats["dynamic/prompts_sampled"] += len(samples)
-        if mode == "full":
-            tree = count(generate(samples, M))
-            scored = score(tree, samples)
-            keep = has_spread(_rewards(scored, tree.B, K, M, penalty(tree))).tolist()
-            if first is None:
-                first = (tree, samples, scored)
-            for b in (i for i, k in enumerate(keep) if k):
-                kept_trees.append(_select(tree, [b]))
-                kept_samples.append(samples[b])
-                kept_scored.extend(scored[b * K * M:(b + 1) * K * M])
-        else:
-            got: dict = {}
-
-            def decide(pilot, samples=samples, got=got):
-                """Score the pilot pairs, drop the flat prompts; the prompts to complete ([] when no
-                rank completes any, so every rank takes the same path)."""
-                count(pilot)
-                p_scored = score(pilot, samples)
-                keep = has_spread(_rewards(p_scored, pilot.B, K, 1, penalty(pilot))).tolist()
-                idx = [i for i, k in enumerate(keep) if k]
-                stats["dynamic/pilot_dropped"] += len(samples) - len(idx)
-                gone = [i for i, k in enumerate(keep) if not k]
-                if on_drop is not None and gone:
-                    on_drop(_select(pilot, gone), [samples[i] for i in gone],
-                            [x for b in gone for x in p_scored[b * K:(b + 1) * K]])
-                got.update(pilot=pilot, p_scored=p_scored, idx=idx)
-                got["go"] = M > 1 and any_rank(bool(idx))  # every rank extends (a ZeRO-3 gather is collective)
-                return idx if got["go"] else []
-
-            if generate_pilot is not None and M > 1:
-                _, rest = generate_pilot(samples, decide)
-                pilot, p_scored, idx = got["pilot"], got["p_scored"], got["idx"]
-                if rest is not None:
-                    count(rest)
-            else:
-                pilot = generate(samples, 1)
-                decide(pilot)
-                p_scored, idx = got["p_scored"], got["idx"]
-                rest = None
-                if got["go"]:
-                    sub = _select(pilot, idx if idx else [0])
-                    rest = count(extend(sub, M - 1))
-            if first is None:
-                first = (pilot, samples, p_scored)
-            if M > 1 and idx and rest is not None:
-                full_tree = append_answers(_select(pilot, idx), rest)
-                rest_scored = score(rest, [samples[i] for i in idx])
-                kept_trees.append(full_tree)
-                kept_samples.extend(samples[i] for i in idx)
-                for j, b in enumerate(idx):
-                    for k in range(K):
-                        kept_scored.append(p_scored[b * K + k])
-                        kept_scored.extend(rest_scored[(j * K + k) * (M - 1):(j * K + k + 1) * (M - 1)])
-            elif M == 1 and idx:
-                kept_trees.append(_select(pilot, idx))
-                kept_samples.extend(samples[i] for i in idx)
-                kept_scored.extend(x for b in idx for x in p_scored[b * K:(b + 1) * K])
-        short = len(kept_samples) < target
+        rounds.stats["dynamic/rounds"] += 1
+        rounds.stats["dynamic/prompts_sampled"] += len(samples)
+        played = play(samples)
+        if first is None:
+            first = played
+        short = len(rounds.kept_samples) < target
         if rnd >= max_rounds or not any_rank(short):
             break
         rnd += 1
-        # refill with about what the shortfall needs at the keep rate seen so far (+1 spare), at
-        # least 1 prompt, at most a whole batch: a round for one missing prompt draws few
-        rate = len(kept_samples) / max(stats["dynamic/prompts_sampled"], 1.0)
-        need = max(1, target - len(kept_samples))
-        n_draw = target if rate <= 0 else min(target, math.ceil(need / rate) + 1)
-        samples = list(more(rnd))[: max(1, min(n_draw, target))]
-    stats["dynamic/prompts_kept"] = float(len(kept_samples))
-    n = min_rank(min(len(kept_samples), target))
-    stats["dynamic/fallback"] = float(n == 0)
+        samples = list(more(rnd))[: rounds.refill_size(target)]
+    rounds.stats["dynamic/prompts_kept"] = float(len(rounds.kept_samples))
+    n = min_rank(min(len(rounds.kept_samples), target))
+    rounds.stats["dynamic/fallback"] = float(n == 0)
     if n == 0:  # no rank found a prompt with spread: train round 0 as it is (advantages 0)
-        tree, samples, scored = first
-        if mode == "pilot" and M > 1:
-            rest = count(extend(tree, M - 1))
-            rest_scored = score(rest, samples)
+        return rounds.as_sampled(*first, complete=mode == "pilot" and M > 1)
+    return rounds.kept(n)
+
+
+@dataclass
+class _Rounds:
+    """One :func:`collect` call: the tree shape (K thoughts x M answers), the callables, and what
+    the rounds produced so far: the kept prompts' trees, samples and scored pairs (flat order
+    ``(b * K + k) * M + m``), the stats and the generation work of every call (dropped prompts
+    included)."""
+
+    K: int
+    M: int
+    generate: Callable[[Sequence, int], TreeRollout]
+    extend: Callable[[TreeRollout, int], TreeRollout]
+    score: Callable[[TreeRollout, Sequence], list]
+    penalty: Callable[[TreeRollout], Optional[torch.Tensor]]
+    any_rank: Callable[[bool], bool]
+    on_drop: Optional[Callable[[TreeRollout, list, list], None]]
+    generate_pilot: Optional[Callable]
+    kept_trees: list = field(default_factory=list)
+    kept_samples: list = field(default_factory=list)
+    kept_scored: list = field(default_factory=list)
+    stats: dict = field(default_factory=lambda: {"dynamic/rounds": 0.0, "dynamic/prompts_sampled": 0.0,
+                                                 "dynamic/pilot_dropped": 0.0})
+    work: Counter = field(default_factory=Counter)
+
+    def count(self, tree: TreeRollout) -> TreeRollout:
+        """``tree``, its generation counters added to the work."""
+        self.work.update(tree.stats)
+        return tree
+
+    def full_round(self, samples: list) -> tuple:
+        """``full``: generate the whole trees of ``samples``, score them and keep the prompts with
+        spread; returns ``(tree, samples, scored)`` of the round (for the fallback)."""
+        K, M = self.K, self.M
+        tree = self.count(self.generate(samples, M))
+        scored = self.score(tree, samples)
+        keep = has_spread(_rewards(scored, tree.B, K, M, self.penalty(tree))).tolist()
+        for b in (i for i, k in enumerate(keep) if k):
+            self.kept_trees.append(_select(tree, [b]))
+            self.kept_samples.append(samples[b])
+            self.kept_scored.extend(scored[b * K * M:(b + 1) * K * M])
+        return tree, samples, scored
+
+    def pilot_round(self, samples: list) -> tuple:
+        """``pilot``: generate K thoughts x 1 answer of ``samples``, drop the prompts whose pilot
+        rewards are all equal, complete the others with M-1 answers and keep them; returns
+        ``(pilot tree, samples, pilot scored)`` of the round (for the fallback)."""
+        K, M = self.K, self.M
+        pilot, p_scored, idx, rest = self._pilot_trees(samples)
+        if M > 1 and idx and rest is not None:
+            full_tree = append_answers(_select(pilot, idx), rest)
+            rest_scored = self.score(rest, [samples[i] for i in idx])
+            self.kept_trees.append(full_tree)
+            self.kept_samples.extend(samples[i] for i in idx)
+            for j, b in enumerate(idx):
+                for k in range(K):
+                    self.kept_scored.append(p_scored[b * K + k])
+                    self.kept_scored.extend(rest_scored[(j * K + k) * (M - 1):(j * K + k + 1) * (M - 1)])
+        elif M == 1 and idx:
+            self.kept_trees.append(_select(pilot, idx))
+            self.kept_samples.extend(samples[i] for i in idx)
+            self.kept_scored.extend(x for b in idx for x in p_scored[b * K:(b + 1) * K])
+        return pilot, samples, p_scored
+
+    def _pilot_trees(self, samples: list) -> tuple:
+        """``(pilot tree, its scored pairs, indices of the prompts kept, tree of their M-1 new
+        answers or None)``: through ``generate_pilot`` in one pass (M > 1), else ``generate(samples,
+        1)`` then ``extend`` of the kept prompts (of prompt 0 when this rank keeps none but
+        another rank extends: every rank calls ``extend``)."""
+        got: dict = {}
+
+        def decide(pilot):
+            """Score the pilot pairs, drop the flat prompts; the prompts to complete ([] when no
+            rank completes any, so every rank takes the same path)."""
+            got.update(self._decide(pilot, samples))
+            return got["idx"] if got["go"] else []
+
+        if self.generate_pilot is not None and self.M > 1:
+            _, rest = self.generate_pilot(samples, decide)
+            if rest is not None:
+                self.count(rest)
+            return got["pilot"], got["p_scored"], got["idx"], rest
+        pilot = self.generate(samples, 1)
+        decide(pilot)
+        rest = None
+        if got["go"]:
+            sub = _select(pilot, got["idx"] if got["idx"] else [0])
+            rest = self.count(self.extend(sub, self.M - 1))
+        return pilot, got["p_scored"], got["idx"], rest
+
+    def _decide(self, pilot: TreeRollout, samples: list) -> dict:
+        """Score ``pilot`` (K thoughts x 1 answer of ``samples``) and keep the prompts with spread
+        (the others counted, and handed to ``on_drop``); returns ``{"pilot", "p_scored", "idx"
+        (kept prompts), "go" (whether any rank completes its kept prompts; collective)}``."""
+        K = self.K
+        self.count(pilot)
+        p_scored = self.score(pilot, samples)
+        keep = has_spread(_rewards(p_scored, pilot.B, K, 1, self.penalty(pilot))).tolist()
+        idx = [i for i, k in enumerate(keep) if k]
+        self.stats["dynamic/pilot_dropped"] += len(samples) - len(idx)
+        gone = [i for i, k in enumerate(keep) if not k]
+        if self.on_drop is not None and gone:
+            self.on_drop(_select(pilot, gone), [samples[i] for i in gone],
+                         [x for b in gone for x in p_scored[b * K:(b + 1) * K]])
+        go = self.M > 1 and self.any_rank(bool(idx))  # every rank extends (a ZeRO-3 gather is collective)
+        return {"pilot": pilot, "p_scored": p_scored, "idx": idx, "go": go}
+
+    def refill_size(self, target: int) -> int:
+        """How many fresh prompts the next round draws: about what the shortfall needs at the
+        keep rate seen so far (+1 spare), at least 1, at most ``target`` (a whole batch): a round
+        for one missing prompt draws few."""
+        rate = len(self.kept_samples) / max(self.stats["dynamic/prompts_sampled"], 1.0)
+        need = max(1, target - len(self.kept_samples))
+        n_draw = target if rate <= 0 else min(target, math.ceil(need / rate) + 1)
+        return max(1, min(n_draw, target))
+
+    def as_sampled(self, tree: TreeRollout, samples: list, scored: list, complete: bool) -> Collected:
+        """Round 0 ``(tree, samples, scored)`` trained as it is (the fallback); ``complete``: a
+        pilot tree first gets its other M-1 answers per thought."""
+        K, M = self.K, self.M
+        if complete:
+            rest = self.count(self.extend(tree, M - 1))
+            rest_scored = self.score(rest, samples)
             merged = []
             for b in range(tree.B):
                 for k in range(K):
                     merged.append(scored[b * K + k])
                     merged.extend(rest_scored[(b * K + k) * (M - 1):(b * K + k + 1) * (M - 1)])
             tree, scored = append_answers(tree, rest), merged
-        stats["dynamic/prompts_trained"] = float(tree.B)
-        tree.stats = dict(work)
-        return Collected(tree, list(samples), list(scored), stats)
-    tree = cat_prompts(kept_trees)
-    tree = _select(tree, range(n)) if n < tree.B else tree
-    tree.stats = dict(work)
-    stats["dynamic/prompts_trained"] = float(n)
-    return Collected(tree, kept_samples[:n], kept_scored[: n * K * M], stats)
+        self.stats["dynamic/prompts_trained"] = float(tree.B)
+        tree.stats = dict(self.work)
+        return Collected(tree, list(samples), list(scored), self.stats)
+
+    def kept(self, n: int) -> Collected:
+        """The first ``n`` kept prompts as one tree, with their samples and scored pairs."""
+        tree = cat_prompts(self.kept_trees)
+        tree = _select(tree, range(n)) if n < tree.B else tree
+        tree.stats = dict(self.work)
+        self.stats["dynamic/prompts_trained"] = float(n)
+        return Collected(tree, self.kept_samples[:n], self.kept_scored[: n * self.K * self.M], self.stats)
 
 
 def run(cfg, backend, task, family, samples: Sequence, sampling: SamplingParams, more: Callable[[int], Sequence],
