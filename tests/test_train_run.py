@@ -165,6 +165,8 @@ def test_rl_step_with_the_objective_variants(tmp_path, extra):
     from vlm_grpo_ma.training import stage as stg
     from vlm_grpo_ma.training.rl import RLState, rl_step
 
+    torch.manual_seed(0)  # the rollout samples from the global generator: unseeded, a tree without signal was possible
+
     cfg = _cfg(tmp_path, "--num_thoughts", "2", "--answers_per_thought", "2", "--ppo_epochs", "2", "--rl_lr", "1e-3",
                *extra)
     task = _shaped_task()
@@ -181,8 +183,11 @@ def test_rl_step_with_the_objective_variants(tmp_path, extra):
         assert out["reward/overlong_penalty"] <= 0.0
     if cfg.rl.policy_loss == "vespo":
         assert out["vespo/phi_mean"] > 0
-    if out["mask/answers" if cfg.rl.mask_truncated_completions else "reward/mean"] < 1.0:
-        assert not _same(before, _params(st))
+    moved = not _same(before, _params(st))
+    if cfg.rl.mask_truncated_completions:  # the tiny model rarely ends a segment: all may be filtered out
+        assert moved == (out["grad/norm"] > 0)
+    else:
+        assert out["grad/norm"] > 0 and moved
     stg.release(st)
 
 
@@ -278,12 +283,14 @@ def test_lora_frozen_vision_checkpointing_and_kl_reference(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)  # LoRA only; the vision tower has none
     assert all("visual" not in n for n in trainable) and vision_parameters(model)
-    ref, _keep = build_reference(cfg.model, "tiny-qwen2.5-vl", st.ds_config)
-    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=3), ref_engine=ref)
+    st.reference = build_reference(cfg.model, "tiny-qwen2.5-vl", st.ds_config)  # as the trainer does
+    out = rl_step(st, cfg, task, RLState(task), task.synthetic(2, seed=3))
     assert out["loss/kl"] > 0 and out["kl/mean"] > 0  # the second epoch moved away from the reference
     final = stg.save_final(st, cfg)
-    del ref, _keep
     stg.release(st)  # drops the HfDeepSpeedConfig: from here on from_pretrained loads whole tensors
+    from deepspeed.runtime.zero import parameter_offload
+
+    assert not parameter_offload.FWD_MODULE_STACK  # neither the policy nor the reference is kept alive
     merged = load_policy(str(final)).model.state_dict()
     base = load_policy("tiny-qwen2.5-vl").model.state_dict()
     assert set(merged) == set(base)  # plain weights under the base model's names

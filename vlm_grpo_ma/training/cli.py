@@ -11,6 +11,8 @@ Running the same command again with the same ``--output_dir`` resumes where it s
 
 from __future__ import annotations
 
+import importlib
+
 import json
 import logging
 import os
@@ -111,22 +113,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
         run_lock.release_all()  # also after an error: a later run from this process (a notebook) may proceed
 
 
+#: every module the run's steps import (inside the steps: DeepSpeed must not load before
+#: ``dist.prepare_environment``), imported by :func:`_run` before the first step
+STEP_MODULES = (
+    "vlm_grpo_ma.config", "vlm_grpo_ma.training.lock", "vlm_grpo_ma.training.memory_plan",
+    "vlm_grpo_ma.training.stage", "vlm_grpo_ma.training.engine", "vlm_grpo_ma.training.evaluate",
+    "vlm_grpo_ma.training.metrics", "vlm_grpo_ma.training.sft", "vlm_grpo_ma.training.rl",
+    "vlm_grpo_ma.training.periodic_eval",
+)
+
+
 def _run(argv: Sequence[str] | None = None) -> dict:
     """:func:`main` without its failure handling: the run's steps, top to bottom."""
     dist.prepare_environment()  # DS_ACCELERATOR=cpu without CUDA, before DeepSpeed is imported
-    # every module the steps use, imported before any step runs (a broken install stops the run
-    # before it starts); the steps import what they use from them again
-    from vlm_grpo_ma.config import save_config  # noqa: F401
+    for name in STEP_MODULES:  # a broken install stops the run before SFT, not after it
+        importlib.import_module(name)
     from vlm_grpo_ma.task import get_task
-    from vlm_grpo_ma.training import lock as run_lock  # noqa: F401
-    from vlm_grpo_ma.training import memory_plan  # noqa: F401
     from vlm_grpo_ma.training import stage as stg
     from vlm_grpo_ma.training.data import heldout_samples
-    from vlm_grpo_ma.training.engine import build_reference  # noqa: F401
-    from vlm_grpo_ma.training.evaluate import evaluate  # noqa: F401
     from vlm_grpo_ma.training.metrics import MetricsLogger
-    from vlm_grpo_ma.training.rl import RLState, run_rl  # noqa: F401
-    from vlm_grpo_ma.training.sft import run_sft  # noqa: F401
 
     cfg, out = _start(argv)
     task = get_task(cfg.data.task, **cfg.data.task_kwargs())
@@ -245,10 +250,10 @@ class _RunContext:
         if "length_caps" in summary or cfg.rl.rl_steps <= 0:
             return
         from vlm_grpo_ma.models.chat_templates import generation_prefix
-        from vlm_grpo_ma.training.data import STAGE_OFFSETS, _STRIDE, length_cap_report, synthetic_batch, target_token_lengths
+        from vlm_grpo_ma.training.data import length_cap_report, stage_seed_base, synthetic_batch, target_token_lengths
 
         probe = list(self.train_samples)[:256] if self.train_samples is not None else synthetic_batch(
-            task, 256, cfg.run.seed * _STRIDE + STAGE_OFFSETS["rl"])
+            task, 256, stage_seed_base(cfg.run.seed, "rl"))
         try:
             lengths = target_token_lengths(task, stage.family, stage.tokenizer, probe,
                                            generation_prefix(stage.processor))

@@ -275,18 +275,19 @@ def release(stage: Stage) -> None:
     engine and the optimizer, so the whole SFT engine stayed reachable (about 10 GB resident at
     Qwen2.5-VL-3B widths; ``tests/test_stage_release.py``, ``benchmarks/stage_memory.py``).
     """
-    engine = stage.engine
-    module = getattr(engine, "module", None) if engine is not None else None
-    if engine is not None and hasattr(engine, "destroy"):
-        engine.destroy()
-    if module is not None:
-        forget_module(module)
+    engines = [stage.engine, stage.reference.engine if stage.reference is not None else None]
+    for engine in engines:  # the policy's and the KL reference's (a ZeRO-3 inference engine too)
+        module = getattr(engine, "module", None) if engine is not None else None
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        if module is not None:
+            forget_module(module)
     stage.engine = None
     stage.reference = None
     stage.vllm_backend = None
     stage.loaded.model = None
     stage.loaded.hf_ds_config = None
-    del engine, module
+    del engines, engine, module
     import gc
 
     gc.collect()
