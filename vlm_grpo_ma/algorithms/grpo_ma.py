@@ -157,8 +157,11 @@ def trained_tokens(s: ObjectiveSettings, thought_lens: torch.Tensor, answer_lens
     """The number of tokens that stay in the loss (each thought once; filtered segments out).
 
     Args: lengths [B, K] / [B, K, M] and truncation flags of the same shapes."""
-    keep_t, keep_a = _kept(s, thought_truncated, answer_truncated)
-    return float((thought_lens * keep_t).sum() + (answer_lens * keep_a).sum())
+    return _count(thought_lens, answer_lens, *_kept(s, thought_truncated, answer_truncated))
+
+
+def _count(thought_lens, answer_lens, keep_thought, keep_answer) -> float:
+    return float((thought_lens * keep_thought).sum() + (answer_lens * keep_answer).sum())
 
 
 def segment_weights(s: ObjectiveSettings, thought_lens: torch.Tensor, answer_lens: torch.Tensor,
@@ -174,7 +177,7 @@ def segment_weights(s: ObjectiveSettings, thought_lens: torch.Tensor, answer_len
     default this rank's, i.e. one rank)."""
     keep_t, keep_a = _kept(s, thought_truncated, answer_truncated)
     w_t, w_a = kept_aggregation_weights(s.loss_agg_mode, thought_lens, answer_lens, keep_t, keep_a, max_len=s.max_len)
-    local = trained_tokens(s, thought_lens, answer_lens, thought_truncated, answer_truncated)
+    local = _count(thought_lens, answer_lens, keep_t, keep_a)
     scale = cross_rank_scale(s.loss_agg_mode, local, local if global_tokens is None else global_tokens,
                              world_size, grad_accum)
     return w_t * scale, w_a * scale
